@@ -1,0 +1,105 @@
+"""The one home of Hypothesis strategies and tiny-model factories.
+
+Everything here is deterministic given its arguments (seeded), and nothing is downloaded:
+models are built from transformers configs with random weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+# ----------------------------------------------------------------------------------------------
+# Hypothesis strategies
+# ----------------------------------------------------------------------------------------------
+
+FLOAT32_TINY = 1.401298464324817e-45  # smallest positive subnormal float32
+
+
+@st.composite
+def float32_weights(
+    draw: st.DrawFn,
+    *,
+    max_elems: int = 64,
+    min_log10: float = -30.0,
+    max_log10: float = 30.0,
+    allow_zero: bool = True,
+    allow_subnormal: bool = True,
+) -> torch.Tensor:
+    """A finite float32 tensor of 1..3 dims, with magnitudes spread over a random decade window.
+
+    Mixes in exact zeros, float32 subnormals and single-element tensors. The window
+    [10^lo, 10^hi] is drawn inside [10^min_log10, 10^max_log10] so that both narrow
+    (all-equal-ish) and very wide dynamic ranges occur.
+    """
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    n = math.prod(shape)
+    if n > max_elems:
+        shape = (n if n <= max_elems else max_elems,)
+        n = shape[0]
+    lo = draw(st.floats(min_log10, max_log10))
+    hi = draw(st.floats(lo, max_log10))
+    mags = draw(
+        st.lists(st.floats(lo, hi, allow_nan=False), min_size=n, max_size=n)
+    )
+    signs = draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=n, max_size=n))
+    values = [s * 10.0**m for s, m in zip(signs, mags)]
+    if allow_zero:
+        zero_mask = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+        if draw(st.booleans()):  # half of the draws keep zeros rare
+            zero_mask = [False] * n
+        values = [0.0 if z else v for v, z in zip(values, zero_mask)]
+    if allow_subnormal and draw(st.integers(0, 4)) == 0:
+        i = draw(st.integers(0, n - 1))
+        values[i] = draw(st.sampled_from([1.0, -1.0])) * FLOAT32_TINY * draw(st.integers(1, 1000))
+    t = torch.tensor(values, dtype=torch.float64).to(torch.float32).reshape(shape)
+    # float64 -> float32 may overflow near 1e38 or flush below 1e-45; keep the draw finite.
+    return torch.nan_to_num(t, nan=0.0, posinf=3e38, neginf=-3e38)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny-model factories
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_phi3_config(
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    vocab_size: int = 1000,
+    num_attention_heads: int = 4,
+    intermediate_size: int | None = None,
+    tie_word_embeddings: bool = False,
+    **overrides: Any,
+):
+    """A small `Phi3Config` (no download). intermediate_size defaults to 2*hidden_size."""
+    from transformers import Phi3Config
+
+    kwargs: dict[str, Any] = dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    kwargs.update(overrides)
+    return Phi3Config(**kwargs)
+
+
+def tiny_phi3(*, seed: int = 0, **config_kwargs: Any):
+    """A seeded, randomly initialised `Phi3ForCausalLM` in eval mode, built from `tiny_phi3_config`."""
+    from transformers import Phi3ForCausalLM
+
+    config = tiny_phi3_config(**config_kwargs)
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(config)
+    return model.eval()
