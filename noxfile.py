@@ -1,0 +1,71 @@
+"""Version matrix: the compat and generation tests under each supported transformers release.
+
+One session per transformers version, ``matrix-<version>``. Each session builds its own venv,
+installs the pinned CPU torch *first* (so that nothing pulls a CUDA build), then the package
+with its test extras and the pinned transformers in one resolver run, then runs
+``tests/test_compat.py`` and ``tests/test_generation.py``.
+
+    nox -R                           # whole matrix, reusing venvs already built
+    nox -s "matrix-4.44.2"           # one version
+    nox -s matrix-4.44.2 -- -x -q    # extra args go to pytest
+
+The versions are chosen to bracket every API change the compat patch handles:
+
+- 4.44.2: the whole legacy cache API is native (the patch must add nothing);
+- 4.53.3: ``get_max_length`` gone (removed in 4.49), tuple conversions and ``seen_tokens``
+  still native;
+- 4.57.6: ``seen_tokens``/``get_usable_length`` (4.54) and ``key_cache``/``value_cache``
+  (4.56) gone;
+- 5.x (latest): legacy tuple conversions and ``modeling_attn_mask_utils`` helpers gone,
+  ``get_max_length`` back but returning -1, ``generate`` renames the cache kwarg.
+"""
+from __future__ import annotations
+
+import os
+
+import nox
+
+TORCH = "torch==2.13.0"
+TRANSFORMERS_VERSIONS = ("4.44.2", "4.53.3", "4.57.6", "5.24.0")
+TESTS = ("tests/test_compat.py", "tests/test_generation.py")
+# Test dependencies, used only while pyproject.toml does not yet declare a `test` extra.
+TEST_DEPS = ("pytest", "pytest-benchmark", "hypothesis", "pytest-xdist")
+
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+
+
+def _has_test_extra() -> bool:
+    """True when pyproject.toml exists and declares a `test` optional-dependency group."""
+    try:
+        import tomllib
+
+        with open("pyproject.toml", "rb") as fh:
+            meta = tomllib.load(fh)
+    except (FileNotFoundError, ImportError):
+        return False
+    return "test" in meta.get("project", {}).get("optional-dependencies", {})
+
+
+def _install(session: nox.Session, transformers_version: str) -> None:
+    """torch pinned first, then the package + test deps + pinned transformers, resolved together."""
+    session.install(TORCH)
+    pin = f"transformers=={transformers_version}"
+    if _has_test_extra():
+        session.install("-e", ".[test]", pin, TORCH)
+    else:
+        session.install(*TEST_DEPS, pin, TORCH)
+        if os.path.exists("pyproject.toml"):
+            session.install("-e", ".", pin, TORCH)
+
+
+for _version in TRANSFORMERS_VERSIONS:
+
+    @nox.session(name=f"matrix-{_version}", reuse_venv=True)
+    def _matrix(session: nox.Session, _v: str = _version) -> None:
+        _install(session, _v)
+        session.run("python", "-c", "import torch, transformers; "
+                    "print('torch', torch.__version__, 'transformers', transformers.__version__)")
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        session.run("python", "-m", "pytest", *TESTS, "-p", "no:cacheprovider",
+                    *(session.posargs or ["-q"]), env=env)

@@ -1,0 +1,36 @@
+"""qins: QINS 8-bit inverse log-magnitude weight storage for PyTorch.
+
+Public API:
+
+* codec — :func:`convert_to_qins`, :func:`reconstruct_from_qins`, :func:`qins_error_bound`,
+  :func:`qins_log_slack`, :func:`qins_levels`
+* layer — :class:`ProjectiveLinear`
+* model surgery and accounting — :func:`convert_model_to_projective`, :class:`ConversionReport`,
+  :func:`model_memory`, :class:`MemoryReport`
+"""
+from .codec import (
+    SMALLEST_NORMAL,
+    convert_to_qins,
+    qins_error_bound,
+    qins_levels,
+    qins_log_slack,
+    reconstruct_from_qins,
+)
+from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
+from .layer import ProjectiveLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SMALLEST_NORMAL",
+    "ConversionReport",
+    "MemoryReport",
+    "ProjectiveLinear",
+    "convert_model_to_projective",
+    "convert_to_qins",
+    "model_memory",
+    "qins_error_bound",
+    "qins_levels",
+    "qins_log_slack",
+    "reconstruct_from_qins",
+]

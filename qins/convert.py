@@ -1,0 +1,189 @@
+"""Model surgery (`convert_model_to_projective`) and memory accounting (`model_memory`)."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Union
+
+import torch
+from torch import nn
+
+from .layer import ProjectiveLinear
+
+__all__ = ["ConversionReport", "MemoryReport", "convert_model_to_projective", "model_memory"]
+
+log = logging.getLogger(__name__)
+
+_TQDM_MIN_LAYERS = 50
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes held by a module's tensors, each storage counted once (tied/shared tensors too).
+
+    * ``parameters``: storages of ``nn.Parameter`` s (embeddings included).
+    * ``buffers``: storages of buffers, persistent or not, except decoded-weight caches.
+    * ``caches``: storages of :class:`ProjectiveLinear` decoded-weight caches.
+    * ``total``: the sum. A storage reachable both as a parameter and as a buffer is counted
+      under ``parameters``. Units: bytes (``untyped_storage().nbytes()``).
+    """
+
+    parameters: int
+    buffers: int
+    caches: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.buffers + self.caches
+
+    @property
+    def state(self) -> int:
+        """Bytes of parameters and buffers: everything except the caches."""
+        return self.parameters + self.buffers
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What :func:`convert_model_to_projective` did.
+
+    ``converted``: qualified names of the replaced ``nn.Linear`` s, in module order.
+    ``skipped``: name -> reason for every ``nn.Linear`` left alone (matched ``skip``, or tied).
+    ``memory_before``/``memory_after``: :func:`model_memory` of the whole model around the
+    conversion; ``param_bytes_before``/``param_bytes_after`` are their ``state`` (parameters plus
+    buffers, caches excluded) in bytes.
+    """
+
+    converted: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    memory_before: MemoryReport = MemoryReport(0, 0, 0)
+    memory_after: MemoryReport = MemoryReport(0, 0, 0)
+
+    @property
+    def param_bytes_before(self) -> int:
+        return self.memory_before.state
+
+    @property
+    def param_bytes_after(self) -> int:
+        return self.memory_after.state
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    if t.device.type == "meta":
+        return None
+    storage = t.untyped_storage()
+    return (str(t.device), storage.data_ptr()) if storage.nbytes() else None
+
+
+def model_memory(model: nn.Module) -> MemoryReport:
+    """Account the bytes of ``model``'s parameters, buffers and decoded-weight caches.
+
+    Every storage is counted once by (device, data pointer), with its full ``nbytes`` — so tied
+    embeddings, shared parameters and views are never double-counted. Meta tensors hold nothing.
+    """
+    seen: set[tuple[str, int]] = set()
+    totals = {"parameters": 0, "buffers": 0, "caches": 0}
+    cache_ids = {
+        id(m._cached_weight)
+        for m in model.modules()
+        if isinstance(m, ProjectiveLinear) and m._cached_weight is not None
+    }
+
+    def add(kind: str, tensors: Iterable[torch.Tensor]) -> None:
+        for t in tensors:
+            key = _storage_key(t)
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            totals[kind] += t.untyped_storage().nbytes()
+
+    add("parameters", model.parameters(remove_duplicate=False))
+    buffers = list(model.buffers(remove_duplicate=False))
+    add("buffers", (b for b in buffers if id(b) not in cache_ids))
+    add("caches", (b for b in buffers if id(b) in cache_ids))
+    return MemoryReport(**totals)
+
+
+SkipPatterns = Union[str, Iterable[str]]
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
+    for pattern in patterns:
+        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return pattern
+    return None
+
+
+def _shared_weight_ids(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one (module, name) — i.e. tied weights."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return {pid for pid, n in counts.items() if n > 1}
+
+
+def _progress(items: list[tuple[str, nn.Linear]]) -> Iterator[tuple[str, nn.Linear]]:
+    if len(items) >= _TQDM_MIN_LAYERS and sys.stderr.isatty():
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm ships with transformers
+            return iter(items)
+        return iter(tqdm(items, desc="QINS convert", unit="layer", leave=False))
+    return iter(items)
+
+
+@torch.no_grad()
+def convert_model_to_projective(
+    model: nn.Module,
+    *,
+    skip: SkipPatterns = ("lm_head",),
+    cache_weight: bool = True,
+) -> ConversionReport:
+    """Replace, in place, every ``nn.Linear`` of ``model`` with :class:`ProjectiveLinear`.
+
+    A layer is left alone if its qualified name (as in ``model.named_modules()``) equals one of
+    ``skip`` or matches it as a glob (``fnmatch``, e.g. ``"*.mlp.*"``), or if its weight is tied to
+    another parameter (converting it would duplicate the storage and untie it).
+
+    Atomic: every replacement is built before any is installed. If any layer fails (a NaN weight,
+    say), the model is left exactly as it was and a ``ValueError`` names the layer.
+    """
+    patterns = (skip,) if isinstance(skip, str) else tuple(skip)
+    before = model_memory(model)
+    shared = _shared_weight_ids(model)
+    todo: list[tuple[str, nn.Linear]] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        pattern = _matches(name, patterns)
+        if name == "":
+            skipped[name] = "the model itself is an nn.Linear; use ProjectiveLinear.from_linear"
+        elif pattern is not None:
+            skipped[name] = f"matches skip pattern {pattern!r}"
+        elif id(module.weight) in shared:
+            skipped[name] = "weight is tied to another parameter"
+        else:
+            todo.append((name, module))
+
+    replacements: list[tuple[str, ProjectiveLinear]] = []
+    for name, linear in _progress(todo):
+        try:
+            replacements.append((name, ProjectiveLinear.from_linear(linear, cache_weight=cache_weight)))
+        except ValueError as exc:
+            raise ValueError(f"cannot convert layer {name!r}: {exc}; the model was left unchanged") from exc
+
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        log.debug("converted %s -> ProjectiveLinear(%d, %d)", name, new.in_features, new.out_features)
+    for name, reason in skipped.items():
+        log.debug("skipped %s: %s", name, reason)
+    return ConversionReport(
+        converted=[name for name, _ in replacements],
+        skipped=skipped,
+        memory_before=before,
+        memory_after=model_memory(model),
+    )
