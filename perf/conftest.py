@@ -1,0 +1,19 @@
+"""The QINS perf suite's pytest configuration: loads the gate plugin (perf/plugin.py).
+
+Active only when perf/ is collected (``pytest perf``), so ``pytest tests`` never sees it.
+"""
+from perf.plugin import (  # noqa: F401  (pytest collects hooks and fixtures by name)
+    _perf_gc_between_tests,
+    _perf_torch_settings,
+    device,
+    inject_factor,
+    perf_gate,
+    perf_state,
+    pytest_addoption,
+    pytest_benchmark_compare_machine_info,
+    pytest_benchmark_update_json,
+    pytest_benchmark_update_machine_info,
+    pytest_configure,
+    pytest_report_header,
+    pytest_terminal_summary,
+)

@@ -1,0 +1,409 @@
+"""Pure logic of the QINS perf gate: rules, verdicts, confirmation, and baseline files.
+
+Nothing here imports torch or pytest, so `tests/test_perf_gate.py` can feed it synthetic results.
+
+The gate never compares absolute times (the machine is far too noisy for that). Each gated figure
+is a *ratio* measured within one test, QINS interleaved with its FP32 reference, or a byte count.
+A figure fails only when it is beyond its limit twice: once in the benchmarked measurement and
+once more in a confirmation measurement taken right after (``decide``).
+
+Baselines are the JSON files pytest-benchmark writes with ``--benchmark-save`` under its storage
+(``.benchmarks/<machine id>/NNNN_<name>.json``). Gated figures live in each benchmark's
+``extra_info``; ``extra_info["qins_gate"]`` lists the figure names that are gated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+#: The key in ``extra_info`` that lists the gated figures of one benchmark.
+GATE_KEY = "qins_gate"
+#: The command that creates (or refreshes) a baseline; quoted in every "no baseline" message.
+SAVE_COMMAND = "pytest perf --benchmark-save=baseline"
+#: pytest-benchmark's default glob for saved runs ("NNNN_name.json").
+SAVED_RUN_GLOB = "[0-9][0-9][0-9][0-9]_*.json"
+
+HIGHER = "higher"  # a larger value is worse (time ratios, bytes)
+LOWER = "lower"  # a smaller value is worse (speedups, tokens/s)
+
+
+class BaselineError(Exception):
+    """No usable baseline: the message says what is wrong and how to create one."""
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics on paired measurements
+# --------------------------------------------------------------------------------------------
+
+
+def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """Element-wise ``numerators[i] / denominators[i]`` of interleaved measurements."""
+    if len(numerators) != len(denominators):
+        raise ValueError(f"unpaired measurements: {len(numerators)} vs {len(denominators)}")
+    if not numerators:
+        raise ValueError("no measurements")
+    out = []
+    for a, b in zip(numerators, denominators):
+        if not (b > 0 and math.isfinite(a) and math.isfinite(b)):
+            raise ValueError(f"cannot take the ratio {a!r}/{b!r}")
+        out.append(a / b)
+    return out
+
+
+def robust_ratio(ratios: Sequence[float]) -> float:
+    """The median of paired ratios: a burst of load hitting either side of some pairs moves it little."""
+    if not ratios:
+        raise ValueError("no ratios")
+    return float(statistics.median(ratios))
+
+
+# --------------------------------------------------------------------------------------------
+# Rules and verdicts
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one figure is gated against its baseline value.
+
+    * ``worse=HIGHER``: fails when ``value > baseline * (1 + tolerance)``.
+    * ``worse=LOWER`` with ``gain=False``: fails when ``value < baseline * (1 - tolerance)``.
+    * ``worse=LOWER`` with ``gain=True`` (a speedup such as no-cache/cache time): fails when less
+      than ``1 - tolerance`` of the baseline's gain over 1 is left, i.e. when
+      ``value < 1 + (baseline - 1) * (1 - tolerance)``. A speedup that collapses to about 1 fails
+      whatever the tolerance below 1.
+    """
+
+    worse: str = HIGHER
+    tolerance: float = 0.15
+    gain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.worse not in (HIGHER, LOWER):
+            raise ValueError(f"worse must be {HIGHER!r} or {LOWER!r}, got {self.worse!r}")
+        if not (0.0 <= self.tolerance and math.isfinite(self.tolerance)):
+            raise ValueError(f"tolerance must be finite and >= 0, got {self.tolerance!r}")
+        if self.gain and self.worse != LOWER:
+            raise ValueError("gain rules are for speedups (worse='lower')")
+
+    def limit(self, baseline: float) -> float:
+        if self.worse == HIGHER:
+            return baseline * (1.0 + self.tolerance)
+        if self.gain and baseline > 1.0:
+            return 1.0 + (baseline - 1.0) * (1.0 - self.tolerance)
+        return baseline * (1.0 - self.tolerance)
+
+    def exceeds(self, value: float, baseline: float) -> bool:
+        if not math.isfinite(value):
+            return True
+        lim = self.limit(baseline)
+        return value > lim if self.worse == HIGHER else value < lim
+
+    def describe(self) -> str:
+        if self.worse == HIGHER:
+            return f"<= baseline +{self.tolerance:.0%}"
+        if self.gain:
+            return f">= {1 - self.tolerance:.0%} of the baseline's gain over 1"
+        return f">= baseline -{self.tolerance:.0%}"
+
+
+@dataclass
+class Outcome:
+    """The verdict on one figure of one benchmark."""
+
+    test: str
+    figure: str
+    value: float
+    rule: Rule
+    baseline: Optional[float] = None
+    baseline_source: Optional[str] = None
+    confirmation: Optional[float] = None
+    status: str = "pass"  # pass | unconfirmed | regressed | missing | not-compared
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("regressed", "missing")
+
+    @property
+    def change(self) -> Optional[float]:
+        """Relative change of the figure against the baseline (0.1 = +10%)."""
+        if self.baseline is None or not self.baseline:
+            return None
+        return self.decisive / self.baseline - 1.0
+
+    @property
+    def decisive(self) -> float:
+        """The value the verdict rests on: the better of the two measurements when confirmed."""
+        if self.confirmation is None:
+            return self.value
+        if self.rule.worse == HIGHER:
+            return min(self.value, self.confirmation)
+        return max(self.value, self.confirmation)
+
+    @property
+    def limit(self) -> Optional[float]:
+        return None if self.baseline is None else self.rule.limit(self.baseline)
+
+    def message(self) -> str:
+        if self.status == "missing":
+            return (
+                f"{self.test}: figure {self.figure!r} = {fmt(self.value)} has no baseline value in "
+                f"{self.baseline_source} ({self.note}). Refresh the baseline with: {SAVE_COMMAND}"
+            )
+        if self.status == "not-compared":
+            return f"{self.test}: {self.figure} = {fmt(self.value)} (not compared: {self.note})"
+        assert self.baseline is not None
+        head = {
+            "regressed": "REGRESSED",
+            "unconfirmed": "exceeded once, not confirmed by re-measuring",
+            "pass": "ok",
+        }[self.status]
+        measured = fmt(self.value)
+        if self.confirmation is not None:
+            measured += f", re-measured {fmt(self.confirmation)}"
+        return (
+            f"{self.test}: {self.figure} {head}: {measured} vs baseline {fmt(self.baseline)} "
+            f"({pct(self.change)}; limit {fmt(self.limit)}, rule {self.rule.describe()}) "
+            f"[baseline: {self.baseline_source}]"
+        )
+
+
+def fmt(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
+        return f"{x:.4g}"
+    return f"{x:.4g}" if abs(x) < 100 else f"{x:.1f}"
+
+
+def pct(change: Optional[float]) -> str:
+    return "-" if change is None else f"{change:+.1%}"
+
+
+def decide(
+    test: str,
+    figures: Mapping[str, float],
+    rules: Mapping[str, Rule],
+    baseline_entry: Optional[Mapping],
+    baseline_source: Optional[str],
+    remeasure: Optional[Callable[[], Mapping[str, float]]] = None,
+) -> list[Outcome]:
+    """Judge every gated figure of one benchmark; re-measure once before declaring a regression.
+
+    ``baseline_entry`` is the baseline benchmark's ``extra_info`` (None: not comparing).
+    ``remeasure`` returns fresh values of (at least) the figures that exceeded; it is called at most
+    once, and only when some figure is beyond its limit. A figure fails only when both the first
+    measurement and the confirmation are beyond the limit. Without ``remeasure`` a single excess
+    fails (used for deterministic figures such as byte counts).
+    """
+    outcomes: list[Outcome] = []
+    for name, rule in rules.items():
+        if name not in figures:
+            raise KeyError(f"{test}: gated figure {name!r} was not measured")
+        value = float(figures[name])
+        out = Outcome(test=test, figure=name, value=value, rule=rule, baseline_source=baseline_source)
+        outcomes.append(out)
+        if baseline_entry is None:
+            out.status = "not-compared"
+            out.note = "no --benchmark-compare"
+            continue
+        base = baseline_entry.get(name) if isinstance(baseline_entry, Mapping) else None
+        if not isinstance(base, (int, float)) or isinstance(base, bool) or not math.isfinite(base) or base <= 0:
+            out.status = "missing"
+            out.note = "the baseline has no benchmark of this name" if not baseline_entry else "the figure is absent or invalid"
+            continue
+        out.baseline = float(base)
+        out.status = "exceeded" if rule.exceeds(value, out.baseline) else "pass"
+
+    exceeded = [o for o in outcomes if o.status == "exceeded"]
+    if exceeded:
+        again: Mapping[str, float] = remeasure() if remeasure is not None else {}
+        for o in exceeded:
+            if o.figure in again:
+                o.confirmation = float(again[o.figure])
+                o.status = "regressed" if o.rule.exceeds(o.confirmation, o.baseline) else "unconfirmed"
+            elif remeasure is None:
+                o.status = "regressed"
+                o.note = "deterministic figure, no re-measure"
+            else:
+                raise KeyError(f"{test}: re-measure did not return figure {o.figure!r}")
+    return outcomes
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline files (pytest-benchmark's file storage)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    path: Path
+    entries: dict  # fullname -> extra_info
+    machine_info: dict = field(default_factory=dict)
+    commit_info: dict = field(default_factory=dict)
+    datetime: str = ""
+
+    @property
+    def label(self) -> str:
+        return display_path(self.path)
+
+    def entry(self, fullname: str) -> dict:
+        """The baseline ``extra_info`` for a benchmark ({} when the baseline lacks it)."""
+        return self.entries.get(fullname, {})
+
+
+def display_path(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _create_hint(storage: Path) -> str:
+    return (
+        f"Create one on this machine with:\n    {SAVE_COMMAND}\n"
+        f"(it writes {display_path(storage)}/<machine id>/NNNN_baseline.json; commit that file), "
+        f"or run without --benchmark-compare to benchmark without the gate."
+    )
+
+
+def locate_baseline(storage: Path, machine_id: str, compare) -> Path:
+    """The file ``--benchmark-compare[=compare]`` means, as pytest-benchmark picks it.
+
+    ``compare`` is True (the latest saved run for this machine id), a run number / name prefix
+    (``0001``), or a path to a JSON file. Raises BaselineError with a how-to when nothing matches.
+    """
+    storage = Path(storage)
+    if compare is not True:
+        candidate = Path(str(compare))
+        if candidate.is_file():
+            return candidate
+    machine_dir = storage / machine_id
+    if compare is True:
+        files = sorted(machine_dir.glob(SAVED_RUN_GLOB), key=lambda p: p.name)
+        wanted = f"{display_path(machine_dir)}/NNNN_*.json"
+    else:
+        prefix = str(compare).rstrip("*")
+        files = sorted(machine_dir.glob(prefix + "*.json"), key=lambda p: p.name)
+        wanted = f"{display_path(machine_dir)}/{prefix}*.json"
+    if files:
+        return files[-1]
+
+    others = sorted(
+        {p.parent.name for p in storage.glob("*/" + SAVED_RUN_GLOB) if p.parent.name != machine_id}
+    ) if storage.is_dir() else []
+    msg = [f"QINS perf gate: no baseline to compare against: nothing matches {wanted} (this machine id is {machine_id!r})."]
+    if others:
+        msg.append(
+            f"Baselines exist only for other machine ids: {', '.join(others)}. They were measured on a "
+            f"different platform/Python; compare against one explicitly with --benchmark-compare=<path to its .json> "
+            f"if that is really wanted."
+        )
+    msg.append(_create_hint(storage))
+    raise BaselineError("\n".join(msg))
+
+
+def load_baseline(path: Path) -> Baseline:
+    """Read and validate a pytest-benchmark saved run; raise BaselineError if it is unusable."""
+    path = Path(path)
+    where = display_path(path)
+    storage = path.parent.parent if path.parent.parent != path.parent else path.parent
+    try:
+        text = path.read_text(encoding="utf8")
+    except OSError as exc:
+        raise BaselineError(f"QINS perf gate: cannot read baseline {where}: {exc.strerror or exc}.\n{_create_hint(storage)}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise BaselineError(
+            f"QINS perf gate: baseline {where} is corrupt (not valid JSON: {exc}).\n"
+            f"Delete it (or restore it from git: git checkout -- {where}). {_create_hint(storage)}"
+        ) from None
+    problem = _schema_problem(data)
+    if problem:
+        raise BaselineError(
+            f"QINS perf gate: baseline {where} is corrupt or not a pytest-benchmark run ({problem}).\n"
+            f"Delete it (or restore it from git: git checkout -- {where}). {_create_hint(storage)}"
+        )
+    entries = {b["fullname"]: dict(b.get("extra_info") or {}) for b in data["benchmarks"]}
+    if not any(GATE_KEY in e for e in entries.values()):
+        raise BaselineError(
+            f"QINS perf gate: baseline {where} has no gated QINS figures (was it saved by this perf suite?).\n"
+            f"{_create_hint(storage)}"
+        )
+    if any(e.get("inject_slowdown", 1.0) != 1.0 for e in entries.values()):
+        raise BaselineError(
+            f"QINS perf gate: baseline {where} was measured with an injected slowdown and cannot serve as a baseline.\n"
+            f"{_create_hint(storage)}"
+        )
+    return Baseline(
+        path=path,
+        entries=entries,
+        machine_info=data.get("machine_info") or {},
+        commit_info=data.get("commit_info") or {},
+        datetime=str(data.get("datetime", "")),
+    )
+
+
+def _schema_problem(data) -> str:
+    if not isinstance(data, dict):
+        return f"top level is {type(data).__name__}, expected an object"
+    benches = data.get("benchmarks")
+    if not isinstance(benches, list):
+        return "no 'benchmarks' list"
+    if not benches:
+        return "the 'benchmarks' list is empty"
+    for i, b in enumerate(benches):
+        if not isinstance(b, dict):
+            return f"benchmarks[{i}] is not an object"
+        if not isinstance(b.get("fullname"), str):
+            return f"benchmarks[{i}] has no 'fullname'"
+        stats = b.get("stats")
+        if not isinstance(stats, dict) or not isinstance(stats.get("min"), (int, float)):
+            return f"benchmarks[{i}] ({b.get('fullname')}) has no numeric 'stats.min'"
+        extra = b.get("extra_info", {})
+        if not isinstance(extra, dict):
+            return f"benchmarks[{i}] ({b['fullname']}) has a non-object 'extra_info'"
+        gated = extra.get(GATE_KEY)
+        if gated is not None and not (isinstance(gated, list) and all(isinstance(g, str) for g in gated)):
+            return f"benchmarks[{i}] ({b['fullname']}) has a malformed '{GATE_KEY}' list"
+    return ""
+
+
+def outcome_table(outcomes: Iterable[Outcome]) -> list[list[str]]:
+    """Rows (header first) for the terminal summary."""
+    rows = [["benchmark", "figure", "now", "re-measured", "baseline", "change", "limit", "verdict"]]
+    for o in outcomes:
+        rows.append(
+            [
+                o.test.split("::", 1)[-1],
+                o.figure,
+                fmt(o.value),
+                fmt(o.confirmation),
+                fmt(o.baseline),
+                pct(o.change),
+                fmt(o.limit),
+                o.status.upper() if o.failed else o.status,
+            ]
+        )
+    return rows
+
+
+def render_table(rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    if markdown:
+        lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(rows[0], widths)) + " |"]
+        lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows[1:]]
+        return "\n".join(lines)
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(rows[0], widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows[1:]]
+    return "\n".join(lines)

@@ -1,0 +1,433 @@
+"""pytest plugin of the QINS perf suite: the ratio gate, built on pytest-benchmark's own hooks.
+
+Loaded by ``perf/conftest.py`` (so it is active for ``pytest perf`` only, never for ``pytest tests``).
+
+What it adds to pytest-benchmark:
+
+* ``--benchmark-compare`` becomes a gate. The baseline file that pytest-benchmark will compare
+  against is located and validated at configure time; a missing, corrupt or foreign baseline is a
+  usage error with a one-paragraph message saying how to create one (no traceback).
+* ``perf_gate.check(...)``: each test gates ratio figures (QINS vs its interleaved FP32 reference)
+  against the same figures stored in the baseline's ``extra_info``; an excess is re-measured once
+  and only a confirmed excess fails the test, with a message naming the figure, the change, the
+  limit and the baseline file.
+* pytest-benchmark's absolute ``--benchmark-compare-fail`` stays as a generous backstop
+  (default ``min:900%``, ``--perf-backstop``); its PerformanceRegression is reported without a
+  traceback and turns the exit status to 1.
+* Fixed threads, gc off while timing (``--benchmark-disable-gc`` forced on), a ``device`` fixture,
+  the injected slowdown of the self-check, and the chart / figures table of the run.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import pytest
+
+from perf import gate as G
+from perf.timing import INJECT_ENV, parse_factor
+
+DEFAULTS = {
+    "threads": 1,
+    "ratio_tol": 0.15,
+    "e2e_tol": 0.25,
+    "cache_gain_tol": 0.5,
+    "memory_tol": 0.10,
+    "backstop": "min:900%",
+}
+
+
+class PerfState:
+    """Per-session state: the baseline, the verdicts and the recorded figures."""
+
+    def __init__(self, config):
+        self.config = config
+        self.baseline: Optional[G.Baseline] = None
+        self.outcomes: list[G.Outcome] = []
+        self.records: dict[str, dict] = {}  # fullname -> {"group", "name", "extra_info", "median"}
+        self.by_key: dict[str, dict] = {}  # extra_info["key"] -> extra_info
+        self.factor = 1.0
+        self.threads = DEFAULTS["threads"]
+        self.tol = {}
+        self.budget = 1.0
+        self.backstop_failed = ""
+
+
+def _state(config) -> PerfState:
+    return config.stash[_STATE_KEY]
+
+
+_STATE_KEY = pytest.StashKey[PerfState]()
+
+
+# --------------------------------------------------------------------------------------------
+# Options and configuration
+# --------------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("qins-perf", "QINS perf gate (perf/README.md)")
+    g.addoption("--perf-threads", type=int, default=DEFAULTS["threads"], help="torch.set_num_threads for the perf suite. Default: %(default)s")
+    g.addoption(
+        "--perf-inject-slowdown",
+        metavar="FACTOR",
+        default=None,
+        help=f"Self-check: make every QINS forward FACTOR times slower (busy-wait). Same as env {INJECT_ENV}=FACTOR.",
+    )
+    g.addoption("--perf-ratio-tol", type=float, default=DEFAULTS["ratio_tol"], help="Allowed rise of a layer ratio vs its baseline. Default: %(default)s")
+    g.addoption("--perf-e2e-tol", type=float, default=DEFAULTS["e2e_tol"], help="Allowed rise of an end-to-end ratio vs FP32. Default: %(default)s")
+    g.addoption(
+        "--perf-cache-gain-tol",
+        type=float,
+        default=DEFAULTS["cache_gain_tol"],
+        help="Allowed loss of the KV-cache gain (no-cache/cache time - 1) vs the baseline. Default: %(default)s",
+    )
+    g.addoption("--perf-memory-tol", type=float, default=DEFAULTS["memory_tol"], help="Allowed rise of memory figures. Default: %(default)s")
+    g.addoption(
+        "--perf-backstop",
+        default=DEFAULTS["backstop"],
+        help="Absolute --benchmark-compare-fail applied when comparing ('off' to disable). Default: %(default)s",
+    )
+    g.addoption("--perf-budget", type=float, default=1.0, help="Scale the time spent per benchmark. Default: %(default)s")
+    g.addoption("--perf-plot", metavar="PNG", default=None, help="Write a chart of this run vs the baseline to PNG.")
+    g.addoption("--perf-table", metavar="MD", default=None, help="Write the figures of this run as a markdown table.")
+
+
+def _storage_dir(config) -> Optional[Path]:
+    uri = str(config.getoption("benchmark_storage"))
+    if "://" not in uri:
+        return Path(uri)
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    return None  # elasticsearch: not validated here
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # Runs before pytest-benchmark's own (trylast) pytest_configure, which reads these options.
+    state = PerfState(config)
+    config.stash[_STATE_KEY] = state
+    state.threads = config.getoption("perf_threads")
+    state.budget = config.getoption("perf_budget")
+    state.tol = {
+        "ratio": config.getoption("perf_ratio_tol"),
+        "e2e": config.getoption("perf_e2e_tol"),
+        "cache_gain": config.getoption("perf_cache_gain_tol"),
+        "memory": config.getoption("perf_memory_tol"),
+    }
+    try:
+        opt = config.getoption("perf_inject_slowdown")
+        state.factor = parse_factor(opt if opt is not None else os.environ.get(INJECT_ENV))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if state.factor != 1.0 and (config.getoption("benchmark_save") or config.getoption("benchmark_autosave")):
+        raise pytest.UsageError(
+            f"QINS perf gate: refusing to save a baseline with an injected slowdown ({state.factor}x); unset {INJECT_ENV} / --perf-inject-slowdown."
+        )
+    config.option.benchmark_disable_gc = True
+
+    compare = config.getoption("benchmark_compare")
+    if compare and not _benchmarks_off(config):
+        storage = _storage_dir(config)
+        if storage is not None:
+            from pytest_benchmark.utils import get_machine_id
+
+            try:
+                state.baseline = G.load_baseline(G.locate_baseline(storage, get_machine_id(), compare))
+            except G.BaselineError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        backstop = config.getoption("perf_backstop")
+        if backstop and backstop != "off" and not config.getoption("benchmark_compare_fail"):
+            from pytest_benchmark.utils import parse_compare_fail
+
+            try:
+                config.option.benchmark_compare_fail = [parse_compare_fail(backstop)]
+            except Exception as exc:  # argparse.ArgumentTypeError
+                raise pytest.UsageError(f"--perf-backstop: {exc}") from None
+
+
+def _benchmarks_off(config) -> bool:
+    return bool(
+        config.getoption("benchmark_skip")
+        or (config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"))
+    )
+
+
+def pytest_report_header(config):
+    state = _state(config)
+    lines = [
+        f"qins-perf: threads={state.threads} tolerances={state.tol} budget={state.budget}"
+        + (f" INJECTED SLOWDOWN x{state.factor}" if state.factor != 1.0 else "")
+    ]
+    if state.baseline is not None:
+        lines.append(f"qins-perf: gating against baseline {state.baseline.label} ({state.baseline.datetime})")
+    else:
+        lines.append("qins-perf: no --benchmark-compare: figures are measured, not gated")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# pytest-benchmark hooks
+# --------------------------------------------------------------------------------------------
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import torch
+
+    state = _state(config)
+    machine_info["torch"] = torch.__version__
+    machine_info["qins_perf_threads"] = state.threads
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    state = _state(config)
+    output_json["qins_perf"] = {
+        "threads": state.threads,
+        "tolerances": state.tol,
+        "inject_slowdown": state.factor,
+        "baseline": state.baseline.label if state.baseline else None,
+        "gate": [
+            {
+                "test": o.test,
+                "figure": o.figure,
+                "value": o.value,
+                "confirmation": o.confirmation,
+                "baseline": o.baseline,
+                "status": o.status,
+            }
+            for o in state.outcomes
+        ],
+    }
+
+
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
+    # pytest-benchmark already warns about any machine_info difference (the CPU MHz alone varies);
+    # the two that change what a ratio means get a clearer note here.
+    saved = compared_benchmark.get("machine_info", {})
+    for key in ("torch", "qins_perf_threads"):
+        if key in saved and saved.get(key) != machine_info.get(key):
+            benchmarksession.logger.warning(
+                f"QINS perf: baseline was measured with {key}={saved.get(key)!r}, this run has {machine_info.get(key)!r}; ratios may shift."
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def perf_state(request) -> PerfState:
+    return _state(request.config)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device the suite runs on: CUDA when available, else CPU. Timed callables sync on CUDA."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _perf_torch_settings(perf_state):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(perf_state.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set (or parallel work already ran); harmless
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _perf_gc_between_tests():
+    gc.collect()
+    yield
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def inject_factor(perf_state) -> float:
+    """The injected slowdown factor (1.0 = none). See ``--perf-inject-slowdown``."""
+    return perf_state.factor
+
+
+class GateHandle:
+    """What a test uses: ``check`` gated figures, ``record`` plain ones, ``lookup`` earlier ones."""
+
+    def __init__(self, state: PerfState, request):
+        self.state = state
+        self.request = request
+
+    @property
+    def tol(self) -> dict:
+        return self.state.tol
+
+    @property
+    def budget(self) -> float:
+        return self.state.budget
+
+    def lookup(self, key: str) -> Optional[dict]:
+        return self.state.by_key.get(key)
+
+    def record(self, benchmark, figures: Mapping[str, object], key: Optional[str] = None) -> None:
+        info = benchmark.extra_info
+        info.update(figures)
+        if self.state.factor != 1.0:
+            info["inject_slowdown"] = self.state.factor
+        if key:
+            info["key"] = key
+            self.state.by_key[key] = info
+        stats = getattr(benchmark, "stats", None)
+        median = None
+        if stats is not None and stats.stats.data:
+            median = stats.stats.median
+        self.state.records[benchmark.fullname] = {
+            "group": benchmark.group,
+            "name": benchmark.name,
+            "extra_info": info,
+            "median": median,
+        }
+
+    def check(
+        self,
+        benchmark,
+        figures: Mapping[str, float],
+        rules: Mapping[str, G.Rule],
+        remeasure: Optional[Callable[[], Mapping[str, float]]] = None,
+        key: Optional[str] = None,
+    ) -> list[G.Outcome]:
+        """Record ``figures``, gate those named in ``rules``; fail the test on a confirmed regression."""
+        self.record(benchmark, figures, key=key)
+        if benchmark.disabled:
+            return []
+        benchmark.extra_info[G.GATE_KEY] = sorted(rules)
+        base = self.state.baseline
+        entry = base.entry(benchmark.fullname) if base is not None else None
+        outcomes = G.decide(
+            benchmark.fullname,
+            {k: float(figures[k]) for k in rules},
+            rules,
+            entry,
+            base.label if base is not None else None,
+            remeasure,
+        )
+        self.state.outcomes.extend(outcomes)
+        confirmations = {o.figure: o.confirmation for o in outcomes if o.confirmation is not None}
+        if confirmations:
+            benchmark.extra_info["confirmation"] = confirmations
+        failed = [o for o in outcomes if o.failed]
+        if failed:
+            pytest.fail("\n".join(o.message() for o in failed), pytrace=False)
+        return outcomes
+
+
+@pytest.fixture
+def perf_gate(perf_state, request) -> GateHandle:
+    return GateHandle(perf_state, request)
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from pytest_benchmark.session import PerformanceRegression
+
+    state = _state(config)
+    try:
+        result = yield
+    except PerformanceRegression:
+        # pytest-benchmark's absolute backstop (--benchmark-compare-fail) fired; it has already
+        # printed which benchmark and field. Report it as a failed run, without a traceback.
+        state.backstop_failed = "absolute backstop --benchmark-compare-fail failed (see 'Performance has regressed' above)"
+        result = None
+        session = getattr(terminalreporter, "_session", None)
+        if session is not None:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    _report(terminalreporter, state)
+    return result
+
+
+def _report(tr, state: PerfState) -> None:
+    if not state.records and not state.outcomes:
+        return
+    tr.section("QINS perf gate", sep="-", bold=True)
+    if state.factor != 1.0:
+        tr.write_line(f"INJECTED SLOWDOWN: every QINS forward x{state.factor} ({INJECT_ENV} / --perf-inject-slowdown)", yellow=True)
+    if state.baseline is not None:
+        tr.write_line(f"baseline: {state.baseline.label} (saved {state.baseline.datetime})")
+    else:
+        tr.write_line("baseline: none (run with --benchmark-compare to gate)")
+    compared = [o for o in state.outcomes if o.status != "not-compared"]
+    if compared:
+        tr.write_line(G.render_table(G.outcome_table(compared)))
+        bad = [o for o in compared if o.failed]
+        unconfirmed = [o for o in compared if o.status == "unconfirmed"]
+        if unconfirmed:
+            tr.write_line(f"{len(unconfirmed)} figure(s) exceeded once but passed the confirmation re-measure.")
+        if bad:
+            tr.write_line(f"GATE FAILED: {len(bad)} figure(s) regressed:", red=True, bold=True)
+            for o in bad:
+                tr.write_line("  " + o.message(), red=True)
+        else:
+            tr.write_line(f"gate passed: {len(compared)} figure(s) within limits.", green=True)
+    if state.backstop_failed:
+        tr.write_line("GATE FAILED: " + state.backstop_failed, red=True, bold=True)
+    rows = figures_rows(state)
+    if rows:
+        tr.write_line("")
+        tr.write_line("figures of this run:")
+        tr.write_line(G.render_table(rows))
+    cfg = state.config
+    table_path = cfg.getoption("perf_table")
+    if table_path and rows:
+        Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(table_path).write_text(G.render_table(rows, markdown=True) + "\n", encoding="utf8")
+        tr.write_line(f"wrote figures table: {table_path}")
+    plot_path = cfg.getoption("perf_plot")
+    if plot_path and state.records:
+        try:
+            from perf.plot import make_chart
+
+            current = {k: v["extra_info"] for k, v in state.records.items()}
+            base = state.baseline.entries if state.baseline is not None else None
+            make_chart(current, base, plot_path, baseline_label=state.baseline.label if state.baseline else None)
+            tr.write_line(f"wrote chart: {plot_path}")
+        except Exception as exc:  # a chart must never turn a passing gate into a crash
+            tr.write_line(f"could not write chart {plot_path}: {type(exc).__name__}: {exc}", red=True)
+
+
+#: (extra_info key, column title, format) of the figures table.
+FIGURE_COLUMNS = [
+    ("time_s", "median s", "{:.4g}"),
+    ("ratio_vs_linear", "x nn.Linear", "{:.3g}"),
+    ("gbps", "GB/s", "{:.3g}"),
+    ("tokens_per_s", "tokens/s", "{:.4g}"),
+    ("ratio_vs_fp32", "x FP32 time", "{:.3g}"),
+    ("cache_speedup", "no-cache/cache", "{:.3g}"),
+    ("model_mib", "model MiB", "{:.4g}"),
+    ("peak_rss_mib", "peak RSS MiB", "{:.4g}"),
+]
+
+
+def figures_rows(state: PerfState) -> list[list[str]]:
+    rows = [["group", "benchmark"] + [c[1] for c in FIGURE_COLUMNS]]
+    for rec in state.records.values():
+        info = rec["extra_info"]
+        row = [str(rec["group"] or ""), rec["name"]]
+        for key, _title, f in FIGURE_COLUMNS:
+            v = info.get(key)
+            row.append(f.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "")
+        rows.append(row)
+    return rows if len(rows) > 1 else []

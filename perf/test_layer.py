@@ -1,0 +1,149 @@
+"""Layer benchmarks: nn.Linear fp32 vs ProjectiveLinear (cached, memory-saving eager/compiled),
+decode alone and encode (conversion), at 3072x3072 and 1024x1024, batch 1 and 32x128 tokens.
+
+Every QINS timing is interleaved with the FP32 ``nn.Linear`` forward (batch 1 for decode/encode)
+and gated on the median of the paired ratios ("ratio_vs_linear") against the stored baseline.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perf.gate import HIGHER, Rule
+from perf.timing import paired_again, paired_benchmark, plain_benchmark, slowed, synced
+
+SIZES = [3072, 1024]
+BATCHES = {"b1": (1, 1), "32x128": (32, 128)}
+MODES = ["cached", "memsave-eager", "memsave-compiled"]
+BUDGET_S = 1.5  # seconds of measurement per benchmark (scaled by --perf-budget)
+
+
+def _group(size: int, batch: str) -> str:
+    return f"layer {size}x{size} {batch}"
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    with torch.inference_mode():
+        yield
+
+
+@pytest.fixture(scope="module")
+def layers(device):
+    from qins import ProjectiveLinear
+
+    out = {}
+    for i, size in enumerate(SIZES):
+        torch.manual_seed(1000 + i)
+        lin = torch.nn.Linear(size, size, bias=False).to(device).eval()
+        cached = ProjectiveLinear.from_linear(lin, cache_weight=True).to(device).eval()
+        memsave = ProjectiveLinear.from_linear(lin, cache_weight=False).to(device).eval()
+        out[size] = {"linear": lin, "cached": cached, "memsave": memsave}
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled(layers):
+    """torch.compile of the memory-saving layers (compiled once per size, specialised per shape)."""
+    return {size: torch.compile(parts["memsave"], dynamic=False) for size, parts in layers.items()}
+
+
+@pytest.fixture(scope="module")
+def inputs(device):
+    out = {}
+    for size in SIZES:
+        for name, lead in BATCHES.items():
+            g = torch.Generator().manual_seed(size + sum(lead))
+            out[(size, name)] = torch.randn(*lead, size, generator=g).to(device)
+    return out
+
+
+def _ratio_rule(perf_gate) -> dict:
+    return {"ratio_vs_linear": Rule(HIGHER, perf_gate.tol["ratio"])}
+
+
+def _paired_figures(p) -> dict:
+    return {
+        "time_s": p.target_median,
+        "linear_time_s": p.reference_median,
+        "ratio_vs_linear": p.ratio,
+        "pairs": len(p.target),
+        "reference_repeat": p.repeat,
+    }
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("size", SIZES)
+def test_linear_fp32(benchmark, perf_gate, device, layers, inputs, size, batch):
+    benchmark.group = _group(size, batch)
+    lin, x = layers[size]["linear"], inputs[(size, batch)]
+    times = plain_benchmark(benchmark, synced(lambda: lin(x), device), budget_s=BUDGET_S * perf_gate.budget)
+    if times is not None:
+        perf_gate.record(benchmark, {"time_s": benchmark.stats.stats.median, "ratio_vs_linear": 1.0}, key=f"linear/{size}/{batch}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("size", SIZES)
+def test_qins_forward(benchmark, perf_gate, device, layers, compiled, inputs, inject_factor, size, batch, mode):
+    benchmark.group = _group(size, batch)
+    parts, x = layers[size], inputs[(size, batch)]
+    module = {"cached": parts["cached"], "memsave-eager": parts["memsave"], "memsave-compiled": compiled[size]}[mode]
+    lin = parts["linear"]
+    target = synced(slowed(lambda: module(x), inject_factor, device), device)
+    reference = synced(lambda: lin(x), device)
+    # a compiled module compiles on its first call: keep that out of the timed warmup estimate
+    warmup = 3 if mode == "memsave-compiled" else 1
+    p = paired_benchmark(benchmark, target, reference, budget_s=BUDGET_S * perf_gate.budget, warmup=warmup)
+    if p is None:
+        return
+
+    def remeasure():
+        return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
+
+    perf_gate.check(benchmark, _paired_figures(p), _ratio_rule(perf_gate), remeasure, key=f"{mode}/{size}/{batch}")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_decode(benchmark, perf_gate, device, layers, inputs, size):
+    """Decode alone (``reconstruct_from_qins`` into a preallocated fp32 buffer) vs nn.Linear batch 1."""
+    from qins import reconstruct_from_qins
+
+    benchmark.group = f"codec {size}x{size}"
+    q, lin, x = layers[size]["memsave"], layers[size]["linear"], inputs[(size, "b1")]
+    out = torch.empty(q.stored.shape, dtype=torch.float32, device=device)
+    out.fill_(0.0)  # fault the pages in once: the benchmark measures decoding, not first-touch
+    target = synced(lambda: reconstruct_from_qins(q.stored, q.sign, q.log_min, q.log_max, out=out), device)
+    reference = synced(lambda: lin(x), device)
+    p = paired_benchmark(benchmark, target, reference, budget_s=BUDGET_S * perf_gate.budget)
+    if p is None:
+        return
+    # effective bandwidth: read 1 byte code + 1 byte sign, write 4 bytes fp32, per weight
+    figures = dict(_paired_figures(p), gbps=q.stored.numel() * 6 / p.target_median / 1e9)
+
+    def remeasure():
+        return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
+
+    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate), remeasure, key=f"decode/{size}")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_encode(benchmark, perf_gate, device, layers, inputs, size):
+    """Conversion (``convert_to_qins``) of the fp32 weight vs nn.Linear batch 1."""
+    from qins import convert_to_qins
+
+    benchmark.group = f"codec {size}x{size}"
+    lin, x = layers[size]["linear"], inputs[(size, "b1")]
+    w = lin.weight.detach()
+    target = synced(lambda: convert_to_qins(w), device)
+    reference = synced(lambda: lin(x), device)
+    p = paired_benchmark(benchmark, target, reference, budget_s=BUDGET_S * perf_gate.budget)
+    if p is None:
+        return
+    # effective bandwidth: read 4 bytes fp32, write 1 byte code + 1 byte sign, per weight
+    figures = dict(_paired_figures(p), gbps=w.numel() * 6 / p.target_median / 1e9)
+
+    def remeasure():
+        return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
+
+    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate), remeasure, key=f"encode/{size}")

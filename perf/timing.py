@@ -1,0 +1,254 @@
+"""Timing helpers: device sync, interleaved (paired) measurement, and the injected slowdown.
+
+Paired measurement runs the reference and the target alternately, ref, target, ref, target, ...
+The target is timed by pytest-benchmark itself (``benchmark.pedantic``); the reference runs in
+pedantic's ``setup`` hook, which pytest-benchmark calls before each round and does not time, and
+is timed here. Load that comes and goes therefore hits both sides of a pair alike, and the median
+of the per-pair ratios is what the gate compares.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from perf.gate import paired_ratios, robust_ratio
+
+#: Environment variable of the sensitivity self-check (see perf/README.md). A float >= 1.
+INJECT_ENV = "QINS_PERF_INJECT_SLOWDOWN"
+
+clock = time.perf_counter
+
+
+# --------------------------------------------------------------------------------------------
+# Device
+# --------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that a timer read right after sees the work done (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device synchronize: timing it measures the work, not the launch."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+
+    call.__name__ = getattr(fn, "__name__", "call")
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# Injected slowdown (sensitivity self-check)
+# --------------------------------------------------------------------------------------------
+
+
+def parse_factor(text: Optional[str]) -> float:
+    if text is None or str(text).strip() == "":
+        return 1.0
+    value = float(text)
+    if not (value >= 1.0 and value < 1000):
+        raise ValueError(f"{INJECT_ENV} / --perf-inject-slowdown must be a number >= 1, got {text!r}")
+    return value
+
+
+def slowed(fn: Callable, factor: float, device: Optional[torch.device] = None) -> Callable:
+    """``fn`` made ``factor`` times slower: after each call, busy-wait ``(factor - 1)`` x its duration.
+
+    The slowdown is exact relative to the call's own time (noise included), so the self-check
+    injects precisely the stated factor. Busy-waiting (not sleeping) keeps the core occupied like
+    real extra compute would.
+    """
+    if factor == 1.0:
+        return fn
+
+    def wrapper(*args, **kwargs):
+        if device is not None:
+            synchronize(device)
+        t0 = clock()
+        result = fn(*args, **kwargs)
+        if device is not None:
+            synchronize(device)
+        until = t0 + (clock() - t0) * factor
+        while clock() < until:
+            pass
+        return result
+
+    wrapper.__name__ = getattr(fn, "__name__", "slowed")
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def slow_down_modules(model: torch.nn.Module, cls: type, factor: float) -> int:
+    """Make the forward of every ``cls`` submodule ``factor`` times slower (instance attribute)."""
+    if factor == 1.0:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, cls):
+            m.forward = slowed(m.forward, factor)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_gc():
+    """Collect garbage now, then keep the collector off while timing."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    t0 = clock()
+    fn()
+    return clock() - t0
+
+
+@dataclass
+class Paired:
+    target: list  # seconds per target call, one per pair
+    reference: list  # seconds per reference call (per single call when repeated)
+    repeat: int  # how many reference calls make one reference block
+
+    @property
+    def ratios(self) -> list:
+        return paired_ratios(self.target, self.reference)
+
+    @property
+    def ratio(self) -> float:
+        return robust_ratio(self.ratios)
+
+    @property
+    def target_median(self) -> float:
+        return robust_ratio(self.target)
+
+    @property
+    def reference_median(self) -> float:
+        return robust_ratio(self.reference)
+
+
+def plan(target: Callable, reference: Callable, *, match: bool, budget_s: float, min_pairs: int, max_pairs: int, warmup: int):
+    """Warm both up and choose the reference repeat count and the number of pairs."""
+    ta = tb = float("inf")
+    for _ in range(max(1, warmup)):
+        tb = min(tb, time_once(reference))
+        ta = min(ta, time_once(target))
+    repeat = max(1, min(1000, round(ta / tb))) if match and tb > 0 else 1
+    pair_cost = ta + repeat * tb
+    pairs = int(budget_s / pair_cost) if pair_cost > 0 else max_pairs
+    if pair_cost > 1.0:  # expensive pairs (seconds each): three give a median that shrugs off one outlier
+        min_pairs = min(min_pairs, 3)
+    return repeat, max(min_pairs, min(max_pairs, pairs))
+
+
+def _reference_block(reference: Callable, repeat: int) -> Callable[[], float]:
+    def run() -> float:
+        t0 = clock()
+        for _ in range(repeat):
+            reference()
+        return (clock() - t0) / repeat
+
+    return run
+
+
+def paired_benchmark(
+    benchmark,
+    target: Callable,
+    reference: Callable,
+    *,
+    match: bool = True,
+    budget_s: float = 1.0,
+    min_pairs: int = 5,
+    max_pairs: int = 200,
+    warmup: int = 1,
+    pairs: Optional[int] = None,
+) -> Optional[Paired]:
+    """Benchmark ``target`` with pytest-benchmark, interleaved with timed ``reference`` calls.
+
+    ``match=True`` repeats the reference so that one reference block lasts about as long as one
+    target call (pairs of similar length cancel slow drifts of the machine's speed). With an
+    explicit ``pairs`` there is no planning (and no warmup here: the caller warmed up), the
+    reference runs once per pair. Returns None when benchmarking is disabled
+    (``--benchmark-disable``): the target then ran once, as a smoke test.
+    """
+    if benchmark.disabled:
+        benchmark.pedantic(target, rounds=1)
+        return None
+    with quiet_gc():
+        if pairs is None:
+            repeat, pairs = plan(target, reference, match=match, budget_s=budget_s, min_pairs=min_pairs, max_pairs=max_pairs, warmup=warmup)
+        else:
+            repeat = 1
+        block = _reference_block(reference, repeat)
+        ref_times: list = []
+
+        def setup():
+            ref_times.append(block())
+
+        benchmark.pedantic(target, setup=setup, rounds=pairs, warmup_rounds=0, iterations=1)
+    target_times = list(benchmark.stats.stats.data)
+    return Paired(target=target_times, reference=ref_times[-len(target_times):], repeat=repeat)
+
+
+def paired_again(target: Callable, reference: Callable, *, repeat: int, pairs: int) -> Paired:
+    """The confirmation measurement: the same interleaving, outside pytest-benchmark."""
+    with quiet_gc():
+        block = _reference_block(reference, repeat)
+        t_ref, t_tgt = [], []
+        block()  # one more warm pair
+        time_once(target)
+        for _ in range(pairs):
+            t_ref.append(block())
+            t_tgt.append(time_once(target))
+    return Paired(target=t_tgt, reference=t_ref, repeat=repeat)
+
+
+def plain_benchmark(
+    benchmark,
+    target: Callable,
+    *,
+    budget_s: float = 1.0,
+    min_rounds: int = 3,
+    max_rounds: int = 200,
+    warmup: int = 1,
+    rounds: Optional[int] = None,
+) -> Optional[list]:
+    """Benchmark ``target`` alone (no reference); returns the per-round times."""
+    if benchmark.disabled:
+        benchmark.pedantic(target, rounds=1)
+        return None
+    with quiet_gc():
+        if rounds is None:
+            t = float("inf")
+            for _ in range(max(1, warmup)):
+                t = min(t, time_once(target))
+            rounds = max(min_rounds, min(max_rounds, int(budget_s / t) if t > 0 else max_rounds))
+        benchmark.pedantic(target, rounds=rounds, warmup_rounds=0, iterations=1)
+    return list(benchmark.stats.stats.data)
+
+
+def env_factor() -> float:
+    return parse_factor(os.environ.get(INJECT_ENV))
