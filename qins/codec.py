@@ -10,7 +10,8 @@ Format (per tensor):
 * ``log_min``, ``log_max`` — natural logs of the smallest and largest encodable magnitude.
 
 Decoding is a lookup in a 256-entry table ``levels`` (float32), built by :func:`qins_levels`:
-``levels[0] = 0`` and, for ``k`` in 1..255, ``levels[k] = exp(log_min) * exp(n_k * D)`` with
+``levels[0] = 0`` and, for ``k`` in 1..255, ``levels[k] = exp(log_min) · exp(n_k·D)`` (split into three
+factors when ``n_k·D > 80`` so that nothing overflows) with
 ``n_k = (255 - k) / 254`` and ``D = log_max - log_min``. The encoder chooses, for every weight, the
 level nearest in log space among the *same float32 table* the decoder uses, so encoder and decoder
 can never disagree. Everything is computed in float32, whatever the input dtype.
@@ -78,19 +79,35 @@ def _as_scalar_tensor(x: Scalar, device: torch.device) -> torch.Tensor:
 
 
 def qins_levels(log_min: Scalar, log_max: Scalar, *, device: Optional[torch.device] = None) -> torch.Tensor:
-    """The 256-entry float32 decode table: ``levels[0] = 0``, ``levels[k] = exp(log_min)·exp(n_k·D)``.
+    """The 256-entry float32 decode table: ``levels[0] = 0``, ``levels[k] ≈ exp(log_min + n_k·D)``.
 
     ``n_k = (255 - k)/254`` and ``D = log_max - log_min``, so ``levels[1] ≈ exp(log_max)`` and
-    ``levels[255] = exp(log_min)``. Non-decreasing from code 255 to code 1. Traceable by
-    torch.compile with 0-d tensor inputs: no ``.item()``, no data-dependent control flow.
+    ``levels[255] ≈ exp(log_min)``; non-decreasing from code 255 to code 1, clamped to float32's max.
+
+    Precision follows the inputs. Python floats (what :func:`convert_to_qins` returns) and float64
+    tensors: the table is computed in float64 on the CPU and rounded once to float32, so every level
+    is the float32 nearest to ``exp(log_min + n_k·D)``. Float32 0-d tensors (the layer's buffers):
+    computed in float32 on their device, traceable by torch.compile (no ``.item()``, no
+    data-dependent control flow), as ``exp(log_min)·exp(a)·exp(n·D - a)`` with ``a = min(n·D, 80)``
+    so that no factor overflows.
     """
+    as_tensor = [isinstance(v, torch.Tensor) for v in (log_min, log_max)]
     if device is None:
-        device = log_min.device if isinstance(log_min, torch.Tensor) else torch.device("cpu")
-    lo = _as_scalar_tensor(log_min, device)
-    hi = _as_scalar_tensor(log_max, device)
+        device = log_min.device if as_tensor[0] else torch.device("cpu")  # type: ignore[union-attr]
+    wide = not any(as_tensor) or all(v.dtype == torch.float64 for v in (log_min, log_max) if isinstance(v, torch.Tensor))
+    if wide:
+        lo = float(log_min)
+        d = float(log_max) - lo
+        k = torch.arange(256, dtype=torch.float64)
+        levels = torch.exp(lo + (255.0 - k) / _STEPS * d).clamp(max=_FLOAT32_MAX)
+        levels[0] = 0.0
+        return levels.to(device=device, dtype=torch.float32)
+    lo_t = _as_scalar_tensor(log_min, device)
+    hi_t = _as_scalar_tensor(log_max, device)
     k = torch.arange(256, device=device, dtype=torch.float32)
-    n = (255.0 - k) / float(_STEPS)
-    levels = torch.exp(lo) * torch.exp(n * (hi - lo))
+    nd = (255.0 - k) / float(_STEPS) * (hi_t - lo_t)
+    a = torch.clamp(nd, max=80.0)
+    levels = torch.exp(lo_t) * torch.exp(a) * torch.exp(nd - a)
     levels = torch.clamp(levels, max=_FLOAT32_MAX)
     return torch.where(k == 0, torch.zeros_like(levels), levels)
 
@@ -114,36 +131,6 @@ def _validate(weight: torch.Tensor) -> None:
         )
 
 
-def _exact_bracket(x: float, device: torch.device) -> tuple[float, float]:
-    """For an all-equal magnitude ``x``: float32 ``(log_min, log_max)`` whose level 1 is ``x``.
-
-    ``exp`` of a float32 ``log(x)`` cannot reproduce every float32 ``x``: for ``|log x| > 1`` the
-    float32 grid of logs is coarser than the grid of ``x`` (a pigeonhole argument), so no decoder
-    that reads only float32 logs can be exact for every ``x``. This searches float32 pairs within a
-    few ulps of ``log(x)`` (so ``Δ`` stays below 1e-6) for a bit-exact level 1 and otherwise keeps
-    the nearest one found. Exact for every ``x`` in ``[1/e, e]`` and for most others (see the
-    tests for the measured rate); never more than 1 float32 ulp off.
-    """
-    target = torch.tensor(x, dtype=torch.float32, device=device)
-    base = torch.log(target)
-    inf = torch.tensor(math.inf, dtype=torch.float32, device=device)
-    best, best_err = (base, base), math.inf
-    lo = base
-    for _ in range(6):  # start a few ulps below log(x)
-        lo = torch.nextafter(lo, -inf)
-    for _ in range(13):
-        hi = lo
-        for _ in range(24):
-            err = abs(float(qins_levels(lo, hi, device=device)[1]) - x)
-            if err < best_err:
-                best, best_err = (lo, hi), err
-                if err == 0.0:
-                    return float(lo), float(hi)
-            hi = torch.nextafter(hi, inf)
-        lo = torch.nextafter(lo, inf)
-    return float(best[0]), float(best[1])
-
-
 @torch.no_grad()
 def convert_to_qins(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Encode a float tensor as ``(stored, sign, log_min, log_max)``.
@@ -152,16 +139,18 @@ def convert_to_qins(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
       ``|w|`` gets code 1 and the smallest encodable one code 255. Codes are monotone: within one
       tensor ``|w1| <= |w2|`` implies ``code1 >= code2`` (zero counted as code 0 only for ``w == 0``).
     * ``sign``: int8, -1 where the sign bit is set (including ``-0.0``), else +1.
-    * ``log_min``/``log_max``: Python floats (float32 values) over the non-zero weights whose
-      magnitude is at least ``SMALLEST_NORMAL`` (2**-126). All-zero input gives ``0.0, 0.0``.
+    * ``log_min``/``log_max``: Python floats, the float64 logs of the smallest and largest
+      magnitude among the weights with ``|w| >= SMALLEST_NORMAL`` (2**-126, float32's smallest
+      normal). All-zero input gives ``0.0, 0.0``. (A layer keeps them as float32 0-d buffers.)
 
     Weights below ``SMALLEST_NORMAL`` (float32 subnormals) are too small for the range: each goes to
     whichever of {0, the smallest level} is nearer in absolute value. A tensor whose magnitudes are
-    all equal decodes to that magnitude, bit-exactly where float32 allows (see ``_exact_bracket``),
-    else within 1 ulp; ``log_max - log_min`` is then a few float32 ulps.
+    all equal encodes to code 1 with ``log_min == log_max`` and decodes (with these Python floats)
+    to exactly that magnitude.
 
-    Computation is float32 for every input dtype (fp16, bf16, fp32, fp64 inputs are cast first). The
-    input is never modified.
+    Element-wise work is float32 for every input dtype (fp16, bf16, fp64 inputs are cast to float32
+    first, so the codes depend only on the float32 values); the two range scalars are float64.
+    The input is never modified.
 
     Raises:
         ValueError: non-float dtype, 0-d or empty tensor, or any NaN/±Inf (the message gives their
@@ -177,11 +166,9 @@ def convert_to_qins(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
         return torch.zeros_like(mag, dtype=torch.uint8), sign, 0.0, 0.0
 
     log_mag = torch.log(torch.where(normal, mag, torch.ones_like(mag)))
-    lo_t = torch.where(normal, log_mag, torch.full_like(log_mag, math.inf)).min()
-    hi_t = torch.where(normal, log_mag, torch.full_like(log_mag, -math.inf)).max()
-    log_min, log_max = float(lo_t), float(hi_t)
-    if log_min == log_max:
-        log_min, log_max = _exact_bracket(float(mag[normal][0]), device)
+    # The range in float64 from the exact float32 extremes: log_min = log(min |w|) etc.
+    log_min = math.log(float(torch.where(normal, mag, torch.full_like(mag, math.inf)).min()))
+    log_max = math.log(float(mag.max()))
 
     levels = qins_levels(log_min, log_max, device=device)
     stored = _nearest_codes(mag, log_mag, normal, levels)

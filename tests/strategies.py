@@ -103,3 +103,72 @@ def tiny_phi3(*, seed: int = 0, **config_kwargs: Any):
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Legacy remote-code model (tests/legacy_model), loaded through trust_remote_code
+# (owned by the qins.compat work; see tests/test_compat.py and tests/test_generation.py)
+# ----------------------------------------------------------------------------------------------
+
+import hashlib  # noqa: E402  (imports of this appended section)
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+LEGACY_MODEL_SOURCES = Path(__file__).parent / "legacy_model"
+
+
+def legacy_model_dir(tmp_path: str | os.PathLike, **config_overrides: Any) -> Path:
+    """A directory laid out like a hub checkout of legacy remote code, under ``tmp_path``.
+
+    It holds the ``tests/legacy_model/*.py`` sources and a ``config.json`` whose ``auto_map``
+    points ``AutoConfig``/``AutoModelForCausalLM`` at them. The config defaults match
+    :func:`tiny_phi3_config` (hidden 64, 2 layers, vocab 1000, 4 heads, intermediate 128).
+    The directory name carries a hash of the sources, so the dynamic module transformers caches
+    for it is shared by identical sources and never by different ones.
+    """
+    files = sorted(LEGACY_MODEL_SOURCES.glob("*.py"))
+    digest = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:12]
+    directory = Path(tmp_path) / f"legacy_phi_{digest}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, directory / f.name)
+    config: dict[str, Any] = dict(
+        model_type="legacy_phi",
+        architectures=["LegacyPhiForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_legacy_phi.LegacyPhiConfig",
+            "AutoModelForCausalLM": "modeling_legacy_phi.LegacyPhiForCausalLM",
+        },
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config.update(config_overrides)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def load_legacy_model(tmp_path: str | os.PathLike, *, seed: int = 0, **config_overrides: Any):
+    """A seeded, randomly initialised ``LegacyPhiForCausalLM`` in eval mode, via remote code.
+
+    Goes through ``AutoConfig.from_pretrained(..., trust_remote_code=True)`` and
+    ``AutoModelForCausalLM.from_config(..., trust_remote_code=True)`` on :func:`legacy_model_dir`,
+    with ``local_files_only=True`` (nothing is downloaded). On transformers versions without the
+    legacy cache API, call ``qins.compat.patch_transformers()`` first.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = legacy_model_dir(tmp_path, **config_overrides)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=True, local_files_only=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    return model.eval()

@@ -1,0 +1,135 @@
+"""End-to-end benchmarks: greedy generation with a tiny Phi-3 (hidden 256, 4 layers, vocab 32000).
+
+FP32 vs QINS cached vs QINS memory-saving, 64 and 256 new tokens, with and without the KV cache.
+QINS models are converted with the library default (``lm_head`` stays fp32).
+
+Pairing (each test interleaves its timing with a reference):
+
+* with the KV cache, QINS is paired with FP32 (same length): gated figure ``ratio_vs_fp32``;
+* without the KV cache, every model is paired with itself *with* the cache: gated figure
+  ``cache_speedup`` (no-cache time / cache time). If the KV cache silently stops working this
+  falls to about 1; the rule demands at least half of the baseline's gain over 1.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from perf.gate import HIGHER, LOWER, Rule
+from perf.timing import paired_again, paired_benchmark, plain_benchmark, slow_down_modules, synced
+
+PROMPT_LEN = 32
+LENGTHS = [64, 256]
+MODELS = ["fp32", "qins-cached", "qins-memsave"]
+#: pairs (or rounds) per benchmark; generation is the expensive part of the suite
+PAIRS = {64: 3, 256: 2}
+PAIRS_NO_CACHE = {64: 3, 256: 1}
+
+CASES = [(n, m, c) for n in LENGTHS for m in MODELS for c in ("cache", "no-cache")]
+
+
+@pytest.fixture(scope="module")
+def models(device, inject_factor):
+    from qins import ProjectiveLinear, convert_model_to_projective
+
+    from tests.strategies import tiny_phi3
+
+    fp32 = tiny_phi3(hidden_size=256, num_hidden_layers=4, vocab_size=32000).to(device)
+    out = {"fp32": fp32}
+    reports = {}
+    for name, cache_weight in (("qins-cached", True), ("qins-memsave", False)):
+        m = copy.deepcopy(fp32)
+        reports[name] = convert_model_to_projective(m, cache_weight=cache_weight)
+        slow_down_modules(m, ProjectiveLinear, inject_factor)
+        out[name] = m.eval()
+    out["_reports"] = reports
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt(device):
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g)
+    return ids.to(device)
+
+
+def _generate_fn(model, prompt, new_tokens: int, use_cache: bool, device):
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    mask = torch.ones_like(prompt)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(prompt, attention_mask=mask, generation_config=cfg)
+        assert out.shape[-1] == prompt.shape[-1] + new_tokens, out.shape
+        return out
+
+    return synced(run, device)
+
+
+@pytest.fixture(scope="module")
+def warm(models, prompt, device):
+    """One short generation per model and cache mode, so no benchmark pays first-call costs."""
+    for name in MODELS:
+        for use_cache in (True, False):
+            _generate_fn(models[name], prompt, 4, use_cache, device)()
+    return True
+
+
+@pytest.mark.parametrize("new_tokens,model,cache", CASES, ids=[f"{n}-{m}-{c}" for n, m, c in CASES])
+def test_generate(benchmark, perf_gate, models, prompt, warm, device, new_tokens, model, cache):
+    benchmark.group = f"generate {new_tokens} tokens"
+    use_cache = cache == "cache"
+    key = f"e2e/{model}/{new_tokens}/{cache}"
+    target = _generate_fn(models[model], prompt, new_tokens, use_cache, device)
+    benchmark.extra_info.update(new_tokens=new_tokens, prompt_tokens=PROMPT_LEN, model=model, use_cache=use_cache)
+    if model != "fp32":
+        benchmark.extra_info["converted_layers"] = len(models["_reports"][model].converted)
+
+    if model == "fp32" and use_cache:
+        times = plain_benchmark(benchmark, target, rounds=PAIRS[new_tokens])
+        if times is not None:
+            t = benchmark.stats.stats.median
+            perf_gate.record(benchmark, {"time_s": t, "tokens_per_s": new_tokens / t, "ratio_vs_fp32": 1.0}, key=key)
+        return
+
+    if use_cache:  # QINS with cache, paired with FP32 with cache
+        reference = _generate_fn(models["fp32"], prompt, new_tokens, True, device)
+        figure, rule = "ratio_vs_fp32", Rule(HIGHER, perf_gate.tol["e2e"])
+        pairs = PAIRS[new_tokens]
+    else:  # any model without cache, paired with itself with cache
+        reference = _generate_fn(models[model], prompt, new_tokens, True, device)
+        figure, rule = "cache_speedup", Rule(LOWER, perf_gate.tol["cache_gain"], gain=True)
+        pairs = PAIRS_NO_CACHE[new_tokens]
+
+    p = paired_benchmark(benchmark, target, reference, match=False, pairs=pairs)
+    if p is None:
+        return
+    t = p.target_median
+    figures = {
+        "time_s": t,
+        "tokens_per_s": new_tokens / t,
+        "reference_time_s": p.reference_median,
+        "pairs": len(p.target),
+        figure: p.ratio,
+    }
+    if not use_cache:
+        # QINS vs FP32 without the cache, from the FP32 no-cache benchmark of this run (unpaired, not gated)
+        fp32_nc = perf_gate.lookup(f"e2e/fp32/{new_tokens}/no-cache")
+        figures["ratio_vs_fp32"] = 1.0 if model == "fp32" else (t / fp32_nc["time_s"] if fp32_nc else None)
+
+    def remeasure():
+        return {figure: paired_again(target, reference, repeat=1, pairs=max(2, len(p.target))).ratio}
+
+    perf_gate.check(benchmark, figures, {figure: rule}, remeasure, key=key)

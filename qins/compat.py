@@ -1,0 +1,322 @@
+"""Legacy ``transformers`` API for pre-4.49 "remote code" models (Phi-3 / Phi-3.5 ``modeling_phi3.py``).
+
+Call :func:`patch_transformers` once, **before** loading a ``trust_remote_code=True`` model: the
+5.x adaptations are applied to remote classes as transformers loads them, so a class loaded
+before the patch is not adapted (load it again after patching). The patch only ever *adds* what
+the installed version lacks; whatever is native is left untouched. :func:`unpatch_transformers`
+removes every addition and restores the one wrapped loader (and any remote class the patch
+adapted) exactly; models loaded while patched must not be used after unpatching.
+
+What may be added, each only where missing:
+
+* ``Cache.get_usable_length(new_seq_length, layer_idx=0)`` (gone in 4.54): tokens cached for
+  ``layer_idx``; if a size limit ``max`` exists and ``cached + new > max``, ``max - new``.
+* ``Cache.seen_tokens`` (gone in 4.54): tokens seen so far, ``get_seq_length(0)``.
+* ``Cache.get_max_length()`` (gone in 4.49): the size limit, ``None`` when unbounded.
+* ``DynamicCache.from_legacy_cache`` / ``to_legacy_cache`` (gone in 5.0): tuple conversions.
+* ``DynamicCache.key_cache`` / ``value_cache`` (gone in 4.56): read-only per-layer tuples.
+* module ``transformers.modeling_attn_mask_utils`` (gone in 5.0) or its
+  ``_prepare_4d_causal_attention_mask``: the eager additive 4D causal mask.
+* 5.x only, via a wrapper of ``dynamic_module_utils.get_class_in_module`` (5.x ``generate`` has
+  no hook for legacy models; nothing else native is wrapped), applied to remote classes:
+  ``prepare_inputs_for_generation(past_key_values=...)`` receives 5.x's ``cache`` kwarg under its
+  legacy name, sees ``get_max_length() is None`` on an unbounded cache (5.x's native method
+  returns -1 and stays as it is), and its ``position_ids`` are cut to the new tokens; a config
+  whose ``__init__`` takes ``rope_scaling`` reads it back legacy-style: ``None`` when unscaled,
+  else a dict with ``"type"``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+import sys
+import types
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = ["UnsupportedTransformersError", "patch_dynamic_cache", "patch_transformers", "unpatch_transformers"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = (">=4.36", "<6")  # 4.36: first DynamicCache; 6.x: untested, may drop the 5.x BC paths
+_MASK_MODULE = "transformers.modeling_attn_mask_utils"
+_MASK_FN = "_prepare_4d_causal_attention_mask"
+_MISSING = object()
+
+_undo: Optional[list[Callable[[], None]]] = None  # None: not patched
+_added: tuple[str, ...] = ()
+
+
+class UnsupportedTransformersError(RuntimeError):
+    """The installed transformers cannot run legacy remote code with a working KV cache."""
+
+
+def _check_version() -> None:
+    import transformers
+    from packaging.version import Version
+
+    v = Version(transformers.__version__)
+    if v < Version("4.36") or v.major >= 6:
+        raise UnsupportedTransformersError(
+            f"qins.compat.patch_transformers() does not support transformers {transformers.__version__} "
+            f"(supported: {','.join(SUPPORTED)}); legacy Phi-3 / Phi-3.5 remote code would generate without "
+            "its KV cache. Load the native implementation instead: transformers.Phi3ForCausalLM, i.e. "
+            "AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False)."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Legacy cache API
+# --------------------------------------------------------------------------------------------
+
+
+def _max_cache_length(cache: Any) -> Optional[int]:
+    """The cache's size limit from its native API, ``None`` when unbounded (legacy convention)."""
+    if getattr(cache, "layers", None) == []:  # 5.x lazily built DynamicCache: no limit known
+        return None
+    # Class-level lookups: never this module's own get_max_length, nor a legacy-caller shadow of it.
+    native = getattr(type(cache), "get_max_cache_shape", None) or type(cache).get_max_length
+    limit = native(cache)
+    return None if limit is None or limit < 0 else int(limit)
+
+
+def _get_usable_length(self: Any, new_seq_length: int, layer_idx: Optional[int] = 0) -> int:
+    """Tokens cached for ``layer_idx``, bounded so that cached + new fits the size limit, if any."""
+    max_length = _max_cache_length(self)
+    cached = self.get_seq_length(layer_idx)
+    if max_length is not None and cached + new_seq_length > max_length:
+        return max_length - new_seq_length
+    return cached
+
+
+def _seen_tokens(self: Any) -> int:
+    """Tokens seen so far (those cached for layer 0)."""
+    return self.get_seq_length(0)
+
+
+def _get_max_length(self: Any) -> Optional[int]:
+    """The maximum cache length, ``None`` when the cache has no limit."""
+    return _max_cache_length(self)
+
+
+def _from_legacy_cache(cls: type, past_key_values: Any = None) -> Any:
+    """A new cache holding the ``((key, value), ...)`` per-layer tuples, in layer order."""
+    cache = cls()
+    for layer_idx, (key, value) in enumerate(past_key_values or ()):
+        cache.update(key, value, layer_idx)
+    return cache
+
+
+def _to_legacy_cache(self: Any) -> tuple:
+    """The cache as ``((key, value), ...)`` per-layer tuples."""
+    return tuple((layer.keys, layer.values) for layer in self.layers)
+
+
+def _prepare_4d_causal_attention_mask(
+    attention_mask: Optional[torch.Tensor],
+    input_shape: Any,
+    inputs_embeds: torch.Tensor,
+    past_key_values_length: int,
+    sliding_window: Optional[int] = None,
+) -> Optional[torch.Tensor]:
+    """Additive ``(batch, 1, q, past + q)`` mask: 0 where attended, dtype-min where blocked.
+
+    Query ``i`` (absolute position ``past + i``) may attend key ``j`` iff ``j <= past + i``,
+    ``past + i - j <= sliding_window`` (when given) and the 2D ``attention_mask[:, j]`` is 1. A 4D
+    0/1 mask is inverted into the additive form. Returns ``None`` for a single-token query with
+    no 2D mask and no window (nothing to block), as transformers 4.x does.
+    """
+    batch, q_len = input_shape[0], input_shape[-1]
+    kv_len = q_len + past_key_values_length
+    dtype, device = inputs_embeds.dtype, inputs_embeds.device
+    lowest = torch.finfo(dtype).min
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if tuple(attention_mask.shape) != (batch, 1, q_len, kv_len):
+            raise ValueError(f"4D attention mask should be {(batch, 1, q_len, kv_len)}, got {tuple(attention_mask.shape)}")
+        inverted = 1.0 - attention_mask
+        return inverted.masked_fill(inverted.to(torch.bool), lowest)
+    blocked = None
+    if q_len > 1 or sliding_window is not None:
+        q_pos = torch.arange(q_len, device=device)[:, None] + past_key_values_length
+        k_pos = torch.arange(kv_len, device=device)[None, :]
+        blocked = k_pos > q_pos
+        if sliding_window is not None:
+            blocked = blocked | (q_pos - k_pos > sliding_window)
+        blocked = blocked[None, None].expand(batch, 1, q_len, kv_len)
+    if attention_mask is not None:
+        padding = (attention_mask[:, None, None, :] != 1).to(device).expand(batch, 1, q_len, kv_len)
+        blocked = padding if blocked is None else blocked | padding
+    if blocked is None:
+        return None
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, lowest)
+
+
+# --------------------------------------------------------------------------------------------
+# 5.x: adapting legacy remote classes as they are loaded
+# --------------------------------------------------------------------------------------------
+
+
+def _legacy_get_max_length(self: Any) -> Optional[int]:
+    return _max_cache_length(self)
+
+
+def _adapt_prepare_inputs(original: Callable) -> Callable:
+    """Wrap a legacy ``prepare_inputs_for_generation(past_key_values=...)`` for 5.x ``generate``."""
+
+    @functools.wraps(original)
+    def prepare_inputs_for_generation(self: Any, input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.pop("cache", None)
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = cache
+        shadowed = cache is not None and hasattr(cache, "__dict__") and "get_max_length" not in vars(cache)
+        if shadowed:  # legacy callers expect None for "no limit"; native get_max_length says -1
+            cache.get_max_length = types.MethodType(_legacy_get_max_length, cache)
+        try:
+            inputs = original(self, input_ids, *args, **kwargs)
+        finally:
+            if shadowed:
+                del cache.get_max_length
+        new = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        position_ids = inputs.get("position_ids")  # 5.x generate keeps full-length ones in kwargs
+        if new is not None and position_ids is not None and position_ids.shape[-1] > new.shape[1]:
+            inputs["position_ids"] = position_ids[..., -new.shape[1]:]
+        return inputs
+
+    prepare_inputs_for_generation.__qins_adapted__ = True  # type: ignore[attr-defined]
+    return prepare_inputs_for_generation
+
+
+def _rope_scaling_property(native: property) -> property:
+    def fget(self: Any) -> Optional[dict]:
+        params = native.fget(self)
+        rope_type = (params or {}).get("type", (params or {}).get("rope_type"))
+        if rope_type in (None, "default"):
+            return None
+        return {**params, "type": rope_type}
+
+    fget.__qins_adapted__ = True  # type: ignore[attr-defined]
+    return property(fget, native.fset, native.fdel, "Legacy view: None when unscaled, else a dict with 'type'.")
+
+
+def _adapt_remote_class(cls: Any, undo: list[Callable[[], None]]) -> None:
+    """Adapt a class loaded from remote code, if it is a legacy one; record how to undo it."""
+    from transformers import GenerationMixin, PretrainedConfig
+
+    if not isinstance(cls, type):
+        return
+
+    def replace(name: str, value: Any) -> None:
+        previous = cls.__dict__.get(name, _MISSING)
+        setattr(cls, name, value)
+        undo.append(lambda: setattr(cls, name, previous) if previous is not _MISSING else delattr(cls, name))
+        log.debug("qins.compat: adapted remote %s.%s for transformers 5.x", cls.__qualname__, name)
+
+    prepare = cls.__dict__.get("prepare_inputs_for_generation")
+    if (
+        issubclass(cls, torch.nn.Module) and inspect.isfunction(prepare)
+        and not getattr(prepare, "__qins_adapted__", False)
+        and "past_key_values" in inspect.signature(prepare).parameters
+        and "cache" not in inspect.signature(prepare).parameters
+        and "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    ):
+        replace("prepare_inputs_for_generation", _adapt_prepare_inputs(prepare))
+    native = inspect.getattr_static(PretrainedConfig, "rope_scaling", None)
+    if (
+        issubclass(cls, PretrainedConfig) and isinstance(native, property)
+        and inspect.getattr_static(cls, "rope_scaling") is native
+        and "rope_scaling" in inspect.signature(cls.__init__).parameters
+    ):
+        replace("rope_scaling", _rope_scaling_property(native))
+
+
+# --------------------------------------------------------------------------------------------
+# patch / unpatch
+# --------------------------------------------------------------------------------------------
+
+
+def patch_transformers() -> tuple[str, ...]:
+    """Add the legacy API the installed transformers lacks; return the names of what was added.
+
+    Idempotent: a second call changes nothing and returns the same names. Raises
+    :class:`UnsupportedTransformersError` for versions outside ``SUPPORTED``.
+    """
+    global _undo, _added
+    if _undo is not None:
+        return _added
+    _check_version()
+    from transformers import dynamic_module_utils
+    from transformers.cache_utils import Cache, DynamicCache
+
+    undo: list[Callable[[], None]] = []
+    added: list[str] = []
+
+    def add(owner: Any, name: str, value: Any, label: str) -> None:
+        setattr(owner, name, value)
+        undo.append(lambda: delattr(owner, name))
+        added.append(label)
+        log.debug("qins.compat: added %s", label)
+
+    for name, value in (
+        ("get_usable_length", _get_usable_length),
+        ("seen_tokens", property(_seen_tokens)),
+        ("get_max_length", _get_max_length),
+    ):
+        if not hasattr(Cache, name):
+            add(Cache, name, value, f"Cache.{name}")
+    if not hasattr(DynamicCache, "from_legacy_cache"):
+        add(DynamicCache, "from_legacy_cache", classmethod(_from_legacy_cache), "DynamicCache.from_legacy_cache")
+    if not hasattr(DynamicCache, "to_legacy_cache"):
+        add(DynamicCache, "to_legacy_cache", _to_legacy_cache, "DynamicCache.to_legacy_cache")
+    if not hasattr(DynamicCache(), "key_cache"):
+        for name, attr in (("key_cache", "keys"), ("value_cache", "values")):
+            view = property(lambda self, attr=attr: tuple(getattr(layer, attr) for layer in self.layers))
+            add(DynamicCache, name, view, f"DynamicCache.{name}")
+
+    try:
+        mask_module = importlib.import_module(_MASK_MODULE)
+    except ImportError:
+        mask_module = types.ModuleType(_MASK_MODULE, "qins.compat stand-in for the module removed in 5.0.")
+        setattr(mask_module, _MASK_FN, _prepare_4d_causal_attention_mask)
+        sys.modules[_MASK_MODULE] = mask_module
+        undo.append(lambda: sys.modules.pop(_MASK_MODULE) if sys.modules.get(_MASK_MODULE) is mask_module else None)
+        added.append(_MASK_MODULE)
+        log.debug("qins.compat: added module %s", _MASK_MODULE)
+    else:
+        if not hasattr(mask_module, _MASK_FN):
+            add(mask_module, _MASK_FN, _prepare_4d_causal_attention_mask, f"{_MASK_MODULE}.{_MASK_FN}")
+
+    from transformers import GenerationMixin, PretrainedConfig
+
+    if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters or isinstance(
+        inspect.getattr_static(PretrainedConfig, "rope_scaling", None), property
+    ):
+        loader = dynamic_module_utils.get_class_in_module
+
+        @functools.wraps(loader)
+        def get_class_in_module(*args: Any, **kwargs: Any) -> Any:
+            cls = loader(*args, **kwargs)
+            _adapt_remote_class(cls, undo)
+            return cls
+
+        dynamic_module_utils.get_class_in_module = get_class_in_module
+        undo.append(lambda: setattr(dynamic_module_utils, "get_class_in_module", loader))
+        added.append("dynamic_module_utils.get_class_in_module (legacy remote-class adapter)")
+        log.debug("qins.compat: wrapped dynamic_module_utils.get_class_in_module")
+
+    _undo, _added = undo, tuple(added)
+    return _added
+
+
+def unpatch_transformers() -> None:
+    """Undo :func:`patch_transformers` exactly (no-op when not patched), newest change first."""
+    global _undo, _added
+    undo, _undo, _added = _undo, None, ()
+    for step in reversed(undo or ()):
+        step()
+    log.debug("qins.compat: unpatched (%d changes undone)", len(undo or ()))
+
+
+patch_dynamic_cache = patch_transformers  # the seed's name

@@ -1,0 +1,299 @@
+"""Codec properties: the log-error invariant and everything else the format promises.
+
+Hypothesis draws float32 tensors of varied shapes and scales (1e-30..1e30, zeros, subnormals,
+single elements); see `tests/strategies.py`.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from qins import (
+    SMALLEST_NORMAL,
+    convert_to_qins,
+    qins_error_bound,
+    qins_levels,
+    qins_log_slack,
+    reconstruct_from_qins,
+)
+from tests.strategies import float32_weights
+
+F64 = torch.float64
+
+
+def _roundtrip(w: torch.Tensor, dtype: torch.dtype = torch.float32):
+    stored, sign, lo, hi = convert_to_qins(w)
+    return stored, sign, lo, hi, reconstruct_from_qins(stored, sign, lo, hi, dtype=dtype)
+
+
+def _boundary_distance(w: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Distance (nats, float64) of log|w| from the nearest rounding boundary between two levels."""
+    levels = qins_levels(lo, hi)[1:].flip(0).to(F64)
+    log_levels = levels.log()
+    mids = (log_levels[:-1] + log_levels[1:]) / 2
+    lw = w.to(F64).abs().clamp_min(1e-300).log().reshape(-1, 1)
+    return (lw - mids.reshape(1, -1)).abs().min(dim=1).values.reshape(w.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# The invariant
+# ------------------------------------------------------------------------------------------------
+
+
+@given(float32_weights())
+def test_log_error_within_half_step_plus_float32_slack(w: torch.Tensor) -> None:
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    in_range = w.abs() >= SMALLEST_NORMAL
+    assume(bool(in_range.any()))
+    bound = qins_error_bound(lo, hi) + qins_log_slack(lo, hi)
+    err = (w_hat.to(F64).abs().log() - w.to(F64).abs().log())[in_range].abs()
+    assert float(err.max()) <= bound, (float(err.max()), bound)
+
+
+@given(float32_weights())
+def test_exact_signs_and_exact_zeros(w: torch.Tensor) -> None:
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    assert torch.equal(sign, torch.where(torch.signbit(w), -1, 1).to(torch.int8))
+    zero = w == 0
+    normal = w.abs() >= SMALLEST_NORMAL
+    assert bool((stored[zero] == 0).all()) and bool((w_hat[zero] == 0).all())
+    assert bool((stored[normal] != 0).all()) and bool((w_hat[normal] != 0).all())
+    # Every decoded value, zeros included, carries the input's sign bit.
+    assert torch.equal(torch.signbit(w_hat), torch.signbit(w))
+
+
+@given(float32_weights())
+def test_codes_in_range_and_dtypes(w: torch.Tensor) -> None:
+    stored, sign, lo, hi, _ = _roundtrip(w)
+    assert stored.dtype == torch.uint8 and sign.dtype == torch.int8
+    assert stored.shape == w.shape == sign.shape
+    assert isinstance(lo, float) and isinstance(hi, float) and lo <= hi
+    normal = w.abs() >= SMALLEST_NORMAL
+    assert bool((stored[normal] >= 1).all())
+    assert set(sign.unique().tolist()) <= {-1, 1}
+    if normal.any():
+        # The largest |w| gets code 1; the smallest normal |w| code 255 (unless all are equal).
+        assert int(stored[w.abs() == w.abs().max()][0]) == 1
+        mags = w.abs()[normal]
+        if float(mags.min()) != float(mags.max()):
+            assert int(stored[w.abs() == mags.min()][0]) == 255
+
+
+@given(float32_weights())
+def test_codes_are_monotone_in_magnitude(w: torch.Tensor) -> None:
+    stored, *_ = _roundtrip(w)
+    mags = w.abs().reshape(-1)
+    codes = stored.reshape(-1).to(torch.int32)
+    order = torch.argsort(mags, stable=True)
+    nz = mags[order] > 0
+    c = codes[order][nz]
+    # Sorted by increasing |w|, the non-zero codes never increase (sub-normals may be 0 or 255).
+    normal_sorted = mags[order][nz] >= SMALLEST_NORMAL
+    c_normal = c[normal_sorted]
+    assert bool((c_normal[1:] <= c_normal[:-1]).all())
+
+
+@given(float32_weights())
+def test_encode_decode_encode_is_idempotent(w: torch.Tensor) -> None:
+    """Holds whenever a quantisation step is resolvable in float32 (Δ/2 > 4ε) or all |w| are equal;
+    below that, neighbouring levels round to the same float32 value."""
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    assume(lo == hi or qins_error_bound(lo, hi) > 4 * qins_log_slack(lo, hi))
+    stored2, sign2, lo2, hi2 = convert_to_qins(w_hat)
+    assert torch.equal(stored2, stored)
+    assert torch.equal(sign2, sign)
+    assert math.isclose(lo2, lo, rel_tol=1e-6, abs_tol=1e-6) and math.isclose(hi2, hi, rel_tol=1e-6, abs_tol=1e-6)
+
+
+@given(float32_weights(min_log10=-20, max_log10=20, allow_subnormal=False), st.integers(-30, 30))
+def test_scaling_by_power_of_two_keeps_codes_and_shifts_logs(w: torch.Tensor, k: int) -> None:
+    """Multiplying by c = 2**k (exact in float32 here) keeps every code not within float32 slack of a
+    rounding boundary, and shifts log_min/log_max by log(c)."""
+    c = 2.0**k
+    stored, sign, lo, hi = convert_to_qins(w)
+    assume(bool((w != 0).any()))
+    stored_c, sign_c, lo_c, hi_c = convert_to_qins(w * c)
+    assert torch.equal(sign_c, sign)
+    shift = k * math.log(2.0)
+    tol = qins_log_slack(lo_c, hi_c)
+    assert abs(lo_c - (lo + shift)) <= tol and abs(hi_c - (hi + shift)) <= tol
+    if lo == hi or hi - lo < 1e-5:  # all-equal: both are code 1 by definition
+        assert torch.equal(stored_c, stored)
+        return
+    away = _boundary_distance(w, lo, hi) > 4 * (qins_log_slack(lo, hi) + qins_log_slack(lo_c, hi_c))
+    assert torch.equal(stored_c[away], stored[away])
+
+
+@given(float32_weights(min_log10=-20, max_log10=20, allow_subnormal=False), st.floats(1e-3, 1e3))
+def test_scaling_by_any_positive_constant_moves_codes_at_most_one_step(w: torch.Tensor, c: float) -> None:
+    stored, *_ = convert_to_qins(w)
+    stored_c, *_ = convert_to_qins(w * c)
+    diff = (stored_c.to(torch.int32) - stored.to(torch.int32)).abs()
+    assert int(diff.max()) <= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Specific cases
+# ------------------------------------------------------------------------------------------------
+
+
+def test_exact_zero_encodes_to_zero_and_decodes_to_zero() -> None:
+    w = torch.tensor([0.0, -0.0, 1.0, -2.0])
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    assert stored.tolist()[:2] == [0, 0]
+    assert w_hat[0].item() == 0.0 and w_hat[1].item() == 0.0
+    assert torch.signbit(w_hat[1]) and not torch.signbit(w_hat[0])
+
+
+def test_all_zero_tensor_gives_all_zero_codes() -> None:
+    w = torch.zeros(3, 4)
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    assert int(stored.max()) == 0 and (lo, hi) == (0.0, 0.0)
+    assert torch.equal(w_hat, w)
+
+
+@given(st.floats(SMALLEST_NORMAL, 3.4028234663852886e38, width=32), st.integers(1, 20), st.booleans())
+def test_all_equal_magnitudes_decode_to_exactly_that_magnitude(x: float, n: int, mixed_signs: bool) -> None:
+    signs = torch.tensor([(-1.0) ** i if mixed_signs else 1.0 for i in range(n)])
+    w = (signs * x).to(torch.float32)
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    assert bool((stored == 1).all())
+    assert torch.equal(w_hat, w)
+
+
+def test_all_equal_decodes_exactly_for_5000_random_magnitudes() -> None:
+    g = torch.Generator().manual_seed(0)
+    xs = (torch.rand(5000, generator=g, dtype=F64) * 170 - 85).exp().to(torch.float32)
+    bad = [x for x in xs.tolist() if not torch.equal(_roundtrip(torch.full((2,), x))[4], torch.full((2,), x))]
+    assert bad == []
+
+
+def test_single_element_tensor_roundtrips_exactly() -> None:
+    for x in (1.0, -3.5e-20, 7.25e25):
+        w = torch.tensor([x])
+        assert torch.equal(_roundtrip(w)[4], w)
+
+
+def test_subnormal_weight_goes_to_the_nearer_of_zero_and_smallest_level() -> None:
+    tiny = SMALLEST_NORMAL
+    # Smallest level is 2**-126 (the smallest normal), so 0.6*tiny is nearer to it, 0.4*tiny to 0.
+    w = torch.tensor([tiny, 1.0, 0.6 * tiny, 0.4 * tiny, -0.6 * tiny], dtype=torch.float32)
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    smallest = qins_levels(lo, hi)[255]
+    assert stored.tolist() == [255, 1, 255, 0, 255]
+    assert w_hat[2].item() == smallest.item() and w_hat[3].item() == 0.0 and w_hat[4].item() == -smallest.item()
+
+
+def test_only_subnormal_weights_encode_to_zero() -> None:
+    w = torch.tensor([1e-40, -3e-42], dtype=torch.float32)
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    assert stored.tolist() == [0, 0] and (lo, hi) == (0.0, 0.0)
+    assert sign.tolist() == [1, -1]
+
+
+def test_seed_mapping_code_formula_matches_for_typical_weights() -> None:
+    """code = round(255 - 254 n), n = (log|w| - log_min)/(log_max - log_min), checked in float64
+    away from rounding boundaries."""
+    w = torch.randn(64, 64)
+    stored, sign, lo, hi = convert_to_qins(w)
+    n = (w.to(F64).abs().log() - lo) / (hi - lo)
+    ideal = 255 - 254 * n
+    away = (ideal - ideal.floor() - 0.5).abs() > 1e-3
+    assert torch.equal(stored.to(F64)[away], ideal.round()[away])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_encoding_computes_in_float32_for_every_input_dtype(dtype: torch.dtype) -> None:
+    w = torch.randn(16, 8).to(dtype)
+    stored, sign, lo, hi = convert_to_qins(w)
+    ref = convert_to_qins(w.to(torch.float32))
+    assert torch.equal(stored, ref[0]) and torch.equal(sign, ref[1]) and (lo, hi) == ref[2:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_decode_dtype_is_the_requested_dtype_and_rounds_the_float32_decode(dtype: torch.dtype) -> None:
+    w = torch.randn(8, 8)
+    stored, sign, lo, hi = convert_to_qins(w)
+    out = reconstruct_from_qins(stored, sign, lo, hi, dtype=dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, reconstruct_from_qins(stored, sign, lo, hi).to(dtype))
+
+
+def test_decode_accepts_0d_tensors_and_writes_into_out() -> None:
+    w = torch.randn(4, 5)
+    stored, sign, lo, hi = convert_to_qins(w)
+    ref = reconstruct_from_qins(stored, sign, lo, hi)
+    out = torch.empty(4, 5)
+    as64 = [torch.tensor(v, dtype=F64) for v in (lo, hi)]
+    res = reconstruct_from_qins(stored, sign, *as64, out=out)
+    assert res is out and torch.equal(out, ref)
+
+
+@given(float32_weights(allow_subnormal=False))
+def test_float32_log_buffers_decode_within_the_same_bound(w: torch.Tensor) -> None:
+    """The layer path (0-d float32 logs, float32 table on device) also meets Δ/2 + ε."""
+    stored, sign, lo, hi = convert_to_qins(w)
+    nz = w != 0
+    assume(bool(nz.any()))
+    w_hat = reconstruct_from_qins(stored, sign, torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
+    lo32, hi32 = float(torch.tensor(lo, dtype=torch.float32)), float(torch.tensor(hi, dtype=torch.float32))
+    bound = qins_error_bound(lo, hi) + qins_log_slack(lo32, hi32)
+    err = (w_hat.to(F64).abs().log() - w.to(F64).abs().log())[nz].abs()
+    assert float(err.max()) <= bound
+
+
+def test_error_bound_is_half_a_log_step() -> None:
+    assert qins_error_bound(-2.0, 0.54) == pytest.approx((0.54 + 2.0) / 254 / 2)
+    assert qins_error_bound(1.0, 1.0) == 0.0
+    with pytest.raises(ValueError):
+        qins_error_bound(1.0, 0.0)
+
+
+def test_encoding_never_modifies_its_input() -> None:
+    w = torch.randn(10, 3)
+    w[0, 0] = 0.0
+    copy = w.clone()
+    convert_to_qins(w)
+    assert torch.equal(w, copy)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_raises_with_count_and_first_index(bad: float) -> None:
+    w = torch.ones(3, 4)
+    w[1, 2] = bad
+    w[2, 0] = bad
+    copy = w.clone()
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\).*first at index \(1, 2\)"):
+        convert_to_qins(w)
+    assert torch.equal(w.isnan(), copy.isnan()) and torch.equal(w.nan_to_num(), copy.nan_to_num())
+
+
+@pytest.mark.parametrize(
+    "w, message",
+    [
+        (torch.ones(3, dtype=torch.int32), "floating-point"),
+        (torch.ones(3, dtype=torch.bool), "floating-point"),
+        (torch.tensor(1.0), "0-d"),
+        (torch.empty(0, 4), "non-empty"),
+    ],
+    ids=["int", "bool", "0-d", "empty"],
+)
+def test_bad_tensor_raises_value_error_naming_the_problem(w: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        convert_to_qins(w)
+
+
+def test_decode_rejects_non_uint8_codes_and_mismatched_sign() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        reconstruct_from_qins(torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int8), 0.0, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        reconstruct_from_qins(torch.ones(3, dtype=torch.uint8), torch.ones(2, dtype=torch.int8), 0.0, 1.0)

@@ -1,0 +1,266 @@
+"""Unit tests of `qins.compat`: the legacy transformers API patch.
+
+Each test starts from the unpatched state and leaves it unpatched. The same tests run under every
+transformers version of the nox matrix; where a version has an API natively, the test pins that
+the patch left it alone, and the semantic rules hold either way.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import sys
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from transformers import GenerationMixin, PretrainedConfig
+from transformers.cache_utils import Cache, DynamicCache
+
+from qins import compat
+
+from tests.strategies import legacy_model_dir, load_legacy_model
+
+MASK_MODULE = "transformers.modeling_attn_mask_utils"
+LEGACY_CACHE_API = {
+    Cache: ("get_usable_length", "seen_tokens", "get_max_length"),
+    DynamicCache: ("from_legacy_cache", "to_legacy_cache"),
+}
+GENERATE_PASSES_CACHE_KWARG = "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+
+
+@pytest.fixture
+def unpatched():
+    """Run the test from the unpatched state, and leave it unpatched."""
+    compat.unpatch_transformers()
+    yield
+    compat.unpatch_transformers()
+
+
+def _namespaces() -> dict[str, dict]:
+    """Shallow copies of every namespace the patch may touch."""
+    from transformers import dynamic_module_utils
+
+    spaces = {
+        "Cache": dict(vars(Cache)),
+        "DynamicCache": dict(vars(DynamicCache)),
+        "PretrainedConfig": dict(vars(PretrainedConfig)),
+        "GenerationMixin": dict(vars(GenerationMixin)),
+        "dynamic_module_utils": dict(vars(dynamic_module_utils)),
+        "sys.modules[mask]": {"module": sys.modules.get(MASK_MODULE)},
+    }
+    if sys.modules.get(MASK_MODULE) is not None:
+        spaces["mask module"] = dict(vars(sys.modules[MASK_MODULE]))
+    return spaces
+
+
+def _assert_same(before: dict[str, dict], after: dict[str, dict]) -> None:
+    assert before.keys() == after.keys()
+    for space, attrs in before.items():
+        assert attrs.keys() == after[space].keys(), space
+        for name, value in attrs.items():
+            assert after[space][name] is value, f"{space}.{name} changed"
+
+
+def _kv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, tokens, 8, generator=g), torch.randn(1, 2, tokens, 8, generator=g)
+
+
+def _filled(cache: Cache, tokens_per_layer: list[int]) -> Cache:
+    for layer_idx, tokens in enumerate(tokens_per_layer):
+        cache.update(*_kv(tokens, seed=layer_idx), layer_idx)
+    return cache
+
+
+class BoundedCache(DynamicCache):
+    """A DynamicCache that reports a size limit of 8 through every API generation has used."""
+
+    LIMIT = 8
+
+    def get_max_cache_shape(self, *args, **kwargs) -> int:  # 4.49 - 4.57
+        return self.LIMIT
+
+    def get_max_length(self, *args, **kwargs) -> int:  # <= 4.48 and 5.x
+        return self.LIMIT
+
+
+# --- patch mechanics -------------------------------------------------------------------------
+
+
+def test_patch_is_idempotent(unpatched):
+    first = compat.patch_transformers()
+    state = _namespaces()
+    assert compat.patch_transformers() == first
+    _assert_same(state, _namespaces())
+
+
+def test_unpatch_restores_exactly_what_was_there(unpatched, tmp_path):
+    before = _namespaces()
+    compat.patch_transformers()
+    model = load_legacy_model(tmp_path)
+    remote_config, remote_model = type(model.config), type(model)
+    adapted_prepare = vars(remote_model)["prepare_inputs_for_generation"]
+    assert getattr(adapted_prepare, "__qins_adapted__", False) == GENERATE_PASSES_CACHE_KWARG
+    compat.unpatch_transformers()
+    _assert_same(before, _namespaces())
+    assert not getattr(vars(remote_model)["prepare_inputs_for_generation"], "__qins_adapted__", False)
+    assert "rope_scaling" not in vars(remote_config)
+
+
+def test_patch_never_replaces_native_attributes(unpatched):
+    before = _namespaces()
+    compat.patch_transformers()
+    after = _namespaces()
+    for space, attrs in before.items():
+        for name, value in attrs.items():
+            assert after[space][name] is value, f"native {space}.{name} was replaced"
+
+
+def test_patch_adds_exactly_the_missing_legacy_api(unpatched):
+    native = {(owner, name): hasattr(owner, name) for owner, names in LEGACY_CACHE_API.items() for name in names}
+    added = compat.patch_transformers()
+    for (owner, name), was_native in native.items():
+        assert hasattr(owner, name)
+        assert (f"{owner.__name__}.{name}" in added) != was_native
+    assert hasattr(sys.modules[MASK_MODULE], "_prepare_4d_causal_attention_mask")
+    if Version(transformers.__version__) < Version("4.49"):  # every legacy API is native
+        assert added == ()
+
+
+def test_patch_logs_each_addition_at_debug_level(unpatched, caplog):
+    with caplog.at_level(logging.DEBUG, logger="qins.compat"):
+        added = compat.patch_transformers()
+    messages = [r.getMessage() for r in caplog.records if r.name == "qins.compat"]
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "qins.compat")
+    for label in added:
+        assert any(label.split(" ")[0] in m for m in messages), label
+
+
+@pytest.mark.parametrize("version", ["4.35.2", "6.0.0"])
+def test_patch_raises_naming_version_and_native_alternative_when_unsupported(unpatched, monkeypatch, version):
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(compat.UnsupportedTransformersError) as excinfo:
+        compat.patch_transformers()
+    message = str(excinfo.value)
+    assert version in message and "Phi3ForCausalLM" in message and "trust_remote_code=False" in message
+    monkeypatch.undo()
+    assert compat.patch_transformers() is not None  # the failed call left nothing half-patched
+
+
+def test_patch_dynamic_cache_is_the_seed_alias_of_patch_transformers():
+    assert compat.patch_dynamic_cache is compat.patch_transformers
+
+
+# --- semantics -------------------------------------------------------------------------------
+
+
+def test_get_usable_length_returns_tokens_cached_for_the_layer(unpatched):
+    compat.patch_transformers()
+    cache = _filled(DynamicCache(), [5, 3])
+    assert cache.get_usable_length(1) == 5
+    assert cache.get_usable_length(1, 0) == 5
+    assert cache.get_usable_length(1, 1) == 3
+    assert cache.get_usable_length(4096, 1) == 3  # unbounded: never cut
+    assert DynamicCache().get_usable_length(7) == 0
+
+
+def test_get_usable_length_bounded_by_max_cache_length(unpatched):
+    compat.patch_transformers()
+    cache = _filled(BoundedCache(), [6])
+    assert cache.get_usable_length(2) == 6  # 6 + 2 == 8: fits
+    assert cache.get_usable_length(3) == 5  # 6 + 3 > 8: max - new
+    assert cache.get_usable_length(8) == 0
+
+
+def test_seen_tokens_counts_the_tokens_seen_so_far(unpatched):
+    compat.patch_transformers()
+    cache = DynamicCache()
+    assert cache.seen_tokens == 0
+    for step, tokens in enumerate([5, 1, 1]):
+        for layer_idx in range(2):
+            cache.update(*_kv(tokens, seed=step), layer_idx)
+    assert cache.seen_tokens == 7
+
+
+def test_get_max_length_is_none_without_a_limit_for_legacy_callers(unpatched, tmp_path):
+    native_max_length = hasattr(Cache, "get_max_length")
+    compat.patch_transformers()
+    cache = _filled(DynamicCache(), [5, 5])
+    if native_max_length and cache.get_max_length() is not None:
+        assert cache.get_max_length() == -1  # 5.x native semantics are left alone ...
+    else:
+        assert cache.get_max_length() is None
+    assert BoundedCache().get_max_length() == BoundedCache.LIMIT
+    # ... and the legacy caller (prepare_inputs_for_generation) sees None: a -1 would cut the mask.
+    model = load_legacy_model(tmp_path)
+    ids = torch.randint(3, 1000, (1, 6))
+    cache_kwarg = "cache" if GENERATE_PASSES_CACHE_KWARG else "past_key_values"
+    inputs = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), **{cache_kwarg: cache})
+    assert inputs["input_ids"].tolist() == ids[:, 5:].tolist()
+    assert inputs["attention_mask"].shape == (1, 6)
+    assert inputs["position_ids"].tolist() == [[5]]
+    assert cache.get_max_length() in (None, -1)  # the legacy view did not leak into the cache
+
+
+def test_legacy_tuple_conversions_round_trip(unpatched):
+    compat.patch_transformers()
+    legacy = tuple(_kv(4, seed=layer_idx) for layer_idx in range(3))
+    cache = DynamicCache.from_legacy_cache(legacy)
+    assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 4
+    back = cache.to_legacy_cache()
+    assert len(back) == 3
+    for (k, v), (k2, v2) in zip(legacy, back):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    for layer_idx, (k, v) in enumerate(legacy):
+        assert torch.equal(cache.key_cache[layer_idx], k) and torch.equal(cache.value_cache[layer_idx], v)
+    assert DynamicCache.from_legacy_cache(None).get_seq_length() == 0
+
+
+def _reference_mask(mask2d, batch, q_len, past, sliding_window, dtype):
+    """Brute-force additive causal mask: one loop per (batch, query, key)."""
+    lowest = torch.finfo(dtype).min
+    out = torch.zeros(batch, 1, q_len, past + q_len, dtype=dtype)
+    for b, i, j in itertools.product(range(batch), range(q_len), range(past + q_len)):
+        causal = j <= past + i and (sliding_window is None or past + i - j <= sliding_window)
+        if not causal or (mask2d is not None and mask2d[b, j] == 0):
+            out[b, 0, i, j] = lowest
+    return out
+
+
+@pytest.mark.parametrize("q_len,past,sliding_window,padded", [
+    (5, 0, None, False), (5, 0, None, True), (1, 6, None, True), (3, 4, None, True),
+    (5, 0, 2, True), (1, 6, 3, False), (4, 3, 3, True),
+])
+def test_causal_mask_stand_in_matches_the_legacy_semantics(q_len, past, sliding_window, padded):
+    batch, dtype = 2, torch.float32
+    embeds = torch.zeros(batch, q_len, 8, dtype=dtype)
+    mask2d = torch.ones(batch, past + q_len, dtype=torch.long)
+    if padded:
+        mask2d[1, :2] = 0  # second row left-padded by two tokens
+    got = compat._prepare_4d_causal_attention_mask(mask2d, (batch, q_len), embeds, past, sliding_window)
+    assert torch.equal(got, _reference_mask(mask2d, batch, q_len, past, sliding_window, dtype))
+    if q_len > 1 or sliding_window is not None:
+        unmasked = compat._prepare_4d_causal_attention_mask(None, (batch, q_len), embeds, past, sliding_window)
+        assert torch.equal(unmasked, _reference_mask(None, batch, q_len, past, sliding_window, dtype))
+    else:
+        assert compat._prepare_4d_causal_attention_mask(None, (batch, q_len), embeds, past, sliding_window) is None
+    native = getattr(sys.modules.get(MASK_MODULE), "_prepare_4d_causal_attention_mask", None)
+    if native is not None and native is not compat._prepare_4d_causal_attention_mask:  # 4.x: must agree
+        assert torch.equal(got, native(mask2d, (batch, q_len), embeds, past, sliding_window=sliding_window))
+
+
+def test_remote_config_reads_rope_scaling_legacy_style(unpatched, tmp_path):
+    from transformers import AutoConfig
+
+    compat.patch_transformers()
+    plain = AutoConfig.from_pretrained(legacy_model_dir(tmp_path / "a"), trust_remote_code=True, local_files_only=True)
+    assert plain.rope_scaling is None
+    scaled = AutoConfig.from_pretrained(
+        legacy_model_dir(tmp_path / "b", rope_scaling={"type": "linear", "factor": 2.0}),
+        trust_remote_code=True, local_files_only=True,
+    )
+    assert scaled.rope_scaling["type"] == "linear" and scaled.rope_scaling["factor"] == 2.0
+    model = load_legacy_model(tmp_path / "c", rope_scaling={"type": "linear", "factor": 2.0})
+    assert model.model.layers[0].self_attn.rotary_emb.scale == 2.0
