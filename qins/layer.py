@@ -142,6 +142,10 @@ class ProjectiveLinear(nn.Module):
         device = self.stored.device
         self.log_min = log_min.to(device=device, dtype=torch.float32)
         self.log_max = log_max.to(device=device, dtype=torch.float32)
+        if self._cached_weight is not None:
+            # Re-decode rather than keep a cast copy: float16 -> float32 must not keep fp16 rounding.
+            with torch.no_grad():
+                self._cached_weight.copy_(self.decode_weight())
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

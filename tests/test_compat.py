@@ -113,9 +113,14 @@ def test_patch_never_replaces_native_attributes(unpatched):
     before = _namespaces()
     compat.patch_transformers()
     after = _namespaces()
+    native_loader = before["dynamic_module_utils"]["get_class_in_module"]
+    loader = after["dynamic_module_utils"]["get_class_in_module"]
+    # The one native callable that may be wrapped (5.x: remote-class adapter) still calls through.
+    assert loader is native_loader or (GENERATE_PASSES_CACHE_KWARG and loader.__wrapped__ is native_loader)
     for space, attrs in before.items():
         for name, value in attrs.items():
-            assert after[space][name] is value, f"native {space}.{name} was replaced"
+            if (space, name) != ("dynamic_module_utils", "get_class_in_module"):
+                assert after[space][name] is value, f"native {space}.{name} was replaced"
 
 
 def test_patch_adds_exactly_the_missing_legacy_api(unpatched):

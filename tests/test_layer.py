@@ -1,0 +1,202 @@
+"""ProjectiveLinear: accuracy against nn.Linear with a derived bound, state, dtypes, devices, cache."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qins import ProjectiveLinear, qins_error_bound, qins_log_slack
+
+F64 = torch.float64
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def output_error_bound(layer: ProjectiveLinear, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """Elementwise bound on |layer(x) - y|, y = x @ Wᵀ + b in exact arithmetic (float64 here).
+
+    Derivation. Each decoded weight satisfies |log|ŵ| - log|w|| <= β = Δ/2 + ε with the same sign
+    (zeros exact), so |ŵ - w| <= (e^β - 1)|w|. Casting ŵ and b to the compute dtype (unit
+    round-off u) multiplies that by (1 + u). A float32-accumulated dot product of length n adds at
+    most γ_n·Σ|x||ŵ| with γ_n = n·2^-24/(1 - n·2^-24), and rounding the output to the compute dtype
+    adds u·|result|. With S = |x| @ |W|ᵀ + |b|:
+        |ŷ - y| <= [(e^β (1+u))(1 + γ_{n+1}) - 1]·S + u·(1 + e^β (1+u)(1+γ_{n+1}))·S.
+    """
+    lo, hi = float(layer.log_min), float(layer.log_max)
+    beta = qins_error_bound(lo, hi) + qins_log_slack(lo, hi)
+    u = UNIT_ROUNDOFF[x.dtype] if x.dtype != torch.float32 else 0.0
+    n = linear.in_features + 1
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    grow = math.exp(beta) * (1 + u) * (1 + gamma)
+    s = x.to(F64).abs() @ linear.weight.to(F64).abs().T
+    if linear.bias is not None:
+        s = s + linear.bias.to(F64).abs()
+    return (grow - 1) * s + u * (1 + grow) * s
+
+
+def reference(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    y = x.to(F64) @ linear.weight.to(F64).T
+    return y + linear.bias.to(F64) if linear.bias is not None else y
+
+
+def make_linear(in_f: int = 48, out_f: int = 24, bias: bool = True, device: str | torch.device = "cpu") -> nn.Linear:
+    lin = nn.Linear(in_f, out_f, bias=bias, device=device)
+    with torch.no_grad():
+        lin.weight[0, :3] = 0.0  # exact zeros are part of real weights
+    return lin
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("shape", [(48,), (5, 48), (2, 3, 48)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+def test_output_within_propagated_bound_of_nn_linear(bias: bool, shape: tuple[int, ...], cache_weight: bool, device: torch.device) -> None:
+    lin = make_linear(bias=bias, device=device)
+    layer = ProjectiveLinear.from_linear(lin, cache_weight=cache_weight)
+    x = torch.randn(*shape, device=device)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 24) and y.dtype == torch.float32
+    err = (y.to(F64) - reference(lin, x)).abs()
+    assert bool((err <= output_error_bound(layer, x, lin)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_module_output_within_propagated_bound(dtype: torch.dtype, device: torch.device) -> None:
+    lin = make_linear(device=device)
+    layer = ProjectiveLinear.from_linear(lin).to(dtype)
+    x = torch.randn(7, 48, device=device).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    err = (y.to(F64) - reference(lin, x)).abs()
+    assert bool((err <= output_error_bound(layer, x, lin)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_from_half_precision_linear_computes_in_its_dtype(dtype: torch.dtype) -> None:
+    lin = make_linear().to(dtype)
+    layer = ProjectiveLinear.from_linear(lin)
+    assert layer.compute_dtype == dtype and layer.bias.dtype == dtype and layer.weight.dtype == dtype
+    x = torch.randn(3, 48).to(dtype)
+    assert layer(x).dtype == dtype
+
+
+def test_output_dtype_follows_input_dtype() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear())
+    assert layer(torch.randn(2, 48, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_state_dict_holds_codes_and_logs_but_never_the_cache() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear())
+    sd = layer.state_dict()
+    assert set(sd) == {"stored", "sign", "log_min", "log_max", "bias"}
+    assert sd["stored"].dtype == torch.uint8 and sd["sign"].dtype == torch.int8
+    assert sd["log_min"].dtype == torch.float32 and sd["log_min"].dim() == 0 and sd["log_max"].dim() == 0
+    assert isinstance(layer.bias, nn.Parameter)
+
+
+@pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+def test_load_state_dict_into_fresh_layer_gives_bit_identical_outputs(cache_weight: bool) -> None:
+    """The seed lost its Python-float copies of log_min/log_max on load; the buffers carry them."""
+    layer = ProjectiveLinear.from_linear(make_linear(), cache_weight=cache_weight)
+    fresh = ProjectiveLinear(48, 24, cache_weight=cache_weight)
+    x = torch.randn(4, 48)
+    before = fresh(x)
+    fresh.load_state_dict(layer.state_dict())
+    assert not torch.equal(before, fresh(x))
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_load_state_dict_refreshes_the_cache_in_place() -> None:
+    a = ProjectiveLinear.from_linear(make_linear())
+    b = ProjectiveLinear.from_linear(nn.Linear(48, 24))
+    cache = b._cached_weight
+    b.load_state_dict(a.state_dict())
+    assert b._cached_weight is cache
+    assert torch.equal(b._cached_weight, a._cached_weight)
+
+
+def test_invalidate_cache_refreshes_after_codes_change() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear())
+    x = torch.randn(2, 48)
+    y0 = layer(x)
+    with torch.no_grad():
+        layer.sign.neg_()
+    assert torch.equal(layer(x), y0)  # documented: the cache is stale until refreshed
+    layer.invalidate_cache()
+    assert torch.allclose(layer(x) - layer.bias, -(y0 - layer.bias))
+
+
+def test_memory_saving_mode_decodes_every_forward_and_keeps_no_cache() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear(), cache_weight=False)
+    assert layer._cached_weight is None
+    x = torch.randn(2, 48)
+    y0 = layer(x)
+    with torch.no_grad():
+        layer.sign.neg_()
+    assert not torch.equal(layer(x), y0)
+    assert layer._cached_weight is None
+
+
+def test_to_half_converts_cache_and_keeps_logs_float32() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear())
+    lo = layer.log_min.clone()
+    fp32_cache = layer._cached_weight.clone()
+    layer.half()
+    assert layer._cached_weight.dtype == torch.float16 and layer.compute_dtype == torch.float16
+    assert layer.log_min.dtype == torch.float32 and torch.equal(layer.log_min, lo)
+    assert layer.stored.dtype == torch.uint8 and layer.sign.dtype == torch.int8
+    assert torch.equal(layer._cached_weight, layer.decode_weight())
+    # Back to float32: the cache is re-decoded from the codes, not up-cast from float16.
+    layer.to(torch.float32)
+    assert layer._cached_weight.dtype == torch.float32
+    assert torch.equal(layer._cached_weight, fp32_cache)
+
+
+def test_to_device_moves_every_tensor(device: torch.device) -> None:
+    layer = ProjectiveLinear.from_linear(make_linear()).to(device)
+    tensors = [layer.stored, layer.sign, layer.log_min, layer.log_max, layer.bias, layer._cached_weight]
+    assert all(t.device.type == device.type for t in tensors)
+    assert layer(torch.randn(2, 48, device=device)).device.type == device.type
+
+
+def test_weight_property_returns_the_decoded_weight() -> None:
+    lin = make_linear()
+    layer = ProjectiveLinear.from_linear(lin)
+    assert layer.weight.shape == lin.weight.shape
+    assert torch.equal(layer.weight, layer.decode_weight())
+    assert torch.equal(ProjectiveLinear.from_linear(lin, cache_weight=False).weight, layer.decode_weight())
+
+
+def test_deepcopy_gives_identical_outputs_and_an_independent_cache() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear())
+    clone = copy.deepcopy(layer)
+    x = torch.randn(3, 48)
+    assert torch.equal(clone(x), layer(x))
+    assert clone._cached_weight.data_ptr() != layer._cached_weight.data_ptr()
+    with torch.no_grad():
+        clone.sign.neg_()
+    clone.invalidate_cache()
+    assert not torch.equal(clone(x), layer(x))
+
+
+def test_from_linear_leaves_the_source_unchanged() -> None:
+    lin = make_linear()
+    sd = {k: v.clone() for k, v in lin.state_dict().items()}
+    ProjectiveLinear.from_linear(lin)
+    assert all(torch.equal(v, lin.state_dict()[k]) for k, v in sd.items())
+
+
+def test_from_linear_rejects_nan_weight_and_non_linear() -> None:
+    lin = make_linear()
+    with torch.no_grad():
+        lin.weight[3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"1 non-finite.*\(3, 4\)"):
+        ProjectiveLinear.from_linear(lin)
+    with pytest.raises(ValueError, match="nn.Linear"):
+        ProjectiveLinear.from_linear(nn.Conv1d(2, 2, 1))  # type: ignore[arg-type]
+
+
+def test_constructor_rejects_non_positive_sizes() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        ProjectiveLinear(0, 4)
