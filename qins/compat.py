@@ -305,6 +305,14 @@ def patch_transformers() -> tuple[str, ...]:
         undo.append(lambda: setattr(dynamic_module_utils, "get_class_in_module", loader))
         added.append("dynamic_module_utils.get_class_in_module (legacy remote-class adapter)")
         log.debug("qins.compat: wrapped dynamic_module_utils.get_class_in_module")
+        # Remote classes already imported (e.g. under an earlier patch) are reused by the auto
+        # classes without going through the loader again: adapt them now.
+        prefix = getattr(dynamic_module_utils, "TRANSFORMERS_DYNAMIC_MODULE_NAME", "transformers_modules") + "."
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith(prefix) and module is not None:
+                for obj in list(vars(module).values()):
+                    if isinstance(obj, type) and obj.__module__ == module_name:
+                        _adapt_remote_class(obj, undo)
 
     _undo, _added = undo, tuple(added)
     return _added

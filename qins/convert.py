@@ -98,8 +98,8 @@ def model_memory(model: nn.Module) -> MemoryReport:
             seen.add(key)
             totals[kind] += t.untyped_storage().nbytes()
 
-    add("parameters", model.parameters(remove_duplicate=False))
-    buffers = list(model.buffers(remove_duplicate=False))
+    add("parameters", (p for _, p in model.named_parameters(remove_duplicate=False)))
+    buffers = [b for _, b in model.named_buffers(remove_duplicate=False)]
     add("buffers", (b for b in buffers if id(b) not in cache_ids))
     add("caches", (b for b in buffers if id(b) in cache_ids))
     return MemoryReport(**totals)

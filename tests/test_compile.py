@@ -1,0 +1,102 @@
+"""torch.compile: no graph breaks, no recompiles, no stale outputs, compiled == eager."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+
+from qins import ProjectiveLinear
+
+MODES = pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def stack(cache_weight: bool, seed: int = 0, widths: tuple[int, ...] = (16, 32, 24, 8)) -> nn.Sequential:
+    """Several ProjectiveLinear layers; each source weight has its own scale, so its own log range."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        lin = nn.Linear(a, b)
+        with torch.no_grad():
+            lin.weight.mul_(10.0 ** (i - 1))
+        layers += [ProjectiveLinear.from_linear(lin, cache_weight=cache_weight), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@MODES
+def test_compiled_layer_compiles_one_frame_without_graph_breaks(cache_weight: bool) -> None:
+    layer = ProjectiveLinear.from_linear(nn.Linear(16, 8), cache_weight=cache_weight)
+    cnt = CompileCounter()
+    compiled = torch.compile(layer, backend=cnt, fullgraph=True)
+    x = torch.randn(4, 16)
+    for _ in range(10):
+        out = compiled(x)
+    assert cnt.frame_count == 1
+    assert sum(counters["graph_break"].values()) == 0
+    assert torch.equal(out, layer(x))
+
+
+@MODES
+def test_memory_saving_graph_contains_the_decode_and_cached_graph_does_not(cache_weight: bool) -> None:
+    """The cached graph only multiplies; the memory-saving graph decodes (exp, gather) inside."""
+    layer = ProjectiveLinear.from_linear(nn.Linear(16, 8), cache_weight=cache_weight)
+    cnt = CompileCounter()
+    torch.compile(layer, backend=cnt, fullgraph=True)(torch.randn(2, 16))
+    # CompileCounter counts FX nodes of kind call_function/call_method; decoding adds many.
+    assert (cnt.op_count > 5) is (not cache_weight)
+
+
+@MODES
+def test_no_recompile_across_layers_with_different_log_ranges_or_new_state(cache_weight: bool) -> None:
+    model = stack(cache_weight)
+    ranges = {(float(m.log_min), float(m.log_max)) for m in model if isinstance(m, ProjectiveLinear)}
+    assert len(ranges) == 3
+    cnt = CompileCounter()
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    x = torch.randn(5, 16)
+    compiled(x)
+    other = stack(cache_weight, seed=1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(5):
+            compiled(x)
+        model.load_state_dict(other.state_dict())  # new codes and new log ranges
+        for _ in range(5):
+            out = compiled(x)
+    assert cnt.frame_count == 1
+    assert torch.equal(out, other(x))
+
+
+@MODES
+def test_compiled_model_returns_new_outputs_after_load_state_dict(cache_weight: bool) -> None:
+    model = stack(cache_weight)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 16)
+    old = compiled(x)
+    other = stack(cache_weight, seed=2)
+    model.load_state_dict(other.state_dict())
+    new = compiled(x)
+    assert not torch.equal(new, old)
+    assert torch.equal(new, other(x))
+
+
+@pytest.mark.slow
+@MODES
+def test_inductor_output_equals_eager_within_float32_summation_bound(cache_weight: bool) -> None:
+    """Inductor may reorder the length-n sums, so each side is within γ_n·Σ|x||ŵ| of exact:
+    |compiled - eager| <= 2γ_n·(|x| @ |ŵ|ᵀ + |b|), γ_n = n·2^-24/(1 - n·2^-24) (decode is exact: same table)."""
+    layer = ProjectiveLinear.from_linear(nn.Linear(64, 32), cache_weight=cache_weight)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(6, 64)
+    eager, comp = layer(x), compiled(x)
+    n = 65
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    s = x.abs() @ layer.weight.abs().T + layer.bias.abs()
+    assert bool(((comp - eager).abs() <= 2 * gamma * s).all())

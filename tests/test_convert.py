@@ -1,0 +1,126 @@
+"""Model surgery and memory accounting on a tiny Phi-3 built from a config (no download).
+
+Every expected byte count is computed by hand from the config, not from the model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qins import ProjectiveLinear, convert_model_to_projective, model_memory
+from tests.strategies import tiny_phi3
+
+H, I, V, L = 64, 128, 1000, 2  # hidden, intermediate (2H), vocab, layers: tiny_phi3's defaults
+HEAD_DIM = H // 4
+F32 = 4
+
+# (out, in) of every nn.Linear in one Phi-3 decoder layer, in module registration order.
+LAYER_LINEARS = {"self_attn.o_proj": (H, H), "self_attn.qkv_proj": (3 * H, H), "mlp.gate_up_proj": (2 * I, H), "mlp.down_proj": (H, I)}
+LINEAR_WEIGHTS = L * sum(o * i for o, i in LAYER_LINEARS.values())  # elements in the decoder linears
+NORMS = L * 2 * H + H  # two RMSNorms per layer and the final one
+EMBED = V * H
+ROPE_BUFFER = HEAD_DIM // 2 * F32  # rotary inv_freq, float32
+
+
+def decoder_linear_names() -> list[str]:
+    return [f"model.layers.{n}.{name}" for n in range(L) for name in LAYER_LINEARS]
+
+
+def test_fp32_model_memory_matches_hand_count_with_untied_head() -> None:
+    report = model_memory(tiny_phi3())
+    assert report.parameters == (EMBED + LINEAR_WEIGHTS + NORMS + V * H) * F32
+    assert report.buffers == ROPE_BUFFER and report.caches == 0
+    assert report.total == report.parameters + report.buffers
+
+
+def test_tied_embeddings_are_counted_once() -> None:
+    model = tiny_phi3(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model_memory(model).parameters == (EMBED + LINEAR_WEIGHTS + NORMS) * F32
+
+
+def test_shared_storage_and_views_are_counted_once() -> None:
+    base = nn.Linear(8, 8, bias=False)
+    model = nn.Sequential(base, base)  # the same module twice
+    model.register_buffer("view", base.weight.detach()[:2])  # a view into the weight's storage
+    assert model_memory(model).total == 64 * F32
+
+
+@pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+def test_conversion_report_and_memory_match_hand_count(cache_weight: bool) -> None:
+    model = tiny_phi3()
+    report = convert_model_to_projective(model, cache_weight=cache_weight)
+    assert report.converted == decoder_linear_names()
+    assert report.skipped == {"lm_head": "matches skip pattern 'lm_head'"}
+    assert all(isinstance(model.get_submodule(n), ProjectiveLinear) for n in report.converted)
+    assert type(model.lm_head) is nn.Linear
+
+    params = (EMBED + NORMS + V * H) * F32
+    codes = LINEAR_WEIGHTS * 2 + len(report.converted) * 2 * F32  # uint8 code + int8 sign, two 0-d logs
+    caches = LINEAR_WEIGHTS * F32 if cache_weight else 0
+    assert report.memory_before == model_memory(tiny_phi3())
+    assert report.param_bytes_before == (EMBED + LINEAR_WEIGHTS + NORMS + V * H) * F32 + ROPE_BUFFER
+    assert report.memory_after.parameters == params
+    assert report.memory_after.buffers == codes + ROPE_BUFFER
+    assert report.memory_after.caches == caches
+    assert report.param_bytes_after == params + codes + ROPE_BUFFER
+    assert model_memory(model) == report.memory_after
+
+
+def test_cached_mode_costs_more_than_fp32_and_memory_saving_mode_less() -> None:
+    """The seed's fp32 cache erased the saving: code+sign (2 B) plus a 4 B cache > 4 B fp32."""
+    fp32 = model_memory(tiny_phi3()).total
+    cached, saving = tiny_phi3(), tiny_phi3()
+    convert_model_to_projective(cached, cache_weight=True)
+    convert_model_to_projective(saving, cache_weight=False)
+    assert model_memory(cached).total - fp32 == LINEAR_WEIGHTS * 2 + 8 * 8
+    assert fp32 - model_memory(saving).total == LINEAR_WEIGHTS * 2 - 8 * 8
+
+
+def test_tied_head_is_skipped_not_duplicated() -> None:
+    model = tiny_phi3(tie_word_embeddings=True)
+    report = convert_model_to_projective(model, skip=())
+    assert report.skipped == {"lm_head": "weight is tied to another parameter"}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert report.memory_after.parameters == (EMBED + NORMS) * F32
+
+
+def test_skip_accepts_exact_names_and_globs() -> None:
+    model = tiny_phi3()
+    report = convert_model_to_projective(model, skip=("*.mlp.*", "model.layers.0.self_attn.o_proj"))
+    assert report.converted == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.qkv_proj", "lm_head"]
+    assert set(report.skipped) == {"model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.gate_up_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"}
+    assert report.skipped["model.layers.0.self_attn.o_proj"] == "matches skip pattern 'model.layers.0.self_attn.o_proj'"
+
+
+def test_failed_conversion_names_the_layer_and_leaves_the_model_unchanged() -> None:
+    model = tiny_phi3()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*non-finite.*unchanged"):
+        convert_model_to_projective(model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules_before
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
+
+
+def test_converted_model_logits_stay_close_to_fp32() -> None:
+    """A sanity check on the whole model, not a bound: greedy next tokens mostly agree."""
+    fp32, qins_model = tiny_phi3(), tiny_phi3()
+    convert_model_to_projective(qins_model)
+    ids = torch.randint(3, V, (2, 12))
+    with torch.no_grad():
+        a, b = fp32(ids).logits, qins_model(ids).logits
+    rel = (a - b).norm() / a.norm()
+    assert float(rel) < 0.05
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) > 0.8
+
+
+def test_converting_a_bare_linear_is_reported_not_attempted() -> None:
+    lin = nn.Linear(4, 4)
+    report = convert_model_to_projective(lin)
+    assert report.converted == [] and "ProjectiveLinear.from_linear" in report.skipped[""]
