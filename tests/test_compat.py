@@ -48,7 +48,7 @@ def _namespaces() -> dict[str, dict]:
         "PretrainedConfig": dict(vars(PretrainedConfig)),
         "GenerationMixin": dict(vars(GenerationMixin)),
         "dynamic_module_utils": dict(vars(dynamic_module_utils)),
-        "sys.modules[mask]": {"module": sys.modules.get(MASK_MODULE)},
+        "sys.modules[mask]": {"module": sys.modules[MASK_MODULE]} if MASK_MODULE in sys.modules else {},
     }
     if sys.modules.get(MASK_MODULE) is not None:
         spaces["mask module"] = dict(vars(sys.modules[MASK_MODULE]))
