@@ -9,12 +9,16 @@ Format (per tensor):
 * ``sign`` — int8, -1 or +1 (the sign bit of the float, so ``-0.0`` keeps its sign).
 * ``log_min``, ``log_max`` — natural logs of the smallest and largest encodable magnitude.
 
-Decoding is a lookup in a 256-entry table ``levels`` (float32), built by :func:`qins_levels`:
-``levels[0] = 0`` and, for ``k`` in 1..255, ``levels[k] = exp(log_min) · exp(n_k·D)`` (split into three
-factors when ``n_k·D > 80`` so that nothing overflows) with
-``n_k = (255 - k) / 254`` and ``D = log_max - log_min``. The encoder chooses, for every weight, the
-level nearest in log space among the *same float32 table* the decoder uses, so encoder and decoder
-can never disagree. Everything is computed in float32, whatever the input dtype.
+Decoding is a lookup in a 256-entry float32 table ``levels`` built by :func:`qins_levels`:
+``levels[0] = 0`` and, for ``k`` in 1..255, ``levels[k] ≈ exp(log_min + n_k·D)`` with
+``n_k = (255 - k) / 254`` and ``D = log_max - log_min``. With Python-float logs (what
+:func:`convert_to_qins` returns) the table is computed in float64 and rounded once; with 0-d
+float32 tensors (a layer's buffers) it is computed in float32 on their device, compile-friendly.
+The encoder picks, for every weight, the level nearest in log space in that same table, so encoder
+and decoder never disagree; element-wise work is float32 whatever the input dtype.
+
+Rounding ties and sub-normals: weights with ``|w| < 2**-126`` (float32 sub-normals) are below the
+range and go to whichever of {0, ``levels[255]``} is nearer.
 
 Invariant (see :func:`qins_error_bound` and :func:`qins_log_slack`): every weight with
 ``|w|`` in ``[exp(log_min), exp(log_max)]`` decodes to ``ŵ`` with the same sign and
@@ -39,7 +43,6 @@ __all__ = [
 #: Smallest positive normal float32 (2**-126). Magnitudes below it are "too small for the range".
 SMALLEST_NORMAL: float = torch.finfo(torch.float32).tiny
 _FLOAT32_MAX: float = torch.finfo(torch.float32).max
-_NUM_LEVELS = 255  # codes 1..255
 _STEPS = 254  # intervals between level 1 and level 255
 
 Scalar = Union[float, torch.Tensor]
@@ -49,8 +52,9 @@ def qins_error_bound(log_min: float, log_max: float) -> float:
     """Half a quantisation step in log space: ``Δ/2`` with ``Δ = (log_max - log_min) / 254``.
 
     Invariant: every weight with ``|w|`` in ``[exp(log_min), exp(log_max)]`` decodes to ``ŵ`` with
-    ``|log|ŵ| - log|w|| <= Δ/2`` in exact arithmetic. Because encoding and decoding run in float32,
-    the guarantee that the implementation meets is ``Δ/2 + ε`` with the float32 slack
+    ``|log|ŵ| - log|w|| <= Δ/2`` in exact arithmetic. Because the element-wise logs and the
+    layer's decode table are float32, the guarantee that the implementation meets is ``Δ/2 + ε``
+    with the float32 slack
     ``ε = qins_log_slack(log_min, log_max) = 2**-20 * (1 + |log_min| + |log_max|)``
     (about 8x the worst-case sum of the roundings of log, exp and the products involved).
     Units: natural-log units (nats); a bound of ``b`` means ``|ŵ|/|w|`` lies in ``[e^-b, e^b]``.
@@ -64,7 +68,7 @@ def qins_log_slack(log_min: float, log_max: float) -> float:
     """Float32 slack ``ε = 2**-20 * (1 + |log_min| + |log_max|)`` on top of :func:`qins_error_bound`.
 
     It covers the float32 roundings of ``log|w|`` (≤ 1 ulp of ``|log|w||``), of the stored
-    ``log_min``/``log_max`` and ``D``, of ``exp`` and of the two products in :func:`qins_levels`,
+    ``log_min``/``log_max`` and ``D``, of ``exp`` and of the products in :func:`qins_levels`,
     with a safety factor of about 8. For ``|log| <= 100`` it is below 2e-4 nats.
     """
     return 2.0**-20 * (1.0 + abs(log_min) + abs(log_max))

@@ -100,3 +100,24 @@ def test_inductor_output_equals_eager_within_float32_summation_bound(cache_weigh
     gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
     s = x.abs() @ layer.weight.abs().T + layer.bias.abs()
     assert bool(((comp - eager).abs() <= 2 * gamma * s).all())
+
+
+class _RecordCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@MODES
+def test_forward_never_calls_item_or_float_on_tensors(cache_weight: bool) -> None:
+    """log_min/log_max reach the decode as 0-d tensors: no host sync, no Python-float specialisation."""
+    layer = ProjectiveLinear.from_linear(nn.Linear(16, 8), cache_weight=cache_weight)
+    x = torch.randn(2, 16)
+    with _RecordCalls() as mode:
+        layer(x)
+    assert mode.names, "the mode saw no torch calls at all"
+    assert not {"item", "__float__", "tolist", "__bool__"} & set(mode.names), mode.names
