@@ -213,9 +213,10 @@ def reconstruct_from_qins(
         raise ValueError(f"stored must be uint8, got {stored.dtype}")
     if sign.shape != stored.shape:
         raise ValueError(f"sign shape {tuple(sign.shape)} != stored shape {tuple(stored.shape)}")
-    levels = qins_levels(log_min, log_max, device=stored.device)
-    mag = levels[stored.long()]
-    w = torch.where(sign < 0, -mag, mag).to(dtype)
+    levels = qins_levels(log_min, log_max, device=stored.device).to(dtype)
+    # Gather, then multiply by the ±1 sign (exact; 0 * -1 gives -0.0). One pass each, ~3x faster
+    # than torch.where on CPU; rounding the 256-entry table to ``dtype`` first equals rounding after.
+    w = levels[stored.long()] * sign
     if out is not None:
         return out.copy_(w)
     return w
