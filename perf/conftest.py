@@ -17,3 +17,4 @@ from perf.plugin import (  # noqa: F401  (pytest collects hooks and fixtures by 
     pytest_report_header,
     pytest_terminal_summary,
 )
+from perf.models import e2e_models, e2e_prompt  # noqa: F401  (session fixtures shared by perf tests)

@@ -27,12 +27,28 @@ SAVE_COMMAND = "pytest perf --benchmark-save=baseline"
 #: pytest-benchmark's default glob for saved runs ("NNNN_name.json").
 SAVED_RUN_GLOB = "[0-9][0-9][0-9][0-9]_*.json"
 
+#: Environment variable of the sensitivity self-check (see perf/README.md): a float >= 1.
+INJECT_ENV = "QINS_PERF_INJECT_SLOWDOWN"
+
 HIGHER = "higher"  # a larger value is worse (time ratios, bytes)
 LOWER = "lower"  # a smaller value is worse (speedups, tokens/s)
 
 
 class BaselineError(Exception):
     """No usable baseline: the message says what is wrong and how to create one."""
+
+
+def parse_factor(text: Optional[str]) -> float:
+    """The injected slowdown factor from an option/env value (None or "" = 1.0, no injection)."""
+    if text is None or str(text).strip() == "":
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (1.0 <= value < 1000):
+        raise ValueError(f"{INJECT_ENV} / --perf-inject-slowdown must be a number >= 1, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,6 +97,9 @@ class Rule:
     worse: str = HIGHER
     tolerance: float = 0.15
     gain: bool = False
+    #: gate only when the baseline value is at least this (a speedup too close to 1 in the
+    #: baseline cannot be told apart from noise); below it the figure is recorded, not gated
+    min_baseline: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.worse not in (HIGHER, LOWER):
@@ -122,7 +141,7 @@ class Outcome:
     baseline: Optional[float] = None
     baseline_source: Optional[str] = None
     confirmation: Optional[float] = None
-    status: str = "pass"  # pass | unconfirmed | regressed | missing | not-compared
+    status: str = "pass"  # pass | unconfirmed | regressed | missing | not-compared | ungated
     note: str = ""
 
     @property
@@ -157,6 +176,8 @@ class Outcome:
             )
         if self.status == "not-compared":
             return f"{self.test}: {self.figure} = {fmt(self.value)} (not compared: {self.note})"
+        if self.status == "ungated":
+            return f"{self.test}: {self.figure} = {fmt(self.value)} vs baseline {fmt(self.baseline)} (not gated: {self.note})"
         assert self.baseline is not None
         head = {
             "regressed": "REGRESSED",
@@ -220,6 +241,10 @@ def decide(
             out.note = "the baseline has no benchmark of this name" if not baseline_entry else "the figure is absent or invalid"
             continue
         out.baseline = float(base)
+        if rule.min_baseline is not None and out.baseline < rule.min_baseline:
+            out.status = "ungated"
+            out.note = f"baseline {fmt(out.baseline)} < {fmt(rule.min_baseline)}, too close to be told from noise"
+            continue
         out.status = "exceeded" if rule.exceeds(value, out.baseline) else "pass"
 
     exceeded = [o for o in outcomes if o.status == "exceeded"]
@@ -333,7 +358,7 @@ def load_baseline(path: Path) -> Baseline:
             f"Delete it (or restore it from git: git checkout -- {where}). {_create_hint(storage)}"
         )
     entries = {b["fullname"]: dict(b.get("extra_info") or {}) for b in data["benchmarks"]}
-    if not any(GATE_KEY in e for e in entries.values()):
+    if not any(e.get(GATE_KEY) for e in entries.values()):
         raise BaselineError(
             f"QINS perf gate: baseline {where} has no gated QINS figures (was it saved by this perf suite?).\n"
             f"{_create_hint(storage)}"

@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Optional
 import pytest
 
 from perf import gate as G
-from perf.timing import INJECT_ENV, parse_factor
+from perf.gate import INJECT_ENV, parse_factor
 
 DEFAULTS = {
     "threads": 1,
@@ -128,6 +128,8 @@ def pytest_configure(config):
             f"QINS perf gate: refusing to save a baseline with an injected slowdown ({state.factor}x); unset {INJECT_ENV} / --perf-inject-slowdown."
         )
     config.option.benchmark_disable_gc = True
+    # torch.compile's internals trip this deprecation on every compile; it is not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
     compare = config.getoption("benchmark_compare")
     if compare and not _benchmarks_off(config):
@@ -321,6 +323,13 @@ class GateHandle:
             remeasure,
         )
         self.state.outcomes.extend(outcomes)
+        limits = {
+            o.figure: {"baseline": o.baseline, "limit": o.limit, "worse": o.rule.worse, "status": o.status}
+            for o in outcomes
+            if o.baseline is not None
+        }
+        if limits:
+            benchmark.extra_info["qins_gate_limits"] = limits
         confirmations = {o.figure: o.confirmation for o in outcomes if o.confirmation is not None}
         if confirmations:
             benchmark.extra_info["confirmation"] = confirmations
@@ -418,6 +427,7 @@ FIGURE_COLUMNS = [
     ("cache_speedup", "no-cache/cache", "{:.3g}"),
     ("model_mib", "model MiB", "{:.4g}"),
     ("peak_rss_mib", "peak RSS MiB", "{:.4g}"),
+    ("peak_generate_delta_mib", "gen. peak +MiB", "{:.4g}"),
 ]
 
 
@@ -427,7 +437,7 @@ def figures_rows(state: PerfState) -> list[list[str]]:
         info = rec["extra_info"]
         row = [str(rec["group"] or ""), rec["name"]]
         for key, _title, f in FIGURE_COLUMNS:
-            v = info.get(key)
+            v = info.get(key, rec["median"] if key == "time_s" else None)
             row.append(f.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "")
         rows.append(row)
     return rows if len(rows) > 1 else []

@@ -8,51 +8,32 @@ Pairing (each test interleaves its timing with a reference):
 * with the KV cache, QINS is paired with FP32 (same length): gated figure ``ratio_vs_fp32``;
 * without the KV cache, every model is paired with itself *with* the cache: gated figure
   ``cache_speedup`` (no-cache time / cache time). If the KV cache silently stops working this
-  falls to about 1; the rule demands at least half of the baseline's gain over 1.
+  falls to about 1; the rule demands at least half of the baseline's gain over 1 (gated where the
+  baseline ratio is at least 1.5, see CACHE_SPEEDUP_MIN).
 """
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
 from perf.gate import HIGHER, LOWER, Rule
-from perf.timing import paired_again, paired_benchmark, plain_benchmark, slow_down_modules, synced
+from perf.models import MODES as MODELS
+from perf.models import PROMPT_LEN
+from perf.timing import paired_again, paired_benchmark, plain_benchmark, synced
 
-PROMPT_LEN = 32
 LENGTHS = [64, 256]
-MODELS = ["fp32", "qins-cached", "qins-memsave"]
 #: pairs (or rounds) per benchmark; generation is the expensive part of the suite
 PAIRS = {64: 3, 256: 2}
 PAIRS_NO_CACHE = {64: 3, 256: 1}
+#: the memory-saving model decodes every weight at every step, which makes it the slowest
+PAIRS_MEMSAVE = {64: 2, 256: 1}
+
+#: the no-cache/cache ratio is gated only where the baseline's is at least this: the memory-saving
+#: model decodes every weight at every step, so there the cache saves too small a share of the
+#: time (ratio ~1.1-1.3) to tell a broken cache from noise; FP32 and QINS cached (~1.8-2.8) carry it
+CACHE_SPEEDUP_MIN = 1.5
 
 CASES = [(n, m, c) for n in LENGTHS for m in MODELS for c in ("cache", "no-cache")]
-
-
-@pytest.fixture(scope="module")
-def models(device, inject_factor):
-    from qins import ProjectiveLinear, convert_model_to_projective
-
-    from tests.strategies import tiny_phi3
-
-    fp32 = tiny_phi3(hidden_size=256, num_hidden_layers=4, vocab_size=32000).to(device)
-    out = {"fp32": fp32}
-    reports = {}
-    for name, cache_weight in (("qins-cached", True), ("qins-memsave", False)):
-        m = copy.deepcopy(fp32)
-        reports[name] = convert_model_to_projective(m, cache_weight=cache_weight)
-        slow_down_modules(m, ProjectiveLinear, inject_factor)
-        out[name] = m.eval()
-    out["_reports"] = reports
-    return out
-
-
-@pytest.fixture(scope="module")
-def prompt(device):
-    g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, 32000, (1, PROMPT_LEN), generator=g)
-    return ids.to(device)
 
 
 def _generate_fn(model, prompt, new_tokens: int, use_cache: bool, device):
@@ -79,16 +60,17 @@ def _generate_fn(model, prompt, new_tokens: int, use_cache: bool, device):
 
 
 @pytest.fixture(scope="module")
-def warm(models, prompt, device):
+def warm(e2e_models, e2e_prompt, device):
     """One short generation per model and cache mode, so no benchmark pays first-call costs."""
     for name in MODELS:
         for use_cache in (True, False):
-            _generate_fn(models[name], prompt, 4, use_cache, device)()
+            _generate_fn(e2e_models[name], e2e_prompt, 4, use_cache, device)()
     return True
 
 
 @pytest.mark.parametrize("new_tokens,model,cache", CASES, ids=[f"{n}-{m}-{c}" for n, m, c in CASES])
-def test_generate(benchmark, perf_gate, models, prompt, warm, device, new_tokens, model, cache):
+def test_generate(benchmark, perf_gate, e2e_models, e2e_prompt, warm, device, new_tokens, model, cache):
+    models, prompt = e2e_models, e2e_prompt
     benchmark.group = f"generate {new_tokens} tokens"
     use_cache = cache == "cache"
     key = f"e2e/{model}/{new_tokens}/{cache}"
@@ -107,11 +89,11 @@ def test_generate(benchmark, perf_gate, models, prompt, warm, device, new_tokens
     if use_cache:  # QINS with cache, paired with FP32 with cache
         reference = _generate_fn(models["fp32"], prompt, new_tokens, True, device)
         figure, rule = "ratio_vs_fp32", Rule(HIGHER, perf_gate.tol["e2e"])
-        pairs = PAIRS[new_tokens]
+        pairs = PAIRS_MEMSAVE[new_tokens] if model == "qins-memsave" else PAIRS[new_tokens]
     else:  # any model without cache, paired with itself with cache
         reference = _generate_fn(models[model], prompt, new_tokens, True, device)
-        figure, rule = "cache_speedup", Rule(LOWER, perf_gate.tol["cache_gain"], gain=True)
-        pairs = PAIRS_NO_CACHE[new_tokens]
+        figure, rule = "cache_speedup", Rule(LOWER, perf_gate.tol["cache_gain"], gain=True, min_baseline=CACHE_SPEEDUP_MIN)
+        pairs = PAIRS_MEMSAVE[new_tokens] if model == "qins-memsave" else PAIRS_NO_CACHE[new_tokens]
 
     p = paired_benchmark(benchmark, target, reference, match=False, pairs=pairs)
     if p is None:

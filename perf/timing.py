@@ -17,10 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from perf.gate import paired_ratios, robust_ratio
-
-#: Environment variable of the sensitivity self-check (see perf/README.md). A float >= 1.
-INJECT_ENV = "QINS_PERF_INJECT_SLOWDOWN"
+from perf.gate import INJECT_ENV, paired_ratios, parse_factor, robust_ratio
 
 clock = time.perf_counter
 
@@ -53,15 +50,6 @@ def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], objec
 # --------------------------------------------------------------------------------------------
 # Injected slowdown (sensitivity self-check)
 # --------------------------------------------------------------------------------------------
-
-
-def parse_factor(text: Optional[str]) -> float:
-    if text is None or str(text).strip() == "":
-        return 1.0
-    value = float(text)
-    if not (value >= 1.0 and value < 1000):
-        raise ValueError(f"{INJECT_ENV} / --perf-inject-slowdown must be a number >= 1, got {text!r}")
-    return value
 
 
 def slowed(fn: Callable, factor: float, device: Optional[torch.device] = None) -> Callable:

@@ -1,0 +1,160 @@
+"""Process-memory probe of the end-to-end model per mode, run in a subprocess by perf/test_memory.py.
+
+    python -m perf.memprobe MODE[,MODE...]|all [NEW_TOKENS [THREADS]]
+    (MODE: fp32 | qins-cached | qins-memsave)
+
+The parent imports torch/transformers/qins and runs a throwaway tiny model once (so lazily imported
+code is resident before anything is measured), then forks one child per mode: each mode's figures
+come from a process that never held another mode's model. Prints one JSON object per line (bytes):
+
+* ``rss_start``: resident set of the child before its model exists (Linux ``VmRSS``);
+* ``peak_load``: peak resident set (``VmHWM``) while building the seeded FP32 model and converting it;
+* ``rss_loaded``: resident set once the model is ready (garbage collected, freed heap trimmed);
+* ``peak_generate``: peak resident set during a greedy generation, measured after resetting the
+  peak (``/proc/self/clear_refs``); falls back to ``ru_maxrss`` where that reset is not allowed;
+* ``model_memory``: :func:`qins.model_memory` of the ready model (parameters, buffers, caches, total).
+
+A fresh process per mode keeps one mode's allocations out of another's figures.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import re
+import resource
+import sys
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        m = re.search(rf"^{field}:\s+(\d+)\s+kB", fh.read(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+MODES = ("fp32", "qins-cached", "qins-memsave")
+
+
+def probe(mode: str, new_tokens: int = 32, threads: int = 1) -> dict:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    import torch
+
+    from qins import convert_model_to_projective, model_memory
+
+    from tests.strategies import tiny_phi3
+
+    _trim()
+    rss_start = _status_kib("VmRSS") * 1024
+    _reset_peak()
+    model = tiny_phi3(hidden_size=256, num_hidden_layers=4, vocab_size=32000)
+    if mode != "fp32":
+        convert_model_to_projective(model, cache_weight=(mode == "qins-cached"))
+    peak_load = _status_kib("VmHWM") * 1024
+    _trim()
+    rss_loaded = _status_kib("VmRSS") * 1024
+    reset = _reset_peak()
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, 32000, (1, 32), generator=g)
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
+    peak_generate = _status_kib("VmHWM") * 1024 if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mm = model_memory(model)
+    return {
+        "mode": mode,
+        "rss_start": rss_start,
+        "peak_load": peak_load,
+        "rss_loaded": rss_loaded,
+        "peak_generate": peak_generate,
+        "peak_reset": reset,
+        "model_memory": {
+            "parameters": mm.parameters,
+            "buffers": mm.buffers,
+            "caches": mm.caches,
+            "total": mm.total,
+        },
+    }
+
+
+def _warm_up(threads: int) -> None:
+    """Import and exercise everything once, with a throwaway tiny model, before forking."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from qins import convert_model_to_projective
+
+    from tests.strategies import tiny_phi3
+
+    m = tiny_phi3()
+    convert_model_to_projective(m)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    del m
+
+
+def _in_child(mode: str, new_tokens: int, threads: int) -> dict:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read)
+        code = 0
+        try:
+            payload = json.dumps(probe(mode, new_tokens, threads))
+        except BaseException as exc:  # report, never fall back into the parent's code path
+            payload = json.dumps({"mode": mode, "error": f"{type(exc).__name__}: {exc}"})
+            code = 1
+        with os.fdopen(write, "w") as fh:
+            fh.write(payload)
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        text = fh.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+def main(argv: list[str]) -> int:
+    modes = list(MODES) if argv and argv[0] == "all" else (argv[0].split(",") if argv else [])
+    if not modes or any(m not in MODES for m in modes):
+        print(__doc__, file=sys.stderr)
+        return 2
+    new_tokens = int(argv[1]) if len(argv) > 1 else 32
+    threads = int(argv[2]) if len(argv) > 2 else 1
+    _warm_up(threads)
+    failed = 0
+    for mode in modes:
+        result = _in_child(mode, new_tokens, threads)
+        failed += "error" in result
+        print(json.dumps(result), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
