@@ -1,11 +1,11 @@
 """Legacy ``transformers`` API for pre-4.49 "remote code" models (Phi-3 / Phi-3.5 ``modeling_phi3.py``).
 
-Call :func:`patch_transformers` once, **before** loading a ``trust_remote_code=True`` model: the
-5.x adaptations are applied to remote classes as transformers loads them, so a class loaded
-before the patch is not adapted (load it again after patching). The patch only ever *adds* what
-the installed version lacks; whatever is native is left untouched. :func:`unpatch_transformers`
-removes every addition and restores the one wrapped loader (and any remote class the patch
-adapted) exactly; models loaded while patched must not be used after unpatching.
+Call :func:`patch_transformers` once, **before** loading a ``trust_remote_code=True`` model (on
+5.x the remote module imports ``modeling_attn_mask_utils`` when it is loaded). The patch only
+ever *adds* what the installed version lacks; whatever is native is left untouched.
+:func:`unpatch_transformers` removes every addition and restores the one wrapped loader and any
+remote class the patch adapted, exactly; models loaded while patched must not be used after
+unpatching (until the next :func:`patch_transformers`, which adapts imported remote classes again).
 
 What may be added, each only where missing:
 
@@ -73,19 +73,20 @@ def _check_version() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _max_cache_length(cache: Any) -> Optional[int]:
+def _get_max_length(self: Any) -> Optional[int]:
     """The cache's size limit from its native API, ``None`` when unbounded (legacy convention)."""
-    if getattr(cache, "layers", None) == []:  # 5.x lazily built DynamicCache: no limit known
+    layers = getattr(self, "layers", None)
+    if layers is not None and len(layers) == 0:  # a lazily built DynamicCache: no limit known yet
         return None
-    # Class-level lookups: never this module's own get_max_length, nor a legacy-caller shadow of it.
-    native = getattr(type(cache), "get_max_cache_shape", None) or type(cache).get_max_length
-    limit = native(cache)
+    # Class-level lookups: never this function itself, nor its legacy-caller shadow on the instance.
+    native = getattr(type(self), "get_max_cache_shape", None) or type(self).get_max_length
+    limit = native(self)
     return None if limit is None or limit < 0 else int(limit)
 
 
 def _get_usable_length(self: Any, new_seq_length: int, layer_idx: Optional[int] = 0) -> int:
     """Tokens cached for ``layer_idx``, bounded so that cached + new fits the size limit, if any."""
-    max_length = _max_cache_length(self)
+    max_length = _get_max_length(self)
     cached = self.get_seq_length(layer_idx)
     if max_length is not None and cached + new_seq_length > max_length:
         return max_length - new_seq_length
@@ -95,11 +96,6 @@ def _get_usable_length(self: Any, new_seq_length: int, layer_idx: Optional[int] 
 def _seen_tokens(self: Any) -> int:
     """Tokens seen so far (those cached for layer 0)."""
     return self.get_seq_length(0)
-
-
-def _get_max_length(self: Any) -> Optional[int]:
-    """The maximum cache length, ``None`` when the cache has no limit."""
-    return _max_cache_length(self)
 
 
 def _from_legacy_cache(cls: type, past_key_values: Any = None) -> Any:
@@ -135,7 +131,8 @@ def _prepare_4d_causal_attention_mask(
     lowest = torch.finfo(dtype).min
     if attention_mask is not None and attention_mask.dim() == 4:
         if tuple(attention_mask.shape) != (batch, 1, q_len, kv_len):
-            raise ValueError(f"4D attention mask should be {(batch, 1, q_len, kv_len)}, got {tuple(attention_mask.shape)}")
+            expected = (batch, 1, q_len, kv_len)
+            raise ValueError(f"4D attention mask should be {expected}, got {tuple(attention_mask.shape)}")
         inverted = 1.0 - attention_mask
         return inverted.masked_fill(inverted.to(torch.bool), lowest)
     blocked = None
@@ -159,10 +156,6 @@ def _prepare_4d_causal_attention_mask(
 # --------------------------------------------------------------------------------------------
 
 
-def _legacy_get_max_length(self: Any) -> Optional[int]:
-    return _max_cache_length(self)
-
-
 def _adapt_prepare_inputs(original: Callable) -> Callable:
     """Wrap a legacy ``prepare_inputs_for_generation(past_key_values=...)`` for 5.x ``generate``."""
 
@@ -173,7 +166,7 @@ def _adapt_prepare_inputs(original: Callable) -> Callable:
             kwargs["past_key_values"] = cache
         shadowed = cache is not None and hasattr(cache, "__dict__") and "get_max_length" not in vars(cache)
         if shadowed:  # legacy callers expect None for "no limit"; native get_max_length says -1
-            cache.get_max_length = types.MethodType(_legacy_get_max_length, cache)
+            cache.get_max_length = types.MethodType(_get_max_length, cache)
         try:
             inputs = original(self, input_ids, *args, **kwargs)
         finally:
@@ -191,13 +184,10 @@ def _adapt_prepare_inputs(original: Callable) -> Callable:
 
 def _rope_scaling_property(native: property) -> property:
     def fget(self: Any) -> Optional[dict]:
-        params = native.fget(self)
-        rope_type = (params or {}).get("type", (params or {}).get("rope_type"))
-        if rope_type in (None, "default"):
-            return None
-        return {**params, "type": rope_type}
+        params = native.fget(self) or {}
+        rope_type = params.get("type", params.get("rope_type"))
+        return None if rope_type in (None, "default") else {**params, "type": rope_type}
 
-    fget.__qins_adapted__ = True  # type: ignore[attr-defined]
     return property(fget, native.fset, native.fdel, "Legacy view: None when unscaled, else a dict with 'type'.")
 
 
@@ -241,17 +231,28 @@ def patch_transformers() -> tuple[str, ...]:
     """Add the legacy API the installed transformers lacks; return the names of what was added.
 
     Idempotent: a second call changes nothing and returns the same names. Raises
-    :class:`UnsupportedTransformersError` for versions outside ``SUPPORTED``.
+    :class:`UnsupportedTransformersError` for versions outside ``SUPPORTED``; a failure part-way
+    undoes what was already added.
     """
     global _undo, _added
-    if _undo is not None:
-        return _added
-    _check_version()
-    from transformers import dynamic_module_utils
-    from transformers.cache_utils import Cache, DynamicCache
+    if _undo is None:
+        _check_version()
+        undo: list[Callable[[], None]] = []
+        added: list[str] = []
+        try:
+            _apply(undo, added)
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        _undo, _added = undo, tuple(added)
+    return _added
 
-    undo: list[Callable[[], None]] = []
-    added: list[str] = []
+
+def _apply(undo: list[Callable[[], None]], added: list[str]) -> None:
+    """Make every addition that the installed version needs, recording how to undo each."""
+    from transformers import GenerationMixin, PretrainedConfig, dynamic_module_utils
+    from transformers.cache_utils import Cache, DynamicCache
 
     def add(owner: Any, name: str, value: Any, label: str) -> None:
         setattr(owner, name, value)
@@ -288,8 +289,6 @@ def patch_transformers() -> tuple[str, ...]:
         if not hasattr(mask_module, _MASK_FN):
             add(mask_module, _MASK_FN, _prepare_4d_causal_attention_mask, f"{_MASK_MODULE}.{_MASK_FN}")
 
-    from transformers import GenerationMixin, PretrainedConfig
-
     if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters or isinstance(
         inspect.getattr_static(PretrainedConfig, "rope_scaling", None), property
     ):
@@ -313,9 +312,6 @@ def patch_transformers() -> tuple[str, ...]:
                 for obj in list(vars(module).values()):
                     if isinstance(obj, type) and obj.__module__ == module_name:
                         _adapt_remote_class(obj, undo)
-
-    _undo, _added = undo, tuple(added)
-    return _added
 
 
 def unpatch_transformers() -> None:

@@ -110,11 +110,13 @@ def tiny_phi3(*, seed: int = 0, **config_kwargs: Any):
 # (owned by the qins.compat work; see tests/test_compat.py and tests/test_generation.py)
 # ----------------------------------------------------------------------------------------------
 
-import hashlib  # noqa: E402  (imports of this appended section)
+import contextlib  # noqa: E402  (imports of this appended section)
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
 
 LEGACY_MODEL_SOURCES = Path(__file__).parent / "legacy_model"
 
@@ -172,3 +174,23 @@ def load_legacy_model(tmp_path: str | os.PathLike, *, seed: int = 0, **config_ov
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
     return model.eval()
+
+
+@contextlib.contextmanager
+def forward_input_lengths(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Record ``input_ids.shape[-1]`` of every call of ``model``'s forward, while in the block.
+
+    With a working KV cache, ``generate`` gives ``[prompt_len, 1, 1, ...]``; without one,
+    ``[prompt_len, prompt_len + 1, ...]``.
+    """
+    lengths: list[int] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids")
+        lengths.append((ids if ids is not None else args[0]).shape[-1])
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield lengths
+    finally:
+        handle.remove()

@@ -13,14 +13,13 @@ import sys
 
 import pytest
 import torch
-import transformers
 from packaging.version import Version
 from transformers import GenerationMixin, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 
 from qins import compat
 
-from tests.strategies import legacy_model_dir, load_legacy_model
+from tests.strategies import forward_input_lengths, legacy_model_dir, load_legacy_model
 
 MASK_MODULE = "transformers.modeling_attn_mask_utils"
 LEGACY_CACHE_API = {
@@ -130,7 +129,7 @@ def test_patch_adds_exactly_the_missing_legacy_api(unpatched):
         assert hasattr(owner, name)
         assert (f"{owner.__name__}.{name}" in added) != was_native
     assert hasattr(sys.modules[MASK_MODULE], "_prepare_4d_causal_attention_mask")
-    if Version(transformers.__version__) < Version("4.49"):  # every legacy API is native
+    if Version(sys.modules["transformers"].__version__) < Version("4.49"):  # every legacy API is native
         assert added == ()
 
 
@@ -145,13 +144,42 @@ def test_patch_logs_each_addition_at_debug_level(unpatched, caplog):
 
 @pytest.mark.parametrize("version", ["4.35.2", "6.0.0"])
 def test_patch_raises_naming_version_and_native_alternative_when_unsupported(unpatched, monkeypatch, version):
-    monkeypatch.setattr(transformers, "__version__", version)
+    # sys.modules, not the module bound at import: some transformers imports re-register it.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
     with pytest.raises(compat.UnsupportedTransformersError) as excinfo:
         compat.patch_transformers()
     message = str(excinfo.value)
     assert version in message and "Phi3ForCausalLM" in message and "trust_remote_code=False" in message
     monkeypatch.undo()
     assert compat.patch_transformers() is not None  # the failed call left nothing half-patched
+
+
+def _cached_generation_lengths(model, prompt_len: int = 5, new_tokens: int = 4) -> list[int]:
+    ids = torch.randint(3, 1000, (1, prompt_len))
+    with forward_input_lengths(model) as lengths, torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    return lengths
+
+
+def test_repatching_keeps_legacy_generation_on_the_cache(unpatched, tmp_path):
+    compat.patch_transformers()
+    load_legacy_model(tmp_path / "first")
+    compat.unpatch_transformers()
+    compat.patch_transformers()  # the remote class is now reused, not loaded again
+    assert _cached_generation_lengths(load_legacy_model(tmp_path / "again")) == [5, 1, 1, 1]
+
+
+def test_unpatched_legacy_generation_fails_loudly_or_uses_the_cache(unpatched, tmp_path):
+    try:
+        lengths = _cached_generation_lengths(load_legacy_model(tmp_path))
+    except (AttributeError, ImportError, KeyError) as err:  # a missing legacy API: loud, never silent
+        assert any(name in str(err) for name in (
+            "get_usable_length", "seen_tokens", "get_max_length", "from_legacy_cache", "modeling_attn_mask_utils",
+            "'type'",  # 5.x config.rope_scaling without "type"
+        )), err
+    else:  # the installed version has the whole legacy API natively
+        assert lengths == [5, 1, 1, 1]
 
 
 def test_patch_dynamic_cache_is_the_seed_alias_of_patch_transformers():

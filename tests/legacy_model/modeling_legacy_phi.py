@@ -58,7 +58,8 @@ class LegacyPhiRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x, position_ids, seq_len=None):
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float().to(x.device) / self.dim))
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64).float().to(x.device) / self.dim
+        inv_freq = 1.0 / (self.base ** exponents)
         positions = position_ids[:, None, :].float() / self.scale
         freqs = (inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1) @ positions).transpose(1, 2)
         emb = torch.cat((freqs, freqs), dim=-1)
