@@ -5,7 +5,8 @@ installs the pinned CPU torch *first* (so that nothing pulls a CUDA build), then
 with its test extras and the pinned transformers in one resolver run, then runs
 ``tests/test_compat.py`` and ``tests/test_generation.py``.
 
-    nox -R                           # whole matrix, reusing venvs already built
+    nox                              # whole matrix (venvs under .nox/, reused when present)
+    nox -R                           # reuse venvs and skip the installs: fastest local rerun
     nox -s "matrix-4.44.2"           # one version
     nox -s matrix-4.44.2 -- -x -q    # extra args go to pytest
 
@@ -21,42 +22,20 @@ The versions are chosen to bracket every API change the compat patch handles:
 """
 from __future__ import annotations
 
-import os
-
 import nox
 
 TORCH = "torch==2.13.0"
 TRANSFORMERS_VERSIONS = ("4.44.2", "4.53.3", "4.57.6", "5.24.0")
 TESTS = ("tests/test_compat.py", "tests/test_generation.py")
-# Test dependencies, used only while pyproject.toml does not yet declare a `test` extra.
-TEST_DEPS = ("pytest", "pytest-benchmark", "hypothesis", "pytest-xdist")
 
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
 
-def _has_test_extra() -> bool:
-    """True when pyproject.toml exists and declares a `test` optional-dependency group."""
-    try:
-        import tomllib
-
-        with open("pyproject.toml", "rb") as fh:
-            meta = tomllib.load(fh)
-    except (FileNotFoundError, ImportError):
-        return False
-    return "test" in meta.get("project", {}).get("optional-dependencies", {})
-
-
 def _install(session: nox.Session, transformers_version: str) -> None:
-    """torch pinned first, then the package + test deps + pinned transformers, resolved together."""
+    """torch pinned first (CPU wheel), then the package with its test extra and the pinned transformers."""
     session.install(TORCH)
-    pin = f"transformers=={transformers_version}"
-    if _has_test_extra():
-        session.install("-e", ".[test]", pin, TORCH)
-    else:
-        session.install(*TEST_DEPS, pin, TORCH)
-        if os.path.exists("pyproject.toml"):
-            session.install("-e", ".", pin, TORCH)
+    session.install("-e", ".[test]", f"transformers=={transformers_version}", TORCH)
 
 
 for _version in TRANSFORMERS_VERSIONS:
