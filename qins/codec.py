@@ -14,8 +14,8 @@ Decoding is a lookup in a 256-entry float32 table ``levels`` built by :func:`qin
 ``n_k = (255 - k) / 254`` and ``D = log_max - log_min``. With Python-float logs (what
 :func:`convert_to_qins` returns) the table is computed in float64 and rounded once; with 0-d
 float32 tensors (a layer's buffers) it is computed in float32 on their device, compile-friendly.
-The encoder picks, for every weight, the level nearest in log space in that same table, so encoder
-and decoder never disagree; element-wise work is float32 whatever the input dtype.
+The encoder applies the formula above in float32 (element-wise work is float32 whatever the
+input dtype); the range scalars are float64.
 
 Rounding ties and sub-normals: weights with ``|w| < 2**-126`` (float32 sub-normals) are below the
 range and go to whichever of {0, ``levels[255]``} is nearer.
@@ -169,28 +169,24 @@ def convert_to_qins(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     if not bool(normal.any()):
         return torch.zeros_like(mag, dtype=torch.uint8), sign, 0.0, 0.0
 
-    log_mag = torch.log(torch.where(normal, mag, torch.ones_like(mag)))
+    min_mag = torch.where(normal, mag, torch.full_like(mag, math.inf)).min()
+    max_mag = mag.max()
     # The range in float64 from the exact float32 extremes: log_min = log(min |w|) etc.
-    log_min = math.log(float(torch.where(normal, mag, torch.full_like(mag, math.inf)).min()))
-    log_max = math.log(float(mag.max()))
-
-    levels = qins_levels(log_min, log_max, device=device)
-    stored = _nearest_codes(mag, log_mag, normal, levels)
-    return stored, sign, log_min, log_max
-
-
-def _nearest_codes(mag: torch.Tensor, log_mag: torch.Tensor, normal: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Code of the level nearest in log space (ties to the larger code); sub-normals per the rule."""
-    # Levels by increasing magnitude: codes 255, 254, ..., 1.
-    ascending = levels[1:].flip(0)
-    log_levels = torch.log(ascending)
-    mids = (log_levels[:-1] + log_levels[1:]) * 0.5  # 254 boundaries
-    idx = torch.bucketize(log_mag, mids, right=True)  # 0..254; index into ascending
-    codes = (255 - idx).to(torch.uint8)
-    smallest = levels[255]
-    tiny_code = torch.where(mag * 2.0 >= smallest, torch.full_like(codes, 255), torch.zeros_like(codes))
-    codes = torch.where(normal, codes, tiny_code)
-    return torch.where(mag == 0, torch.zeros_like(codes), codes)
+    log_min, log_max = math.log(float(min_mag)), math.log(float(max_mag))
+    span = log_max - log_min
+    if span > 0.0:
+        n = (torch.log(torch.where(normal, mag, min_mag)) - log_min) / span
+        codes = torch.round(255.0 - 254.0 * n).clamp_(1, 255).to(torch.uint8)
+        # The extremes get their codes by definition, whatever float32 did to their logs (it
+        # matters only when the span is near float32's resolution); monotonicity is preserved.
+        codes = torch.where(mag == max_mag, 1, torch.where(mag == min_mag, 255, codes)).to(torch.uint8)
+    else:  # all normal magnitudes are equal
+        codes = torch.ones_like(mag, dtype=torch.uint8)
+    smallest = qins_levels(log_min, log_max, device=device)[255]
+    below = torch.where(mag * 2.0 >= smallest, 255, 0).to(torch.uint8)  # nearer of {0, smallest level}
+    codes = torch.where(normal, codes, below)
+    codes = torch.where(mag == 0, 0, codes).to(torch.uint8)
+    return codes, sign, log_min, log_max
 
 
 def reconstruct_from_qins(

@@ -20,7 +20,17 @@ LAYER_LINEARS = {"self_attn.o_proj": (H, H), "self_attn.qkv_proj": (3 * H, H), "
 LINEAR_WEIGHTS = L * sum(o * i for o, i in LAYER_LINEARS.values())  # elements in the decoder linears
 NORMS = L * 2 * H + H  # two RMSNorms per layer and the final one
 EMBED = V * H
-ROPE_BUFFER = HEAD_DIM // 2 * F32  # rotary inv_freq, float32
+
+
+def _rope_buffer_bytes() -> int:
+    """Rotary frequencies: HEAD_DIM/2 float32 each. transformers 4.x registers one buffer
+    (inv_freq), 5.x two with separate storage (inv_freq, original_inv_freq)."""
+    names = {n for n, _ in tiny_phi3().named_buffers() if "rotary_emb" in n}
+    assert names in ({"model.rotary_emb.inv_freq"}, {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}), names
+    return len(names) * (HEAD_DIM // 2) * F32
+
+
+ROPE_BUFFER = _rope_buffer_bytes()
 
 
 def decoder_linear_names() -> list[str]:
