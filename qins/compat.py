@@ -41,7 +41,7 @@ __all__ = ["UnsupportedTransformersError", "patch_dynamic_cache", "patch_transfo
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = (">=4.36", "<6")  # 4.36: first DynamicCache; 6.x: untested, may drop the 5.x BC paths
+SUPPORTED = (">=4.44", "<6")  # the tested range (nox matrix); 6.x may drop the 5.x BC paths used here
 _MASK_MODULE = "transformers.modeling_attn_mask_utils"
 _MASK_FN = "_prepare_4d_causal_attention_mask"
 _MISSING = object()
@@ -59,7 +59,7 @@ def _check_version() -> None:
     from packaging.version import Version
 
     v = Version(transformers.__version__)
-    if v < Version("4.36") or v.major >= 6:
+    if v < Version("4.44") or v.major >= 6:
         raise UnsupportedTransformersError(
             f"qins.compat.patch_transformers() does not support transformers {transformers.__version__} "
             f"(supported: {','.join(SUPPORTED)}); legacy Phi-3 / Phi-3.5 remote code would generate without "

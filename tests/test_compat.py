@@ -142,7 +142,7 @@ def test_patch_logs_each_addition_at_debug_level(unpatched, caplog):
         assert any(label.split(" ")[0] in m for m in messages), label
 
 
-@pytest.mark.parametrize("version", ["4.35.2", "6.0.0"])
+@pytest.mark.parametrize("version", ["4.43.4", "6.0.0"])
 def test_patch_raises_naming_version_and_native_alternative_when_unsupported(unpatched, monkeypatch, version):
     # sys.modules, not the module bound at import: some transformers imports re-register it.
     monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
