@@ -111,6 +111,17 @@ def _to_legacy_cache(self: Any) -> tuple:
     return tuple((layer.keys, layer.values) for layer in self.layers)
 
 
+class _LayerView:
+    """Per-layer tuple of ``layer.<attr>``; a non-data descriptor, so an instance attribute of the
+    same name (a subclass assigning ``self.key_cache = [...]``) still takes precedence."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, obj: Any, objtype: Optional[type] = None) -> Any:
+        return self if obj is None else tuple(getattr(layer, self.attr) for layer in obj.layers)
+
+
 def _prepare_4d_causal_attention_mask(
     attention_mask: Optional[torch.Tensor],
     input_shape: Any,
@@ -273,8 +284,7 @@ def _apply(undo: list[Callable[[], None]], added: list[str]) -> None:
         add(DynamicCache, "to_legacy_cache", _to_legacy_cache, "DynamicCache.to_legacy_cache")
     if not hasattr(DynamicCache(), "key_cache"):
         for name, attr in (("key_cache", "keys"), ("value_cache", "values")):
-            view = property(lambda self, attr=attr: tuple(getattr(layer, attr) for layer in self.layers))
-            add(DynamicCache, name, view, f"DynamicCache.{name}")
+            add(DynamicCache, name, _LayerView(attr), f"DynamicCache.{name}")
 
     try:
         mask_module = importlib.import_module(_MASK_MODULE)

@@ -251,6 +251,17 @@ def test_legacy_tuple_conversions_round_trip(unpatched):
     assert DynamicCache.from_legacy_cache(None).get_seq_length() == 0
 
 
+def test_key_cache_view_gives_way_to_a_subclass_instance_attribute(unpatched):
+    class OwnLists(DynamicCache):
+        def __init__(self) -> None:
+            super().__init__()
+            self.key_cache, self.value_cache = ["own keys"], ["own values"]
+
+    compat.patch_transformers()
+    cache = OwnLists()
+    assert cache.key_cache == ["own keys"] and cache.value_cache == ["own values"]
+
+
 def _reference_mask(mask2d, batch, q_len, past, sliding_window, dtype):
     """Brute-force additive causal mask: one loop per (batch, query, key)."""
     lowest = torch.finfo(dtype).min
