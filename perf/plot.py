@@ -70,7 +70,7 @@ def make_chart(
     # (1) ratios, log scale
     ys = list(range(len(rows)))[::-1]
     labels = [f"{r[0]}  [{r[1].replace('ratio_vs_', 'x ').replace('cache_speedup', 'nocache/cache')}]" for r in rows]
-    ax_ratio.barh([y + 0.2 for y in ys], [r[3] or 0 for r in rows], height=0.4, color="#bbbbbb", label=f"baseline{': ' + baseline_label if baseline_label else ''}")
+    ax_ratio.barh([y + 0.2 for y in ys], [r[3] or 0 for r in rows], height=0.4, color="#bbbbbb", label="baseline")
     ax_ratio.barh([y - 0.2 for y in ys], [r[2] for r in rows], height=0.4, color="#1f77b4", label="this run")
     ax_ratio.set_yticks(ys)
     ax_ratio.set_yticklabels(labels, fontsize=7)
@@ -80,31 +80,37 @@ def make_chart(
     ax_ratio.set_title("ratios per benchmark")
     ax_ratio.legend(loc="lower right", fontsize=8)
 
-    # (2) change vs baseline of gated figures, with each figure's limit
-    gated = [r for r in rows if r[3] is not None and r[4]]
+    # (2) change vs baseline of every gated figure (ratios and memory), with its limit
+    status_color = {"pass": "#2ca02c", "unconfirmed": "#ff7f0e", "regressed": "#d62728", "ungated": "#bbbbbb"}
+    gated = []  # (label, change %, limit %, color)
+    for fullname, info in current.items():
+        limits = _gate_limits(info)
+        for fig_name in info.get(GATE_KEY, []):
+            v = info.get(fig_name)
+            b = baseline.get(fullname, {}).get(fig_name)
+            if not isinstance(v, (int, float)) or not isinstance(b, (int, float)) or b <= 0:
+                continue
+            lim = limits.get(fig_name, {})
+            limit = lim.get("limit")
+            gated.append(
+                (
+                    f"{_short(fullname)} [{fig_name}]",
+                    (v / b - 1.0) * 100,
+                    None if limit is None or lim.get("status") == "ungated" else (limit / b - 1.0) * 100,
+                    status_color.get(lim.get("status"), "#7f7f7f"),
+                )
+            )
     ys2 = list(range(len(gated)))[::-1]
-    changes, colors, limits = [], [], []
-    for r in gated:
-        full = next(f for f in current if _short(f) == r[0])
-        lim = _gate_limits(current[full]).get(r[1], {})
-        change = (r[2] / r[3] - 1.0) * 100
-        changes.append(change)
-        limit = lim.get("limit")
-        limits.append(None if limit is None else (limit / r[3] - 1.0) * 100)
-        if limit is None:
-            colors.append("#999999")
-        else:
-            bad = r[2] > limit if lim.get("worse") == "higher" else r[2] < limit
-            colors.append("#d62728" if bad else "#2ca02c")
-    ax_change.barh(ys2, changes, color=colors, height=0.6)
-    for y, lim in zip(ys2, limits):
-        if lim is not None:
-            ax_change.plot([lim, lim], [y - 0.4, y + 0.4], color="k", lw=1.5)
+    ax_change.barh(ys2, [g[1] for g in gated], color=[g[3] for g in gated], height=0.6)
+    for y, g in zip(ys2, gated):
+        if g[2] is not None:
+            ax_change.plot([g[2], g[2]], [y - 0.4, y + 0.4], color="k", lw=1.5)
     ax_change.set_yticks(ys2)
-    ax_change.set_yticklabels([f"{r[0]} [{r[1]}]" for r in gated], fontsize=7)
+    ax_change.set_yticklabels([g[0] for g in gated], fontsize=7)
     ax_change.axvline(0, color="k", lw=0.6)
-    ax_change.set_xlabel("change vs baseline, % (time ratios: + is slower; speedups: - is worse); black tick: limit")
-    ax_change.set_title("gated figures: change vs baseline (first measurement)" if gated else "gated figures: no baseline")
+    ax_change.set_xlabel("change vs baseline, %  (black tick: limit; green pass, orange exceeded once,\n"
+                         "red regressed, grey not gated; time ratios/bytes: + is worse, speedups: - is worse)", fontsize=8)
+    ax_change.set_title("gated figures: change vs baseline" if gated else "gated figures: no baseline to compare")
 
     # (3) tokens/s vs length
     series = {}
@@ -125,8 +131,8 @@ def make_chart(
     ax_tok.set_xlabel("new tokens (greedy)")
     ax_tok.set_ylabel("tokens/s")
     ax_tok.set_xscale("log", base=2)
-    ax_tok.set_title("tokens/s vs length (faint dashed: baseline)")
-    ax_tok.legend(fontsize=7)
+    ax_tok.set_title("tokens/s vs length (faint: baseline)", fontsize=10)
+    ax_tok.legend(fontsize=7, loc="upper right")
 
     # (4) memory
     mem = [(info.get("key", fullname).split("/")[-1], info) for fullname, info in current.items() if "model_bytes" in info]
@@ -152,7 +158,7 @@ def make_chart(
     else:
         ax_mem.set_axis_off()
 
-    fig.suptitle(title + (f" ({baseline_label})" if baseline_label else " (no baseline)"))
+    fig.suptitle(title + (f"  [baseline: {baseline_label}]" if baseline_label else "  [no baseline]"), fontsize=11)
     fig.tight_layout()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

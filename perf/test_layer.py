@@ -58,8 +58,13 @@ def inputs(device):
     return out
 
 
-def _ratio_rule(perf_gate) -> dict:
-    return {"ratio_vs_linear": Rule(HIGHER, perf_gate.tol["ratio"])}
+def _ratio_rule(perf_gate, decode_dominated: bool) -> dict:
+    """Ratios of like work (cached forward; any forward at 32x128, where the matmul dominates)
+    move little with the machine's load: tight tolerance. Decode/encode-dominated ones compare
+    unlike work (table lookups vs a matrix-vector product), which contention for caches and memory
+    bandwidth shifts by 20%+ for seconds at a time: wider tolerance (--perf-codec-tol)."""
+    tol = perf_gate.tol["codec" if decode_dominated else "ratio"]
+    return {"ratio_vs_linear": Rule(HIGHER, tol)}
 
 
 def _paired_figures(p) -> dict:
@@ -69,6 +74,7 @@ def _paired_figures(p) -> dict:
         "ratio_vs_linear": p.ratio,
         "pairs": len(p.target),
         "reference_repeat": p.repeat,
+        "paired_ratios": [round(r, 5) for r in p.ratios],
     }
 
 
@@ -101,7 +107,8 @@ def test_qins_forward(benchmark, perf_gate, device, layers, compiled, inputs, in
     def remeasure():
         return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
 
-    perf_gate.check(benchmark, _paired_figures(p), _ratio_rule(perf_gate), remeasure, key=f"{mode}/{size}/{batch}")
+    rules = _ratio_rule(perf_gate, decode_dominated=mode != "cached" and batch == "b1")
+    perf_gate.check(benchmark, _paired_figures(p), rules, remeasure, key=f"{mode}/{size}/{batch}")
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -124,7 +131,7 @@ def test_decode(benchmark, perf_gate, device, layers, inputs, size):
     def remeasure():
         return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
 
-    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate), remeasure, key=f"decode/{size}")
+    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate, decode_dominated=True), remeasure, key=f"decode/{size}")
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -146,4 +153,4 @@ def test_encode(benchmark, perf_gate, device, layers, inputs, size):
     def remeasure():
         return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
 
-    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate), remeasure, key=f"encode/{size}")
+    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate, decode_dominated=True), remeasure, key=f"encode/{size}")

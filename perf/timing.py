@@ -19,7 +19,19 @@ import torch
 
 from perf.gate import INJECT_ENV, paired_ratios, parse_factor, robust_ratio
 
+#: The clock every timer here reads; the plugin picks it (``--perf-clock``): ``time.thread_time``
+#: (CPU time of this thread; with one torch thread all compute runs on it) or ``time.perf_counter``.
 clock = time.perf_counter
+
+
+#: Seconds (wall) of warm-up before timing, whatever the budget (baselines, measured with a larger
+#: budget, must start timing from the same steady state as normal runs).
+WARMUP_S = 0.5
+
+
+def use_clock(kind: str) -> None:
+    global clock
+    clock = {"cpu": time.thread_time, "wall": time.perf_counter}[kind]
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,17 +150,33 @@ class Paired:
         return robust_ratio(self.reference)
 
 
-def plan(target: Callable, reference: Callable, *, match: bool, budget_s: float, min_pairs: int, max_pairs: int, warmup: int):
-    """Warm both up and choose the reference repeat count and the number of pairs."""
-    ta = tb = float("inf")
-    for _ in range(max(1, warmup)):
-        tb = min(tb, time_once(reference))
-        ta = min(ta, time_once(target))
+def plan(
+    target: Callable,
+    reference: Callable,
+    *,
+    match: bool,
+    budget_s: float,
+    min_pairs: int,
+    max_pairs: int,
+    warmup: int,
+    warmup_s: float = 0.0,
+):
+    """Warm both up, then choose the reference repeat count and the number of pairs.
+
+    Warm-up alternates reference and target for at least ``warmup`` pairs and ``warmup_s`` seconds
+    (wall), so that first-call effects (compilation, allocator growth, page faults of fresh large
+    buffers) are over before timing: a drift left in the timed pairs would make the median depend
+    on how many pairs were taken.
+    """
+    ta_all, tb_all = [], []
+    deadline = time.perf_counter() + warmup_s
+    while len(ta_all) < max(1, warmup) or time.perf_counter() < deadline:
+        tb_all.append(time_once(reference))
+        ta_all.append(time_once(target))
+    ta, tb = min(ta_all[-3:]), min(tb_all[-3:])
     repeat = max(1, min(1000, round(ta / tb))) if match and tb > 0 else 1
     pair_cost = ta + repeat * tb
     pairs = int(budget_s / pair_cost) if pair_cost > 0 else max_pairs
-    if pair_cost > 1.0:  # expensive pairs (seconds each): three give a median that shrugs off one outlier
-        min_pairs = min(min_pairs, 3)
     return repeat, max(min_pairs, min(max_pairs, pairs))
 
 
@@ -187,7 +215,16 @@ def paired_benchmark(
         return None
     with quiet_gc():
         if pairs is None:
-            repeat, pairs = plan(target, reference, match=match, budget_s=budget_s, min_pairs=min_pairs, max_pairs=max_pairs, warmup=warmup)
+            repeat, pairs = plan(
+                target,
+                reference,
+                match=match,
+                budget_s=budget_s,
+                min_pairs=min_pairs,
+                max_pairs=max_pairs,
+                warmup=warmup,
+                warmup_s=WARMUP_S,
+            )
         else:
             repeat = 1
         block = _reference_block(reference, repeat)
@@ -231,8 +268,11 @@ def plain_benchmark(
     with quiet_gc():
         if rounds is None:
             t = float("inf")
-            for _ in range(max(1, warmup)):
+            deadline = time.perf_counter() + WARMUP_S
+            n = 0
+            while n < max(1, warmup) or time.perf_counter() < deadline:
                 t = min(t, time_once(target))
+                n += 1
             rounds = max(min_rounds, min(max_rounds, int(budget_s / t) if t > 0 else max_rounds))
         benchmark.pedantic(target, rounds=rounds, warmup_rounds=0, iterations=1)
     return list(benchmark.stats.stats.data)

@@ -283,7 +283,7 @@ def synth(tmp_path):
     (tmp_path / "conftest.py").write_text(SYNTH_CONFTEST)
     (tmp_path / "test_synth.py").write_text(SYNTH_TEST)
 
-    def run(*args, first=1.0, again=None, sleep=0.0, backstop="off"):
+    def run(*args, first=1.0, again=None, sleep=0.0, backstop="off", clock="auto"):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["SYNTH_FIRST"] = str(first)
@@ -292,7 +292,7 @@ def synth(tmp_path):
         if again is not None:
             env["SYNTH_AGAIN"] = str(again)
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
-               f"--perf-backstop={backstop}", *args]
+               f"--perf-backstop={backstop}", f"--perf-clock={clock}", *args]
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         return proc.returncode, proc.stdout + proc.stderr
 
@@ -343,9 +343,10 @@ def test_plugin_gate_pass_regress_confirm(synth):
 
 
 def test_plugin_absolute_backstop_fails_without_traceback(synth):
-    rc, out = synth("--benchmark-save=baseline", first=1.0, sleep=0.001)
+    # sleeping takes no CPU time: time the wall clock here
+    rc, out = synth("--benchmark-save=baseline", first=1.0, sleep=0.001, clock="wall")
     assert rc == 0, out
-    rc, out = synth("--benchmark-compare", first=1.0, sleep=0.05, backstop="min:900%")
+    rc, out = synth("--benchmark-compare", first=1.0, sleep=0.05, backstop="min:900%", clock="wall")
     assert rc == 1, out
     assert "Performance has regressed" in out and "backstop" in out
     assert "Traceback" not in out
