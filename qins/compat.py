@@ -14,16 +14,14 @@ What may be added, each only where missing:
 * ``Cache.seen_tokens`` (gone in 4.54): tokens seen so far, ``get_seq_length(0)``.
 * ``Cache.get_max_length()`` (gone in 4.49): the size limit, ``None`` when unbounded.
 * ``DynamicCache.from_legacy_cache`` / ``to_legacy_cache`` (gone in 5.0): tuple conversions.
-* ``DynamicCache.key_cache`` / ``value_cache`` (gone in 4.56): read-only per-layer tuples.
-* module ``transformers.modeling_attn_mask_utils`` (gone in 5.0) or its
-  ``_prepare_4d_causal_attention_mask``: the eager additive 4D causal mask.
-* 5.x only, via a wrapper of ``dynamic_module_utils.get_class_in_module`` (5.x ``generate`` has
-  no hook for legacy models; nothing else native is wrapped), applied to remote classes:
-  ``prepare_inputs_for_generation(past_key_values=...)`` receives 5.x's ``cache`` kwarg under its
-  legacy name, sees ``get_max_length() is None`` on an unbounded cache (5.x's native method
-  returns -1 and stays as it is), and its ``position_ids`` are cut to the new tokens; a config
-  whose ``__init__`` takes ``rope_scaling`` reads it back legacy-style: ``None`` when unscaled,
-  else a dict with ``"type"``.
+* ``DynamicCache.key_cache`` / ``value_cache`` (gone in 4.56): per-layer tuples, read-only.
+* ``transformers.modeling_attn_mask_utils._prepare_4d_causal_attention_mask`` (gone in 5.0).
+* 5.x only, by wrapping ``dynamic_module_utils.get_class_in_module`` (5.x ``generate`` offers no
+  hook; nothing else native is wrapped), on legacy remote classes: ``prepare_inputs_for_generation
+  (past_key_values=...)`` gets 5.x's ``cache`` kwarg under that name, sees ``get_max_length()``
+  as ``None`` for an unbounded cache (the native -1 stays for everyone else) and has its
+  ``position_ids`` cut to the new tokens; a config taking ``rope_scaling`` reads it back as
+  ``None`` when unscaled, else a dict with ``"type"``.
 """
 from __future__ import annotations
 
@@ -68,9 +66,7 @@ def _check_version() -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# Legacy cache API
-# --------------------------------------------------------------------------------------------
+# --- Legacy cache API ----------------------------------------------------------------------------
 
 
 def _get_max_length(self: Any) -> Optional[int]:
@@ -141,8 +137,8 @@ def _prepare_4d_causal_attention_mask(
     dtype, device = inputs_embeds.dtype, inputs_embeds.device
     lowest = torch.finfo(dtype).min
     if attention_mask is not None and attention_mask.dim() == 4:
-        if tuple(attention_mask.shape) != (batch, 1, q_len, kv_len):
-            expected = (batch, 1, q_len, kv_len)
+        expected = (batch, 1, q_len, kv_len)
+        if tuple(attention_mask.shape) != expected:
             raise ValueError(f"4D attention mask should be {expected}, got {tuple(attention_mask.shape)}")
         inverted = 1.0 - attention_mask
         return inverted.masked_fill(inverted.to(torch.bool), lowest)
@@ -162,9 +158,7 @@ def _prepare_4d_causal_attention_mask(
     return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, lowest)
 
 
-# --------------------------------------------------------------------------------------------
-# 5.x: adapting legacy remote classes as they are loaded
-# --------------------------------------------------------------------------------------------
+# --- 5.x: adapting legacy remote classes as they are loaded --------------------------------------
 
 
 def _adapt_prepare_inputs(original: Callable) -> Callable:
@@ -233,9 +227,7 @@ def _adapt_remote_class(cls: Any, undo: list[Callable[[], None]]) -> None:
         replace("rope_scaling", _rope_scaling_property(native))
 
 
-# --------------------------------------------------------------------------------------------
-# patch / unpatch
-# --------------------------------------------------------------------------------------------
+# --- patch / unpatch -----------------------------------------------------------------------------
 
 
 def patch_transformers() -> tuple[str, ...]:

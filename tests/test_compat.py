@@ -6,6 +6,7 @@ the patch left it alone, and the semantic rules hold either way.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import logging
@@ -262,6 +263,17 @@ def test_key_cache_view_gives_way_to_a_subclass_instance_attribute(unpatched):
     assert cache.key_cache == ["own keys"] and cache.value_cache == ["own values"]
 
 
+def _native_mask_function():
+    """transformers' own ``_prepare_4d_causal_attention_mask``; None where its module is gone (5.x)."""
+    try:
+        module = importlib.import_module(MASK_MODULE)
+    except ImportError:
+        assert Version(sys.modules["transformers"].__version__).major >= 5
+        return None
+    assert module.__dict__.get("_prepare_4d_causal_attention_mask") is not compat._prepare_4d_causal_attention_mask
+    return module._prepare_4d_causal_attention_mask
+
+
 def _reference_mask(mask2d, batch, q_len, past, sliding_window, dtype):
     """Brute-force additive causal mask: one loop per (batch, query, key)."""
     lowest = torch.finfo(dtype).min
@@ -277,7 +289,7 @@ def _reference_mask(mask2d, batch, q_len, past, sliding_window, dtype):
     (5, 0, None, False), (5, 0, None, True), (1, 6, None, True), (3, 4, None, True),
     (5, 0, 2, True), (1, 6, 3, False), (4, 3, 3, True),
 ])
-def test_causal_mask_stand_in_matches_the_legacy_semantics(q_len, past, sliding_window, padded):
+def test_causal_mask_stand_in_matches_the_legacy_semantics(unpatched, q_len, past, sliding_window, padded):
     batch, dtype = 2, torch.float32
     embeds = torch.zeros(batch, q_len, 8, dtype=dtype)
     mask2d = torch.ones(batch, past + q_len, dtype=torch.long)
@@ -290,9 +302,21 @@ def test_causal_mask_stand_in_matches_the_legacy_semantics(q_len, past, sliding_
         assert torch.equal(unmasked, _reference_mask(None, batch, q_len, past, sliding_window, dtype))
     else:
         assert compat._prepare_4d_causal_attention_mask(None, (batch, q_len), embeds, past, sliding_window) is None
-    native = getattr(sys.modules.get(MASK_MODULE), "_prepare_4d_causal_attention_mask", None)
-    if native is not None and native is not compat._prepare_4d_causal_attention_mask:  # 4.x: must agree
+    native = _native_mask_function()
+    if native is not None:  # 4.x: the stand-in must agree with transformers' own
         assert torch.equal(got, native(mask2d, (batch, q_len), embeds, past, sliding_window=sliding_window))
+
+
+def test_causal_mask_stand_in_inverts_a_4d_mask_and_checks_its_shape(unpatched):
+    embeds = torch.zeros(2, 3, 8)
+    mask4d = torch.randint(0, 2, (2, 1, 3, 5)).float()
+    got = compat._prepare_4d_causal_attention_mask(mask4d, (2, 3), embeds, 2)
+    assert torch.equal(got, torch.where(mask4d == 1, 0.0, torch.finfo(torch.float32).min))
+    with pytest.raises(ValueError, match="4D attention mask"):
+        compat._prepare_4d_causal_attention_mask(mask4d, (2, 3), embeds, 1)
+    native = _native_mask_function()
+    if native is not None:  # 4.x: the stand-in must agree with transformers' own
+        assert torch.equal(got, native(mask4d, (2, 3), embeds, 2))
 
 
 def test_remote_config_reads_rope_scaling_legacy_style(unpatched, tmp_path):
