@@ -33,7 +33,7 @@ from perf.gate import INJECT_ENV, parse_factor
 DEFAULTS = {
     "threads": 1,
     "ratio_tol": 0.15,
-    "codec_tol": 0.30,
+    "codec_tol": 0.50,
     "e2e_tol": 0.30,
     "cache_gain_tol": 0.5,
     "memory_tol": 0.10,
@@ -84,7 +84,8 @@ def pytest_addoption(parser):
         "--perf-codec-tol",
         type=float,
         default=DEFAULTS["codec_tol"],
-        help="Allowed rise of a decode/encode-dominated layer ratio (decode, encode, memory-saving at batch 1). Default: %(default)s",
+        help="Allowed rise of a decode/encode-dominated ratio (decode, encode, memory-saving forward at batch 1 "
+        "and memory-saving generation vs FP32). Default: %(default)s",
     )
     g.addoption("--perf-e2e-tol", type=float, default=DEFAULTS["e2e_tol"], help="Allowed rise of an end-to-end ratio vs FP32. Default: %(default)s")
     g.addoption(
@@ -400,7 +401,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     except PerformanceRegression:
         # pytest-benchmark's absolute backstop (--benchmark-compare-fail) fired; it has already
         # printed which benchmark and field. Report it as a failed run, without a traceback.
-        state.backstop_failed = "absolute backstop --benchmark-compare-fail failed (see 'Performance has regressed' above)"
+        fail = config.getoption("benchmark_compare_fail") or []
+        exprs = ", ".join(f"{c.field}:{c.threshold}{'%' if 'Percentage' in type(c).__name__ else 's'}" for c in fail)
+        where = state.baseline.label if state.baseline is not None else "the compared run"
+        state.backstop_failed = (
+            f"absolute backstop --benchmark-compare-fail={exprs} failed against {where} "
+            f"(which benchmark and by how much: 'Performance has regressed' above)"
+        )
         result = None
         session = getattr(terminalreporter, "_session", None)
         if session is not None:

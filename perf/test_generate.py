@@ -26,7 +26,8 @@ LENGTHS = [64, 256]
 PAIRS = {64: 3, 256: 2}
 PAIRS_NO_CACHE = {64: 3, 256: 1}
 #: the memory-saving model decodes every weight at every step, which makes it the slowest
-PAIRS_MEMSAVE = {64: 2, 256: 1}
+PAIRS_MEMSAVE = {64: 2, 256: 2}
+PAIRS_MEMSAVE_NO_CACHE = {64: 2, 256: 1}
 
 #: the no-cache/cache ratio is gated only where the baseline's is at least this: the memory-saving
 #: model decodes every weight at every step, so there the cache saves too small a share of the
@@ -91,12 +92,14 @@ def test_generate(benchmark, perf_gate, e2e_models, e2e_prompt, warm, device, ne
 
     if use_cache:  # QINS with cache, paired with FP32 with cache
         reference = _generate_fn(models["fp32"], prompt, new_tokens, True, device)
-        figure, rule = "ratio_vs_fp32", Rule(HIGHER, perf_gate.tol["e2e"])
+        # the memory-saving model's time is mostly decoding: a decode-dominated ratio (see test_layer)
+        tol = perf_gate.tol["codec" if model == "qins-memsave" else "e2e"]
+        figure, rule = "ratio_vs_fp32", Rule(HIGHER, tol)
         pairs = PAIRS_MEMSAVE[new_tokens] if model == "qins-memsave" else PAIRS[new_tokens]
     else:  # any model without cache, paired with itself with cache
         reference = _generate_fn(models[model], prompt, new_tokens, True, device)
         figure, rule = "cache_speedup", Rule(LOWER, perf_gate.tol["cache_gain"], gain=True, min_baseline=CACHE_SPEEDUP_MIN)
-        pairs = PAIRS_MEMSAVE[new_tokens] if model == "qins-memsave" else PAIRS_NO_CACHE[new_tokens]
+        pairs = PAIRS_MEMSAVE_NO_CACHE[new_tokens] if model == "qins-memsave" else PAIRS_NO_CACHE[new_tokens]
 
     p = paired_benchmark(benchmark, target, reference, match=False, pairs=scaled(pairs))
     if p is None:

@@ -58,13 +58,28 @@ def inputs(device):
     return out
 
 
-def _ratio_rule(perf_gate, decode_dominated: bool) -> dict:
-    """Ratios of like work (cached forward; any forward at 32x128, where the matmul dominates)
-    move little with the machine's load: tight tolerance. Decode/encode-dominated ones compare
-    unlike work (table lookups vs a matrix-vector product), which contention for caches and memory
-    bandwidth shifts by 20%+ for seconds at a time: wider tolerance (--perf-codec-tol)."""
-    tol = perf_gate.tol["codec" if decode_dominated else "ratio"]
-    return {"ratio_vs_linear": Rule(HIGHER, tol)}
+#: a like-work ratio measured with fewer pairs than this gets a wider tolerance (x sqrt(FULL_PAIRS/pairs))
+FULL_PAIRS = 10
+
+
+def _ratio_rule(perf_gate, decode_dominated: bool, pairs: int) -> dict:
+    """The rule for ``ratio_vs_linear``.
+
+    Like work (cached forward; any forward at 32x128 tokens, where the matmul dominates) moves
+    little with the machine's load: --perf-ratio-tol, widened by sqrt(FULL_PAIRS / pairs) when the
+    budget affords fewer than FULL_PAIRS pairs (the 3072x3072 GEMM at 32x128 tokens is ~0.5 s a
+    call), as the spread of a median grows like that.
+
+    Decode/encode-dominated ratios (decode, encode, memory-saving forward at batch 1) compare table
+    lookups with a matrix-vector product; contention for caches and memory bandwidth from other
+    jobs on the machine swings that ratio by up to 1.5x for tens of seconds, which more pairs do
+    not average away: --perf-codec-tol (a coarse gate).
+    """
+    if decode_dominated:
+        tol = perf_gate.tol["codec"]
+    else:
+        tol = perf_gate.tol["ratio"] * max(1.0, (FULL_PAIRS / max(1, pairs)) ** 0.5)
+    return {"ratio_vs_linear": Rule(HIGHER, round(tol, 4))}
 
 
 def _paired_figures(p) -> dict:
@@ -107,7 +122,7 @@ def test_qins_forward(benchmark, perf_gate, device, layers, compiled, inputs, in
     def remeasure():
         return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
 
-    rules = _ratio_rule(perf_gate, decode_dominated=mode != "cached" and batch == "b1")
+    rules = _ratio_rule(perf_gate, decode_dominated=mode != "cached" and batch == "b1", pairs=len(p.target))
     perf_gate.check(benchmark, _paired_figures(p), rules, remeasure, key=f"{mode}/{size}/{batch}")
 
 
@@ -131,7 +146,7 @@ def test_decode(benchmark, perf_gate, device, layers, inputs, size):
     def remeasure():
         return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
 
-    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate, decode_dominated=True), remeasure, key=f"decode/{size}")
+    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate, True, len(p.target)), remeasure, key=f"decode/{size}")
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -153,4 +168,4 @@ def test_encode(benchmark, perf_gate, device, layers, inputs, size):
     def remeasure():
         return {"ratio_vs_linear": paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
 
-    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate, decode_dominated=True), remeasure, key=f"encode/{size}")
+    perf_gate.check(benchmark, figures, _ratio_rule(perf_gate, True, len(p.target)), remeasure, key=f"encode/{size}")
