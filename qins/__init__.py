@@ -7,6 +7,8 @@ Public API:
 * layer — :class:`ProjectiveLinear`
 * model surgery and accounting — :func:`convert_model_to_projective`, :class:`ConversionReport`,
   :func:`model_memory`, :class:`MemoryReport`
+* transformers compatibility — :func:`patch_transformers` (alias :func:`patch_dynamic_cache`),
+  :func:`unpatch_transformers`, :class:`UnsupportedTransformersError`
 """
 from .codec import (
     SMALLEST_NORMAL,
@@ -16,6 +18,7 @@ from .codec import (
     qins_log_slack,
     reconstruct_from_qins,
 )
+from .compat import UnsupportedTransformersError, patch_dynamic_cache, patch_transformers, unpatch_transformers
 from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
 from .layer import ProjectiveLinear
 
@@ -24,13 +27,17 @@ __version__ = "0.1.0"
 __all__ = [
     "SMALLEST_NORMAL",
     "ConversionReport",
+    "UnsupportedTransformersError",
     "MemoryReport",
     "ProjectiveLinear",
     "convert_model_to_projective",
     "convert_to_qins",
     "model_memory",
+    "patch_dynamic_cache",
+    "patch_transformers",
     "qins_error_bound",
     "qins_levels",
     "qins_log_slack",
     "reconstruct_from_qins",
+    "unpatch_transformers",
 ]

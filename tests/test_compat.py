@@ -332,3 +332,13 @@ def test_remote_config_reads_rope_scaling_legacy_style(unpatched, tmp_path):
     assert scaled.rope_scaling["type"] == "linear" and scaled.rope_scaling["factor"] == 2.0
     model = load_legacy_model(tmp_path / "c", rope_scaling={"type": "linear", "factor": 2.0})
     assert model.model.layers[0].self_attn.rotary_emb.scale == 2.0
+
+
+def test_patch_api_is_exported_from_the_package() -> None:
+    import qins
+    from qins import compat
+
+    assert qins.patch_transformers is compat.patch_transformers
+    assert qins.patch_dynamic_cache is compat.patch_transformers
+    assert qins.unpatch_transformers is compat.unpatch_transformers
+    assert qins.UnsupportedTransformersError is compat.UnsupportedTransformersError
