@@ -60,8 +60,8 @@ def make_chart(
             b = b if isinstance(b, (int, float)) and b > 0 else None
             rows.append((_short(fullname), key, float(v), b, key in info.get(GATE_KEY, [])))
 
-    fig = plt.figure(figsize=(18, max(8, 0.32 * len(rows) + 2)))
-    gs = fig.add_gridspec(2, 3, width_ratios=[1.25, 1.0, 1.0], height_ratios=[1, 1])
+    fig = plt.figure(figsize=(19, max(9, 0.32 * len(rows) + 2)))
+    gs = fig.add_gridspec(2, 3, width_ratios=[1.0, 1.0, 0.8], height_ratios=[1, 1])
     ax_ratio = fig.add_subplot(gs[:, 0])
     ax_change = fig.add_subplot(gs[:, 1])
     ax_tok = fig.add_subplot(gs[0, 2])
@@ -91,6 +91,8 @@ def make_chart(
             if not isinstance(v, (int, float)) or not isinstance(b, (int, float)) or b <= 0:
                 continue
             lim = limits.get(fig_name, {})
+            if lim.get("baseline") is None or abs(lim["baseline"] - b) > 1e-9 * abs(b):
+                lim = {}  # the run was gated against another baseline than the one charted
             limit = lim.get("limit")
             gated.append(
                 (
@@ -132,7 +134,7 @@ def make_chart(
     ax_tok.set_ylabel("tokens/s")
     ax_tok.set_xscale("log", base=2)
     ax_tok.set_title("tokens/s vs length (faint: baseline)", fontsize=10)
-    ax_tok.legend(fontsize=7, loc="upper right")
+    ax_tok.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     # (4) memory
     mem = [(info.get("key", fullname).split("/")[-1], info) for fullname, info in current.items() if "model_bytes" in info]
@@ -151,10 +153,10 @@ def make_chart(
             if "peak_generate_delta" in b:
                 ax_mem.plot([i, i + 0.4], [b["peak_generate_delta"] / mib] * 2, color="k", lw=2)
         ax_mem.set_xticks(x)
-        ax_mem.set_xticklabels(names)
+        ax_mem.set_xticklabels(names, fontsize=8)
         ax_mem.set_ylabel("MiB")
         ax_mem.set_title("memory (black ticks: baseline)")
-        ax_mem.legend(fontsize=7)
+        ax_mem.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     else:
         ax_mem.set_axis_off()
 
