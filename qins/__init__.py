@@ -4,6 +4,7 @@ Public API:
 
 * codec — :func:`convert_to_qins`, :func:`reconstruct_from_qins`, :func:`qins_error_bound`,
   :func:`qins_log_slack`, :func:`qins_levels`
+* formats — :class:`QinsConfig`, :func:`level_table`, :func:`decode_codes`, :func:`qins_exp`
 * layer — :class:`ProjectiveLinear`
 * model surgery and accounting — :func:`convert_model_to_projective`, :class:`ConversionReport`,
   :func:`model_memory`, :class:`MemoryReport`
@@ -20,6 +21,7 @@ from .codec import (
 )
 from .compat import UnsupportedTransformersError, patch_dynamic_cache, patch_transformers, unpatch_transformers
 from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
+from .formats import QinsConfig, decode_codes, level_table, qins_exp
 from .layer import ProjectiveLinear
 
 __version__ = "0.1.0"
@@ -30,6 +32,10 @@ __all__ = [
     "UnsupportedTransformersError",
     "MemoryReport",
     "ProjectiveLinear",
+    "QinsConfig",
+    "decode_codes",
+    "level_table",
+    "qins_exp",
     "convert_model_to_projective",
     "convert_to_qins",
     "model_memory",

@@ -1,0 +1,155 @@
+"""QINS storage formats: the configuration object, the deterministic level tables, and decoding.
+
+Two layouts, each per tensor or per output row:
+
+* **split** (2 bytes/weight): ``codes`` uint8 with 0 = exact zero and 1..255 the magnitude levels
+  (1 the largest, 255 the smallest), plus ``sign`` int8 in {-1, +1}. The seed's layout.
+* **packed** (1 byte/weight): bit 7 is the sign, bits 0..6 the magnitude code: 0 = exact zero,
+  1 = the largest level, 127 = the smallest. No sign buffer.
+
+With ``K`` levels (255 split, 127 packed), ``S = K - 1`` steps, ``D = log_max - log_min`` and
+``δ = D / S`` (float32), code ``k`` in 1..K decodes to ``qins_exp(log_max - (k - 1)·δ)``: level 1 is
+``exp(log_max)``, level K is ``exp(log_min)`` (up to float32 rounding), and neighbouring levels are a
+factor ``e^δ`` apart. Invariant for a weight ``w`` with ``|w|`` in ``[exp(log_min), exp(log_max)]``:
+``|log|ŵ| - log|w|| <= δ/2 + ε`` with ``ε = qins_log_slack(log_min, log_max)``.
+
+The tables are computed by :func:`qins_exp`, an ``exp`` built only from correctly rounded float32
+``+ - * /``, rounding to nearest integer and exact powers of two. The same sequence of operations
+in C++ (compiled without FMA contraction) or Triton gives bit-identical tables, so every kernel
+backend and this reference decode the same weights and differ only in accumulation order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+__all__ = ["QinsConfig", "qins_exp", "level_table", "decode_codes", "num_levels"]
+
+LogRange = Literal["minmax", "mse"]
+
+# Cody-Waite split of ln 2 and the Cephes expf polynomial (relative error < 2 ulp on [-ln2/2, ln2/2]).
+_LOG2E = 1.44269504088896341
+_LN2_HI = 0.693359375  # 9 significant bits: n * _LN2_HI is exact for |n| <= 2**15
+_LN2_LO = -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+@dataclass(frozen=True)
+class QinsConfig:
+    """How a weight is stored (torchao-style config object; immutable and hashable).
+
+    Args:
+        packed: ``True`` for the 1-byte format (sign in bit 7, 127 levels), ``False`` for the
+            2-byte split format (uint8 code + int8 sign, 255 levels).
+        log_range: ``"minmax"``: ``log_min``/``log_max`` are the logs of the smallest non-zero and
+            the largest ``|w|`` (the seed's rule). ``"mse"``: ``log_max = ln max|w|`` and
+            ``log_min`` is searched to minimise ``Σ(w - ŵ)²``; weights below ``exp(log_min)`` go to
+            the nearer of 0 and the smallest level.
+        per_row: one ``log_min``/``log_max`` per output row (``[out]`` buffers) instead of one
+            per tensor.
+
+    The default (packed, mse, per row) is the smallest and, per byte, the most accurate format
+    measured here (README, "Choosing a format"). ``QinsConfig.seed()`` reproduces the seed's
+    codes exactly (those of :func:`qins.convert_to_qins`).
+    """
+
+    packed: bool = True
+    log_range: LogRange = "mse"
+    per_row: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.packed, bool) or not isinstance(self.per_row, bool):
+            raise TypeError(f"packed and per_row must be bool, got {self.packed!r}, {self.per_row!r}")
+        if self.log_range not in ("minmax", "mse"):
+            raise ValueError(f"log_range must be 'minmax' or 'mse', got {self.log_range!r}")
+
+    @classmethod
+    def seed(cls) -> "QinsConfig":
+        """The seed's format: split, minmax, per tensor."""
+        return cls(packed=False, log_range="minmax", per_row=False)
+
+    @property
+    def levels(self) -> int:
+        """Number of non-zero magnitude levels: 127 packed, 255 split."""
+        return num_levels(self.packed)
+
+    @property
+    def bytes_per_weight(self) -> int:
+        return 1 if self.packed else 2
+
+
+def num_levels(packed: bool) -> int:
+    """127 magnitude levels for the packed format, 255 for the split one."""
+    return 127 if packed else 255
+
+
+def _pow2(n: torch.Tensor) -> torch.Tensor:
+    """Exact ``2**n`` (float32) for integer-valued float32 ``n`` in [-126, 127], from the bits."""
+    return ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def qins_exp(t: torch.Tensor) -> torch.Tensor:
+    """Deterministic float32 ``exp(t)`` for float32 ``t`` in [-87.3, 88.7] (relative error < 3 ulp).
+
+    Steps (each a correctly rounded float32 operation, in this order; kernels repeat it exactly):
+    ``n = rint(t·log2e)``; ``f = (t - n·LN2_HI) - n·LN2_LO``; ``p = poly(f)`` by Horner with separate
+    multiply and add; ``exp(t) = ((p·f·f + f) + 1)·2^a·2^b`` with ``a = floor(n/2)``, ``b = n - a``
+    (two exact power-of-two factors, so ``n = 128`` near float32's maximum does not overflow early).
+    """
+    t = t.to(torch.float32)
+    n = torch.round(t * _LOG2E)
+    f = (t - n * _LN2_HI) - n * _LN2_LO
+    p = torch.full_like(f, _EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        p = p * f + c
+    y = ((p * f) * f + f) + 1.0
+    a = torch.floor(n * 0.5)
+    return (y * _pow2(a)) * _pow2(n - a)
+
+
+def level_table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The ``[R, 256]`` float32 decode table for 0-d (``R = 1``) or ``[R]`` float32 log buffers.
+
+    Split: ``table[r, 0] = 0`` and ``table[r, k] = qins_exp(log_max[r] - (k - 1)·δ[r])`` for
+    k = 1..255, unsigned (multiply by ``sign``). Packed: entries 0..127 likewise with 127 levels, and
+    ``table[r, 128 + k] = -table[r, k]`` (so byte 128 is -0.0): decoding is one gather, no multiply.
+    ``δ = (log_max - log_min) / S`` in float32 with ``S = 126`` (packed) or ``254`` (split).
+    Traceable: no ``.item()`` and no data-dependent control flow.
+    """
+    lo = log_min.to(torch.float32).reshape(-1, 1)
+    hi = log_max.to(torch.float32).reshape(-1, 1)
+    k = num_levels(packed)
+    delta = (hi - lo) / float(k - 1)
+    j = torch.arange(k, device=lo.device, dtype=torch.float32)  # j = code - 1
+    mags = qins_exp(hi - j * delta)
+    zero = torch.zeros_like(hi)
+    half = torch.cat([zero, mags], dim=1)  # [R, k + 1]
+    if packed:
+        return torch.cat([half, -half], dim=1)
+    return half
+
+
+def decode_codes(
+    codes: torch.Tensor,
+    sign: Optional[torch.Tensor],
+    log_min: torch.Tensor,
+    log_max: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode ``[out, in]`` codes to weights in ``dtype``. ``sign is None`` means packed codes.
+
+    Per tensor (0-d logs): one gather from the 256-entry table. Per row (``[out]`` logs): a row-wise
+    gather. Split codes are multiplied by their ±1 sign (exact; code 0 with sign -1 gives -0.0).
+    """
+    table = level_table(log_min, log_max, packed=sign is None)
+    idx = codes.to(torch.int64)
+    if table.shape[0] == 1:
+        w = table[0][idx]
+    else:
+        w = torch.gather(table, 1, idx)
+    if sign is not None:
+        w = w * sign
+    return w.to(dtype)
