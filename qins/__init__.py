@@ -21,6 +21,7 @@ from .codec import (
 )
 from .compat import UnsupportedTransformersError, patch_dynamic_cache, patch_transformers, unpatch_transformers
 from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
+from .encode import encode
 from .formats import QinsConfig, decode_codes, level_table, qins_exp
 from .layer import ProjectiveLinear
 
@@ -34,6 +35,7 @@ __all__ = [
     "ProjectiveLinear",
     "QinsConfig",
     "decode_codes",
+    "encode",
     "level_table",
     "qins_exp",
     "convert_model_to_projective",

@@ -5,11 +5,12 @@ import fnmatch
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
+from .formats import QinsConfig
 from .layer import ProjectiveLinear
 
 __all__ = ["ConversionReport", "MemoryReport", "convert_model_to_projective", "model_memory"]
@@ -136,11 +137,16 @@ def _progress(items: list[tuple[str, nn.Linear]]) -> Iterator[tuple[str, nn.Line
 @torch.no_grad()
 def convert_model_to_projective(
     model: nn.Module,
+    config: Optional[QinsConfig] = None,
     *,
     skip: SkipPatterns = ("lm_head",),
     cache_weight: bool = True,
 ) -> ConversionReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` with :class:`ProjectiveLinear`.
+
+    Each layer is encoded in ``config``'s format (default ``QinsConfig()``: packed, mse, per row).
+    On a meta-device model it builds meta QINS layers of that format, to be filled by
+    ``to_empty`` and ``load_state_dict``.
 
     A layer is left alone if its qualified name (as in ``model.named_modules()``) equals one of
     ``skip`` or matches it as a glob (``fnmatch``, e.g. ``"*.mlp.*"``), or if its weight is tied to
@@ -149,6 +155,8 @@ def convert_model_to_projective(
     Atomic: every replacement is built before any is installed. If any layer fails (a NaN weight,
     say), the model is left exactly as it was and a ``ValueError`` names the layer.
     """
+    if config is not None and not isinstance(config, QinsConfig):
+        raise TypeError(f"config must be a QinsConfig, got {type(config).__name__}")
     patterns = (skip,) if isinstance(skip, str) else tuple(skip)
     before = model_memory(model)
     shared = _shared_weight_ids(model)
@@ -170,7 +178,7 @@ def convert_model_to_projective(
     replacements: list[tuple[str, ProjectiveLinear]] = []
     for name, linear in _progress(todo):
         try:
-            replacements.append((name, ProjectiveLinear.from_linear(linear, cache_weight=cache_weight)))
+            replacements.append((name, ProjectiveLinear.from_linear(linear, config, cache_weight=cache_weight)))
         except ValueError as exc:
             raise ValueError(f"cannot convert layer {name!r}: {exc}; the model was left unchanged") from exc
 

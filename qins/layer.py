@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import convert_to_qins, reconstruct_from_qins
+from .encode import encode
+from .formats import QinsConfig, decode_codes
+from .state import check_qins_state, format_metadata
 
 __all__ = ["ProjectiveLinear"]
 
@@ -15,22 +17,29 @@ __all__ = ["ProjectiveLinear"]
 class ProjectiveLinear(nn.Module):
     """Linear layer with QINS-coded weights: ``y = x @ ŵᵀ + b``.
 
-    State (all in the ``state_dict``): ``stored`` (uint8, ``[out, in]``), ``sign`` (int8,
-    ``[out, in]``), ``log_min``/``log_max`` (0-d float32) and the ``bias`` Parameter (or None).
-    Weight storage is 2 bytes per weight (code + sign) instead of 4 for fp32.
+    State (all in the ``state_dict``): ``stored`` (uint8 ``[out, in]``: codes, with the sign in bit 7
+    when ``config.packed``), ``sign`` (int8 ``[out, in]``, split format only), ``log_min``/``log_max``
+    (float32, 0-d per tensor or ``[out]`` per row) and the ``bias`` Parameter (or None). Weight
+    storage: 1 byte per weight packed, 2 split (plus 8 bytes per row when per row).
 
     ``cache_weight=True`` decodes once, at construction, into a non-persistent buffer in the
-    module's compute dtype; ``.to()``/``.half()`` convert it, ``load_state_dict`` and
-    :meth:`invalidate_cache` refresh it in place; it is never saved in the ``state_dict``. ``cache_weight=False`` decodes on every forward (the
-    memory-saving mode: no decoded copy is kept between calls).
+    module's compute dtype (4 more bytes per weight in fp32); ``.to()``/``.half()`` convert it,
+    ``load_state_dict`` and :meth:`invalidate_cache` refresh it in place; it is never saved.
+    ``cache_weight=False`` (the memory-saving mode) runs the fused ``qins::linear`` op on the codes
+    at every call: no decoded weight is kept, or made, between calls.
 
-    ``forward`` reads ``log_min``/``log_max`` as 0-d tensors (never ``.item()``), so
-    ``torch.compile(layer, fullgraph=True)`` neither breaks the graph nor recompiles when the log
-    range changes. The output dtype equals the input dtype (the decoded weight is cast to it).
+    The state_dict records its format in the module's metadata (``_version`` 2 and a ``"qins"``
+    entry) and a load checks keys, dtypes, shapes, values and format before changing anything; a
+    seed-layout state (version 1: split, per tensor) loads into a ``QinsConfig.seed()`` layer.
+
+    ``forward`` never calls ``.item()``, so ``torch.compile(fullgraph=True)`` neither breaks the
+    graph nor recompiles when the log range changes. The output dtype equals the input dtype.
     """
 
+    _version = 2
+
     stored: torch.Tensor
-    sign: torch.Tensor
+    sign: Optional[torch.Tensor]
     log_min: torch.Tensor
     log_max: torch.Tensor
     _cached_weight: Optional[torch.Tensor]
@@ -41,6 +50,7 @@ class ProjectiveLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
+        config: Optional[QinsConfig] = None,
         cache_weight: bool = True,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
@@ -50,11 +60,16 @@ class ProjectiveLinear(nn.Module):
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features = in_features
         self.out_features = out_features
+        self.config = config if config is not None else QinsConfig()
+        if not isinstance(self.config, QinsConfig):
+            raise TypeError(f"config must be a QinsConfig, got {type(self.config).__name__}")
         self.cache_weight = bool(cache_weight)
+        log_shape = (out_features,) if self.config.per_row else ()
         self.register_buffer("stored", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
-        self.register_buffer("sign", torch.ones(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("log_min", torch.zeros((), dtype=torch.float32, device=device))
-        self.register_buffer("log_max", torch.zeros((), dtype=torch.float32, device=device))
+        sign = None if self.config.packed else torch.ones(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("sign", sign)
+        self.register_buffer("log_min", torch.zeros(log_shape, dtype=torch.float32, device=device))
+        self.register_buffer("log_max", torch.zeros(log_shape, dtype=torch.float32, device=device))
         # A 0-element float tensor that only records the compute dtype; it follows .to()/.half().
         self.register_buffer("_dtype_marker", torch.empty(0, dtype=dtype or torch.float32, device=device), persistent=False)
         if bias:
@@ -62,34 +77,43 @@ class ProjectiveLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_buffer("_cached_weight", None, persistent=False)
+        self.register_state_dict_post_hook(_record_format)
         self.register_load_state_dict_post_hook(self._refresh_after_load)
         self.invalidate_cache()
 
     # ------------------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, *, cache_weight: bool = True) -> "ProjectiveLinear":
-        """Encode an ``nn.Linear`` (any float dtype, any device). The source module is not modified.
+    def from_linear(
+        cls, linear: nn.Linear, config: Optional[QinsConfig] = None, *, cache_weight: bool = True
+    ) -> "ProjectiveLinear":
+        """Encode an ``nn.Linear`` (any float dtype, any device) in ``config``'s format.
 
-        The new layer is on ``linear``'s device, computes in ``linear.weight.dtype`` and copies the
-        bias. Raises ``ValueError`` (from :func:`convert_to_qins`) for NaN/±Inf weights.
+        ``config`` defaults to ``QinsConfig()`` (packed, mse, per row). The source module is not
+        modified. The new layer is on ``linear``'s device, computes in ``linear.weight.dtype`` and
+        copies the bias. A weight on the meta device gives a meta layer (to be filled by a load).
+        Raises ``ValueError`` for NaN/±Inf weights or values that overflow float32.
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
-        stored, sign, log_min, log_max = convert_to_qins(weight)
         layer = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
+            config=config,
             cache_weight=cache_weight,
             device=weight.device,
             dtype=weight.dtype,
         )
+        if weight.is_meta:
+            return layer
+        stored, sign, log_min, log_max = encode(weight, layer.config)
         layer.stored.copy_(stored)
-        layer.sign.copy_(sign)
-        layer.log_min.fill_(log_min)
-        layer.log_max.fill_(log_max)
+        if sign is not None:
+            layer.sign.copy_(sign)
+        layer.log_min.copy_(log_min)
+        layer.log_max.copy_(log_max)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
         layer.invalidate_cache()
@@ -103,11 +127,11 @@ class ProjectiveLinear(nn.Module):
 
     def decode_weight(self) -> torch.Tensor:
         """Decode the weight now (ignoring the cache), ``[out, in]`` in the compute dtype."""
-        return reconstruct_from_qins(self.stored, self.sign, self.log_min, self.log_max, dtype=self.compute_dtype)
+        return decode_codes(self.stored, self.sign, self.log_min, self.log_max, dtype=self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The decoded weight ``[out, in]``: the cache in cached mode, else a fresh decode."""
+        """The decoded weight ``[out, in]``: the cache itself in cached mode, else a fresh decode."""
         if self._cached_weight is not None:
             return self._cached_weight
         return self.decode_weight()
@@ -134,14 +158,22 @@ class ProjectiveLinear(nn.Module):
     def _refresh_after_load(module: "ProjectiveLinear", incompatible_keys: Any) -> None:
         module.invalidate_cache()
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:  # noqa: E501
+        # Validate the whole QINS group first: a bad state raises before anything is changed.
+        check_qins_state(self, state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def _apply(self, fn: Any, recurse: bool = True) -> "ProjectiveLinear":
-        # nn.Module._apply would cast the 0-d float32 logs with .half()/.to(dtype) and lose
-        # precision; they always stay float32 and only follow the device of the codes.
-        log_min, log_max = self.log_min, self.log_max
+        # nn.Module._apply would cast the float32 logs with .half()/.to(dtype) and lose precision;
+        # they always stay float32 and only follow the device of the codes (meta and to_empty too).
+        logs = {name: getattr(self, name) for name in ("log_min", "log_max")}
         super()._apply(fn, recurse)
         device = self.stored.device
-        self.log_min = log_min.to(device=device, dtype=torch.float32)
-        self.log_max = log_max.to(device=device, dtype=torch.float32)
+        for name, old in logs.items():
+            if old.is_meta or device.type == "meta":
+                setattr(self, name, torch.empty(old.shape, dtype=torch.float32, device=device))
+            else:
+                setattr(self, name, old.to(device=device, dtype=torch.float32))
         if self._cached_weight is not None:
             # Re-decode rather than keep a cast copy: float16 -> float32 must not keep fp16 rounding.
             with torch.no_grad():
@@ -150,18 +182,27 @@ class ProjectiveLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, ŵ, bias)`` for any leading dimensions; the output dtype is ``x.dtype``."""
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"ProjectiveLinear expects a floating-point input, got {x.dtype}")
+        bias = self.bias
         w = self._cached_weight
         if w is None:
             w = self.decode_weight()
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
-        bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:
+        c = self.config
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, cache_weight={self.cache_weight}"
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={'packed' if c.packed else 'split'}, log_range={c.log_range}, per_row={c.per_row}, "
+            f"cache_weight={self.cache_weight}"
         )
+
+
+def _record_format(module: ProjectiveLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    local_metadata["qins"] = format_metadata(module.config)
+

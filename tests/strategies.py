@@ -61,6 +61,26 @@ def float32_weights(
 
 
 # ----------------------------------------------------------------------------------------------
+# Storage formats
+# ----------------------------------------------------------------------------------------------
+
+from qins.formats import QinsConfig  # noqa: E402
+
+#: Every (packed, log_range, per_row) combination, with readable ids for parametrize.
+ALL_CONFIGS = [QinsConfig(p, r, row) for p in (True, False) for r in ("mse", "minmax") for row in (True, False)]
+
+
+def config_id(config: QinsConfig) -> str:
+    return f"{'packed' if config.packed else 'split'}-{config.log_range}-{'row' if config.per_row else 'tensor'}"
+
+
+#: A representative subset for slower layer-level tests: the default, the seed, and one of each axis.
+LAYER_CONFIGS = [QinsConfig(), QinsConfig.seed(), QinsConfig(False, "mse", True), QinsConfig(True, "minmax", False)]
+
+configs = st.sampled_from(ALL_CONFIGS)
+
+
+# ----------------------------------------------------------------------------------------------
 # Tiny-model factories
 # ----------------------------------------------------------------------------------------------
 

@@ -8,9 +8,12 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
-from qins import ProjectiveLinear
+from qins import ProjectiveLinear, QinsConfig
+from tests.strategies import config_id
 
 MODES = pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+# Per-row (the default) and per-tensor logs: both must compile without recompiles.
+FORMATS = pytest.mark.parametrize("config", [QinsConfig(), QinsConfig.seed()], ids=config_id)
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +22,7 @@ def _fresh_dynamo() -> None:
     counters.clear()
 
 
-def stack(cache_weight: bool, seed: int = 0, widths: tuple[int, ...] = (16, 32, 24, 8)) -> nn.Sequential:
+def stack(cache_weight: bool, seed: int = 0, widths: tuple[int, ...] = (16, 32, 24, 8), config: QinsConfig | None = None) -> nn.Sequential:
     """Several ProjectiveLinear layers; each source weight has its own scale, so its own log range."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
@@ -27,13 +30,14 @@ def stack(cache_weight: bool, seed: int = 0, widths: tuple[int, ...] = (16, 32, 
         lin = nn.Linear(a, b)
         with torch.no_grad():
             lin.weight.mul_(10.0 ** (i - 1))
-        layers += [ProjectiveLinear.from_linear(lin, cache_weight=cache_weight), nn.ReLU()]
+        layers += [ProjectiveLinear.from_linear(lin, config, cache_weight=cache_weight), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
 
+@FORMATS
 @MODES
-def test_compiled_layer_compiles_one_frame_without_graph_breaks(cache_weight: bool) -> None:
-    layer = ProjectiveLinear.from_linear(nn.Linear(16, 8), cache_weight=cache_weight)
+def test_compiled_layer_compiles_one_frame_without_graph_breaks(cache_weight: bool, config: QinsConfig) -> None:
+    layer = ProjectiveLinear.from_linear(nn.Linear(16, 8), config, cache_weight=cache_weight)
     cnt = CompileCounter()
     compiled = torch.compile(layer, backend=cnt, fullgraph=True)
     x = torch.randn(4, 16)
@@ -54,16 +58,17 @@ def test_memory_saving_graph_contains_the_decode_and_cached_graph_does_not(cache
     assert (cnt.op_count > 5) is (not cache_weight)
 
 
+@FORMATS
 @MODES
-def test_no_recompile_across_layers_with_different_log_ranges_or_new_state(cache_weight: bool) -> None:
-    model = stack(cache_weight)
-    ranges = {(float(m.log_min), float(m.log_max)) for m in model if isinstance(m, ProjectiveLinear)}
+def test_no_recompile_across_layers_with_different_log_ranges_or_new_state(cache_weight: bool, config: QinsConfig) -> None:
+    model = stack(cache_weight, config=config)
+    ranges = {(tuple(m.log_min.reshape(-1).tolist()), tuple(m.log_max.reshape(-1).tolist())) for m in model if isinstance(m, ProjectiveLinear)}
     assert len(ranges) == 3
     cnt = CompileCounter()
     compiled = torch.compile(model, backend=cnt, fullgraph=True)
     x = torch.randn(5, 16)
     compiled(x)
-    other = stack(cache_weight, seed=1)
+    other = stack(cache_weight, seed=1, config=config)
     with torch.compiler.set_stance("fail_on_recompile"):
         for _ in range(5):
             compiled(x)

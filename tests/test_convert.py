@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from qins import ProjectiveLinear, convert_model_to_projective, model_memory
+from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective, model_memory
 from tests.strategies import tiny_phi3
 
 H, I, V, L = 64, 128, 1000, 2  # hidden, intermediate (2H), vocab, layers: tiny_phi3's defaults
@@ -57,17 +57,21 @@ def test_shared_storage_and_views_are_counted_once() -> None:
     assert model_memory(model).total == 64 * F32
 
 
+@pytest.mark.parametrize("config", [QinsConfig.seed(), QinsConfig()], ids=["split-tensor", "packed-row"])
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
-def test_conversion_report_and_memory_match_hand_count(cache_weight: bool) -> None:
+def test_conversion_report_and_memory_match_hand_count(cache_weight: bool, config: QinsConfig) -> None:
     model = tiny_phi3()
-    report = convert_model_to_projective(model, cache_weight=cache_weight)
+    report = convert_model_to_projective(model, config, cache_weight=cache_weight)
     assert report.converted == decoder_linear_names()
     assert report.skipped == {"lm_head": "matches skip pattern 'lm_head'"}
     assert all(isinstance(model.get_submodule(n), ProjectiveLinear) for n in report.converted)
     assert type(model.lm_head) is nn.Linear
 
     params = (EMBED + NORMS + V * H) * F32
-    codes = LINEAR_WEIGHTS * 2 + len(report.converted) * 2 * F32  # uint8 code + int8 sign, two 0-d logs
+    if config.packed:  # one byte per weight, two float32 logs per output row
+        codes = LINEAR_WEIGHTS + 2 * F32 * L * sum(o for o, _ in LAYER_LINEARS.values())
+    else:  # uint8 code + int8 sign, two 0-d logs
+        codes = LINEAR_WEIGHTS * 2 + len(report.converted) * 2 * F32
     caches = LINEAR_WEIGHTS * F32 if cache_weight else 0
     assert report.memory_before == model_memory(tiny_phi3())
     assert report.param_bytes_before == (EMBED + LINEAR_WEIGHTS + NORMS + V * H) * F32 + ROPE_BUFFER
@@ -82,10 +86,18 @@ def test_cached_mode_costs_more_than_fp32_and_memory_saving_mode_less() -> None:
     """The seed's fp32 cache erased the saving: code+sign (2 B) plus a 4 B cache > 4 B fp32."""
     fp32 = model_memory(tiny_phi3()).total
     cached, saving = tiny_phi3(), tiny_phi3()
-    convert_model_to_projective(cached, cache_weight=True)
-    convert_model_to_projective(saving, cache_weight=False)
+    convert_model_to_projective(cached, QinsConfig.seed(), cache_weight=True)
+    convert_model_to_projective(saving, QinsConfig.seed(), cache_weight=False)
     assert model_memory(cached).total - fp32 == LINEAR_WEIGHTS * 2 + 8 * 8
     assert fp32 - model_memory(saving).total == LINEAR_WEIGHTS * 2 - 8 * 8
+
+
+def test_packed_memory_saving_decoder_linears_cost_a_quarter_of_fp32_plus_row_logs() -> None:
+    fp32 = model_memory(tiny_phi3()).total
+    packed = tiny_phi3()
+    convert_model_to_projective(packed, QinsConfig(), cache_weight=False)
+    rows = L * sum(o for o, _ in LAYER_LINEARS.values())
+    assert fp32 - model_memory(packed).total == LINEAR_WEIGHTS * 3 - rows * 2 * F32
 
 
 def test_tied_head_is_skipped_not_duplicated() -> None:

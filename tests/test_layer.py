@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from qins import ProjectiveLinear, qins_error_bound, qins_log_slack
+from qins import ProjectiveLinear, QinsConfig, qins_log_slack
+from qins.codec import SMALLEST_NORMAL
+from tests.strategies import LAYER_CONFIGS, config_id
+
+CONFIGS = pytest.mark.parametrize("config", LAYER_CONFIGS, ids=config_id)
+SEED = QinsConfig.seed()
 
 F64 = torch.float64
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -17,23 +22,32 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16
 def output_error_bound(layer: ProjectiveLinear, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """Elementwise bound on |layer(x) - y|, y = x @ Wᵀ + b in exact arithmetic (float64 here).
 
-    Derivation. Each decoded weight satisfies |log|ŵ| - log|w|| <= β = Δ/2 + ε with the same sign
-    (zeros exact), so |ŵ - w| <= (e^β - 1)|w|. Casting ŵ and b to the compute dtype (unit
-    round-off u) multiplies that by (1 + u). A float32-accumulated dot product of length n adds at
-    most γ_n·Σ|x||ŵ| with γ_n = n·2^-24/(1 - n·2^-24), and rounding the output to the compute dtype
-    adds u·|result|. With S = |x| @ |W|ᵀ + |b|:
-        |ŷ - y| <= [(e^β (1+u))(1 + γ_{n+1}) - 1]·S + u·(1 + e^β (1+u)(1+γ_{n+1}))·S.
+    Derivation. Per row r (or per tensor), with δ = (log_max - log_min)/S (S = 126 packed, 254
+    split) and β = δ/2 + ε, a weight in range decodes with the same sign and
+    |log|ŵ| - log|w|| <= β, so |ŵ - w| <= (e^β - 1)|w|; a weight below the range (mse ranges, or a
+    float32 sub-normal) goes to the nearer of 0 and the smallest level, |ŵ - w| <= m with
+    m = e^{log_min}(1+ε)/2 (mse) or 2^-126 (minmax: only sub-normals lie below). So per weight
+    |ŵ - w| <= E = (e^β - 1)|w| + m. Casting ŵ to the compute dtype (unit round-off u) gives
+    |w̃ - w| <= (1+u)E + u|w|. A float32-accumulated dot of length n (bias included) adds at most
+    γ_n·Σ|x||w̃|, and rounding the output adds u·|result|. With S = |x|@|W|ᵀ + |b| and B = |x|@Eᵀ:
+        |ŷ - y| <= (1+u)B + u·S + (γ_n + u(1+γ_n))(1+u)(S + B).
     """
-    lo, hi = float(layer.log_min), float(layer.log_max)
-    beta = qins_error_bound(lo, hi) + qins_log_slack(lo, hi)
+    lo, hi = layer.log_min.to(F64), layer.log_max.to(F64)
+    steps = layer.config.levels - 1
+    eps = 2.0**-20 * (1 + lo.abs() + hi.abs())
+    beta = (hi - lo) / steps / 2 + eps
+    below = torch.exp(lo) * (1 + eps) / 2 if layer.config.log_range == "mse" else torch.full_like(lo, SMALLEST_NORMAL)
+    w = linear.weight.to(F64)
+    rows = (-1, 1) if lo.dim() else ()
+    e = (torch.exp(beta).reshape(rows) - 1) * w.abs() + below.reshape(rows)
     u = UNIT_ROUNDOFF[x.dtype] if x.dtype != torch.float32 else 0.0
     n = linear.in_features + 1
     gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
-    grow = math.exp(beta) * (1 + u) * (1 + gamma)
-    s = x.to(F64).abs() @ linear.weight.to(F64).abs().T
+    s = x.to(F64).abs() @ w.abs().T
     if linear.bias is not None:
         s = s + linear.bias.to(F64).abs()
-    return (grow - 1) * s + u * (1 + grow) * s
+    b = x.to(F64).abs() @ e.T
+    return (1 + u) * b + u * s + (gamma + u * (1 + gamma)) * (1 + u) * (s + b)
 
 
 def reference(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -48,12 +62,13 @@ def make_linear(in_f: int = 48, out_f: int = 24, bias: bool = True, device: str 
     return lin
 
 
+@CONFIGS
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("shape", [(48,), (5, 48), (2, 3, 48)], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
-def test_output_within_propagated_bound_of_nn_linear(bias: bool, shape: tuple[int, ...], cache_weight: bool, device: torch.device) -> None:
+def test_output_within_propagated_bound_of_nn_linear(bias: bool, shape: tuple[int, ...], cache_weight: bool, config: QinsConfig, device: torch.device) -> None:
     lin = make_linear(bias=bias, device=device)
-    layer = ProjectiveLinear.from_linear(lin, cache_weight=cache_weight)
+    layer = ProjectiveLinear.from_linear(lin, config, cache_weight=cache_weight)
     x = torch.randn(*shape, device=device)
     y = layer(x)
     assert y.shape == (*shape[:-1], 24) and y.dtype == torch.float32
@@ -61,10 +76,12 @@ def test_output_within_propagated_bound_of_nn_linear(bias: bool, shape: tuple[in
     assert bool((err <= output_error_bound(layer, x, lin)).all())
 
 
+@CONFIGS
+@pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_module_output_within_propagated_bound(dtype: torch.dtype, device: torch.device) -> None:
+def test_half_precision_module_output_within_propagated_bound(dtype: torch.dtype, cache_weight: bool, config: QinsConfig, device: torch.device) -> None:
     lin = make_linear(device=device)
-    layer = ProjectiveLinear.from_linear(lin).to(dtype)
+    layer = ProjectiveLinear.from_linear(lin, config, cache_weight=cache_weight).to(dtype)
     x = torch.randn(7, 48, device=device).to(dtype)
     y = layer(x)
     assert y.dtype == dtype
@@ -87,12 +104,21 @@ def test_output_dtype_follows_input_dtype() -> None:
 
 
 def test_state_dict_holds_codes_and_logs_but_never_the_cache() -> None:
-    layer = ProjectiveLinear.from_linear(make_linear())
+    layer = ProjectiveLinear.from_linear(make_linear(), SEED)
     sd = layer.state_dict()
     assert set(sd) == {"stored", "sign", "log_min", "log_max", "bias"}
     assert sd["stored"].dtype == torch.uint8 and sd["sign"].dtype == torch.int8
     assert sd["log_min"].dtype == torch.float32 and sd["log_min"].dim() == 0 and sd["log_max"].dim() == 0
     assert isinstance(layer.bias, nn.Parameter)
+
+
+def test_packed_per_row_state_dict_has_one_byte_codes_no_sign_and_row_logs() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear(), QinsConfig(packed=True, per_row=True))
+    sd = layer.state_dict()
+    assert set(sd) == {"stored", "log_min", "log_max", "bias"}
+    assert sd["stored"].dtype == torch.uint8 and sd["stored"].shape == (24, 48)
+    assert sd["log_min"].shape == (24,) and sd["log_max"].shape == (24,) and sd["log_min"].dtype == torch.float32
+    assert sd._metadata[""] == {"version": 2, "qins": {"packed": True, "per_row": True, "log_range": "mse"}}
 
 
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
@@ -117,7 +143,7 @@ def test_load_state_dict_refreshes_the_cache_in_place() -> None:
 
 
 def test_invalidate_cache_refreshes_after_codes_change() -> None:
-    layer = ProjectiveLinear.from_linear(make_linear())
+    layer = ProjectiveLinear.from_linear(make_linear(), SEED)
     x = torch.randn(2, 48)
     y0 = layer(x)
     with torch.no_grad():
@@ -128,7 +154,7 @@ def test_invalidate_cache_refreshes_after_codes_change() -> None:
 
 
 def test_memory_saving_mode_decodes_every_forward_and_keeps_no_cache() -> None:
-    layer = ProjectiveLinear.from_linear(make_linear(), cache_weight=False)
+    layer = ProjectiveLinear.from_linear(make_linear(), SEED, cache_weight=False)
     assert layer._cached_weight is None
     x = torch.randn(2, 48)
     y0 = layer(x)
@@ -139,7 +165,7 @@ def test_memory_saving_mode_decodes_every_forward_and_keeps_no_cache() -> None:
 
 
 def test_to_half_converts_cache_and_keeps_logs_float32() -> None:
-    layer = ProjectiveLinear.from_linear(make_linear())
+    layer = ProjectiveLinear.from_linear(make_linear(), SEED)
     lo = layer.log_min.clone()
     fp32_cache = layer._cached_weight.clone()
     layer.half()
@@ -154,7 +180,7 @@ def test_to_half_converts_cache_and_keeps_logs_float32() -> None:
 
 
 def test_to_device_moves_every_tensor(device: torch.device) -> None:
-    layer = ProjectiveLinear.from_linear(make_linear()).to(device)
+    layer = ProjectiveLinear.from_linear(make_linear(), SEED).to(device)
     tensors = [layer.stored, layer.sign, layer.log_min, layer.log_max, layer.bias, layer._cached_weight]
     assert all(t.device.type == device.type for t in tensors)
     assert layer(torch.randn(2, 48, device=device)).device.type == device.type
@@ -169,7 +195,7 @@ def test_weight_property_returns_the_decoded_weight() -> None:
 
 
 def test_deepcopy_gives_identical_outputs_and_an_independent_cache() -> None:
-    layer = ProjectiveLinear.from_linear(make_linear())
+    layer = ProjectiveLinear.from_linear(make_linear(), SEED)
     clone = copy.deepcopy(layer)
     x = torch.randn(3, 48)
     assert torch.equal(clone(x), layer(x))

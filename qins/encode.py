@@ -1,0 +1,176 @@
+"""Encoding a float weight in any :class:`~qins.formats.QinsConfig` format, and the MSE range search.
+
+:func:`encode` returns ``(codes, sign, log_min, log_max)``: uint8 codes, int8 sign (``None`` when
+packed), and float32 logs, 0-d per tensor or ``[out]`` per row. The seed config returns exactly the
+codes of :func:`qins.convert_to_qins`.
+
+Guarantees (``δ = (log_max - log_min)/S``, ``S = 126`` packed or ``254`` split, per row or tensor):
+
+* ``|w|`` in ``[exp(log_min), exp(log_max)]``: same sign and ``|log|ŵ| - log|w|| <= δ/2 + ε``
+  (``ε = qins_log_slack(log_min, log_max)``).
+* ``|w| < exp(log_min)`` (only ``log_range="mse"`` leaves weights there, plus float32 sub-normals):
+  ``ŵ`` is whichever of ``{0, ±level_K}`` is nearer (``level_K ≈ exp(log_min)``), so
+  ``|ŵ - w| <= exp(log_min)/2·(1 + ε)`` and the sign is kept whenever ``ŵ ≠ 0``.
+* Exact zeros stay exact (with their sign bit).
+* ``log_range="mse"`` never has a larger ``Σ(w - ŵ)²`` than ``"minmax"`` on the same tensor (per row
+  when ``per_row``): the search's best candidate is compared exactly with the minmax range and the
+  better one is kept.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
+from .formats import QinsConfig, level_table, num_levels
+
+__all__ = ["encode", "search_log_min"]
+
+Encoded = tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]
+
+_COARSE = 48  # candidate spans in the first pass (fractions c/48 of the minmax span)
+_FINE = 16  # candidates in the refinement pass, between the coarse neighbours of the best
+_BINS = 256  # histogram bins of log|w| per row (per tensor: 4096)
+_EXACT = (1.0, 0.93, 1.07)  # spans around the model's best that are encoded exactly
+
+
+def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
+    w = weight.detach().to(torch.float32)
+    if per_row:
+        if w.dim() != 2:
+            raise ValueError(f"per_row needs a 2-d [out, in] weight, got shape {tuple(w.shape)}")
+        return w
+    return w.reshape(1, -1)
+
+
+def _mag_codes(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitude codes (float, 0..K) of ``[R, N]`` magnitudes for float32 ranges ``[R, 1]``, and the table.
+
+    ``gap = hi - log|w|`` (``+inf`` for zeros). Code ``1 + j`` with ``j = round(gap/δ)``,
+    ``δ = (hi - lo)/(K - 1)``, when ``j <= K - 1``; otherwise the nearer of 0 and level K (so
+    zeros get 0). A row with ``δ = 0`` gives code 1 to its largest magnitude and flushes the rest.
+    """
+    k = num_levels(packed)
+    delta = (hi - lo) / float(k - 1)
+    j = torch.round(gap / torch.where(delta > 0, delta, SMALLEST_NORMAL)).clamp_(max=k)
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
+    flush = torch.where(mag * 2.0 >= table[:, k : k + 1], float(k - 1), -1.0)
+    return j.where(j < k, flush).add_(1.0), table
+
+
+def _sq_error(mag: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``Σ(|w| - |ŵ|)²`` in float64; signs are always kept, so this is ``Σ(w - ŵ)²``."""
+    idx = codes.long()
+    dec = torch.gather(table, 1, idx) if table.shape[0] > 1 else table[0][idx]
+    return torch.sum((mag - dec).square_(), dim=1, dtype=torch.float64)
+
+
+def _model_errors(hist: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor, steps: int) -> torch.Tensor:
+    """Modelled ``Σ(w - ŵ)²`` per row and candidate span (``[R, C]``, float64) from a log histogram.
+
+    ``hist`` ``[R, B]`` counts ``log|w|`` in B uniform bins over ``[lo0, hi]``; a bin's weights are
+    taken at its centre. In range: ``Σw²·E[(e^r - 1)²]`` for a rounding residual ``r ~ U(-δ/2, δ/2)``.
+    Below: each bin goes to 0 or to ``e^L`` by its centre, with that choice's error. Prefix sums
+    make it O(R·(B + C)).
+    """
+    rows, nbins = hist.shape
+    span0 = (hi - lo0).double()
+    centers = lo0.double() + (torch.arange(nbins, dtype=torch.float64, device=hist.device) + 0.5) / nbins * span0
+    count = hist.double()
+    e1 = centers.exp()
+    zero = torch.zeros(rows, 1, dtype=torch.float64, device=hist.device)
+    prefix = [torch.cat([zero, x.cumsum(1)], 1) for x in (count, count * e1, count * e1 * e1)]  # [R, B+1]
+    lo = hi.double() - spans  # [R, C]
+
+    def first_bin_at_or_above(x: torch.Tensor) -> torch.Tensor:  # bins whose centre >= x
+        pos = torch.ceil((x - lo0.double()) / span0.clamp_min(1e-30) * nbins - 0.5)
+        return pos.clamp(0, nbins).long()
+
+    b_in = first_bin_at_or_above(lo)
+    b_lv = first_bin_at_or_above(lo - math.log(2.0))
+    n_c, s1_c, s2_c = prefix
+    s2_all = s2_c[:, -1:]
+    s2_in = s2_all - s2_c.gather(1, b_in)
+    seg = [p.gather(1, b_in) - p.gather(1, b_lv) for p in prefix]
+    e_lo = lo.exp()
+    err_level = seg[0] * e_lo * e_lo - 2 * e_lo * seg[1] + seg[2]
+    err_zero = s2_c.gather(1, b_lv)
+    x = spans / steps / 2
+    sinhc = lambda a: torch.where(a < 1e-8, torch.ones_like(a), torch.sinh(a) / a.clamp_min(1e-300))  # noqa: E731
+    rel = sinhc(2 * x) - 2 * sinhc(x) + 1  # E[(e^r - 1)^2]
+    return s2_in * rel + err_level + err_zero
+
+
+def search_log_min(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MSE-best range per row: ``(codes, log_min)``, codes as from :func:`_mag_codes`.
+
+    A histogram of ``log|w|`` per row evaluates all candidate spans at once (coarse ``c/48`` of the
+    minmax span, then finer around the best, :func:`_model_errors`). The model's best and a few
+    spans around it are then encoded and their exact ``Σ(w - ŵ)²`` compared, together with the
+    minmax range; the best is kept, so the result is never worse than minmax.
+    """
+    rows = mag.shape[0]
+    nbins = _BINS if rows > 1 else 4096
+    span0 = (hi - lo0).double()
+    # Bin of log|w| in [lo0, hi]; below lo0 (zeros, sub-normals) goes to an extra bin, dropped.
+    scale = (nbins / span0.clamp_min(1e-30)).to(torch.float32)
+    pos = (span0.to(torch.float32) - gap).mul_(scale).floor_().clamp_(-1, nbins - 1)
+    pos = pos.where(pos >= 0, float(nbins)).long() + torch.arange(rows, device=mag.device).unsqueeze(1) * (nbins + 1)
+    hist = torch.bincount(pos.reshape(-1), minlength=rows * (nbins + 1)).reshape(rows, nbins + 1)[:, :nbins]
+    steps = num_levels(packed) - 1
+    fracs = torch.arange(1, _COARSE + 1, device=mag.device, dtype=torch.float64) / _COARSE
+    best = _model_errors(hist, lo0, hi, span0 * fracs, steps).argmin(1, keepdim=True).double() + 1
+    fine = (best - 1 + torch.arange(_FINE + 1, device=mag.device, dtype=torch.float64) * 2 / _FINE).clamp(1 / _FINE, _COARSE) / _COARSE
+    spans = span0 * fine
+    span_best = spans.gather(1, _model_errors(hist, lo0, hi, spans, steps).argmin(1, keepdim=True))
+    best_codes, table = _mag_codes(mag, gap, lo0, hi, packed)
+    best_err, best_lo = _sq_error(mag, best_codes, table), lo0
+    for factor in _EXACT:
+        lo = torch.where(span0 > 0, hi.double() - (span_best * factor).clamp(max=span0), lo0.double()).to(torch.float32)
+        codes, table = _mag_codes(mag, gap, lo, hi, packed)
+        err = _sq_error(mag, codes, table)
+        better = (err < best_err).unsqueeze(1) if rows > 1 else (err.sum() < best_err.sum()).reshape(1, 1)
+        best_codes = torch.where(better, codes, best_codes)
+        best_err = torch.where(better.reshape(-1), err, best_err)
+        best_lo = torch.where(better, lo, best_lo)
+    return best_codes, best_lo
+
+
+@torch.no_grad()
+def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded:
+    """Encode ``weight`` (any float dtype; 2-d for ``per_row``) in ``config``'s format.
+
+    Returns ``(codes, sign, log_min, log_max)``: ``codes`` uint8 of ``weight``'s shape; ``sign`` int8
+    ±1 (split) or ``None`` (packed, sign in bit 7); ``log_min``/``log_max`` float32, 0-d per tensor
+    or ``[out]`` per row. Guarantees in the module docstring. Raises ``ValueError`` for NaN/±Inf,
+    non-float, 0-d or empty input (as :func:`qins.convert_to_qins`).
+    """
+    config = config or QinsConfig()
+    _validate(weight)
+    if config == QinsConfig.seed():
+        codes, sign, lo, hi = convert_to_qins(weight)
+        dev = weight.device
+        return codes, sign, torch.tensor(lo, dtype=torch.float32, device=dev), torch.tensor(hi, dtype=torch.float32, device=dev)
+    w = _rows(weight, config.per_row)
+    mag = w.abs()
+    logw = torch.log(mag)  # -inf for zeros; sub-normals fall below every range
+    hi = logw.amax(1, keepdim=True)
+    lo = torch.where(mag >= SMALLEST_NORMAL, logw, math.inf).amin(1, keepdim=True)
+    empty = ~torch.isfinite(lo)  # no normal magnitude in the row: everything flushes
+    hi, lo = torch.where(empty, 0.0, hi), torch.where(empty, 0.0, lo)
+    gap = hi - logw
+    if config.log_range == "mse":
+        codes, lo = search_log_min(mag, gap, lo, hi, config.packed)
+    else:
+        codes, _ = _mag_codes(mag, gap, lo, hi, config.packed)
+    codes = codes.to(torch.uint8)
+    negative = torch.signbit(w)
+    if config.packed:
+        codes = codes | (negative.to(torch.uint8) << 7)
+        sign = None
+    else:
+        sign = torch.where(negative, -1, 1).to(torch.int8).reshape(weight.shape)
+    shape = (-1,) if config.per_row else ()
+    return codes.reshape(weight.shape), sign, lo.reshape(shape), hi.reshape(shape)

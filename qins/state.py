@@ -1,0 +1,101 @@
+"""Versioned, validated state for :class:`~qins.ProjectiveLinear`.
+
+A layer's ``state_dict`` holds ``stored``, ``sign`` (split only), ``log_min``, ``log_max`` and
+``bias``; its metadata (``state_dict._metadata[prefix]``) holds ``version`` (2) and ``"qins"``:
+``{"packed": bool, "per_row": bool, "log_range": str}``. Version 1 (or no metadata, e.g. after a
+plain safetensors round trip) is read from the keys and shapes: ``sign`` present means split,
+``[out]`` logs mean per row; the seed's states are split and per tensor.
+
+:func:`check_qins_state` runs before a layer changes anything and raises ``ValueError`` naming the
+key and the problem, so a bad state never leaves a half-loaded layer.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from .formats import QinsConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layer import ProjectiveLinear
+
+__all__ = ["check_qins_state", "format_metadata"]
+
+_QINS_KEYS = ("stored", "sign", "log_min", "log_max")
+
+
+def format_metadata(config: QinsConfig) -> dict[str, Any]:
+    """The ``"qins"`` metadata entry for ``config`` (plain JSON-able values)."""
+    return {"packed": config.packed, "per_row": config.per_row, "log_range": config.log_range}
+
+
+def _describe(packed: bool, per_row: bool) -> str:
+    return f"{'packed (1 byte/weight)' if packed else 'split (2 bytes/weight)'}, {'per row' if per_row else 'per tensor'}"
+
+
+def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], prefix: str, local_metadata: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` holds a complete, valid QINS state for ``layer``.
+
+    Checked, in order: the QINS keys come together (all of ``stored``, ``log_min``, ``log_max`` and,
+    split only, ``sign`` — or none of them, which leaves the layer's codes alone, as a partial
+    ``strict=False`` load of other modules expects); the format (recorded metadata, else keys and
+    shapes) matches the layer's; dtypes (``stored`` uint8, ``sign`` int8, logs float32); shapes;
+    ``sign`` values in {-1, +1}; finite logs with ``log_min <= log_max``. Nothing is modified.
+    """
+    cfg = layer.config
+    present = [k for k in _QINS_KEYS if prefix + k in state_dict]
+    if not present:
+        return
+    meta = local_metadata.get("qins") if isinstance(local_metadata, Mapping) else None
+    has_sign = prefix + "sign" in state_dict
+    if meta is not None:
+        packed, per_row = bool(meta.get("packed")), bool(meta.get("per_row"))
+    else:
+        log_min = state_dict.get(prefix + "log_min")
+        packed = not has_sign
+        per_row = isinstance(log_min, torch.Tensor) and log_min.dim() == 1
+    if (packed, per_row) != (cfg.packed, cfg.per_row):
+        raise ValueError(
+            f"{prefix}: the state is {_describe(packed, per_row)} but the layer is {_describe(cfg.packed, cfg.per_row)}; "
+            f"build the layer with QinsConfig(packed={packed}, per_row={per_row}) to load it"
+        )
+    needed = ["stored", "log_min", "log_max"] + ([] if cfg.packed else ["sign"])
+    missing = [prefix + k for k in needed if prefix + k not in state_dict]
+    if missing:
+        raise ValueError(f"{prefix}: incomplete QINS state, missing {missing} (codes, sign and logs load together)")
+    if cfg.packed and has_sign:
+        raise ValueError(f"{prefix}sign: unexpected in a packed state (the sign is bit 7 of 'stored')")
+    out, inp = layer.out_features, layer.in_features
+    log_shape = (out,) if cfg.per_row else ()
+    expect = {"stored": (torch.uint8, (out, inp)), "log_min": (torch.float32, log_shape), "log_max": (torch.float32, log_shape)}
+    if not cfg.packed:
+        expect["sign"] = (torch.int8, (out, inp))
+    for key, (dtype, shape) in expect.items():
+        t = state_dict[prefix + key]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{prefix}{key}: expected a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise ValueError(f"{prefix}{key}: dtype must be {dtype}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{prefix}{key}: shape must be {shape}, got {tuple(t.shape)}")
+    if any(state_dict[prefix + k].is_meta for k in expect):
+        return  # nothing to check on meta tensors (values unknown)
+    if not cfg.packed:
+        sign = state_dict[prefix + "sign"]
+        bad = (sign != 1) & (sign != -1)
+        if bool(bad.any()):
+            idx = tuple(torch.nonzero(bad)[0].tolist())
+            raise ValueError(f"{prefix}sign: values must be -1 or +1, got {int(sign[idx])} at index {idx}")
+    lo, hi = state_dict[prefix + "log_min"], state_dict[prefix + "log_max"]
+    for key, t in (("log_min", lo), ("log_max", hi)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{prefix}{key}: must be finite, got a NaN or ±Inf")
+    bad = lo > hi
+    if bool(bad.any()):
+        where = "" if lo.dim() == 0 else f" at row {int(torch.nonzero(bad)[0])}"
+        raise ValueError(f"{prefix}log_min > log_max{where} ({float(lo.max()):.6g} > {float(hi.min()):.6g}): swapped or corrupt range")
+    top = math.log(torch.finfo(torch.float32).max)
+    if bool((hi > top).any()):
+        raise ValueError(f"{prefix}log_max: above ln(float32 max) = {top:.4f}; the decoded weights would overflow")
