@@ -64,7 +64,7 @@ def _sq_error(mag: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> to
     """Row-wise ``Σ(|w| - |ŵ|)²`` in float64; signs are always kept, so this is ``Σ(w - ŵ)²``."""
     idx = codes.long()
     dec = torch.gather(table, 1, idx) if table.shape[0] > 1 else table[0][idx]
-    return torch.sum((mag - dec).square_(), dim=1, dtype=torch.float64)
+    return (mag.double() - dec.double()).square_().sum(dim=1)
 
 
 def _model_errors(hist: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor, steps: int) -> torch.Tensor:

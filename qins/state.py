@@ -45,6 +45,7 @@ def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], p
     ``sign`` values in {-1, +1}; finite logs with ``log_min <= log_max``. Nothing is modified.
     """
     cfg = layer.config
+    where = prefix.rstrip(".") or type(layer).__name__
     present = [k for k in _QINS_KEYS if prefix + k in state_dict]
     if not present:
         return
@@ -58,13 +59,13 @@ def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], p
         per_row = isinstance(log_min, torch.Tensor) and log_min.dim() == 1
     if (packed, per_row) != (cfg.packed, cfg.per_row):
         raise ValueError(
-            f"{prefix}: the state is {_describe(packed, per_row)} but the layer is {_describe(cfg.packed, cfg.per_row)}; "
+            f"{where}: the state is {_describe(packed, per_row)} but the layer is {_describe(cfg.packed, cfg.per_row)}; "
             f"build the layer with QinsConfig(packed={packed}, per_row={per_row}) to load it"
         )
     needed = ["stored", "log_min", "log_max"] + ([] if cfg.packed else ["sign"])
     missing = [prefix + k for k in needed if prefix + k not in state_dict]
     if missing:
-        raise ValueError(f"{prefix}: incomplete QINS state, missing {missing} (codes, sign and logs load together)")
+        raise ValueError(f"{where}: incomplete QINS state, missing {missing} (codes, sign and logs load together)")
     if cfg.packed and has_sign:
         raise ValueError(f"{prefix}sign: unexpected in a packed state (the sign is bit 7 of 'stored')")
     out, inp = layer.out_features, layer.in_features

@@ -1,0 +1,179 @@
+"""Formats: QinsConfig, the deterministic exp and level tables, and `encode`'s guarantees.
+
+Hypothesis draws float32 tensors (1e-30..1e30, zeros, sub-normals, single elements) and every
+(packed, log_range, per_row) combination; see `tests/strategies.py`.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qins import QinsConfig, convert_to_qins, decode_codes, encode, level_table, qins_exp, qins_log_slack
+from tests.strategies import ALL_CONFIGS, config_id, configs, float32_weights
+
+F64 = torch.float64
+
+
+def _as_rows(w: torch.Tensor, config: QinsConfig) -> torch.Tensor:
+    """The 2-d view encode works on: ``[out, in]`` per row (1-d inputs become one row)."""
+    return w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+
+
+def _encode_rows(w: torch.Tensor, config: QinsConfig):
+    w2 = _as_rows(w, config) if config.per_row else w
+    codes, sign, lo, hi = encode(w2, config)
+    w_hat = decode_codes(codes, sign, lo, hi)
+    rows = w2.shape[0] if config.per_row else 1
+    return w2.reshape(rows, -1), w_hat.reshape(rows, -1), lo.reshape(rows, 1).to(F64), hi.reshape(rows, 1).to(F64), codes, sign
+
+
+# ------------------------------------------------------------------------------------------------
+# The deterministic exp and the tables
+# ------------------------------------------------------------------------------------------------
+
+
+def test_qins_exp_is_within_one_ulp_of_exp_over_the_whole_weight_range() -> None:
+    t = torch.linspace(-87.4, 88.72, 1_000_001)
+    y = qins_exp(t)
+    ulp = (torch.nextafter(y, torch.tensor(math.inf)) - y).to(F64)
+    assert bool(torch.isfinite(y).all())
+    assert float(((y.to(F64) - torch.exp(t.to(F64))).abs() / ulp).max()) <= 1.0
+
+
+@given(st.floats(-87.0, 88.0, width=32), st.floats(0.0, 60.0, width=32), st.booleans())
+def test_table_levels_are_decreasing_from_exp_log_max_to_exp_log_min(hi: float, span: float, packed: bool) -> None:
+    lo = max(hi - span, -87.0)
+    table = level_table(torch.tensor(lo), torch.tensor(hi), packed)[0].to(F64)
+    k = 127 if packed else 255
+    mags = table[1 : k + 1]
+    assert table[0] == 0 and bool((mags[1:] <= mags[:-1]).all()) and bool((mags > 0).all())
+    eps = qins_log_slack(lo, hi)
+    assert abs(math.log(mags[0]) - hi) <= eps and abs(math.log(mags[-1]) - lo) <= eps
+    step = (hi - lo) / (k - 1)
+    assert float((mags[:-1].log() - mags[1:].log() - step).abs().max()) <= 2 * eps
+
+
+def test_packed_table_upper_half_is_the_exact_negation_of_the_lower_half() -> None:
+    table = level_table(torch.tensor([-9.0, -3.5]), torch.tensor([-1.0, 2.0]), packed=True)
+    assert table.shape == (2, 256)
+    lower, upper = table[:, :128], table[:, 128:]
+    assert torch.equal(upper.view(torch.int32), (lower.view(torch.int32) ^ torch.tensor(-(2**31), dtype=torch.int32)))
+    assert torch.signbit(table[:, 128]).all() and bool((table[:, 128] == 0).all())
+
+
+def test_config_validates_and_seed_is_split_minmax_per_tensor() -> None:
+    assert QinsConfig.seed() == QinsConfig(packed=False, log_range="minmax", per_row=False)
+    assert QinsConfig().levels == 127 and QinsConfig.seed().levels == 255
+    assert QinsConfig().bytes_per_weight == 1 and QinsConfig.seed().bytes_per_weight == 2
+    with pytest.raises(ValueError, match="log_range"):
+        QinsConfig(log_range="absmax")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bool"):
+        QinsConfig(packed=1)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# encode's guarantees, for every config
+# ------------------------------------------------------------------------------------------------
+
+
+@given(float32_weights(), configs)
+def test_in_range_weights_decode_within_half_a_log_step_with_their_sign(w: torch.Tensor, config: QinsConfig) -> None:
+    w2, w_hat, lo, hi, _, _ = _encode_rows(w, config)
+    mag = w2.to(F64).abs()
+    inside = (mag > 0) & (mag.log() >= lo) & (mag.log() <= hi)
+    steps = config.levels - 1
+    bound = (hi - lo) / steps / 2 + 2.0**-20 * (1 + lo.abs() + hi.abs())
+    err = (w_hat.to(F64).abs().log() - mag.clamp_min(1e-300).log()).abs()
+    assert bool((err <= bound)[inside].all()), float((err - bound)[inside].max())
+    assert bool((torch.signbit(w_hat) == torch.signbit(w2))[inside | (w2 == 0)].all())
+
+
+@given(float32_weights(), configs)
+def test_weights_below_the_range_go_to_the_nearer_of_zero_and_the_smallest_level(w: torch.Tensor, config: QinsConfig) -> None:
+    w2, w_hat, lo, hi, _, _ = _encode_rows(w, config)
+    k = config.levels
+    smallest = level_table(lo.reshape(-1).float(), hi.reshape(-1).float(), config.packed)[:, k : k + 1]
+    mag = w2.abs()
+    below = (mag > 0) & (mag.to(F64).log() < lo)
+    expected = torch.where(mag * 2 >= smallest, smallest, torch.zeros_like(mag))
+    assert torch.equal(w_hat.abs()[below], expected.expand_as(mag)[below])
+    nonzero = below & (w_hat != 0)
+    assert bool((torch.signbit(w_hat) == torch.signbit(w2))[nonzero].all())
+
+
+@given(float32_weights())
+def test_exact_zeros_stay_exact_with_their_sign_in_every_format(w: torch.Tensor) -> None:
+    w = torch.cat([w.reshape(-1), torch.tensor([0.0, -0.0])]).reshape(1, -1)
+    for config in ALL_CONFIGS:
+        _, w_hat, _, _, _, _ = _encode_rows(w, config)
+        zero = w.reshape(1, -1) == 0
+        assert bool((w_hat[zero] == 0).all()) and torch.equal(torch.signbit(w_hat[zero]), torch.signbit(w.reshape(1, -1)[zero]))
+
+
+@given(float32_weights(), st.booleans(), st.booleans())
+def test_mse_range_never_has_a_larger_squared_error_than_minmax(w: torch.Tensor, packed: bool, per_row: bool) -> None:
+    mse = _encode_rows(w, QinsConfig(packed, "mse", per_row))
+    minmax = _encode_rows(w, QinsConfig(packed, "minmax", per_row))
+
+    def sq_err(res) -> torch.Tensor:  # noqa: ANN001
+        w2, w_hat = res[0].to(F64), res[1].to(F64)
+        return (w2 - w_hat).square().sum(dim=1)
+
+    assert bool((sq_err(mse) <= sq_err(minmax)).all())
+
+
+@given(float32_weights(), configs)
+def test_largest_magnitude_of_each_row_gets_code_one_and_log_max_is_its_log(w: torch.Tensor, config: QinsConfig) -> None:
+    w2, _, lo, hi, codes, _ = _encode_rows(w, config)
+    mag_codes = codes.reshape(w2.shape[0], -1) & 0x7F if config.packed else codes.reshape(w2.shape[0], -1)
+    top = w2.abs().amax(dim=1, keepdim=True)
+    normal = top >= torch.finfo(torch.float32).tiny
+    hit = (w2.abs() == top) & normal
+    assert bool((mag_codes[hit] == 1).all())
+    assert torch.equal(hi[normal.reshape(-1)].float().reshape(-1), top[normal].log().reshape(-1))
+    assert bool((lo <= hi).all())
+
+
+@given(float32_weights())
+def test_seed_config_reproduces_convert_to_qins_codes_exactly(w: torch.Tensor) -> None:
+    codes, sign, lo, hi = encode(w, QinsConfig.seed())
+    c0, s0, lo0, hi0 = convert_to_qins(w)
+    assert torch.equal(codes, c0) and torch.equal(sign, s0)
+    assert float(lo) == torch.tensor(lo0, dtype=torch.float32).item() and float(hi) == torch.tensor(hi0, dtype=torch.float32).item()
+
+
+@given(float32_weights(), st.booleans(), st.sampled_from(["mse", "minmax"]))
+def test_packed_byte_is_sign_bit_7_and_a_seven_bit_magnitude_code(w: torch.Tensor, per_row: bool, log_range: str) -> None:
+    config = QinsConfig(True, log_range, per_row)  # type: ignore[arg-type]
+    w2, w_hat, _, _, codes, sign = _encode_rows(w, config)
+    codes = codes.reshape(w2.shape)
+    assert sign is None and codes.dtype == torch.uint8
+    assert torch.equal((codes >> 7).bool(), torch.signbit(w2))
+    assert int((codes & 0x7F).max()) <= 127
+    assert torch.equal((codes & 0x7F) == 0, w_hat == 0)
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+def test_encode_shapes_dtypes_and_bad_input(config: QinsConfig) -> None:
+    w = torch.randn(6, 10)
+    codes, sign, lo, hi = encode(w, config)
+    assert codes.shape == (6, 10) and codes.dtype == torch.uint8
+    assert (sign is None) == config.packed and (sign is None or sign.dtype == torch.int8)
+    assert lo.dtype == hi.dtype == torch.float32 and lo.shape == hi.shape == ((6,) if config.per_row else ())
+    with pytest.raises(ValueError, match="non-finite"):
+        encode(torch.tensor([[1.0, float("nan")]]), config)
+    if config.per_row:
+        with pytest.raises(ValueError, match="2-d"):
+            encode(torch.randn(2, 3, 4), config)
+
+
+def test_all_zero_rows_flush_and_other_rows_keep_their_own_range() -> None:
+    w = torch.tensor([[0.0, 0.0, -0.0], [1.0, 0.5, -0.25], [1e-3, 2e-3, 4e-3]])
+    codes, _, lo, hi = encode(w, QinsConfig(packed=True, log_range="minmax", per_row=True))
+    assert torch.equal(codes[0] & 0x7F, torch.zeros(3, dtype=torch.uint8))
+    assert torch.allclose(hi, torch.tensor([0.0, 0.0, math.log(4e-3)]))
+    assert torch.allclose(lo, torch.tensor([0.0, math.log(0.25), math.log(1e-3)]))
