@@ -252,7 +252,8 @@ SYNTH_CONFTEST = textwrap.dedent(
     """
     from perf.plugin import (  # the same hooks and fixtures perf/conftest.py installs
         perf_gate, perf_state, pytest_addoption, pytest_benchmark_update_json,
-        pytest_configure, pytest_report_header, pytest_terminal_summary,
+        pytest_benchmark_update_machine_info, pytest_configure, pytest_report_header,
+        pytest_runtest_call, pytest_sessionfinish, pytest_sessionstart, pytest_terminal_summary,
     )
     """
 )
@@ -301,7 +302,7 @@ def synth(tmp_path):
 
 
 def saved_files(tmp_path: Path) -> list:
-    return sorted((tmp_path / ".benchmarks").glob("*/*.json"))
+    return sorted((tmp_path / ".benchmarks").rglob("*.json"))
 
 
 def test_plugin_missing_baseline_is_a_clear_usage_error(synth):
