@@ -63,8 +63,6 @@ def export_revision(repo: Path, rev: str, dest: Path) -> Path:
 
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(dest, filter="data") if sys.version_info >= (3, 12) else tar.extractall(dest)  # noqa: S202
-    if not (dest / "perf").is_dir() or not (dest / "qins").is_dir():
-        raise RevisionError(f"QINS perf gate: revision {rev[:12]} has no perf/ or qins/ to measure.")
     return dest
 
 
@@ -75,7 +73,9 @@ class OldSide:
         self.repo, self.rev = Path(repo), rev
         self.tmp = Path(tempfile.mkdtemp(prefix=f"qins-ab-{rev[:8]}-"))
         self.tree = export_revision(self.repo, rev, self.tmp / "tree")
-        self.selection = [s for s in selection if (self.tree / s.split("::")[0]).exists()] or ["perf"]
+        self.selection = [s for s in selection if (self.tree / s.split("::")[0]).exists()]
+        if not self.selection:
+            raise RevisionError(f"QINS perf gate: revision {rev[:12]} has none of {', '.join(selection) or 'the selected tests'} to measure.")
         self.keyword, self.marker = keyword, marker
         self.runs: list[dict] = []  # per round: fullname -> extra_info
         self.seconds: list[float] = []
@@ -91,7 +91,8 @@ class OldSide:
             cmd += ["-m", self.marker]
         env = dict(os.environ)
         env.pop(INJECT_ENV, None)  # the self-check slows this revision only
-        env["PYTHONPATH"] = str(self.tree)
+        # the old tree first: its qins and perf win over anything else on the path
+        env["PYTHONPATH"] = os.pathsep.join([str(self.tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         t0 = time.perf_counter()
         try:
             with open(log, "w") as fh:
