@@ -72,9 +72,14 @@ class OldSide:
     def __init__(self, repo: Path, rev: str, selection: Sequence[str], keyword: Optional[str], marker: Optional[str]):
         self.repo, self.rev = Path(repo), rev
         self.tmp = Path(tempfile.mkdtemp(prefix=f"qins-ab-{rev[:8]}-"))
-        self.tree = export_revision(self.repo, rev, self.tmp / "tree")
+        try:
+            self.tree = export_revision(self.repo, rev, self.tmp / "tree")
+        except BaseException:
+            self.cleanup()
+            raise
         self.selection = [s for s in selection if (self.tree / s.split("::")[0]).exists()]
         if not self.selection:
+            self.cleanup()
             raise RevisionError(f"QINS perf gate: revision {rev[:12]} has none of {', '.join(selection) or 'the selected tests'} to measure.")
         self.keyword, self.marker = keyword, marker
         self.runs: list[dict] = []  # per round: fullname -> extra_info

@@ -373,6 +373,8 @@ def pytest_sessionfinish(session, exitstatus):
     if state.mode != "ab" or state.ab_old is None or state.ab_error:
         if state.mode == "ab" and state.ab_error:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if state.ab_old is not None:
+            state.ab_old.cleanup()
         return
     if exitstatus == pytest.ExitCode.INTERRUPTED or not state.records:
         state.ab_old.cleanup()
