@@ -239,7 +239,9 @@ def test_no_weight_sized_temporary(batch):
     with env(QINS_KERNEL="reference"):  # the check can see a weight-sized buffer
         assert largest_allocation(lambda: torch.ops.qins.linear(x, codes, None, lo, hi, None)) >= weight_bytes
     assert native_peak < weight_bytes // 4
-    assert mod.scratch_bytes_max() < weight_bytes // 4  # C++ per-thread scratch (outside torch's allocator)
+    # The C++ per-thread scratch (outside torch's allocator) is bounded by the block size, not the layer.
+    rows, cols = mod.get_tuning()[1:3]
+    assert mod.scratch_bytes_max() <= rows * cols * 4 <= 2 << 20
 
 
 def test_native_built_under_ci():

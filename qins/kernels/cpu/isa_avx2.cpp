@@ -112,18 +112,18 @@ void avx2_gemv(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
-void avx2_decode(const Args& a, int64_t r0, int64_t r1, float* w) {
+void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
   alignas(32) float t[256];
   const int packed = a.sign == nullptr;
   if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, t);
-  const int64_t in8 = a.in & ~int64_t(7);
+  const int64_t k8 = k0 + ((k1 - k0) & ~int64_t(7));
   for (int64_t r = r0; r < r1; ++r) {
     if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, t);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
-    float* wr = w + (r - r0) * a.kpad;
-    for (int64_t k = 0; k < in8; k += 8) _mm256_storeu_ps(wr + k, load_w8(t, c + k, s ? s + k : nullptr));
-    for (int64_t k = in8; k < a.in; ++k) wr[k] = w1(t, c, s, k);
+    float* wr = w + (r - r0) * (k1 - k0) - k0;
+    for (int64_t k = k0; k < k8; k += 8) _mm256_storeu_ps(wr + k, load_w8(t, c + k, s ? s + k : nullptr));
+    for (int64_t k = k8; k < k1; ++k) wr[k] = w1(t, c, s, k);
   }
 }
 

@@ -45,7 +45,7 @@ void scalar_gemv(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
-void scalar_decode(const Args& a, int64_t r0, int64_t r1, float* w) {
+void scalar_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
   float t[256];
   const int packed = a.sign == nullptr;
   if (!a.per_row) scalar_table(a.log_min[0], a.log_max[0], packed, t);
@@ -53,8 +53,8 @@ void scalar_decode(const Args& a, int64_t r0, int64_t r1, float* w) {
     if (a.per_row) scalar_table(a.log_min[r], a.log_max[r], packed, t);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
-    float* wr = w + (r - r0) * a.kpad;
-    for (int64_t k = 0; k < a.in; ++k) wr[k] = weight(t, c[k], s, k);
+    float* wr = w + (r - r0) * (k1 - k0) - k0;
+    for (int64_t k = k0; k < k1; ++k) wr[k] = weight(t, c[k], s, k);
   }
 }
 

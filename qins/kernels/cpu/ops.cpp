@@ -67,12 +67,17 @@ float* scratch(int64_t floats) {
   return buf.p;
 }
 
-// Rows per decoded block: ~512 KiB of fp32 (L2-resident), 16..256 rows.
-int64_t block_rows(int64_t kpad) {
-  int64_t r = (128 * 1024) / std::max<int64_t>(kpad, 1);
-  r = std::max<int64_t>(16, std::min<int64_t>(256, r));
-  return (r + 15) / 16 * 16;
-}
+// Tuning knobs (set_tuning; perf/kernel_bench.py explores them).
+struct Tuning {
+  int64_t gemv_col_block = 1 << 30;  // gemv column block (no blocking by default, see notes)
+  int64_t gemm_rows = 256;           // rows per decoded block (batch > kMaxGemvBatch)
+  int64_t gemm_cols = 2048;          // columns per decoded block: scratch <= 256 x 2048 fp32 (2 MiB)
+  // gemv software prefetch distance (bytes; 0 = off). Measured at 3072x8192, batch 1, cold:
+  // none 12 G weights/s, 2 KiB 17, 4 KiB 21, 8 KiB 24-26, 16 KiB 27-29, 32 KiB 26-28.
+  int64_t prefetch = 16384;
+  int64_t pipeline = 1;              // gemv: next row's table built inside the row loop (0 off, 1 split, 2 all)
+};
+Tuning g_tuning;
 
 void check_args(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
                 const at::Tensor& log_min, const at::Tensor& log_max, const c10::optional<at::Tensor>& bias) {
@@ -111,21 +116,30 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
     if (!K.xprep_identity) K.xprep(x2.data_ptr<float>(), B, in, kpad, xp.data_ptr<float>());
     Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr,
            lmin.data_ptr<float>(), lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad,
-           xp.data_ptr<float>(), B, y.data_ptr<float>()};
+           xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, g_tuning.gemv_col_block / 64 * 64),
+           g_tuning.prefetch, g_tuning.pipeline};
     if (B <= kMaxGemvBatch) {
       const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
       at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) { K.gemv(a, r0, r1); });
     } else {
-      const int64_t rb = block_rows(kpad);
+      // Spread small layers over the threads: blocks of >= 16 rows.
+      const int64_t per_thread = (out + at::get_num_threads() - 1) / at::get_num_threads();
+      const int64_t rb = std::max<int64_t>(16, std::min(g_tuning.gemm_rows, (per_thread + 15) / 16 * 16));
+      const int64_t kb = std::min(kpad, std::max<int64_t>(64, g_tuning.gemm_cols / 64 * 64));
       const int64_t nblocks = (out + rb - 1) / rb;
       at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-        float* w = scratch(rb * kpad);
+        float* w = scratch(rb * kb);
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t r0 = blk * rb, r1 = std::min(out, r0 + rb);
-          K.decode(a, r0, r1, w);
-          at::Tensor wt = at::from_blob(w, {r1 - r0, kpad}, x2.options());
           at::Tensor ys = y.narrow(1, r0, r1 - r0);
-          at::mm_out(ys, xp, wt.t());
+          for (int64_t k0 = 0; k0 < kpad; k0 += kb) {
+            const int64_t k1 = std::min(kpad, k0 + kb);
+            K.decode(a, r0, r1, k0, k1, w);
+            at::Tensor wt = at::from_blob(w, {r1 - r0, k1 - k0}, x2.options());
+            at::Tensor xs = xp.narrow(1, k0, k1 - k0);
+            if (k0 == 0) at::mm_out(ys, xs, wt.t());
+            else ys.addmm_(xs, wt.t());
+          }
         }
       });
     }
@@ -156,9 +170,8 @@ std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optiona
   K.xprep(x2.data_ptr<float>(), x2.size(0), in, kpad, xp.data_ptr<float>());
   at::Tensor lmin = log_min.contiguous(), lmax = log_max.contiguous();
   Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr, lmin.data_ptr<float>(),
-         lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad, xp.data_ptr<float>(), x2.size(0), nullptr};
-  if (kpad != in) w.zero_();
-  K.decode(a, 0, out, w.data_ptr<float>());
+         lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad, xp.data_ptr<float>(), x2.size(0), nullptr, kpad};
+  K.decode(a, 0, out, 0, kpad, w.data_ptr<float>());
   return {w, xp};
 }
 
@@ -170,5 +183,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_debug", &qins::decode_debug, "debug: decoded weights and prepared x");
   m.def("supported", &qins::supported, "whether an ISA path (1 scalar, 2 avx2, 3 avx512) runs here");
   m.def("best_isa", &qins::best_isa, "the ISA path chosen by default");
+  m.def("set_tuning", [](int64_t col_block, int64_t gemm_rows, int64_t gemm_cols, int64_t prefetch, int64_t pipeline) {
+    qins::g_tuning = {col_block, gemm_rows, gemm_cols, prefetch, pipeline};
+  }, "tuning knobs: gemv column block, gemm rows and columns per decoded block");
+  m.def("get_tuning", []() {
+    return std::vector<int64_t>{qins::g_tuning.gemv_col_block, qins::g_tuning.gemm_rows, qins::g_tuning.gemm_cols,
+                                qins::g_tuning.prefetch, qins::g_tuning.pipeline};
+  });
   m.def("scratch_bytes_max", []() { return qins::g_scratch_max.load(); }, "largest per-thread scratch");
 }

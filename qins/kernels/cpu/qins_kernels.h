@@ -50,6 +50,9 @@ struct Args {
   const float* xp;        // [B, kpad], from xprep
   int64_t B;
   float* y;               // [B, out]; gemv writes y[b * out + r] (no bias)
+  int64_t col_block;      // gemv: columns per block (multiple of 64; >= kpad: no blocking)
+  int64_t prefetch = 0;   // gemv: software prefetch distance in bytes (0: none)
+  int64_t pipeline = 1;   // gemv: next row's table built inside the row loop (0 off, 1 split only, 2 all)
 };
 
 struct IsaKernels {
@@ -61,8 +64,9 @@ struct IsaKernels {
   void (*xprep)(const float* x, int64_t B, int64_t in, int64_t kpad, float* xp);
   // y[:, r0:r1] for B <= kMaxGemvBatch, straight from the codes.
   void (*gemv)(const Args& a, int64_t r0, int64_t r1);
-  // Decode rows [r0, r1) into w ([r1 - r0, kpad] fp32, in the column order of xprep).
-  void (*decode)(const Args& a, int64_t r0, int64_t r1, float* w);
+  // Decode rows [r0, r1), columns [k0, k1) (multiples of 64 or k1 == kpad) into w
+  // ([r1 - r0, k1 - k0] fp32, in the column order of xprep).
+  void (*decode)(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w);
 };
 
 constexpr int64_t kMaxGemvBatch = 8;
