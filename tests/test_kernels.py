@@ -178,6 +178,9 @@ def test_empty_and_bad_inputs():
     codes = torch.zeros(4, 5, dtype=torch.uint8)
     lo, hi = torch.tensor(-1.0), torch.tensor(0.0)
     assert torch.ops.qins.linear(torch.randn(0, 5), codes, None, lo, hi, None).shape == (0, 4)
+    empty = torch.zeros(4, 0, dtype=torch.uint8)  # in_features == 0: y = bias
+    bias = torch.randn(4)
+    assert torch.equal(torch.ops.qins.linear(torch.randn(2, 3, 0), empty, None, lo, hi, bias), bias.expand(2, 3, 4))
     with pytest.raises(RuntimeError):
         torch.ops.qins.linear(torch.randn(2, 6), codes, None, lo, hi, None)
     with pytest.raises(RuntimeError):
