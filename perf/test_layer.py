@@ -1,5 +1,6 @@
-"""Layer benchmarks: nn.Linear fp32 vs ProjectiveLinear (cached, memory-saving eager/compiled),
-decode alone and encode (conversion), at 3072x3072 and 1024x1024, batch 1 and 32x128 tokens.
+"""Layer benchmarks: nn.Linear fp32 vs ProjectiveLinear cached, the seed codec's decode alone and
+encode (conversion), at 3072x3072 and 1024x1024, batch 1 and 32x128 tokens. The memory-saving
+forward (the fused kernel) is benchmarked in perf/test_kernels.py.
 
 Every QINS timing is interleaved with the FP32 ``nn.Linear`` forward (batch 1 for decode/encode)
 and gated on the median of the paired ratios ("ratio_vs_linear") against the stored baseline.
@@ -14,7 +15,7 @@ from perf.timing import paired_again, paired_benchmark, plain_benchmark, slowed,
 
 SIZES = [3072, 1024]
 BATCHES = {"b1": (1, 1), "32x128": (32, 128)}
-MODES = ["cached", "memsave-eager", "memsave-compiled"]
+MODES = ["cached"]  # the memory-saving forward (fused kernel) is benchmarked in perf/test_kernels.py
 BUDGET_S = 1.5  # seconds of measurement per benchmark (scaled by --perf-budget)
 
 
@@ -30,22 +31,16 @@ def _inference_mode():
 
 @pytest.fixture(scope="module")
 def layers(device):
-    from qins import ProjectiveLinear
+    from qins import ProjectiveLinear, QinsConfig
 
     out = {}
     for i, size in enumerate(SIZES):
         torch.manual_seed(1000 + i)
         lin = torch.nn.Linear(size, size, bias=False).to(device).eval()
         cached = ProjectiveLinear.from_linear(lin, cache_weight=True).to(device).eval()
-        memsave = ProjectiveLinear.from_linear(lin, cache_weight=False).to(device).eval()
-        out[size] = {"linear": lin, "cached": cached, "memsave": memsave}
+        seed = ProjectiveLinear.from_linear(lin, QinsConfig.seed(), cache_weight=False).to(device).eval()
+        out[size] = {"linear": lin, "cached": cached, "seed": seed}
     return out
-
-
-@pytest.fixture(scope="module")
-def compiled(layers):
-    """torch.compile of the memory-saving layers (compiled once per size, specialised per shape)."""
-    return {size: torch.compile(parts["memsave"], dynamic=False) for size, parts in layers.items()}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,6 @@ def _paired_figures(p) -> dict:
 SAME_KIND = "ratio_same_kind"
 SAME_KIND_DECODE = "fp32 copy_ of the same output bytes"
 SAME_KIND_ENCODE = "torch.log(torch.abs(w)) into a preallocated fp32 buffer"
-SAME_KIND_FORWARD = "fp32 copy_ of the weight, then nn.Linear's GEMV on it"
 
 
 def _same_kind_rule(perf_gate) -> dict:
@@ -142,39 +136,14 @@ def test_linear_fp32(benchmark, perf_gate, device, layers, inputs, size, batch):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("size", SIZES)
-def test_qins_forward(benchmark, perf_gate, device, layers, compiled, inputs, inject_factor, size, batch, mode):
+def test_qins_forward(benchmark, perf_gate, device, layers, inputs, inject_factor, size, batch, mode):
     benchmark.group = _group(size, batch)
     parts, x = layers[size], inputs[(size, batch)]
-    module = {"cached": parts["cached"], "memsave-eager": parts["memsave"], "memsave-compiled": compiled[size]}[mode]
-    lin = parts["linear"]
+    module, lin = parts[mode], parts["linear"]
     target = synced(slowed(lambda: module(x), inject_factor, device), device)
-    decode_dominated = mode != "cached" and batch == "b1"
-    if decode_dominated:
-        # same kind of work: materialise the fp32 weight (a copy_ of the same bytes), then nn.Linear's GEMV
-        buf = torch.empty_like(lin.weight)
-        buf.fill_(0.0)
-        w = lin.weight.detach()
-
-        def ref():
-            buf.copy_(w)
-            return torch.nn.functional.linear(x, buf)
-
-        reference = synced(ref, device)
-    else:
-        reference = synced(lambda: lin(x), device)
-    # a compiled module compiles on its first call: keep that out of the timed warmup estimate
-    warmup = 3 if mode == "memsave-compiled" else 1
-    p = paired_benchmark(benchmark, target, reference, budget_s=BUDGET_S * perf_gate.budget, warmup=warmup)
+    reference = synced(lambda: lin(x), device)
+    p = paired_benchmark(benchmark, target, reference, budget_s=BUDGET_S * perf_gate.budget)
     if p is None:
-        return
-
-    if decode_dominated:
-        figures = _same_kind_figures(p, perf_gate, size, SAME_KIND_FORWARD)
-
-        def remeasure():
-            return {SAME_KIND: paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
-
-        perf_gate.check(benchmark, figures, _same_kind_rule(perf_gate), remeasure, key=f"{mode}/{size}/{batch}")
         return
 
     def remeasure():
@@ -186,11 +155,11 @@ def test_qins_forward(benchmark, perf_gate, device, layers, compiled, inputs, in
 
 @pytest.mark.parametrize("size", SIZES)
 def test_decode(benchmark, perf_gate, device, layers, inputs, size):
-    """Decode alone (``reconstruct_from_qins`` into a preallocated fp32 buffer) vs nn.Linear batch 1."""
+    """Decode alone (the seed codec's ``reconstruct_from_qins`` into a preallocated fp32 buffer)."""
     from qins import reconstruct_from_qins
 
     benchmark.group = f"codec {size}x{size}"
-    q, lin, x = layers[size]["memsave"], layers[size]["linear"], inputs[(size, "b1")]
+    q, lin, x = layers[size]["seed"], layers[size]["linear"], inputs[(size, "b1")]
     out = torch.empty(q.stored.shape, dtype=torch.float32, device=device)
     out.fill_(0.0)  # fault the pages in once: the benchmark measures decoding, not first-touch
     ref_out = torch.empty_like(out)
