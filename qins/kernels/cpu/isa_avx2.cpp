@@ -129,6 +129,6 @@ void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, 
 
 }  // namespace
 
-const IsaKernels kAvx2Kernels = {"avx2", 1, avx2_table, avx2_kpad, avx2_xprep, avx2_gemv, avx2_decode};
+const IsaKernels kAvx2Kernels = {"avx2", 1, avx2_table, avx2_kpad, avx2_xprep, avx2_gemv, avx2_decode, nullptr};
 
 }  // namespace qins

@@ -60,6 +60,6 @@ void scalar_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1
 
 }  // namespace
 
-const IsaKernels kScalarKernels = {"scalar", 1, scalar_table, scalar_kpad, scalar_xprep, scalar_gemv, scalar_decode};
+const IsaKernels kScalarKernels = {"scalar", 1, scalar_table, scalar_kpad, scalar_xprep, scalar_gemv, scalar_decode, nullptr};
 
 }  // namespace qins

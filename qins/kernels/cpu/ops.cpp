@@ -79,6 +79,7 @@ struct Tuning {
   // none 12 G weights/s, 2 KiB 17, 4 KiB 21, 8 KiB 24-26, 16 KiB 27-29, 32 KiB 26-28.
   int64_t prefetch = 16384;
   int64_t pipeline = 1;              // gemv: next row's table built inside the row loop (0 off, 1 split, 2 all)
+  int64_t own_gemm = 1;              // decoded blocks: the ISA's own GEMM if it has one (0: at::mm)
 };
 Tuning g_tuning;
 
@@ -121,7 +122,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
     Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr,
            lmin.data_ptr<float>(), lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad,
            xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, g_tuning.gemv_col_block / 64 * 64),
-           g_tuning.prefetch, g_tuning.pipeline};
+           g_tuning.prefetch, g_tuning.pipeline, g_tuning.own_gemm};
     if (B <= kMaxGemvBatch) {
       const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
       at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) { K.gemv(a, r0, r1); });
@@ -145,6 +146,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
           for (int64_t k0 = 0; k0 < kpad; k0 += kb) {
             const int64_t k1 = std::min(kpad, k0 + kb);
             K.decode(a, r0, r1, k0, k1, w);
+            if (K.gemm && g_tuning.own_gemm) {
+              K.gemm(xp.data_ptr<float>() + k0, kpad, B, w, r1 - r0, k1 - k0, y.data_ptr<float>() + r0, out, k0 > 0);
+              continue;
+            }
             at::Tensor wt = at::from_blob(w, {r1 - r0, k1 - k0}, x2.options());
             at::Tensor xs = xp.narrow(1, k0, k1 - k0);
             if (k0 == 0) at::mm_out(ys, xs, wt.t());
@@ -193,12 +198,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_debug", &qins::decode_debug, "debug: decoded weights and prepared x");
   m.def("supported", &qins::supported, "whether an ISA path (1 scalar, 2 avx2, 3 avx512) runs here");
   m.def("best_isa", &qins::best_isa, "the ISA path chosen by default");
-  m.def("set_tuning", [](int64_t col_block, int64_t gemm_rows, int64_t gemm_cols, int64_t prefetch, int64_t pipeline) {
-    qins::g_tuning = {col_block, gemm_rows, gemm_cols, prefetch, pipeline};
+  m.def("set_tuning", [](int64_t col_block, int64_t gemm_rows, int64_t gemm_cols, int64_t prefetch, int64_t pipeline,
+                         int64_t own_gemm) {
+    qins::g_tuning = {col_block, gemm_rows, gemm_cols, prefetch, pipeline, own_gemm};
   }, "tuning knobs: gemv column block, gemm rows and columns per decoded block");
   m.def("get_tuning", []() {
     return std::vector<int64_t>{qins::g_tuning.gemv_col_block, qins::g_tuning.gemm_rows, qins::g_tuning.gemm_cols,
-                                qins::g_tuning.prefetch, qins::g_tuning.pipeline};
+                                qins::g_tuning.prefetch, qins::g_tuning.pipeline, qins::g_tuning.own_gemm};
   });
   m.def("scratch_bytes_max", []() { return qins::g_scratch_max.load(); }, "largest per-thread scratch");
 }

@@ -53,6 +53,7 @@ struct Args {
   int64_t col_block;      // gemv: columns per block (multiple of 64; >= kpad: no blocking)
   int64_t prefetch = 0;   // gemv: software prefetch distance in bytes (0: none)
   int64_t pipeline = 1;   // gemv: next row's table built inside the row loop (0 off, 1 split only, 2 all)
+  int64_t own_gemm = 1;   // decoded blocks: the ISA's gemm when it has one (0: at::mm)
 };
 
 struct IsaKernels {
@@ -67,6 +68,9 @@ struct IsaKernels {
   // Decode rows [r0, r1), columns [k0, k1) (multiples of 64 or k1 == kpad) into w
   // ([r1 - r0, k1 - k0] fp32, in the column order of xprep).
   void (*decode)(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w);
+  // Optional single-threaded GEMM of a decoded block (nullptr: at::mm), see isa_avx512.cpp.
+  void (*gemm)(const float* x, int64_t ldx, int64_t B, const float* w, int64_t R, int64_t kb, float* y,
+               int64_t ldy, bool accumulate);
 };
 
 constexpr int64_t kMaxGemvBatch = 8;
