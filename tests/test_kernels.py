@@ -125,7 +125,7 @@ def test_decode_bit_identical(inn, out, packed, per_row, seed):
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=80)
+@settings(max_examples=60)
 @given(qins_linear_cases())
 def test_linear_matches_reference_all_paths(case):
     y_ref = reference.linear(*case.args())
@@ -137,12 +137,12 @@ def test_linear_matches_reference_all_paths(case):
 
 
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("batch", [1, 3, 8, 9, 70])
+@pytest.mark.parametrize("batch", [1, 6, 9])
 def test_wide_and_tall_layers(packed, batch):
     """Column blocks (in > 4096), several row chunks and parallel tasks, per-row logs."""
     native()
     gen = torch.Generator().manual_seed(batch)
-    out, inn = 150, 4099 if batch > 8 else 8200
+    out, inn = 70, 4099 if batch > 8 else 8200
     codes, sign = qins_codes(gen, out, inn, packed, 0.05)
     lo = torch.rand(out, generator=gen) * -8 - 4
     case = LinearCase(torch.randn(batch, inn, generator=gen), codes, sign, lo, lo + 6, torch.randn(out, generator=gen))

@@ -73,7 +73,8 @@ struct IsaKernels {
                int64_t ldy, bool accumulate);
 };
 
-constexpr int64_t kMaxGemvBatch = 8;
+constexpr int64_t kMaxGemvBatch = 8;  // larger batches: decoded blocks + GEMM
+constexpr int64_t kGemvGroup = 4;     // x rows per gemv pass
 
 extern const IsaKernels kScalarKernels;
 #if defined(QINS_X86)
