@@ -197,6 +197,14 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
     if config.log_range == "mse":
         lo = search_log_min(mag, gap, lo, hi, config.packed)
     codes = _encode_blocks(mag, gap, lo, hi, config.packed)
+    if config.log_range == "mse" and not config.packed and not config.per_row:
+        # The split per-tensor minmax format is the seed's codec (its own rounding of the range and
+        # codes); keep "never worse than minmax" against exactly that encoding.
+        seed = encode(weight, QinsConfig.seed())
+        table = level_table(lo.reshape(-1), hi.reshape(-1), False)
+        seed_table = level_table(seed[2].reshape(-1), seed[3].reshape(-1), False)
+        if _sq_error(mag, seed[0].reshape(1, -1), seed_table) <= _sq_error(mag, codes, table):
+            return seed
     negative = torch.signbit(w)
     if config.packed:
         codes = codes | (negative.to(torch.uint8) << 7)
