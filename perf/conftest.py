@@ -15,6 +15,9 @@ from perf.plugin import (  # noqa: F401  (pytest collects hooks and fixtures by 
     pytest_benchmark_update_machine_info,
     pytest_configure,
     pytest_report_header,
+    pytest_runtest_call,
+    pytest_sessionfinish,
+    pytest_sessionstart,
     pytest_terminal_summary,
 )
 from perf.models import e2e_models, e2e_prompt  # noqa: F401  (session fixtures shared by perf tests)

@@ -432,3 +432,272 @@ def render_table(rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows[1:]]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU identity: which baselines may gate speed on this machine
+# --------------------------------------------------------------------------------------------
+
+#: ISA extensions that change which kernels torch (and the QINS decode) run, so a baseline
+#: measured without one of them (or with one this CPU lacks) is other hardware. Compared after
+#: dropping underscores (py-cpuinfo lists both ``avx512vnni`` and ``avx512_vnni``).
+ISA_FLAGS = (
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16",
+    "avx512vbmi", "avx512fp16", "avxvnni", "amxtile", "amxbf16", "amxint8",
+)
+
+
+def cpu_identity(cpu: Optional[Mapping]) -> dict:
+    """The part of py-cpuinfo's record (pytest-benchmark's ``machine_info["cpu"]``) that defines "same CPU".
+
+    Same CPU = same vendor id, same brand string, same family and model number, and the same
+    subset of ``ISA_FLAGS``. Clock speed, stepping, cache sizes, core count and the hostname are
+    left out (a VM reports them differently from boot to boot).
+    """
+    cpu = cpu if isinstance(cpu, Mapping) else {}
+    flags = {str(f).replace("_", "").lower() for f in (cpu.get("flags") or [])}
+    return {
+        "vendor": str(cpu.get("vendor_id_raw") or cpu.get("vendor_id") or "?"),
+        "brand": " ".join(str(cpu.get("brand_raw") or cpu.get("brand") or "?").split()),
+        "family": cpu.get("family"),
+        "model": cpu.get("model"),
+        "isa": sorted(f for f in ISA_FLAGS if f in flags),
+    }
+
+
+def cpu_label(cpu: Optional[Mapping]) -> str:
+    """Human-readable: ``AMD EPYC (AuthenticAMD family 26 model 2; avx2 avx512f ...)``."""
+    i = cpu_identity(cpu)
+    return f"{i['brand']} ({i['vendor']} family {i['family']} model {i['model']}; {' '.join(i['isa']) or 'no AVX2'})"
+
+
+def cpu_key(cpu: Optional[Mapping]) -> str:
+    """A directory name for the per-CPU baseline storage: readable brand/family/model + a hash of the identity."""
+    import hashlib
+    import re
+
+    i = cpu_identity(cpu)
+    digest = hashlib.sha1(json.dumps(i, sort_keys=True).encode()).hexdigest()[:8]
+    brand = re.sub(r"[^A-Za-z0-9]+", "_", i["brand"]).strip("_")[:40] or "cpu"
+    return f"{brand}-f{i['family']}m{i['model']}-{digest}"
+
+
+def same_cpu(a: Optional[Mapping], b: Optional[Mapping]) -> bool:
+    return cpu_identity(a) == cpu_identity(b)
+
+
+def baseline_cpu(machine_info: Optional[Mapping]) -> dict:
+    return (machine_info or {}).get("cpu") or {} if isinstance(machine_info, Mapping) else {}
+
+
+def all_saved_runs(storage: Path, machine_id: str) -> list[Path]:
+    """Every saved run of this platform/Python under the storage root, any CPU, newest name last.
+
+    Layouts: ``<root>/<cpu key>/<machine id>/NNNN_*.json`` (per-CPU) and the older
+    ``<root>/<machine id>/NNNN_*.json``.
+    """
+    storage = Path(storage)
+    if not storage.is_dir():
+        return []
+    found = list(storage.glob(f"*/{machine_id}/{SAVED_RUN_GLOB}")) + list(storage.glob(f"{machine_id}/{SAVED_RUN_GLOB}"))
+    return sorted(set(found), key=lambda p: (p.name, str(p)))
+
+
+# --------------------------------------------------------------------------------------------
+# Same-job A/B: the baseline's revision measured here, paired with this revision
+# --------------------------------------------------------------------------------------------
+
+
+def rule_to_json(rule: Rule) -> dict:
+    return {"worse": rule.worse, "tolerance": rule.tolerance, "gain": rule.gain, "min_baseline": rule.min_baseline}
+
+
+def rule_from_json(d: Mapping) -> Rule:
+    return Rule(d.get("worse", HIGHER), float(d.get("tolerance", 0.15)), bool(d.get("gain", False)), d.get("min_baseline"))
+
+
+#: extra_info key where a benchmark stores its gated figures' rules (for A/B, which has no baseline file).
+RULES_KEY = "qins_gate_rules"
+
+
+@dataclass
+class ABOutcome:
+    """The A/B verdict on one figure of one benchmark: this revision (new) vs the baseline's (old), both measured here."""
+
+    test: str
+    figure: str
+    rule: Optional[Rule]
+    new: list  # the figure per round, this revision
+    old: list  # the figure per round, the old revision (paired with new[i])
+    status: str = "pass"  # pass | regressed | new | ungated
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "regressed"
+
+    @property
+    def ratios(self) -> list:
+        return [n / o for n, o in zip(self.new, self.old) if o]
+
+    @property
+    def ratio(self) -> Optional[float]:
+        r = self.ratios
+        return float(statistics.median(r)) if r else None
+
+    def message(self, rev: str) -> str:
+        if self.status == "new":
+            return f"{self.test}: {self.figure} not gated: {self.note}"
+        pairs = ", ".join(f"{fmt(n)}/{fmt(o)}" for n, o in zip(self.new, self.old))
+        head = {"regressed": "REGRESSED", "pass": "ok", "ungated": "not gated"}[self.status]
+        return (
+            f"{self.test}: {self.figure} {head} in A/B against {rev[:12]} measured here: new/old per round {pairs} "
+            f"(median ratio {fmt(self.ratio)}; rule {self.rule.describe() if self.rule else '-'}, "
+            f"fails when beyond it in more than half of the rounds){' - ' + self.note if self.note else ''}"
+        )
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def ab_decide(new_runs: Sequence[Mapping[str, Mapping]], old_runs: Sequence[Mapping[str, Mapping]]) -> list[ABOutcome]:
+    """Pair round ``i`` of this revision with round ``i`` of the old one, per benchmark and gated figure.
+
+    Runs map a benchmark's fullname to its ``extra_info``. The figures gated are those this
+    revision gates (``qins_gate``) with the rule it stored (``qins_gate_rules``), so both sides
+    are judged with the same rules as a stored baseline would be. Each round's pair is judged by
+    the rule with the old value as the baseline; a figure fails when it is beyond its limit in
+    more than half of the rounds (with two rounds: in both). A benchmark (or figure) the old
+    revision did not produce is reported as new and not gated.
+    """
+    if len(new_runs) != len(old_runs) or not new_runs:
+        raise ValueError(f"A/B needs as many rounds of each side: {len(new_runs)} vs {len(old_runs)}")
+    out: list[ABOutcome] = []
+    names = list(dict.fromkeys(n for run in new_runs for n in run))
+    for name in names:
+        infos = [run.get(name) or {} for run in new_runs]
+        gated = next((i.get(GATE_KEY) for i in infos if i.get(GATE_KEY)), None) or []
+        rules_json = next((i.get(RULES_KEY) for i in infos if i.get(RULES_KEY)), None) or {}
+        for fig in gated:
+            rule = rule_from_json(rules_json[fig]) if fig in rules_json else None
+            new = [i.get(fig) for i in infos]
+            old = [(run.get(name) or {}).get(fig) for run in old_runs]
+            o = ABOutcome(test=name, figure=fig, rule=rule, new=[], old=[])
+            out.append(o)
+            if not any(name in run for run in old_runs):
+                o.status, o.note = "new", "the old revision has no benchmark of this name"
+                continue
+            pairs = [(n, b) for n, b in zip(new, old) if _num(n) and _num(b)]
+            if not pairs:
+                o.status, o.note = "new", "the old revision does not measure this figure"
+                continue
+            o.new, o.old = [p[0] for p in pairs], [p[1] for p in pairs]
+            if rule is None:
+                o.status, o.note = "ungated", "no rule stored for this figure"
+                continue
+            if rule.min_baseline is not None and statistics.median(o.old) < rule.min_baseline:
+                o.status, o.note = "ungated", f"old value below {fmt(rule.min_baseline)}, too close to be told from noise"
+                continue
+            beyond = sum(rule.exceeds(n, b) for n, b in pairs)
+            o.status = "regressed" if beyond * 2 > len(pairs) else "pass"
+            if beyond and o.status == "pass":
+                o.note = f"beyond the limit in {beyond} of {len(pairs)} rounds"
+    return out
+
+
+def ab_table(outcomes: Iterable[ABOutcome]) -> list[list[str]]:
+    rows = [["benchmark", "figure", "new per round", "old per round", "median new/old", "limit", "verdict"]]
+    for o in outcomes:
+        lim = "-"
+        if o.rule is not None and o.status in ("pass", "regressed"):
+            lim = o.rule.describe()
+        rows.append([
+            o.test.split("::", 1)[-1], o.figure, " ".join(fmt(v) for v in o.new) or "-", " ".join(fmt(v) for v in o.old) or "-",
+            fmt(o.ratio), lim, o.status.upper() if o.failed else o.status,
+        ])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy gate (deterministic figures; any baseline, any CPU)
+# --------------------------------------------------------------------------------------------
+
+#: ``benchmark.extra_info[ACCURACY_KEY] = {"<figure>": {"value": float, "kind": "sqnr_db" | "cosine", ...}}``
+ACCURACY_KEY = "accuracy"
+ACCURACY_KINDS = ("sqnr_db", "cosine")
+
+
+@dataclass
+class AccuracyOutcome:
+    test: str
+    figure: str
+    kind: str
+    value: float
+    baseline: Optional[float] = None
+    tolerance: Optional[float] = None
+    baseline_source: Optional[str] = None
+    status: str = "pass"  # pass | regressed | new | not-compared | invalid
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("regressed", "invalid")
+
+    @property
+    def drop(self) -> Optional[float]:
+        return None if self.baseline is None else self.baseline - self.value
+
+    def message(self) -> str:
+        unit = " dB" if self.kind == "sqnr_db" else ""
+        if self.status in ("new", "not-compared", "invalid"):
+            return f"{self.test}: accuracy {self.figure} ({self.kind}) = {self.value!r}{unit}: {self.status} ({self.note})"
+        head = "REGRESSED" if self.status == "regressed" else "ok"
+        return (
+            f"{self.test}: accuracy {self.figure} ({self.kind}) {head}: {self.value:.6g}{unit} vs baseline "
+            f"{self.baseline:.6g}{unit} (drop {self.drop:.3g}{unit}; allowed {self.tolerance:.3g}{unit}) "
+            f"[baseline: {self.baseline_source}]"
+        )
+
+
+def accuracy_decide(
+    test: str,
+    current: Optional[Mapping],
+    baseline_entry: Optional[Mapping],
+    baseline_source: Optional[str],
+    sqnr_tol_db: float = 0.5,
+    cosine_tol: float = 1e-4,
+) -> list[AccuracyOutcome]:
+    """Gate the accuracy figures of one benchmark against the baseline's same figures.
+
+    Fails when an ``sqnr_db`` figure is more than ``sqnr_tol_db`` dB below the baseline's, or a
+    ``cosine`` figure more than ``cosine_tol`` (absolute) below it. Accuracy is deterministic, so
+    there is no re-measuring and no CPU-model restriction. A figure the baseline lacks (or whose
+    kind differs there) is new and not gated; a malformed current figure fails.
+    """
+    out: list[AccuracyOutcome] = []
+    if not isinstance(current, Mapping):
+        return out
+    base_acc = (baseline_entry or {}).get(ACCURACY_KEY) if isinstance(baseline_entry, Mapping) else None
+    for name, fig in current.items():
+        kind = fig.get("kind") if isinstance(fig, Mapping) else None
+        value = fig.get("value") if isinstance(fig, Mapping) else None
+        o = AccuracyOutcome(test=test, figure=str(name), kind=str(kind), value=value if isinstance(value, (int, float)) else float("nan"),
+                            baseline_source=baseline_source)
+        out.append(o)
+        if kind not in ACCURACY_KINDS or not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            o.status, o.note = "invalid", f"expected {{'value': float, 'kind': one of {ACCURACY_KINDS}}}, got {fig!r}"
+            continue
+        if baseline_entry is None:
+            o.status, o.note = "not-compared", "no baseline"
+            continue
+        b = base_acc.get(name) if isinstance(base_acc, Mapping) else None
+        bval = b.get("value") if isinstance(b, Mapping) else None
+        if not isinstance(bval, (int, float)) or isinstance(bval, bool) or math.isnan(bval) or b.get("kind") != kind:
+            o.status, o.note = "new", f"the baseline has no {kind} figure {name!r}; refresh it with: {SAVE_COMMAND}"
+            continue
+        o.baseline = float(bval)
+        o.tolerance = sqnr_tol_db if kind == "sqnr_db" else cosine_tol
+        # a figure that was infinite (exact) in the baseline must stay infinite
+        o.status = "regressed" if (o.baseline - float(value) > o.tolerance or (math.isinf(o.baseline) and not math.isinf(value))) else "pass"
+    return out

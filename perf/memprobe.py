@@ -1,7 +1,8 @@
 """Process-memory probe of the end-to-end model per mode, run in a subprocess by perf/test_memory.py.
 
-    python -m perf.memprobe MODE[,MODE...]|all [NEW_TOKENS [THREADS]]
-    (MODE: fp32 | qins-cached | qins-memsave)
+    python -m perf.memprobe MODE[,MODE...]|all [NEW_TOKENS [THREADS [MODEL]]]
+    (MODE: fp32 | qins-cached | qins-memsave | qins-packed-memsave | qins-split-memsave;
+     MODEL: tiny (hidden 256, 4 layers, vocab 32000) | large (hidden 1024, 8 layers, vocab 8192))
 
 The parent imports torch/transformers/qins and runs a throwaway tiny model once (so lazily imported
 code is resident before anything is measured), then forks one child per mode: each mode's figures
@@ -12,7 +13,10 @@ come from a process that never held another mode's model. Prints one JSON object
 * ``rss_loaded``: resident set once the model is ready (garbage collected, freed heap trimmed);
 * ``peak_generate``: peak resident set during a greedy generation, measured after resetting the
   peak (``/proc/self/clear_refs``); falls back to ``ru_maxrss`` where that reset is not allowed;
-* ``model_memory``: :func:`qins.model_memory` of the ready model (parameters, buffers, caches, total).
+* ``model_memory``: :func:`qins.model_memory` of the ready model (parameters, buffers, caches, total);
+* ``linear_bytes``: bytes of the decoder's linear layers alone (``nn.Linear`` or ``ProjectiveLinear``);
+* ``generate_cpu_s`` / ``tokens_per_s``: CPU time of the (single-threaded) timed generation, after a
+  4-token warm-up generation, and new tokens per CPU second.
 
 A fresh process per mode keeps one mode's allocations out of another's figures.
 """
@@ -25,6 +29,7 @@ import os
 import re
 import resource
 import sys
+import time
 
 
 def _status_kib(field: str) -> int:
@@ -50,44 +55,72 @@ def _reset_peak() -> bool:
         return False
 
 
-MODES = ("fp32", "qins-cached", "qins-memsave")
+MODES = ("fp32", "qins-cached", "qins-memsave", "qins-packed-memsave", "qins-split-memsave")
+MODELS = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, vocab_size=32000),
+    "large": dict(hidden_size=1024, num_hidden_layers=8, vocab_size=8192),
+}
 
 
-def probe(mode: str, new_tokens: int = 32, threads: int = 1) -> dict:
+def _convert(model, mode: str) -> None:
+    """QINS modes: the library default (packed, mse, per row) unless the mode names split; lm_head stays fp32."""
+    from qins import QinsConfig, convert_model_to_projective
+
+    if mode != "fp32":
+        config = QinsConfig(packed=mode != "qins-split-memsave")
+        convert_model_to_projective(model, config, cache_weight=(mode == "qins-cached"))
+
+
+def _linear_bytes(model) -> int:
+    from torch import nn
+
+    from qins import ProjectiveLinear, model_memory
+
+    return sum(model_memory(m).total for m in model.model.layers.modules() if isinstance(m, (nn.Linear, ProjectiveLinear)))
+
+
+def probe(mode: str, new_tokens: int = 32, threads: int = 1, model_name: str = "tiny") -> dict:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     import torch
 
-    from qins import convert_model_to_projective, model_memory
+    from qins import model_memory
 
     from tests.strategies import tiny_phi3
 
+    spec = MODELS[model_name]
     _trim()
     rss_start = _status_kib("VmRSS") * 1024
     _reset_peak()
-    model = tiny_phi3(hidden_size=256, num_hidden_layers=4, vocab_size=32000)
-    if mode != "fp32":
-        convert_model_to_projective(model, cache_weight=(mode == "qins-cached"))
+    model = tiny_phi3(**spec)
+    _convert(model, mode)
     peak_load = _status_kib("VmHWM") * 1024
     _trim()
     rss_loaded = _status_kib("VmRSS") * 1024
-    reset = _reset_peak()
     g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, 32000, (1, 32), generator=g)
-    with torch.inference_mode():
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=0,
-        )
+    ids = torch.randint(3, spec["vocab_size"], (1, 32), generator=g)
+
+    def generate(n: int) -> None:
+        with torch.inference_mode():
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, use_cache=True, pad_token_id=0,
+            )
+
+    generate(4)  # warm-up: first-call work (kernel dispatch, allocator growth) is not timed
+    _trim()
+    reset = _reset_peak()
+    t0 = time.thread_time()
+    generate(new_tokens)
+    generate_cpu_s = time.thread_time() - t0
     peak_generate = _status_kib("VmHWM") * 1024 if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mm = model_memory(model)
     return {
         "mode": mode,
+        "model": model_name,
+        "generate_cpu_s": generate_cpu_s,
+        "tokens_per_s": new_tokens / generate_cpu_s,
+        "linear_bytes": _linear_bytes(model),
         "rss_start": rss_start,
         "peak_load": peak_load,
         "rss_loaded": rss_loaded,
@@ -107,26 +140,24 @@ def _warm_up(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from qins import convert_model_to_projective
-
     from tests.strategies import tiny_phi3
 
     m = tiny_phi3()
-    convert_model_to_projective(m)
+    _convert(m, "qins-memsave")
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
     del m
 
 
-def _in_child(mode: str, new_tokens: int, threads: int) -> dict:
+def _in_child(mode: str, new_tokens: int, threads: int, model_name: str) -> dict:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(read)
         code = 0
         try:
-            payload = json.dumps(probe(mode, new_tokens, threads))
+            payload = json.dumps(probe(mode, new_tokens, threads, model_name))
         except BaseException as exc:  # report, never fall back into the parent's code path
             payload = json.dumps({"mode": mode, "error": f"{type(exc).__name__}: {exc}"})
             code = 1
@@ -147,10 +178,14 @@ def main(argv: list[str]) -> int:
         return 2
     new_tokens = int(argv[1]) if len(argv) > 1 else 32
     threads = int(argv[2]) if len(argv) > 2 else 1
+    model_name = argv[3] if len(argv) > 3 else "tiny"
+    if model_name not in MODELS:
+        print(__doc__, file=sys.stderr)
+        return 2
     _warm_up(threads)
     failed = 0
     for mode in modes:
-        result = _in_child(mode, new_tokens, threads)
+        result = _in_child(mode, new_tokens, threads, model_name)
         failed += "error" in result
         print(json.dumps(result), flush=True)
     return 1 if failed else 0

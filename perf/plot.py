@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
-RATIO_KEYS = ("ratio_vs_linear", "ratio_vs_fp32", "cache_speedup")
+RATIO_KEYS = ("ratio_vs_linear", "ratio_same_kind", "ratio_vs_fp32", "cache_speedup")
 GATE_KEY = "qins_gate"
 
 

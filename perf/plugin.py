@@ -38,6 +38,8 @@ DEFAULTS = {
     "cache_gain_tol": 0.5,
     "memory_tol": 0.10,
     "backstop": "min:900%",
+    "sqnr_tol_db": 0.5,
+    "cosine_tol": 1e-4,
 }
 
 
@@ -56,6 +58,19 @@ class PerfState:
         self.budget = 1.0
         self.clock = "wall"
         self.backstop_failed = ""
+        self.cpu: dict = {}
+        self.cpu_key = ""
+        self.cpu_label = ""
+        self.mode = "none"  # none | stored | ab
+        self.mode_line = "no --benchmark-compare: figures are measured, not gated"
+        self.accuracy_baseline: Optional[G.Baseline] = None
+        self.accuracy_outcomes: list = []
+        self.ab_base: Optional[G.Baseline] = None
+        self.ab_rev = ""
+        self.ab_old = None  # perf.ab.OldSide
+        self.ab_outcomes: list = []
+        self.ab_error = ""
+        self.ab_seconds: list = []
 
 
 def _state(config) -> PerfState:
@@ -113,6 +128,21 @@ def pytest_addoption(parser):
         help="What the timers read: 'cpu' = CPU time of the benchmarking thread (time.thread_time; immune to "
         "other processes taking the core), 'wall' = time.perf_counter. 'auto': cpu on CPU-only runs, wall with CUDA.",
     )
+    g.addoption(
+        "--perf-mode",
+        choices=["auto", "stored", "ab"],
+        default="auto",
+        help="With --benchmark-compare: 'auto' gates on a stored baseline measured on this CPU, else measures the "
+        "newest baseline's revision here (A/B); 'stored' refuses A/B; 'ab' always does A/B. Default: %(default)s",
+    )
+    g.addoption(
+        "--perf-flat-storage",
+        action="store_true",
+        default=False,
+        help="Do not add the per-CPU sub-directory to --benchmark-storage (baselines of every CPU then share one folder).",
+    )
+    g.addoption("--perf-sqnr-tol-db", type=float, default=DEFAULTS["sqnr_tol_db"], help="Accuracy gate: allowed drop of an sqnr_db figure (dB). Default: %(default)s")
+    g.addoption("--perf-cosine-tol", type=float, default=DEFAULTS["cosine_tol"], help="Accuracy gate: allowed drop of a cosine figure (absolute). Default: %(default)s")
     g.addoption("--perf-plot", metavar="PNG", default=None, help="Write a chart of this run vs the baseline to PNG.")
     g.addoption("--perf-table", metavar="MD", default=None, help="Write the figures of this run as a markdown table.")
 
@@ -158,24 +188,100 @@ def pytest_configure(config):
     # torch.compile's internals trip this deprecation on every compile; it is not ours to fix
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
+    storage = _storage_dir(config)
+    state.cpu = _this_cpu()
+    state.cpu_key, state.cpu_label = G.cpu_key(state.cpu), G.cpu_label(state.cpu)
+    if storage is not None and not config.getoption("perf_flat_storage"):
+        # per-CPU baselines: pytest-benchmark's file storage rooted at <storage>/<cpu key>, so that
+        # --benchmark-save lands in <storage>/<cpu key>/<machine id>/NNNN_<name>.json
+        config.option.benchmark_storage = f"file://{storage / state.cpu_key}"
     compare = config.getoption("benchmark_compare")
     if compare and not _benchmarks_off(config):
-        storage = _storage_dir(config)
         if storage is not None:
-            from pytest_benchmark.utils import get_machine_id
+            _choose_mode(config, state, storage, compare)
+        if state.mode == "stored":
+            backstop = config.getoption("perf_backstop")
+            if backstop and backstop != "off" and not config.getoption("benchmark_compare_fail"):
+                from pytest_benchmark.utils import parse_compare_fail
 
-            try:
-                state.baseline = G.load_baseline(G.locate_baseline(storage, get_machine_id(), compare))
-            except G.BaselineError as exc:
-                raise pytest.UsageError(str(exc)) from None
-        backstop = config.getoption("perf_backstop")
-        if backstop and backstop != "off" and not config.getoption("benchmark_compare_fail"):
-            from pytest_benchmark.utils import parse_compare_fail
+                try:
+                    config.option.benchmark_compare_fail = [parse_compare_fail(backstop)]
+                except Exception as exc:  # argparse.ArgumentTypeError
+                    raise pytest.UsageError(f"--perf-backstop: {exc}") from None
 
+
+_CPU_CACHE: dict = {}
+
+
+def _this_cpu() -> dict:
+    """py-cpuinfo's record of this machine's CPU (what pytest-benchmark stores as machine_info["cpu"])."""
+    if "cpu" not in _CPU_CACHE:
+        import cpuinfo
+
+        _CPU_CACHE["cpu"] = cpuinfo.get_cpu_info()
+    return _CPU_CACHE["cpu"]
+
+
+def _choose_mode(config, state: PerfState, storage: Path, compare) -> None:
+    """Stored baseline for this CPU, or same-job A/B against a baseline's revision (perf/README.md, "Modes")."""
+    from pytest_benchmark.utils import get_machine_id
+
+    from perf import ab
+
+    machine_id = get_machine_id()
+    want = config.getoption("perf_mode")
+    cpu_dir = storage if config.getoption("perf_flat_storage") else storage / state.cpu_key
+    own_error = None
+    try:
+        base = G.load_baseline(G.locate_baseline(cpu_dir, machine_id, compare))
+    except G.BaselineError as exc:
+        own_error, base = exc, None
+    if base is None:
+        # no baseline for this CPU: the newest baseline of this platform/Python, any CPU, for A/B
+        if compare is not True or want == "stored":
+            raise pytest.UsageError(_with_ab_hint(str(own_error), state)) from None
+        candidates = []
+        for path in G.all_saved_runs(storage, machine_id):
             try:
-                config.option.benchmark_compare_fail = [parse_compare_fail(backstop)]
-            except Exception as exc:  # argparse.ArgumentTypeError
-                raise pytest.UsageError(f"--perf-backstop: {exc}") from None
+                candidates.append(G.load_baseline(path))
+            except G.BaselineError:
+                continue
+        if not candidates:
+            raise pytest.UsageError(_with_ab_hint(str(own_error), state)) from None
+        base = max(candidates, key=lambda b: (b.datetime, b.path.name))
+    base_cpu = G.baseline_cpu(base.machine_info)
+    state.accuracy_baseline = base  # accuracy is the same on any CPU: gated against any baseline
+    if G.same_cpu(base_cpu, state.cpu) and want != "ab":
+        state.mode = "stored"
+        state.baseline = base
+        state.mode_line = f"stored baseline for {state.cpu_label}: {base.label} (saved {base.datetime})"
+        return
+    if want == "stored":
+        raise pytest.UsageError(
+            f"QINS perf gate: --perf-mode=stored, but baseline {base.label} was measured on {G.cpu_label(base_cpu)}, "
+            f"not on this CPU, {state.cpu_label}. Its speed figures are never used here.\n"
+            f"Create a baseline for this CPU with:\n    {G.SAVE_COMMAND}\n(then commit it), or use --perf-mode=auto (A/B)."
+        )
+    try:
+        rev = ab.resolve_revision(config.rootpath, (base.commit_info or {}).get("id"), base.label)
+    except ab.RevisionError as exc:
+        raise pytest.UsageError(
+            f"QINS perf gate: no baseline for this CPU ({state.cpu_label}); the newest baseline, {base.label}, "
+            f"was measured on {G.cpu_label(base_cpu)}, so its revision would be measured here (A/B).\n{exc}"
+        ) from None
+    state.mode = "ab"
+    state.ab_base = base
+    state.ab_rev = rev
+    why = "--perf-mode=ab" if G.same_cpu(base_cpu, state.cpu) else f"no baseline for {state.cpu_label}; {base.label} is from {G.cpu_label(base_cpu)}"
+    dirty = " (that baseline was saved from a dirty tree: the revision may not be exactly what it measured)" if (base.commit_info or {}).get("dirty") else ""
+    state.mode_line = f"A/B against {rev[:12]} measured here ({why}){dirty}"
+    # nothing stored is compared in A/B: no pytest-benchmark comparison, no absolute backstop
+    config.option.benchmark_compare = None
+    config.option.benchmark_compare_fail = None
+
+
+def _with_ab_hint(msg: str, state: PerfState) -> str:
+    return f"{msg}\n(This CPU: {state.cpu_label}; its baselines live under .benchmarks/{state.cpu_key}/.)"
 
 
 def _choose_clock(config) -> str:
@@ -199,15 +305,136 @@ def _benchmarks_off(config) -> bool:
 
 def pytest_report_header(config):
     state = _state(config)
-    lines = [
+    return [
         f"qins-perf: threads={state.threads} clock={state.clock} tolerances={state.tol} budget={state.budget}"
-        + (f" INJECTED SLOWDOWN x{state.factor}" if state.factor != 1.0 else "")
+        + (f" INJECTED SLOWDOWN x{state.factor}" if state.factor != 1.0 else ""),
+        f"qins-perf: CPU {state.cpu_label} (baselines under <storage>/{state.cpu_key}/)",
+        f"qins-perf: mode: {state.mode_line}",
     ]
-    if state.baseline is not None:
-        lines.append(f"qins-perf: gating against baseline {state.baseline.label} ({state.baseline.datetime})")
-    else:
-        lines.append("qins-perf: no --benchmark-compare: figures are measured, not gated")
-    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Same-job A/B (mode "ab"): old revision before and after this session's run
+# --------------------------------------------------------------------------------------------
+
+
+def _ab_selection(config) -> list:
+    out = []
+    root = config.rootpath
+    for arg in config.args:
+        path, sep, rest = str(arg).partition("::")
+        p = Path(path)
+        p = p if p.is_absolute() else (config.invocation_params.dir / p)
+        try:
+            rel = p.resolve().relative_to(root.resolve())
+        except ValueError:
+            continue
+        out.append(str(rel) + sep + rest)
+    return out
+
+
+def _say(config, line: str, **markup) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(line, **markup)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session):
+    """A/B round 1, old side first: export the old revision and run its suite before this one."""
+    config = session.config
+    state = _state(config)
+    if state.mode != "ab" or config.getoption("collectonly"):
+        return
+    from perf import ab
+
+    _say(config, f"qins-perf: A/B: measuring revision {state.ab_rev[:12]} on this machine (round 1 of 2, old side first) ...")
+    try:
+        state.ab_old = ab.OldSide(config.rootpath, state.ab_rev, _ab_selection(config), config.getoption("keyword") or None,
+                                  config.getoption("markexpr") or None)
+        old1 = state.ab_old.run(1)
+    except ab.RevisionError as exc:
+        state.ab_error = str(exc)
+        _say(config, str(exc), red=True)
+        return
+    _say(config, f"qins-perf: A/B: old revision measured in {state.ab_old.seconds[-1]:.0f} s ({len(old1)} benchmarks); now this revision")
+    # this session's figures are checked against round 1 as they are measured, so that an excess is
+    # re-measured at once (the better of the two measurements is this revision's figure); the verdict
+    # comes at the end, after round 2
+    state.baseline = G.Baseline(path=Path(f"A-B round 1: {state.ab_rev[:12]} measured here"), entries=old1,
+                                commit_info={"id": state.ab_rev})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A/B round 2, this revision first: run the old suite again, then pair and judge."""
+    config = session.config
+    state = _state(config)
+    if state.mode != "ab" or state.ab_old is None or state.ab_error:
+        if state.mode == "ab" and state.ab_error:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if state.ab_old is not None:
+            state.ab_old.cleanup()
+        return
+    if exitstatus == pytest.ExitCode.INTERRUPTED or not state.records:
+        state.ab_old.cleanup()
+        return
+    from perf import ab
+
+    _say(config, "")
+    _say(config, f"qins-perf: A/B: measuring revision {state.ab_rev[:12]} again (round 2 of 2, this revision went first) ...")
+    try:
+        state.ab_old.run(2)
+    except ab.RevisionError as exc:
+        state.ab_error = str(exc)
+    finally:
+        state.ab_seconds = list(state.ab_old.seconds)
+        state.ab_old.cleanup()
+    if state.ab_error:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return
+    new = {name: _ab_new_figures(rec["extra_info"]) for name, rec in state.records.items()}
+    state.ab_outcomes = G.ab_decide([new, new], state.ab_old.runs)
+    if any(o.failed for o in state.ab_outcomes):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _ab_new_figures(info: dict) -> dict:
+    """This revision's figures for A/B: the decisive (better) value where a figure was re-measured."""
+    out = dict(info)
+    out.update(info.get("qins_ab_decisive") or {})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy gate (any baseline: accuracy is the same on every CPU)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield
+    bench = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
+    if bench is None:
+        return result
+    info = getattr(bench, "extra_info", None) or {}
+    if G.ACCURACY_KEY not in info:
+        return result
+    state = _state(item.config)
+    base = state.accuracy_baseline
+    outcomes = G.accuracy_decide(
+        bench.fullname,
+        info.get(G.ACCURACY_KEY),
+        base.entry(bench.fullname) if base is not None else None,
+        base.label if base is not None else None,
+        sqnr_tol_db=item.config.getoption("perf_sqnr_tol_db"),
+        cosine_tol=item.config.getoption("perf_cosine_tol"),
+    )
+    state.accuracy_outcomes.extend(outcomes)
+    bad = [o for o in outcomes if o.failed]
+    if bad:
+        pytest.fail("\n".join(o.message() for o in bad), pytrace=False)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +449,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["qins_perf_threads"] = state.threads
     machine_info["qins_perf_clock"] = state.clock
+    machine_info["qins_cpu_key"] = state.cpu_key  # informative; "same CPU" is decided from machine_info["cpu"]
+    machine_info["qins_cpu_label"] = state.cpu_label
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -233,6 +462,13 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "tolerances": state.tol,
         "inject_slowdown": state.factor,
         "baseline": state.baseline.label if state.baseline else None,
+        "mode": state.mode,
+        "mode_line": state.mode_line,
+        "cpu_key": state.cpu_key,
+        "accuracy": [
+            {"test": o.test, "figure": o.figure, "kind": o.kind, "value": o.value, "baseline": o.baseline, "status": o.status}
+            for o in state.accuracy_outcomes
+        ],
         "gate": [
             {
                 "test": o.test,
@@ -354,6 +590,7 @@ class GateHandle:
         if benchmark.disabled:
             return []
         benchmark.extra_info[G.GATE_KEY] = sorted(rules)
+        benchmark.extra_info[G.RULES_KEY] = {k: G.rule_to_json(r) for k, r in rules.items()}
         base = self.state.baseline
         entry = base.entry(benchmark.fullname) if base is not None else None
         outcomes = G.decide(
@@ -375,6 +612,10 @@ class GateHandle:
         confirmations = {o.figure: o.confirmation for o in outcomes if o.confirmation is not None}
         if confirmations:
             benchmark.extra_info["confirmation"] = confirmations
+        if self.state.mode == "ab":
+            # judged at the end of the session, paired with both rounds of the old revision
+            benchmark.extra_info["qins_ab_decisive"] = {o.figure: o.decisive for o in outcomes if o.confirmation is not None}
+            return outcomes
         failed = [o for o in outcomes if o.failed]
         if failed:
             pytest.fail("\n".join(o.message() for o in failed), pytrace=False)
@@ -417,16 +658,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def _report(tr, state: PerfState) -> None:
-    if not state.records and not state.outcomes:
+    if not state.records and not state.outcomes and not state.ab_error:
         return
     tr.section("QINS perf gate", sep="-", bold=True)
     if state.factor != 1.0:
         tr.write_line(f"INJECTED SLOWDOWN: every QINS forward x{state.factor} ({INJECT_ENV} / --perf-inject-slowdown)", yellow=True)
-    if state.baseline is not None:
-        tr.write_line(f"baseline: {state.baseline.label} (saved {state.baseline.datetime})")
-    else:
-        tr.write_line("baseline: none (run with --benchmark-compare to gate)")
-    compared = [o for o in state.outcomes if o.status != "not-compared"]
+    tr.write_line(f"CPU: {state.cpu_label}")
+    tr.write_line(f"mode: {state.mode_line}")
+    if state.mode == "ab":
+        _report_ab(tr, state)
+    compared = [o for o in state.outcomes if o.status != "not-compared"] if state.mode == "stored" else []
     if compared:
         tr.write_line(G.render_table(G.outcome_table(compared)))
         bad = [o for o in compared if o.failed]
@@ -439,6 +680,7 @@ def _report(tr, state: PerfState) -> None:
                 tr.write_line("  " + o.message(), red=True)
         else:
             tr.write_line(f"gate passed: {len(compared)} figure(s) within limits.", green=True)
+    _report_accuracy(tr, state)
     if state.backstop_failed:
         tr.write_line("GATE FAILED: " + state.backstop_failed, red=True, bold=True)
     rows = figures_rows(state)
@@ -465,10 +707,47 @@ def _report(tr, state: PerfState) -> None:
             tr.write_line(f"could not write chart {plot_path}: {type(exc).__name__}: {exc}", red=True)
 
 
+def _report_ab(tr, state: PerfState) -> None:
+    if state.ab_error:
+        tr.write_line("GATE FAILED: A/B could not be completed: " + state.ab_error, red=True, bold=True)
+        return
+    if not state.ab_outcomes:
+        return
+    secs = " + ".join(f"{s:.0f} s" for s in state.ab_seconds)
+    tr.write_line(f"A/B rounds: old, new | new, old (old revision's suite took {secs}); speed figures of the stored "
+                  f"baseline {state.ab_base.label if state.ab_base else ''} are not used")
+    tr.write_line(G.render_table(G.ab_table(state.ab_outcomes)))
+    new = [o for o in state.ab_outcomes if o.status == "new"]
+    if new:
+        tr.write_line(f"{len(new)} figure(s) new in this revision (the old one does not measure them): reported, not gated.")
+    bad = [o for o in state.ab_outcomes if o.failed]
+    judged = [o for o in state.ab_outcomes if o.status in ("pass", "regressed")]
+    if bad:
+        tr.write_line(f"GATE FAILED (A/B against {state.ab_rev[:12]} measured here): {len(bad)} figure(s) regressed:", red=True, bold=True)
+        for o in bad:
+            tr.write_line("  " + o.message(state.ab_rev), red=True)
+    else:
+        tr.write_line(f"gate passed (A/B against {state.ab_rev[:12]} measured here): {len(judged)} figure(s) within limits.", green=True)
+
+
+def _report_accuracy(tr, state: PerfState) -> None:
+    outs = state.accuracy_outcomes
+    if not outs:
+        return
+    src = state.accuracy_baseline.label if state.accuracy_baseline else "none"
+    tr.write_line(f"accuracy gate (against {src}; accuracy is CPU-independent, so any baseline serves):")
+    for o in outs:
+        tr.write_line("  " + o.message(), red=o.failed)
+    bad = [o for o in outs if o.failed]
+    if bad:
+        tr.write_line(f"ACCURACY GATE FAILED: {len(bad)} figure(s).", red=True, bold=True)
+
+
 #: (extra_info key, column title, format) of the figures table.
 FIGURE_COLUMNS = [
     ("time_s", "median s", "{:.4g}"),
     ("ratio_vs_linear", "x nn.Linear", "{:.3g}"),
+    ("ratio_same_kind", "x same-kind ref", "{:.3g}"),
     ("gbps", "GB/s", "{:.3g}"),
     ("tokens_per_s", "tokens/s", "{:.4g}"),
     ("ratio_vs_fp32", "x FP32 time", "{:.3g}"),

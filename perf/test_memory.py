@@ -30,11 +30,11 @@ MIB = 1024 * 1024
 MODEL_BYTES_TOL = 0.01
 
 
-def run_probe(modes, threads: int) -> dict:
+def run_probe(modes, threads: int, new_tokens: int = 32, model: str = "tiny") -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run(
-        [sys.executable, "-m", "perf.memprobe", ",".join(modes), "32", str(threads)],
+        [sys.executable, "-m", "perf.memprobe", ",".join(modes), str(new_tokens), str(threads), model],
         cwd=ROOT,
         env=env,
         capture_output=True,

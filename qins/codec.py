@@ -133,6 +133,17 @@ def _validate(weight: torch.Tensor) -> None:
         raise ValueError(
             f"weight has {n_bad} non-finite value(s) (NaN or ±Inf); first at index {tuple(first)} = {value}"
         )
+    if weight.dtype != torch.float32 and weight.dtype.itemsize > 4:
+        # Finite in float64 but not in float32: encoding works on float32 values.
+        over = ~torch.isfinite(weight.to(torch.float32))
+        n_over = int(over.sum())
+        if n_over:
+            first = torch.nonzero(over)[0].tolist()
+            value = weight[tuple(first)].item()
+            raise ValueError(
+                f"weight has {n_over} value(s) that overflow float32 (|w| > {_FLOAT32_MAX:.4g}); "
+                f"first at index {tuple(first)} = {value}"
+            )
 
 
 @torch.no_grad()

@@ -32,8 +32,9 @@ Encoded = tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor
 
 _COARSE = 48  # candidate spans in the first pass (fractions c/48 of the minmax span)
 _FINE = 16  # candidates in the refinement pass, between the coarse neighbours of the best
-_BINS = 256  # histogram bins of log|w| per row (per tensor: 4096)
-_EXACT = (1.0, 0.93, 1.07)  # spans around the model's best that are encoded exactly
+_BINS = 128  # histogram bins of log|w| per row (per tensor: 4096)
+_EXACT = (1.0, 0.95, 1.05, 0.975, 1.025)  # spans around the model's best that are encoded exactly
+_CHUNK = 1 << 16  # elements per block in the exact passes (stays in L2)
 
 
 def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -45,7 +46,9 @@ def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
     return w.reshape(1, -1)
 
 
-def _mag_codes(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mag_codes(
+    mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Magnitude codes (float, 0..K) of ``[R, N]`` magnitudes for float32 ranges ``[R, 1]``, and the table.
 
     ``gap = hi - log|w|`` (``+inf`` for zeros). Code ``1 + j`` with ``j = round(gap/δ)``,
@@ -55,8 +58,9 @@ def _mag_codes(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch
     k = num_levels(packed)
     delta = (hi - lo) / float(k - 1)
     j = torch.round(gap / torch.where(delta > 0, delta, SMALLEST_NORMAL)).clamp_(max=k)
-    table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
-    flush = torch.where(mag * 2.0 >= table[:, k : k + 1], float(k - 1), -1.0)
+    if table is None:
+        table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
+    flush = torch.where(mag >= table[:, k : k + 1] * 0.5, float(k - 1), -1.0)  # 2|w| >= level_K, exactly
     return j.where(j < k, flush).add_(1.0), table
 
 
@@ -64,7 +68,9 @@ def _sq_error(mag: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> to
     """Row-wise ``Σ(|w| - |ŵ|)²`` in float64; signs are always kept, so this is ``Σ(w - ŵ)²``."""
     idx = codes.long()
     dec = torch.gather(table, 1, idx) if table.shape[0] > 1 else table[0][idx]
-    return (mag.double() - dec.double()).square_().sum(dim=1)
+    # |w| and ŵ are within a factor 2 of each other (or ŵ = 0), so the float32 difference is exact
+    # (Sterbenz); squares and sums are float64.
+    return (mag - dec).double().square_().sum(dim=1)
 
 
 def _model_errors(hist: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor, steps: int) -> torch.Tensor:
@@ -103,8 +109,8 @@ def _model_errors(hist: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, spans
     return s2_in * rel + err_level + err_zero
 
 
-def search_log_min(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MSE-best range per row: ``(codes, log_min)``, codes as from :func:`_mag_codes`.
+def search_log_min(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The MSE-best ``log_min`` per row (``[R, 1]`` float32; per tensor ``R = 1``).
 
     A histogram of ``log|w|`` per row evaluates all candidate spans at once (coarse ``c/48`` of the
     minmax span, then finer around the best, :func:`_model_errors`). The model's best and a few
@@ -114,28 +120,55 @@ def search_log_min(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: 
     rows = mag.shape[0]
     nbins = _BINS if rows > 1 else 4096
     span0 = (hi - lo0).double()
-    # Bin of log|w| in [lo0, hi]; below lo0 (zeros, sub-normals) goes to an extra bin, dropped.
+    # Bin of log|w| in [lo0, hi], block by block; below lo0 (zeros, sub-normals) goes to a dropped bin.
     scale = (nbins / span0.clamp_min(1e-30)).to(torch.float32)
-    pos = (span0.to(torch.float32) - gap).mul_(scale).floor_().clamp_(-1, nbins - 1)
-    pos = pos.where(pos >= 0, float(nbins)).long() + torch.arange(rows, device=mag.device).unsqueeze(1) * (nbins + 1)
-    hist = torch.bincount(pos.reshape(-1), minlength=rows * (nbins + 1)).reshape(rows, nbins + 1)[:, :nbins]
+    top = span0.to(torch.float32)
+    hist = torch.zeros(rows, nbins + 1, dtype=torch.int64, device=mag.device)
+    base = torch.arange(rows, device=mag.device).unsqueeze(1) * (nbins + 1)
+    for r, c in _chunks(mag):
+        pos = (top[r] - gap[r, c]).mul_(scale[r]).floor_().clamp_(-1, nbins - 1)
+        pos = pos.where(pos >= 0, float(nbins)).long().add_(base[: pos.shape[0]])
+        hist[r] += torch.bincount(pos.reshape(-1), minlength=pos.shape[0] * (nbins + 1)).reshape(-1, nbins + 1)
+    hist = hist[:, :nbins]
     steps = num_levels(packed) - 1
     fracs = torch.arange(1, _COARSE + 1, device=mag.device, dtype=torch.float64) / _COARSE
     best = _model_errors(hist, lo0, hi, span0 * fracs, steps).argmin(1, keepdim=True).double() + 1
     fine = (best - 1 + torch.arange(_FINE + 1, device=mag.device, dtype=torch.float64) * 2 / _FINE).clamp(1 / _FINE, _COARSE) / _COARSE
     spans = span0 * fine
     span_best = spans.gather(1, _model_errors(hist, lo0, hi, spans, steps).argmin(1, keepdim=True))
-    best_codes, table = _mag_codes(mag, gap, lo0, hi, packed)
-    best_err, best_lo = _sq_error(mag, best_codes, table), lo0
-    for factor in _EXACT:
-        lo = torch.where(span0 > 0, hi.double() - (span_best * factor).clamp(max=span0), lo0.double()).to(torch.float32)
-        codes, table = _mag_codes(mag, gap, lo, hi, packed)
-        err = _sq_error(mag, codes, table)
-        better = (err < best_err).unsqueeze(1) if rows > 1 else (err.sum() < best_err.sum()).reshape(1, 1)
-        best_codes = torch.where(better, codes, best_codes)
-        best_err = torch.where(better.reshape(-1), err, best_err)
-        best_lo = torch.where(better, lo, best_lo)
-    return best_codes, best_lo
+    candidates = [lo0] + [
+        torch.where(span0 > 0, hi.double() - (span_best * f).clamp(max=span0), lo0.double()).to(torch.float32) for f in _EXACT
+    ]
+    tables = [level_table(lo.reshape(-1), hi.reshape(-1), packed) for lo in candidates]
+    err = torch.zeros(rows, len(candidates), dtype=torch.float64, device=mag.device)
+    for r, c in _chunks(mag):
+        m, g = mag[r, c], gap[r, c]
+        for i, (lo, table) in enumerate(zip(candidates, tables)):
+            codes, _ = _mag_codes(m, g, lo[r], hi[r], packed, table[r] if rows > 1 else table)
+            err[r, i] += _sq_error(m, codes, table[r] if rows > 1 else table)
+    # argmin keeps the first minimum: on a tie the minmax range (candidate 0) stays.
+    pick = err.argmin(1, keepdim=True) if rows > 1 else err.sum(0).argmin().reshape(1, 1)
+    return torch.stack(candidates, 1).reshape(rows, -1).gather(1, pick)
+
+
+def _chunks(mag: torch.Tensor) -> list[tuple[slice, slice]]:
+    """Blocks of about ``_CHUNK`` elements (whole rows when rows are short) that stay in cache."""
+    rows, cols = mag.shape
+    if rows == 1 or cols >= _CHUNK:
+        step = _CHUNK if rows == 1 else cols
+        return [(slice(r, r + 1), slice(c, c + step)) for r in range(rows) for c in range(0, cols, step)]
+    per = max(1, _CHUNK // cols)
+    return [(slice(r, r + per), slice(None)) for r in range(0, rows, per)]
+
+
+def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
+    """uint8 magnitude codes for the ranges ``lo``/``hi`` (``[R, 1]``), computed block by block."""
+    out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
+    for r, c in _chunks(mag):
+        codes, _ = _mag_codes(mag[r, c], gap[r, c], lo[r], hi[r], packed, table[r] if mag.shape[0] > 1 else table)
+        out[r, c] = codes
+    return out
 
 
 @torch.no_grad()
@@ -162,10 +195,8 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
     hi, lo = torch.where(empty, 0.0, hi), torch.where(empty, 0.0, lo)
     gap = hi - logw
     if config.log_range == "mse":
-        codes, lo = search_log_min(mag, gap, lo, hi, config.packed)
-    else:
-        codes, _ = _mag_codes(mag, gap, lo, hi, config.packed)
-    codes = codes.to(torch.uint8)
+        lo = search_log_min(mag, gap, lo, hi, config.packed)
+    codes = _encode_blocks(mag, gap, lo, hi, config.packed)
     negative = torch.signbit(w)
     if config.packed:
         codes = codes | (negative.to(torch.uint8) << 7)

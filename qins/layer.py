@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .encode import encode
 from .formats import QinsConfig, decode_codes
 from .state import check_qins_state, format_metadata
@@ -26,7 +27,8 @@ class ProjectiveLinear(nn.Module):
     module's compute dtype (4 more bytes per weight in fp32); ``.to()``/``.half()`` convert it,
     ``load_state_dict`` and :meth:`invalidate_cache` refresh it in place; it is never saved.
     ``cache_weight=False`` (the memory-saving mode) runs the fused ``qins::linear`` op on the codes
-    at every call: no decoded weight is kept, or made, between calls.
+    at every call (:mod:`qins.kernels`: native C++ on CPU, else the reference): no decoded weight
+    is kept, or made. It accumulates in float32 whatever the input dtype.
 
     The state_dict records its format in the module's metadata (``_version`` 2 and a ``"qins"``
     entry) and a load checks keys, dtypes, shapes, values and format before changing anything; a
@@ -187,7 +189,10 @@ class ProjectiveLinear(nn.Module):
         bias = self.bias
         w = self._cached_weight
         if w is None:
-            w = self.decode_weight()
+            # Memory-saving mode: one fused op on the codes (no decoded weight is made); it
+            # accumulates in float32 and returns x.dtype. Gradients flow through its reference
+            # formula, so training code works too.
+            return kernels.linear(x, self.stored, self.sign, self.log_min, self.log_max, bias)
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:
@@ -200,6 +205,7 @@ class ProjectiveLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={'packed' if c.packed else 'split'}, log_range={c.log_range}, per_row={c.per_row}, "
             f"cache_weight={self.cache_weight}"
+            + ("" if self.cache_weight else f", kernel={kernels.backend_name(self.stored.device)}")
         )
 
 

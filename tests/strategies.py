@@ -217,6 +217,97 @@ def forward_input_lengths(model: torch.nn.Module) -> Iterator[list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# qins::linear cases (owned by the kernels work; see tests/test_kernels.py)
+# ----------------------------------------------------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
+
+LINEAR_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class LinearCase:
+    """Arguments of ``torch.ops.qins.linear`` (``sign is None``: packed codes)."""
+
+    x: torch.Tensor
+    codes: torch.Tensor
+    sign: Optional[torch.Tensor]
+    log_min: torch.Tensor
+    log_max: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+    def args(self) -> tuple:
+        return (self.x, self.codes, self.sign, self.log_min, self.log_max, self.bias)
+
+
+def qins_codes(gen: torch.Generator, out: int, inn: int, packed: bool, zero_frac: float):
+    """Random codes (0..255) with a fraction of exact zeros (code 0, and 128 = -0 when packed)."""
+    codes = torch.randint(0, 256, (out, inn), dtype=torch.uint8, generator=gen)
+    zero = torch.rand(out, inn, generator=gen) < zero_frac
+    neg = torch.rand(out, inn, generator=gen) < 0.5
+    zeros = torch.where(neg & packed, torch.tensor(128, dtype=torch.uint8), torch.tensor(0, dtype=torch.uint8))
+    codes = torch.where(zero, zeros, codes)
+    sign = None if packed else (torch.randint(0, 2, (out, inn), dtype=torch.int8, generator=gen) * 2 - 1)
+    return codes, sign
+
+
+@st.composite
+def qins_log_pairs(draw: st.DrawFn, *, rows: Optional[int] = None, lo_min: float = -87.0, hi_max: float = 88.0):
+    """``(log_min, log_max)`` float32, 0-d (``rows=None``) or ``[rows]``, inside qins_exp's domain."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    shape = () if rows is None else (rows,)
+    lo = draw(st.floats(lo_min, hi_max, width=32))
+    span = draw(st.sampled_from([0.0, 1e-3, 1.0, 5.0, 20.0, 100.0]))
+    lo_t = torch.full(shape, lo) + torch.rand(shape, generator=gen) * min(span, 5.0) * (rows is not None)
+    hi_t = torch.clamp(lo_t + torch.rand(shape, generator=gen) * span, max=hi_max)
+    lo_t = torch.minimum(lo_t, hi_t)
+    return lo_t.to(torch.float32), hi_t.to(torch.float32)
+
+
+@st.composite
+def qins_linear_cases(draw: st.DrawFn, *, max_in: int = 300, max_out: int = 300, max_batch: int = 65) -> LinearCase:
+    """A ``qins::linear`` case: odd shapes, batch 1..max_batch as 1-d/2-d/3-d x (sometimes
+    non-contiguous), fp32/bf16/fp16 x, packed or split codes with exact zeros, per-row or per-tensor
+    logs, with or without a bias (any float dtype). Weights are at most e^2 and |x| ~ N(0, 1), so
+    fp16 outputs stay finite."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    inn = draw(st.one_of(st.integers(1, 70), st.integers(1, max_in)))
+    out = draw(st.one_of(st.integers(1, 40), st.integers(1, max_out)))
+    packed = draw(st.booleans())
+    per_row = draw(st.booleans())
+    ndim = draw(st.sampled_from([1, 2, 2, 3]))
+    batch = draw(st.one_of(st.integers(1, 8), st.integers(1, max_batch)))
+    if ndim == 1:
+        lead: tuple[int, ...] = ()
+    elif ndim == 2:
+        lead = (batch,)
+    else:
+        b1 = draw(st.integers(1, max(1, min(batch, 8))))
+        lead = (b1, max(1, batch // b1))
+    dtype = draw(st.sampled_from(LINEAR_X_DTYPES))
+    layout = draw(st.sampled_from(["contiguous", "strided", "transposed"]))
+    if layout == "strided":
+        x = torch.randn(*lead, 2 * inn, generator=gen)[..., ::2]
+    elif layout == "transposed" and ndim >= 2:
+        x = torch.randn(inn, *lead, generator=gen).movedim(0, -1)
+    else:
+        x = torch.randn(*lead, inn, generator=gen)
+    x = x.to(dtype)
+    zero_frac = draw(st.sampled_from([0.0, 0.1, 0.9, 1.0]))
+    codes, sign = qins_codes(gen, out, inn, packed, zero_frac)
+    shape = (out,) if per_row else ()
+    lo = torch.rand(shape, generator=gen) * -12.0
+    hi = torch.clamp(lo + torch.rand(shape, generator=gen) * draw(st.sampled_from([0.0, 1.0, 8.0])), max=2.0)
+    bias = None
+    if draw(st.booleans()):
+        bias = torch.randn(out, generator=gen).to(draw(st.sampled_from(LINEAR_X_DTYPES)))
+    return LinearCase(x, codes, sign, lo.float(), hi.float(), bias)
+
+
+# ----------------------------------------------------------------------------------------------
 # Accuracy measurement (issue 7): synthetic weights, the real pretrained model and its sentences
 # (owned by the accuracy work; see tests/test_accuracy.py, perf/test_accuracy.py and
 # tests/accuracy_utils.py for the metrics)

@@ -294,6 +294,13 @@ def test_bad_tensor_raises_value_error_naming_the_problem(w: torch.Tensor, messa
         convert_to_qins(w)
 
 
+def test_float64_weight_that_overflows_float32_is_rejected_like_nan() -> None:
+    """1e300 is finite in float64 but inf in float32; it must not turn 0.5 and 0.25 into NaN."""
+    w = torch.tensor([0.5, 0.25, 1e300], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"1 value\(s\) that overflow float32.*index \(2,\) = 1e\+300"):
+        convert_to_qins(w)
+
+
 def test_decode_rejects_non_uint8_codes_and_mismatched_sign() -> None:
     with pytest.raises(ValueError, match="uint8"):
         reconstruct_from_qins(torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int8), 0.0, 1.0)

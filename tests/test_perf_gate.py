@@ -252,7 +252,8 @@ SYNTH_CONFTEST = textwrap.dedent(
     """
     from perf.plugin import (  # the same hooks and fixtures perf/conftest.py installs
         perf_gate, perf_state, pytest_addoption, pytest_benchmark_update_json,
-        pytest_configure, pytest_report_header, pytest_terminal_summary,
+        pytest_benchmark_update_machine_info, pytest_configure, pytest_report_header,
+        pytest_runtest_call, pytest_sessionfinish, pytest_sessionstart, pytest_terminal_summary,
     )
     """
 )
@@ -301,7 +302,7 @@ def synth(tmp_path):
 
 
 def saved_files(tmp_path: Path) -> list:
-    return sorted((tmp_path / ".benchmarks").glob("*/*.json"))
+    return sorted((tmp_path / ".benchmarks").rglob("*.json"))
 
 
 def test_plugin_missing_baseline_is_a_clear_usage_error(synth):
@@ -356,3 +357,337 @@ def test_plugin_refuses_to_save_an_injected_run(synth):
     rc, out = synth("--benchmark-save=baseline", "--perf-inject-slowdown=1.5")
     assert rc == 4, out
     assert "injected slowdown" in out and "Traceback" not in out
+
+
+# --------------------------------------------------------------------------------------------
+# Per-CPU baselines: what "same CPU" means
+# --------------------------------------------------------------------------------------------
+
+XEON = {"vendor_id_raw": "GenuineIntel", "brand_raw": "Intel(R) Xeon(R) Processor", "family": 6, "model": 207,
+        "stepping": 2, "hz_actual_friendly": "2.1000 GHz", "flags": ["avx2", "avx512f", "avx512_vnni", "avx512vbmi", "amx_tile", "sse2"]}
+EPYC = {"vendor_id_raw": "AuthenticAMD", "brand_raw": "AMD EPYC", "family": 26, "model": 2, "stepping": 1,
+        "flags": ["avx2", "avx512f", "avx512vbmi", "avx512_bf16", "sse2"]}
+
+
+def test_same_cpu_ignores_clock_stepping_and_non_isa_flags():
+    other_boot = dict(XEON, stepping=3, hz_actual_friendly="2.0 GHz", flags=XEON["flags"] + ["hypervisor", "rdpid"])
+    assert G.same_cpu(XEON, other_boot)
+    assert G.cpu_key(XEON) == G.cpu_key(other_boot)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"brand_raw": "Intel(R) Xeon(R) Platinum 8480"},
+        {"vendor_id_raw": "AuthenticAMD"},
+        {"family": 25},
+        {"model": 143},
+        {"flags": ["avx2", "avx512f", "avx512vnni", "avx512vbmi", "sse2"]},  # no AMX
+        {"flags": ["avx2", "avx512_vnni", "avx512vbmi", "amx_tile", "sse2"]},  # no AVX-512F
+    ],
+)
+def test_different_cpu(change):
+    other = dict(XEON, **change)
+    assert not G.same_cpu(XEON, other)
+    assert G.cpu_key(XEON) != G.cpu_key(other)
+
+
+def test_isa_flags_compared_without_underscores():
+    assert G.same_cpu(dict(XEON, flags=["avx512_vnni"]), dict(XEON, flags=["avx512vnni"]))
+    assert "amxtile" in G.cpu_identity(XEON)["isa"] and "sse2" not in G.cpu_identity(XEON)["isa"]
+    assert "AMD EPYC" in G.cpu_label(EPYC) and "family 26 model 2" in G.cpu_label(EPYC)
+
+
+def test_all_saved_runs_finds_every_cpu_and_the_old_layout(tmp_path):
+    store = tmp_path / ".benchmarks"
+    a = write(store / G.cpu_key(XEON) / MACHINE / "0001_baseline.json", "{}")
+    b = write(store / G.cpu_key(EPYC) / MACHINE / "0001_baseline.json", "{}")
+    c = write(store / MACHINE / "0002_baseline.json", "{}")
+    write(store / G.cpu_key(EPYC) / "Linux-CPython-3.12-64bit" / "0003_baseline.json", "{}")  # other Python
+    assert set(G.all_saved_runs(store, MACHINE)) == {a, b, c}
+    assert G.all_saved_runs(tmp_path / "nothing", MACHINE) == []
+
+
+# --------------------------------------------------------------------------------------------
+# A/B pairing and verdicts (synthetic rounds)
+# --------------------------------------------------------------------------------------------
+
+
+def ab_info(value, figure="ratio_vs_linear", rule=Rule(HIGHER, 0.15)):
+    return {figure: value, G.GATE_KEY: [figure], G.RULES_KEY: {figure: G.rule_to_json(rule)}}
+
+
+def test_ab_like_work_passes_and_regresses():
+    new = [{"t::a": ab_info(1.10)}, {"t::a": ab_info(1.10)}]
+    (o,) = G.ab_decide(new, [{"t::a": ab_info(1.0)}, {"t::a": ab_info(1.02)}])
+    assert o.status == "pass" and o.ratios == pytest.approx([1.10, 1.10 / 1.02])
+    (o,) = G.ab_decide([{"t::a": ab_info(1.5)}] * 2, [{"t::a": ab_info(1.0)}, {"t::a": ab_info(1.1)}])
+    assert o.status == "regressed" and o.failed
+    msg = o.message("0123456789abcdef")
+    assert "REGRESSED" in msg and "0123456789ab" in msg and "measured here" in msg
+
+
+def test_ab_fails_only_beyond_in_most_rounds():
+    # beyond the limit in one round of two (old side ran fast once): not a regression
+    (o,) = G.ab_decide([{"t::a": ab_info(1.3)}] * 2, [{"t::a": ab_info(1.0)}, {"t::a": ab_info(1.25)}])
+    assert o.status == "pass" and "1 of 2" in o.note
+    # three rounds: two of three beyond -> regressed
+    (o,) = G.ab_decide([{"t::a": ab_info(1.3)}] * 3, [{"t::a": ab_info(1.0)}, {"t::a": ab_info(1.25)}, {"t::a": ab_info(1.0)}])
+    assert o.status == "regressed"
+
+
+def test_ab_benchmark_the_old_revision_cannot_run_is_new_not_gated():
+    new = [{"t::a": ab_info(1.0), "t::brand_new": ab_info(50.0)}] * 2
+    old = [{"t::a": ab_info(1.0)}] * 2
+    outs = {o.test: o for o in G.ab_decide(new, old)}
+    assert outs["t::brand_new"].status == "new" and not outs["t::brand_new"].failed
+    assert "not gated" in outs["t::brand_new"].message("abc")
+    assert outs["t::a"].status == "pass"
+
+
+def test_ab_figure_the_old_revision_does_not_measure_is_new():
+    new = [{"t::a": ab_info(3.0, figure="ratio_same_kind")}] * 2
+    old = [{"t::a": {"ratio_vs_linear": 70.0, G.GATE_KEY: ["ratio_vs_linear"]}}] * 2
+    (o,) = G.ab_decide(new, old)
+    assert o.figure == "ratio_same_kind" and o.status == "new"
+
+
+def test_ab_speedup_gain_and_min_baseline():
+    gain = Rule(LOWER, 0.5, gain=True, min_baseline=1.5)
+    new = [{"t::nc": ab_info(1.05, "cache_speedup", gain)}] * 2
+    (o,) = G.ab_decide(new, [{"t::nc": ab_info(2.8, "cache_speedup", gain)}] * 2)
+    assert o.status == "regressed"  # a KV cache that stopped working
+    (o,) = G.ab_decide(new, [{"t::nc": ab_info(1.2, "cache_speedup", gain)}] * 2)
+    assert o.status == "ungated"
+
+
+def test_ab_needs_paired_rounds():
+    with pytest.raises(ValueError):
+        G.ab_decide([{"t::a": ab_info(1.0)}], [])
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy gate
+# --------------------------------------------------------------------------------------------
+
+
+def acc(**figs):
+    return {name: {"value": v, "kind": k, "int8_per_channel": 30.0} for name, (v, k) in figs.items()}
+
+
+def test_accuracy_sqnr_drop():
+    base = {G.ACCURACY_KEY: acc(layer=(40.0, "sqnr_db"))}
+    (o,) = G.accuracy_decide("t", acc(layer=(39.6, "sqnr_db")), base, "b.json")
+    assert o.status == "pass"
+    (o,) = G.accuracy_decide("t", acc(layer=(41.0, "sqnr_db")), base, "b.json")
+    assert o.status == "pass"  # better is fine
+    (o,) = G.accuracy_decide("t", acc(layer=(39.4, "sqnr_db")), base, "b.json")
+    assert o.status == "regressed" and o.failed
+    assert "REGRESSED" in o.message() and "dB" in o.message() and "b.json" in o.message()
+    (o,) = G.accuracy_decide("t", acc(layer=(39.4, "sqnr_db")), base, "b.json", sqnr_tol_db=1.0)
+    assert o.status == "pass"
+
+
+def test_accuracy_cosine_drop():
+    base = {G.ACCURACY_KEY: acc(out=(0.99990, "cosine"))}
+    (o,) = G.accuracy_decide("t", acc(out=(0.99985, "cosine")), base, "b.json")
+    assert o.status == "pass"
+    (o,) = G.accuracy_decide("t", acc(out=(0.99970, "cosine")), base, "b.json")
+    assert o.status == "regressed"
+    (o,) = G.accuracy_decide("t", acc(out=(0.99970, "cosine")), base, "b.json", cosine_tol=1e-3)
+    assert o.status == "pass"
+
+
+def test_accuracy_new_invalid_and_uncompared():
+    base = {G.ACCURACY_KEY: acc(layer=(40.0, "sqnr_db"))}
+    outs = G.accuracy_decide("t", acc(other=(10.0, "sqnr_db"), layer=(0.5, "cosine")), base, "b.json")
+    assert [o.status for o in outs] == ["new", "new"]  # absent, or of another kind, in the baseline
+    (o,) = G.accuracy_decide("t", {"x": {"value": "high", "kind": "sqnr_db"}}, base, "b.json")
+    assert o.status == "invalid" and o.failed
+    (o,) = G.accuracy_decide("t", {"x": {"value": 1.0, "kind": "psnr"}}, base, "b.json")
+    assert o.status == "invalid"
+    (o,) = G.accuracy_decide("t", acc(layer=(1.0, "sqnr_db")), None, None)
+    assert o.status == "not-compared" and not o.failed
+
+
+# --------------------------------------------------------------------------------------------
+# The plugin: modes, foreign CPUs, A/B in a real git checkout, accuracy
+# --------------------------------------------------------------------------------------------
+
+SYNTH_AB_TEST = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+    from perf.gate import HIGHER, Rule
+
+    def _value(name, default):
+        p = Path(name)  # read from this tree: the old revision's export has its own copy
+        return float(p.read_text()) if p.exists() else default
+
+    def test_layer(benchmark, perf_gate):
+        ratio = _value("ratio.txt", 1.0)
+        benchmark.pedantic(lambda: None, rounds=3)
+        benchmark.extra_info["accuracy"] = {
+            "layer_sqnr": {"value": _value("sqnr.txt", 40.0), "kind": "sqnr_db", "int8_per_channel": 35.0},
+            "out_cos": {"value": _value("cos.txt", 0.9999), "kind": "cosine"},
+        }
+        perf_gate.check(benchmark, {"ratio_vs_linear": ratio}, {"ratio_vs_linear": Rule(HIGHER, 0.15)},
+                        lambda: {"ratio_vs_linear": ratio})
+    """
+)
+
+EXTRA_TEST = textwrap.dedent(
+    """
+    from perf.gate import HIGHER, Rule
+
+    def test_brand_new(benchmark, perf_gate):
+        benchmark.pedantic(lambda: None, rounds=3)
+        perf_gate.check(benchmark, {"ratio_vs_linear": 9.0}, {"ratio_vs_linear": Rule(HIGHER, 0.15)}, lambda: {"ratio_vs_linear": 9.0})
+    """
+)
+
+
+def _git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def synth_git(tmp_path):
+    """A git checkout with a synthetic perf suite whose figures come from files in the tree."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "pytest.ini").write_text("[pytest]\n")
+    (repo / "conftest.py").write_text(SYNTH_CONFTEST)
+    (repo / "test_synth.py").write_text(SYNTH_AB_TEST)
+    (repo / "ratio.txt").write_text("2.0")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "old")
+
+    def run(*args, cwd=repo):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.pop("QINS_PERF_INJECT_SLOWDOWN", None)
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "--perf-backstop=off", *args]
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    run.repo = repo
+    return run
+
+
+def _save_foreign_baseline(run, cpu=XEON) -> Path:
+    """Save a baseline here, then make it look measured on another CPU (as a committed Xeon baseline is)."""
+    rc, out = run("--benchmark-save=baseline")
+    assert rc == 0, out
+    (path,) = saved_files(run.repo)
+    data = json.loads(path.read_text())
+    assert data["machine_info"]["qins_cpu_key"] == path.parent.parent.name  # stored per CPU
+    data["machine_info"]["cpu"] = dict(data["machine_info"]["cpu"], **{k: cpu[k] for k in ("vendor_id_raw", "brand_raw", "family", "model", "flags")})
+    data["benchmarks"][0]["extra_info"]["ratio_vs_linear"] = 0.5  # a stored figure that would fail if it were used
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_plugin_stored_mode_is_reported(synth_git):
+    rc, out = synth_git("--benchmark-save=baseline")
+    assert rc == 0, out
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 0, out
+    assert "mode: stored baseline for" in out and "gate passed" in out
+
+
+def test_plugin_foreign_cpu_baseline_never_gates_speed_ab_instead(synth_git):
+    path = _save_foreign_baseline(synth_git)
+    rev = json.loads(path.read_text())["commit_info"]["id"]
+    # unchanged code: the stored 0.5 would fail it; A/B against the same revision passes
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 0, out
+    assert f"A/B against {rev[:12]} measured here" in out and "Intel(R) Xeon(R) Processor" in out
+    assert "gate passed (A/B" in out and "REGRESSED" not in out
+    # --perf-mode=stored refuses the foreign baseline
+    rc, out = synth_git("--benchmark-compare", "--perf-mode=stored")
+    assert rc == 4, out
+    assert "never used here" in out and "Traceback" not in out
+    # a slower new revision (+50%) fails, against the old revision measured here; a new benchmark is not gated
+    (synth_git.repo / "ratio.txt").write_text("3.0")
+    (synth_git.repo / "test_extra.py").write_text(EXTRA_TEST)
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 1, out
+    assert "GATE FAILED (A/B" in out and "REGRESSED" in out and "test_layer" in out
+    assert "test_brand_new" in out and "new in this revision" in out
+    # within tolerance (+5%) passes, the new benchmark still not gated
+    (synth_git.repo / "ratio.txt").write_text("2.1")
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 0, out
+
+
+def test_plugin_unreachable_revision_says_what_to_do(synth_git):
+    path = _save_foreign_baseline(synth_git)
+    data = json.loads(path.read_text())
+    data["commit_info"]["id"] = "f" * 40
+    path.write_text(json.dumps(data))
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 4, out
+    assert "cannot be checked out" in out and "git fetch" in out and G.SAVE_COMMAND in out
+    assert "Traceback" not in out
+    data["commit_info"] = {}
+    path.write_text(json.dumps(data))
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 4, out
+    assert "records no git revision" in out and "Traceback" not in out
+
+
+def test_plugin_shallow_clone_says_fetch_depth(synth_git, tmp_path):
+    path = _save_foreign_baseline(synth_git)
+    _git(synth_git.repo, "add", "-A")
+    _git(synth_git.repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    (synth_git.repo / "ratio.txt").write_text("2.0\n")
+    _git(synth_git.repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "later")
+    clone = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{synth_git.repo}", str(clone)], check=True)
+    rc, out = synth_git("--benchmark-compare", cwd=clone)
+    assert rc == 4, out
+    assert "shallow clone" in out and "--unshallow" in out and "--depth" in out and "Traceback" not in out
+    assert path.name in out
+
+
+def test_plugin_not_a_git_checkout(synth, tmp_path):
+    rc, out = synth("--benchmark-save=baseline", first=1.0)
+    assert rc == 0, out
+    (path,) = saved_files(synth.path)
+    data = json.loads(path.read_text())
+    data["machine_info"]["cpu"]["brand_raw"] = "Some Other CPU"
+    data["commit_info"] = {"id": "a" * 40}
+    path.write_text(json.dumps(data))
+    rc, out = synth("--benchmark-compare", first=1.0)
+    assert rc == 4, out
+    assert "not a git checkout" in out and "Some Other CPU" in out and "Traceback" not in out
+
+
+def test_plugin_accuracy_gate(synth_git):
+    rc, out = synth_git("--benchmark-save=baseline")
+    assert rc == 0, out
+    (synth_git.repo / "sqnr.txt").write_text("39.6")  # -0.4 dB: within 0.5 dB
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 0, out
+    assert "accuracy layer_sqnr (sqnr_db) ok" in out
+    (synth_git.repo / "sqnr.txt").write_text("39.3")  # -0.7 dB
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 1, out
+    assert "accuracy layer_sqnr (sqnr_db) REGRESSED" in out and "ACCURACY GATE FAILED" in out and "Traceback" not in out
+    rc, out = synth_git("--benchmark-compare", "--perf-sqnr-tol-db=1.0")
+    assert rc == 0, out
+    (synth_git.repo / "sqnr.txt").write_text("40.0")
+    (synth_git.repo / "cos.txt").write_text("0.9997")  # -2e-4
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 1, out
+    assert "accuracy out_cos (cosine) REGRESSED" in out
+
+
+def test_plugin_accuracy_gated_against_a_foreign_cpu_baseline(synth_git):
+    _save_foreign_baseline(synth_git)
+    (synth_git.repo / "sqnr.txt").write_text("38.0")
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 1, out
+    assert "A/B against" in out and "accuracy layer_sqnr (sqnr_db) REGRESSED" in out

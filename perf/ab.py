@@ -1,0 +1,121 @@
+"""Same-job A/B: measure the baseline's revision on this machine, next to this revision.
+
+Used when this machine's CPU has no baseline of its own (perf/README.md, "Modes"). The old
+revision's tree is exported with ``git archive`` (its ``perf/`` benchmark code and its ``qins``,
+nothing else of this checkout) into a temporary directory and its suite is run there in a
+subprocess with pytest-benchmark's ``--benchmark-json``; ``import qins`` resolves to the exported
+tree (it is first on ``sys.path``), never to this checkout. No gating happens in the old run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from perf.gate import INJECT_ENV, SAVE_COMMAND
+
+
+class RevisionError(Exception):
+    """The baseline's revision cannot be measured here; the message says why and what to do."""
+
+
+def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=check, timeout=120)
+
+
+def resolve_revision(repo: Path, rev: Optional[str], baseline_label: str) -> str:
+    """The full commit id of ``rev`` if this checkout has it; RevisionError (with what to do) otherwise."""
+    todo = (
+        f"Either make the revision available (in a shallow clone: git fetch --unshallow, or "
+        f"git fetch --depth=<enough to reach it> origin; or git fetch origin {rev or '<rev>'}), "
+        f"or measure a baseline for this CPU: {SAVE_COMMAND} (then commit it)."
+    )
+    if not rev:
+        raise RevisionError(f"QINS perf gate: baseline {baseline_label} records no git revision (commit_info.id), so it cannot be re-measured here.\n{todo}")
+    try:
+        top = _git(repo, "rev-parse", "--show-toplevel", check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RevisionError(f"QINS perf gate: cannot run git to check out the baseline's revision {rev[:12]} ({exc}).\n{todo}") from None
+    if top.returncode != 0:
+        raise RevisionError(f"QINS perf gate: {repo} is not a git checkout, so the baseline's revision {rev[:12]} cannot be checked out.\n{todo}")
+    got = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    if got.returncode != 0:
+        shallow = _git(repo, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() == "true"
+        why = "this is a shallow clone and the revision is not in it" if shallow else "the revision is not in this clone"
+        raise RevisionError(f"QINS perf gate: the baseline {baseline_label} was measured at revision {rev[:12]}, which cannot be checked out here: {why}.\n{todo}")
+    return got.stdout.strip()
+
+
+def export_revision(repo: Path, rev: str, dest: Path) -> Path:
+    """``git archive rev | tar -x`` into ``dest``: the old tree, independent of this checkout's state."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev], capture_output=True, timeout=300)
+    if archive.returncode != 0:
+        raise RevisionError(f"QINS perf gate: git archive {rev[:12]} failed: {archive.stderr.decode(errors='replace').strip()}")
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data") if sys.version_info >= (3, 12) else tar.extractall(dest)  # noqa: S202
+    return dest
+
+
+class OldSide:
+    """The exported old revision, and its suite run in a subprocess (one call per round)."""
+
+    def __init__(self, repo: Path, rev: str, selection: Sequence[str], keyword: Optional[str], marker: Optional[str]):
+        self.repo, self.rev = Path(repo), rev
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"qins-ab-{rev[:8]}-"))
+        try:
+            self.tree = export_revision(self.repo, rev, self.tmp / "tree")
+        except BaseException:
+            self.cleanup()
+            raise
+        self.selection = [s for s in selection if (self.tree / s.split("::")[0]).exists()]
+        if not self.selection:
+            self.cleanup()
+            raise RevisionError(f"QINS perf gate: revision {rev[:12]} has none of {', '.join(selection) or 'the selected tests'} to measure.")
+        self.keyword, self.marker = keyword, marker
+        self.runs: list[dict] = []  # per round: fullname -> extra_info
+        self.seconds: list[float] = []
+
+    def run(self, round_no: int, timeout_s: float = 1200) -> dict:
+        out_json = self.tmp / f"round{round_no}.json"
+        log = self.tmp / f"round{round_no}.log"
+        cmd = [sys.executable, "-m", "pytest", *self.selection, "-p", "no:cacheprovider", "-q",
+               f"--benchmark-json={out_json}", f"--benchmark-storage=file://{self.tmp / 'store'}"]
+        if self.keyword:
+            cmd += ["-k", self.keyword]
+        if self.marker:
+            cmd += ["-m", self.marker]
+        env = dict(os.environ)
+        env.pop(INJECT_ENV, None)  # the self-check slows this revision only
+        # the old tree first: its qins and perf win over anything else on the path
+        env["PYTHONPATH"] = os.pathsep.join([str(self.tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        t0 = time.perf_counter()
+        try:
+            with open(log, "w") as fh:
+                proc = subprocess.run(cmd, cwd=self.tree, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RevisionError(f"QINS perf gate: the old revision's suite ({self.rev[:12]}) ran past {timeout_s:.0f} s (log: {log}).") from None
+        self.seconds.append(time.perf_counter() - t0)
+        try:
+            data = json.loads(out_json.read_text())
+        except (OSError, ValueError):
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RevisionError(
+                f"QINS perf gate: the old revision's suite ({self.rev[:12]}) produced no results (exit {proc.returncode}; log {log}):\n{tail}"
+            ) from None
+        entries = {b["fullname"]: dict(b.get("extra_info") or {}) for b in data.get("benchmarks", []) if isinstance(b, dict) and "fullname" in b}
+        self.runs.append(entries)
+        self.returncodes = getattr(self, "returncodes", []) + [proc.returncode]
+        return entries
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

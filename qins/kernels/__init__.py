@@ -1,0 +1,134 @@
+"""Fused QINS kernels: one op, ``torch.ops.qins.linear``.
+
+``linear(x, codes, sign, log_min, log_max, bias) -> y`` computes ``x @ ŵᵀ + bias`` with
+``ŵ = qins.formats.decode_codes(codes, sign, log_min, log_max)`` (``sign is None``: packed
+1-byte codes), accumulating in float32 and returning ``x.dtype``. The decode table is rebuilt
+inside the op from the logs (bit-identical to :func:`qins.formats.level_table`), so backends
+differ from :mod:`qins.kernels.reference` only in accumulation order.
+
+Backends: on CPU the native C++ kernels (``qins/kernels/cpu``, JIT-built on first use and
+cached) unless ``QINS_KERNEL=reference``; if the build fails, the reference runs and one
+warning is issued (``QINS_KERNEL=native`` makes the failure an error instead). Other devices
+run the reference. ``QINS_CPU_ISA=avx512|avx2|scalar`` forces one native CPU path (tests).
+
+Autograd: registered through the reference formula (``grad_x = grad_y @ ŵ``,
+``grad_bias = Σ grad_y``; codes and logs get no gradient), so training through the op works on
+every backend; the forward stays the fused kernel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from . import reference
+from .cpu import build as _build
+
+__all__ = ["linear", "backend_name", "native_module", "cpu_isa", "ISAS"]
+
+logger = logging.getLogger(__name__)
+
+ISAS = {"scalar": 1, "avx2": 2, "avx512": 3}
+_ISA_NAMES = {v: k for k, v in ISAS.items()}
+_UNSET = object()
+_native: object = _UNSET  # the loaded module, None after a failed build, _UNSET before trying
+
+
+def _kernel_env() -> str:
+    kind = os.environ.get("QINS_KERNEL", "").strip().lower() or "auto"
+    if kind not in ("auto", "native", "reference"):
+        raise ValueError(f"QINS_KERNEL must be 'native' or 'reference', got {kind!r}")
+    return kind
+
+
+def native_module() -> Optional[ModuleType]:
+    """The native CPU module, built on first use; ``None`` if the build failed (warned once)."""
+    global _native
+    if _native is _UNSET:
+        try:
+            _native = _build.load_native()
+        except Exception as exc:  # noqa: BLE001 - any build failure means: fall back
+            _native = None
+            if _kernel_env() == "native":
+                raise RuntimeError("QINS_KERNEL=native but the native CPU kernels failed to build") from exc
+            logger.debug("qins native build failed", exc_info=True)
+            warnings.warn(
+                f"qins: the native CPU kernels failed to build ({type(exc).__name__}: {str(exc)[:300]}); "
+                "qins::linear falls back to the (slow) reference implementation",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    if _native is None and _kernel_env() == "native":
+        raise RuntimeError("QINS_KERNEL=native but the native CPU kernels are unavailable")
+    return _native  # type: ignore[return-value]
+
+
+def cpu_isa() -> int:
+    """The native CPU path to run: ``QINS_CPU_ISA`` if set, else 0 (the best this CPU supports)."""
+    name = os.environ.get("QINS_CPU_ISA", "").strip().lower()
+    if not name:
+        return 0
+    if name not in ISAS:
+        raise ValueError(f"QINS_CPU_ISA must be one of {sorted(ISAS)}, got {name!r}")
+    return ISAS[name]
+
+
+def _use_native(device: torch.device) -> bool:
+    return device.type == "cpu" and _kernel_env() != "reference" and native_module() is not None
+
+
+def backend_name(device: torch.device | str = "cpu") -> str:
+    """Which implementation ``qins::linear`` runs on ``device``: ``"native-avx512"``, ..., ``"reference"``."""
+    device = torch.device(device)
+    if not _use_native(device):
+        return "reference"
+    isa = cpu_isa() or native_module().best_isa()
+    return f"native-{_ISA_NAMES[isa]}"
+
+
+@torch.library.custom_op("qins::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    sign: Optional[torch.Tensor],
+    log_min: torch.Tensor,
+    log_max: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` in float32, returned in ``x.dtype``."""
+    if _use_native(x.device):
+        return native_module().linear(x, codes, sign, log_min, log_max, bias, cpu_isa())
+    return reference.linear(x, codes, sign, log_min, log_max, bias)
+
+
+@linear.register_fake
+def _linear_fake(x, codes, sign, log_min, log_max, bias):
+    torch._check(x.shape[-1] == codes.shape[1])
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, codes, sign, log_min, log_max, bias = inputs
+    ctx.save_for_backward(codes, sign, log_min, log_max)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    from ..formats import decode_codes
+
+    codes, sign, log_min, log_max = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32)
+        grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+        grad_bias = grad.to(torch.float32).reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,86 @@
+"""Build and load the native CPU kernels (JIT, cached in torch's extensions directory).
+
+The per-ISA translation units (``isa_*.cpp``, plain C++ without torch headers) are compiled by
+the C++ compiler directly, each with its own ``-m`` flags, into object files; the torch binding
+(``ops.cpp``) is then built with ``torch.utils.cpp_extension.load`` and linked with them. Every
+unit gets ``-O3 -ffp-contract=off`` (no FMA contraction: the level tables must be bit-identical
+to :func:`qins.formats.level_table`). The build directory name carries a hash of the sources,
+the flags and the torch version, so an edit or a torch upgrade rebuilds and a repeat call loads
+the cached module.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["load_native", "SOURCE_DIR", "build_directory"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent
+COMMON_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fPIC"]
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+# (source, ISA flags) of the units compiled outside cpp_extension.
+ISA_UNITS = [("isa_scalar.cpp", [])] + (
+    [("isa_avx2.cpp", ["-mavx2", "-mfma"]), ("isa_avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vbmi", "-mfma"])]
+    if X86 else []
+)
+DEFINES = ["-DQINS_X86"] if X86 else []
+
+
+def _digest() -> str:
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h")):
+        h.update(name.encode() + (SOURCE_DIR / name).read_bytes())
+    h.update(repr((COMMON_FLAGS, ISA_UNITS, DEFINES, torch.__version__)).encode())
+    return h.hexdigest()[:16]
+
+
+def build_directory() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / f"qins_cpu_{_digest()}"
+
+
+def _compile_unit(cxx: str, src: str, flags: list[str], out_dir: Path) -> Path:
+    obj = out_dir / (Path(src).stem + ".o")
+    if obj.exists():
+        return obj
+    tmp = out_dir / f"{obj.name}.{os.getpid()}.tmp"
+    cmd = [cxx, *COMMON_FLAGS, *DEFINES, *flags, "-c", str(SOURCE_DIR / src), "-o", str(tmp)]
+    logger.debug("qins: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"qins: compiling {src} failed:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, obj)
+    return obj
+
+
+def load_native() -> ModuleType:
+    """Build (first call) or load (cached) the native module; raises on any failure."""
+    from torch.utils.cpp_extension import load
+
+    start = time.perf_counter()
+    out_dir = build_directory()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cxx = os.environ.get("CXX", "c++")
+    objs = [_compile_unit(cxx, src, flags, out_dir) for src, flags in ISA_UNITS]
+    module = load(
+        name=out_dir.name,
+        sources=[str(SOURCE_DIR / "ops.cpp")],
+        extra_cflags=[*COMMON_FLAGS, *DEFINES],
+        extra_ldflags=[str(o) for o in objs],
+        extra_include_paths=[str(SOURCE_DIR)],
+        build_directory=str(out_dir),
+        verbose=False,
+    )
+    logger.info("qins: native CPU kernels ready in %.1f s (%s)", time.perf_counter() - start, out_dir)
+    return module

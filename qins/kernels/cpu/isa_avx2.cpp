@@ -1,0 +1,134 @@
+// AVX2 + FMA kernels (no VBMI): the row's signed table sits in L1, weights come from
+// vgatherdps, 8 at a time. Compiled with -mavx2 -mfma -ffp-contract=off (the table code uses
+// separate mul/add intrinsics; without contraction they stay separate).
+#include "qins_kernels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace qins {
+namespace {
+
+inline __m256 pow2_8(__m256 n) {
+  __m256i i = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_castsi256_ps(i);
+}
+
+inline __m256 qins_exp8(__m256 t) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(_mm256_sub_ps(t, _mm256_mul_ps(n, _mm256_set1_ps(kLn2Hi))),
+                                 _mm256_mul_ps(n, _mm256_set1_ps(kLn2Lo)));
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP1));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP2));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP3));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP4));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP5));
+  const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, f), f), f), _mm256_set1_ps(1.0f));
+  const __m256 a = _mm256_round_ps(_mm256_mul_ps(n, _mm256_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm256_mul_ps(_mm256_mul_ps(y, pow2_8(a)), pow2_8(_mm256_sub_ps(n, a)));
+}
+
+// Signed table: packed -> [256] with entries 128.. negated; split -> [256] magnitudes.
+void avx2_table(float lo, float hi, int packed, float* t) {
+  const int K = packed ? 127 : 255;
+  const int n = K + 1;  // entries 0..K
+  const __m256 delta = _mm256_set1_ps((hi - lo) / static_cast<float>(K - 1));
+  const __m256 vhi = _mm256_set1_ps(hi);
+  for (int i = 0; i < n; i += 8) {
+    // entry i + lane holds level j = i + lane - 1
+    __m256 j = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_set1_epi32(i - 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    _mm256_storeu_ps(t + i, qins_exp8(_mm256_sub_ps(vhi, _mm256_mul_ps(j, delta))));
+  }
+  t[0] = 0.0f;
+  if (packed) {
+    const __m256 neg = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < 128; i += 8) _mm256_storeu_ps(t + 128 + i, _mm256_xor_ps(_mm256_loadu_ps(t + i), neg));
+  }
+}
+
+int64_t avx2_kpad(int64_t in) { return in; }
+
+void avx2_xprep(const float* x, int64_t B, int64_t in, int64_t, float* xp) { std::copy(x, x + B * in, xp); }
+
+// 8 signed weights at column k of a row.
+inline __m256 load_w8(const float* t, const uint8_t* c, const int8_t* s) {
+  __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+  __m256 w = _mm256_i32gather_ps(t, idx, 4);
+  if (s) {
+    __m256i sv = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
+    w = _mm256_xor_ps(w, _mm256_castsi256_ps(_mm256_and_si256(sv, _mm256_set1_epi32(INT32_MIN))));
+  }
+  return w;
+}
+
+inline float w1(const float* t, const uint8_t* c, const int8_t* s, int64_t k) {
+  float w = t[c[k]];
+  return (s && s[k] < 0) ? -w : w;
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int B>
+void gemv_b(const Args& a, int64_t r0, int64_t r1) {
+  alignas(32) float t[256];
+  const int packed = a.sign == nullptr;
+  if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, t);
+  const int64_t in8 = a.in & ~int64_t(7);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, t);
+    const uint8_t* c = a.codes + r * a.in;
+    const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
+    __m256 acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in8; k += 8) {
+      const __m256 w = load_w8(t, c + k, s ? s + k : nullptr);
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.xp + b * a.kpad + k), acc[b]);
+    }
+    for (int b = 0; b < B; ++b) {
+      float v = hsum8(acc[b]);
+      for (int64_t k = in8; k < a.in; ++k) v += w1(t, c, s, k) * a.xp[b * a.kpad + k];
+      a.y[b * a.out + r] = v;
+    }
+  }
+}
+
+void avx2_gemv(const Args& a, int64_t r0, int64_t r1) {
+  switch (a.B) {
+    case 1: return gemv_b<1>(a, r0, r1);
+    case 2: return gemv_b<2>(a, r0, r1);
+    case 3: return gemv_b<3>(a, r0, r1);
+    case 4: return gemv_b<4>(a, r0, r1);
+    case 5: return gemv_b<5>(a, r0, r1);
+    case 6: return gemv_b<6>(a, r0, r1);
+    case 7: return gemv_b<7>(a, r0, r1);
+    default: return gemv_b<8>(a, r0, r1);
+  }
+}
+
+void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
+  alignas(32) float t[256];
+  const int packed = a.sign == nullptr;
+  if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, t);
+  const int64_t k8 = k0 + ((k1 - k0) & ~int64_t(7));
+  for (int64_t r = r0; r < r1; ++r) {
+    if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, t);
+    const uint8_t* c = a.codes + r * a.in;
+    const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
+    float* wr = w + (r - r0) * (k1 - k0) - k0;
+    for (int64_t k = k0; k < k8; k += 8) _mm256_storeu_ps(wr + k, load_w8(t, c + k, s ? s + k : nullptr));
+    for (int64_t k = k8; k < k1; ++k) wr[k] = w1(t, c, s, k);
+  }
+}
+
+}  // namespace
+
+const IsaKernels kAvx2Kernels = {"avx2", 1, avx2_table, avx2_kpad, avx2_xprep, avx2_gemv, avx2_decode, nullptr};
+
+}  // namespace qins

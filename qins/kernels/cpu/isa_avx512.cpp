@@ -1,0 +1,348 @@
+// AVX-512 (F, BW, VBMI) kernels: the fp32 magnitude table is split into 4 byte planes held in
+// zmm registers and looked up with vpermi2b (64 codes per instruction); the sign goes into
+// bit 31 with one vpternlogd; unpacks rebuild the floats. The unpacks leave the 64 weights of a
+// chunk in a fixed permutation, so x is permuted the same way once per call (xprep) instead of
+// un-permuting every chunk. Compiled with -mavx512f -mavx512bw -mavx512vbmi -ffp-contract=off.
+#include "qins_kernels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace qins {
+namespace {
+
+constexpr int64_t kRowChunk = 16;    // rows whose tables are built before the column loop
+
+inline __m512 pow2_16(__m512 n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+
+inline __m512 qins_exp16(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(_mm512_sub_ps(t, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Hi))),
+                                 _mm512_mul_ps(n, _mm512_set1_ps(kLn2Lo)));
+  __m512 p = _mm512_set1_ps(kP0);
+  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(kP1));
+  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(kP2));
+  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(kP3));
+  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(kP4));
+  p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(kP5));
+  const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, f), f), f), _mm512_set1_ps(1.0f));
+  const __m512 a = _mm512_roundscale_ps(_mm512_mul_ps(n, _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm512_mul_ps(_mm512_mul_ps(y, pow2_16(a)), pow2_16(_mm512_sub_ps(n, a)));
+}
+
+// Unsigned table entries 16*v .. 16*v+15 (entry 0 = 0, entry i = level i - 1), K levels.
+inline __m512 table16(int v, __m512 vhi, __m512 delta) {
+  const __m512 j = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_set1_epi32(16 * v - 1),
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)));
+  __m512 t = qins_exp16(_mm512_sub_ps(vhi, _mm512_mul_ps(j, delta)));
+  if (v == 0) t = _mm512_mask_mov_ps(t, 1, _mm512_setzero_ps());
+  return t;
+}
+
+// Byte planes: P[H * p + h] holds byte p of table entries 64h .. 64h+63 (H = 2 packed, 4 split),
+// from the 4H float vectors T (T[v] = entries 16v .. 16v+15).
+template <int H>
+inline void planes_from_table(const __m512* T, __m512i* P) {
+  // byte q of float e -> position 16 q + e
+  alignas(64) static const uint8_t kIdx[64] = {
+      0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60,
+      1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61,
+      2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50, 54, 58, 62,
+      3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  for (int h = 0; h < H; ++h) {
+    __m512i v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm512_permutexvar_epi8(idx, _mm512_castps_si512(T[4 * h + i]));
+    const __m512i t0 = _mm512_shuffle_i32x4(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t1 = _mm512_shuffle_i32x4(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i t2 = _mm512_shuffle_i32x4(v[2], v[3], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t3 = _mm512_shuffle_i32x4(v[2], v[3], _MM_SHUFFLE(3, 2, 3, 2));
+    P[0 * H + h] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0));
+    P[1 * H + h] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1));
+    P[2 * H + h] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0));
+    P[3 * H + h] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+template <int H>
+inline __m512 table_delta(float lo, float hi) {
+  return _mm512_set1_ps((hi - lo) / static_cast<float>((H == 2 ? 127 : 255) - 1));
+}
+
+template <int H>
+inline void make_planes(float lo, float hi, __m512i* P) {
+  const __m512 delta = table_delta<H>(lo, hi), vhi = _mm512_set1_ps(hi);
+  __m512 T[4 * H];
+  for (int v = 0; v < 4 * H; ++v) T[v] = table16(v, vhi, delta);
+  planes_from_table<H>(T, P);
+}
+
+// Byte p of the magnitude of the 64 codes c.
+template <int H>
+inline __m512i lookup(const __m512i* P, int p, __m512i c) {
+  if (H == 2) return _mm512_permutex2var_epi8(P[p * H], c, P[p * H + 1]);
+  const __m512i lo = _mm512_permutex2var_epi8(P[p * H], c, P[p * H + 1]);
+  const __m512i hi = _mm512_permutex2var_epi8(P[p * H + 2], c, P[p * H + 3]);
+  return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), lo, hi);
+}
+
+// 64 signed weights, in the xprep order: W[q] lane l element e = column 16 l + 4 q + e.
+// sbits: byte whose bit 7 is the sign (the packed code itself, or the split sign byte).
+template <int H>
+inline void decode64(const __m512i* P, __m512i c, __m512i sbits, __m512* W) {
+  const __m512i b0 = lookup<H>(P, 0, c), b1 = lookup<H>(P, 1, c), b2 = lookup<H>(P, 2, c);
+  // b3 | (sbits & 0x80): the magnitudes are positive, so OR sets the sign bit.
+  const __m512i b3 = _mm512_ternarylogic_epi32(lookup<H>(P, 3, c), sbits, _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
+  const __m512i lo01 = _mm512_unpacklo_epi8(b0, b1), hi01 = _mm512_unpackhi_epi8(b0, b1);
+  const __m512i lo23 = _mm512_unpacklo_epi8(b2, b3), hi23 = _mm512_unpackhi_epi8(b2, b3);
+  W[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23));
+  W[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23));
+  W[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23));
+  W[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23));
+}
+
+inline __mmask64 tail_mask(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
+
+// Loads the 64 codes (and sign bytes) at column k; past the row's end they read as 0.
+template <bool SPLIT>
+inline void load_codes(const uint8_t* c, const int8_t* s, int64_t k, int64_t in, __m512i& vc, __m512i& vs) {
+  if (k + 64 <= in) {
+    vc = _mm512_loadu_si512(c + k);
+    vs = SPLIT ? _mm512_loadu_si512(s + k) : vc;
+  } else {
+    const __mmask64 m = tail_mask(in - k);
+    vc = _mm512_maskz_loadu_epi8(m, c + k);
+    vs = SPLIT ? _mm512_maskz_loadu_epi8(m, s + k) : vc;
+  }
+}
+
+void avx512_table(float lo, float hi, int packed, float* t) {
+  const int K = packed ? 127 : 255;
+  const __m512 delta = _mm512_set1_ps((hi - lo) / static_cast<float>(K - 1));
+  const __m512 vhi = _mm512_set1_ps(hi);
+  const int nv = packed ? 8 : 16;
+  for (int v = 0; v < nv; ++v) _mm512_storeu_ps(t + 16 * v, table16(v, vhi, delta));
+  if (packed)
+    for (int v = 0; v < 8; ++v)
+      _mm512_storeu_si512(t + 128 + 16 * v, _mm512_xor_si512(_mm512_loadu_si512(t + 16 * v), _mm512_set1_epi32(INT32_MIN)));
+}
+
+int64_t avx512_kpad(int64_t in) { return (in + 63) & ~int64_t(63); }
+
+void avx512_xprep(const float* x, int64_t B, int64_t in, int64_t kpad, float* xp) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * in;
+    float* o = xp + b * kpad;
+    for (int64_t k0 = 0; k0 < kpad; k0 += 64)
+      for (int q = 0; q < 4; ++q)
+        for (int l = 0; l < 4; ++l)
+          for (int e = 0; e < 4; ++e) {
+            const int64_t k = k0 + 16 * l + 4 * q + e;
+            o[k0 + 16 * q + 4 * l + e] = k < in ? xr[k] : 0.0f;
+          }
+  }
+}
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// y[b, r] (+)= sum over columns [k0, k1) for rows [r0, r1), B rows of x. A: accumulators per b.
+template <int H, bool SPLIT, int B>
+void gemv_block(const Args& a, const __m512i* planes, int64_t nr, int64_t r0, int64_t k0, int64_t k1, bool first) {
+  constexpr int A = B == 1 ? 4 : (B == 2 ? 2 : 1);
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t r = r0 + i;
+    __m512i P[4 * H];
+    for (int j = 0; j < 4 * H; ++j) P[j] = _mm512_load_si512(planes + (a.per_row ? i : 0) * 4 * H + j);
+    const uint8_t* c = a.codes + r * a.in;
+    const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
+    __m512 acc[B][A];
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < A; ++j) acc[b][j] = _mm512_setzero_ps();
+    const int64_t pf = a.prefetch;
+    for (int64_t k = k0; k < k1; k += 64) {
+      if (pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + k + pf), _MM_HINT_T0);
+        if (SPLIT) _mm_prefetch(reinterpret_cast<const char*>(s + k + pf), _MM_HINT_T0);
+      }
+      __m512i vc, vs;
+      load_codes<SPLIT>(c, s, k, a.in, vc, vs);
+      __m512 W[4];
+      decode64<H>(P, vc, vs, W);
+      for (int b = 0; b < B; ++b) {
+        const float* x = a.xp + b * a.kpad + k;
+        for (int q = 0; q < 4; ++q) acc[b][q % A] = _mm512_fmadd_ps(W[q], _mm512_loadu_ps(x + 16 * q), acc[b][q % A]);
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      __m512 t = acc[b][0];
+      for (int j = 1; j < A; ++j) t = _mm512_add_ps(t, acc[b][j]);
+      float v = hsum(t);
+      float* y = a.y + b * a.out + r;
+      *y = first ? v : *y + v;
+    }
+  }
+}
+
+// Per-row tables without column blocking: the next row's table vectors are computed a piece at a
+// time inside the current row's loop, so their FP work overlaps the lookups and the memory stream.
+template <int H, bool SPLIT, int B>
+void gemv_pipelined(const Args& a, int64_t r0, int64_t r1) {
+  constexpr int A = B == 1 ? 4 : (B == 2 ? 2 : 1);
+  constexpr int NV = 4 * H;
+  __m512i P[NV];
+  alignas(64) __m512 T[NV];
+  make_planes<H>(a.log_min[r0], a.log_max[r0], P);
+  const int64_t nchunks = a.kpad / 64;
+  const int64_t step = std::max<int64_t>(1, nchunks / NV);
+  const int64_t pf = a.prefetch;
+  for (int64_t r = r0; r < r1; ++r) {
+    const bool next = r + 1 < r1;
+    const __m512 vhi = _mm512_set1_ps(next ? a.log_max[r + 1] : 0.0f);
+    const __m512 delta = next ? table_delta<H>(a.log_min[r + 1], a.log_max[r + 1]) : _mm512_setzero_ps();
+    int piece = next ? 0 : NV;
+    int64_t countdown = 0;
+    const uint8_t* c = a.codes + r * a.in;
+    const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
+    __m512 acc[B][A];
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < A; ++j) acc[b][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < a.kpad; k += 64) {
+      if (piece < NV && countdown-- == 0) {
+        T[piece] = table16(piece, vhi, delta);
+        ++piece;
+        countdown = step - 1;
+      }
+      if (pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + k + pf), _MM_HINT_T0);
+        if (SPLIT) _mm_prefetch(reinterpret_cast<const char*>(s + k + pf), _MM_HINT_T0);
+      }
+      __m512i vc, vs;
+      load_codes<SPLIT>(c, s, k, a.in, vc, vs);
+      __m512 W[4];
+      decode64<H>(P, vc, vs, W);
+      for (int b = 0; b < B; ++b) {
+        const float* x = a.xp + b * a.kpad + k;
+        for (int q = 0; q < 4; ++q) acc[b][q % A] = _mm512_fmadd_ps(W[q], _mm512_loadu_ps(x + 16 * q), acc[b][q % A]);
+      }
+    }
+    for (; piece < NV; ++piece) T[piece] = table16(piece, vhi, delta);
+    for (int b = 0; b < B; ++b) {
+      __m512 t = acc[b][0];
+      for (int j = 1; j < A; ++j) t = _mm512_add_ps(t, acc[b][j]);
+      a.y[b * a.out + r] = hsum(t);
+    }
+    if (next) planes_from_table<H>(T, P);
+  }
+}
+
+template <int H, bool SPLIT, int B>
+void gemv_t(const Args& a, int64_t r0, int64_t r1) {
+  // Measured: the pipelined table helps the split format (0.2 ns/row of FP work hidden behind
+  // 8 lookups per chunk) and costs the packed one (4 lookups leave little to hide it behind).
+  if (a.per_row && a.col_block >= a.kpad && (a.pipeline == 2 || (a.pipeline == 1 && SPLIT)))
+    return gemv_pipelined<H, SPLIT, B>(a, r0, r1);
+  alignas(64) __m512i planes[kRowChunk * 4 * H];
+  if (!a.per_row) make_planes<H>(a.log_min[0], a.log_max[0], planes);
+  const int64_t nblk = (a.kpad + a.col_block - 1) / a.col_block;
+  const int64_t kb = ((a.kpad / 64 + nblk - 1) / nblk) * 64;
+  for (int64_t rc = r0; rc < r1; rc += kRowChunk) {
+    const int64_t nr = std::min(kRowChunk, r1 - rc);
+    if (a.per_row)
+      for (int64_t i = 0; i < nr; ++i) make_planes<H>(a.log_min[rc + i], a.log_max[rc + i], planes + i * 4 * H);
+    for (int64_t k0 = 0; k0 < a.kpad; k0 += kb)
+      gemv_block<H, SPLIT, B>(a, planes, nr, rc, k0, std::min(a.kpad, k0 + kb), k0 == 0);
+  }
+}
+
+template <int H, bool SPLIT>
+void gemv_hs(const Args& a, int64_t r0, int64_t r1) {
+  switch (a.B) {
+    case 1: return gemv_t<H, SPLIT, 1>(a, r0, r1);
+    case 2: return gemv_t<H, SPLIT, 2>(a, r0, r1);
+    case 3: return gemv_t<H, SPLIT, 3>(a, r0, r1);
+    case 4: return gemv_t<H, SPLIT, 4>(a, r0, r1);
+    case 5: return gemv_t<H, SPLIT, 5>(a, r0, r1);
+    case 6: return gemv_t<H, SPLIT, 6>(a, r0, r1);
+    case 7: return gemv_t<H, SPLIT, 7>(a, r0, r1);
+    default: return gemv_t<H, SPLIT, 8>(a, r0, r1);
+  }
+}
+
+void avx512_gemv(const Args& a, int64_t r0, int64_t r1) {
+  if (a.sign) return gemv_hs<4, true>(a, r0, r1);
+  return gemv_hs<2, false>(a, r0, r1);
+}
+
+template <int H, bool SPLIT>
+void decode_t(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
+  __m512i P[4 * H];
+  if (!a.per_row) make_planes<H>(a.log_min[0], a.log_max[0], P);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (a.per_row) make_planes<H>(a.log_min[r], a.log_max[r], P);
+    const uint8_t* c = a.codes + r * a.in;
+    const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
+    float* wr = w + (r - r0) * (k1 - k0) - k0;
+    for (int64_t k = k0; k < k1; k += 64) {
+      __m512i vc, vs;
+      load_codes<SPLIT>(c, s, k, a.in, vc, vs);
+      __m512 W[4];
+      decode64<H>(P, vc, vs, W);
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(wr + k + 16 * q, W[q]);
+    }
+  }
+}
+
+void avx512_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
+  if (a.sign) return decode_t<4, true>(a, r0, r1, k0, k1, w);
+  return decode_t<2, false>(a, r0, r1, k0, k1, w);
+}
+
+
+// Small GEMM on a decoded block: y[b * ldy + r] (+)= sum_k x[b * ldx + k] * w[r * kb + k], for
+// kb a multiple of 16. NB x NR dot products at a time (4 x 4: 16 accumulators, 8 loads per 16
+// FMAs). Used instead of at::mm inside the parallel region (no BLAS threading runtime nested in it).
+template <int NB, int NR>
+void micro(const float* x, int64_t ldx, const float* w, int64_t kb, float* y, int64_t ldy, bool accumulate) {
+  __m512 acc[NB][NR];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kb; k += 16) {
+    __m512 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(w + j * kb + k);
+    for (int i = 0; i < NB; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const float v = _mm512_reduce_add_ps(acc[i][j]);
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + v : v;
+    }
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
+template <int NB>
+constexpr MicroFn micro_row[4] = {micro<NB, 1>, micro<NB, 2>, micro<NB, 3>, micro<NB, 4>};
+
+void avx512_gemm(const float* x, int64_t ldx, int64_t B, const float* w, int64_t R, int64_t kb, float* y,
+                 int64_t ldy, bool accumulate) {
+  static const MicroFn* const table[4] = {micro_row<1>, micro_row<2>, micro_row<3>, micro_row<4>};
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, R - r0));
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+      const int nb = static_cast<int>(std::min<int64_t>(4, B - b0));
+      table[nb - 1][nr - 1](x + b0 * ldx, ldx, w + r0 * kb, kb, y + b0 * ldy + r0, ldy, accumulate);
+    }
+  }
+}
+
+}  // namespace
+
+const IsaKernels kAvx512Kernels = {"avx512", 0, avx512_table, avx512_kpad, avx512_xprep, avx512_gemv, avx512_decode,
+                                   avx512_gemm};
+
+}  // namespace qins

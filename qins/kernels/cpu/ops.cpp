@@ -1,0 +1,220 @@
+// Torch binding of the QINS CPU kernels: argument checks, ISA dispatch, and the one
+// at::parallel_for region per call (batch <= kMaxGemvBatch: LUT-GEMV straight from the codes;
+// larger batches: per-thread blocks of rows decoded into a reused thread-local scratch, then a
+// single-threaded GEMM into y[:, rows]).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+
+#include "qins_kernels.h"
+
+namespace qins {
+namespace {
+
+enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+bool supported(int64_t isa) {
+  switch (isa) {
+    case kScalar: return true;
+#if defined(QINS_X86)
+    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vbmi");
+#endif
+    default: return false;
+  }
+}
+
+int64_t best_isa() {
+  for (int64_t isa : {kAvx512, kAvx2})
+    if (supported(isa)) return isa;
+  return kScalar;
+}
+
+const IsaKernels& kernels(int64_t isa) {
+  if (isa == kAuto) isa = best_isa();
+  TORCH_CHECK(supported(isa), "qins: ISA path ", isa, " is not supported by this CPU/build");
+  switch (isa) {
+#if defined(QINS_X86)
+    case kAvx512: return kAvx512Kernels;
+    case kAvx2: return kAvx2Kernels;
+#endif
+    default: return kScalarKernels;
+  }
+}
+
+// Per-thread scratch for decoded row blocks, reused across calls (never a weight-sized buffer).
+std::atomic<int64_t> g_scratch_max{0};
+float* scratch(int64_t floats) {
+  struct Buf {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < floats) {
+    std::free(buf.p);
+    buf.p = static_cast<float*>(std::aligned_alloc(64, ((floats * 4 + 63) / 64) * 64));
+    TORCH_CHECK(buf.p, "qins: scratch allocation failed");
+    buf.n = floats;
+    int64_t prev = g_scratch_max.load();
+    while (prev < floats * 4 && !g_scratch_max.compare_exchange_weak(prev, floats * 4)) {}
+  }
+  return buf.p;
+}
+
+// Tuning knobs (set_tuning; perf/kernel_bench.py explores them).
+struct Tuning {
+  int64_t gemv_col_block = 1 << 30;  // gemv column block (no blocking by default, see notes)
+  // Decoded blocks for batch > kMaxGemvBatch: gemm_rows rows (twice that for batch > 64), and a
+  // scratch of at most gemm_rows x gemm_cols fp32 (1.5 MiB, fits L2). Measured at batch 32,
+  // 3072x3072 split: 128x3072 0.94-0.98x of F.linear, 256x2048 1.14x.
+  int64_t gemm_rows = 128;
+  int64_t gemm_cols = 3072;
+  // gemv software prefetch distance (bytes; 0 = off). Measured at 3072x8192, batch 1, cold:
+  // none 12 G weights/s, 2 KiB 17, 4 KiB 21, 8 KiB 24-26, 16 KiB 27-29, 32 KiB 26-28.
+  int64_t prefetch = 16384;
+  int64_t pipeline = 1;              // gemv: next row's table built inside the row loop (0 off, 1 split, 2 all)
+  int64_t own_gemm = 1;              // decoded blocks: the ISA's own GEMM if it has one (0: at::mm)
+};
+Tuning g_tuning;
+
+void check_args(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
+                const at::Tensor& log_min, const at::Tensor& log_max, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu(), "qins native linear: CPU tensors only");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
+              "qins: codes must be a contiguous uint8 [out, in] tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == codes.size(1), "qins: x.shape[-1] must equal in_features");
+  TORCH_CHECK(x.is_floating_point(), "qins: x must be floating point");
+  if (sign.has_value()) {
+    TORCH_CHECK(sign->scalar_type() == at::kChar && sign->sizes() == codes.sizes() && sign->is_contiguous(),
+                "qins: sign must be a contiguous int8 tensor shaped like codes");
+  }
+  TORCH_CHECK(log_min.scalar_type() == at::kFloat && log_max.scalar_type() == at::kFloat,
+              "qins: log_min/log_max must be float32");
+  TORCH_CHECK(log_min.sizes() == log_max.sizes(), "qins: log_min and log_max must have the same shape");
+  TORCH_CHECK(log_min.dim() == 0 || (log_min.dim() == 1 && log_min.size(0) == codes.size(0)),
+              "qins: log_min/log_max must be 0-d or [out]");
+  if (bias.has_value()) TORCH_CHECK(bias->numel() == codes.size(0), "qins: bias must have out_features elements");
+}
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
+                  const at::Tensor& log_min, const at::Tensor& log_max, const c10::optional<at::Tensor>& bias,
+                  int64_t isa) {
+  check_args(x, codes, sign, log_min, log_max, bias);
+  const IsaKernels& K = kernels(isa);
+  const int64_t out = codes.size(0), in = codes.size(1);
+  const int64_t B = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2 = x.reshape({B, in}).to(at::kFloat).contiguous();
+  const at::Tensor lmin = log_min.contiguous(), lmax = log_max.contiguous();
+  const int64_t kpad = K.kpad(in);
+  at::Tensor xp = K.xprep_identity ? x2 : at::empty({B, kpad}, x2.options());
+  at::Tensor y = at::empty({B, out}, x2.options());
+  if (in == 0) y.zero_();
+  if (B > 0 && out > 0 && in > 0) {
+    if (!K.xprep_identity) K.xprep(x2.data_ptr<float>(), B, in, kpad, xp.data_ptr<float>());
+    Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr,
+           lmin.data_ptr<float>(), lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad,
+           xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, g_tuning.gemv_col_block / 64 * 64),
+           g_tuning.prefetch, g_tuning.pipeline, g_tuning.own_gemm};
+    if (B <= kMaxGemvBatch) {
+      const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
+      // x rows in groups of <= 4 (measured at 3072x3072: B = 4 0.8 ms, B = 8 in one pass 3.0 ms,
+      // in two passes of 4 ~1.6 ms; the decoded-block path ~2.0 ms).
+      at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t b0 = 0; b0 < B; b0 += kGemvGroup) {
+          Args g = a;
+          g.xp += b0 * kpad;
+          g.y += b0 * out;
+          g.B = std::min(kGemvGroup, B - b0);
+          K.gemv(g, r0, r1);
+        }
+      });
+    } else {
+      // Blocks of rb rows x kb columns: rb = gemm_rows (2x for batches > 64), kb such that the
+      // scratch stays within gemm_rows x gemm_cols floats and the columns split evenly. Small
+      // layers are spread over the threads (blocks of >= 16 rows).
+      const int64_t budget = g_tuning.gemm_rows * g_tuning.gemm_cols;
+      const int64_t per_thread = (out + at::get_num_threads() - 1) / at::get_num_threads();
+      const int64_t rows = B > 64 ? 2 * g_tuning.gemm_rows : g_tuning.gemm_rows;
+      const int64_t rb = std::max<int64_t>(16, std::min(rows, (per_thread + 15) / 16 * 16));
+      const int64_t max_kb = std::max<int64_t>(64, budget / rb / 64 * 64);
+      const int64_t nk = (kpad + max_kb - 1) / max_kb;
+      const int64_t kb = std::min(kpad, ((kpad + nk - 1) / nk + 63) / 64 * 64);
+      const int64_t nblocks = (out + rb - 1) / rb;
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        float* w = scratch(rb * kb);
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t r0 = blk * rb, r1 = std::min(out, r0 + rb);
+          at::Tensor ys = y.narrow(1, r0, r1 - r0);
+          for (int64_t k0 = 0; k0 < kpad; k0 += kb) {
+            const int64_t k1 = std::min(kpad, k0 + kb);
+            K.decode(a, r0, r1, k0, k1, w);
+            if (K.gemm && g_tuning.own_gemm) {
+              K.gemm(xp.data_ptr<float>() + k0, kpad, B, w, r1 - r0, k1 - k0, y.data_ptr<float>() + r0, out, k0 > 0);
+              continue;
+            }
+            at::Tensor wt = at::from_blob(w, {r1 - r0, k1 - k0}, x2.options());
+            at::Tensor xs = xp.narrow(1, k0, k1 - k0);
+            if (k0 == 0) at::mm_out(ys, xs, wt.t());
+            else ys.addmm_(xs, wt.t());
+          }
+        }
+      });
+    }
+  }
+  if (bias.has_value()) y.add_(bias->reshape({1, out}).to(at::kFloat));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  return y.to(x.scalar_type()).reshape(shape);
+}
+
+// Debug: the [R, 256] tables exactly as the chosen ISA computes them.
+at::Tensor table(const at::Tensor& log_min, const at::Tensor& log_max, bool packed, int64_t isa) {
+  const IsaKernels& K = kernels(isa);
+  at::Tensor lo = log_min.to(at::kFloat).reshape({-1}).contiguous(), hi = log_max.to(at::kFloat).reshape({-1}).contiguous();
+  at::Tensor t = at::empty({lo.size(0), 256}, lo.options());
+  for (int64_t r = 0; r < lo.size(0); ++r) K.table(lo.data_ptr<float>()[r], hi.data_ptr<float>()[r], packed, t.data_ptr<float>() + r * 256);
+  return t;
+}
+
+// Debug: decoded weights [out, kpad] and the prepared x [B, kpad], in the ISA's column order.
+std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
+                                     const at::Tensor& log_min, const at::Tensor& log_max, const at::Tensor& x,
+                                     int64_t isa) {
+  const IsaKernels& K = kernels(isa);
+  const int64_t out = codes.size(0), in = codes.size(1), kpad = K.kpad(in);
+  at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
+  at::Tensor xp = at::empty({x2.size(0), kpad}, x2.options()), w = at::empty({out, kpad}, x2.options());
+  K.xprep(x2.data_ptr<float>(), x2.size(0), in, kpad, xp.data_ptr<float>());
+  at::Tensor lmin = log_min.contiguous(), lmax = log_max.contiguous();
+  Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr, lmin.data_ptr<float>(),
+         lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad, xp.data_ptr<float>(), x2.size(0), nullptr, kpad};
+  K.decode(a, 0, out, 0, kpad, w.data_ptr<float>());
+  return {w, xp};
+}
+
+}  // namespace qins
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &qins::linear, "QINS linear (fp32 accumulation)");
+  m.def("table", &qins::table, "debug: the ISA's [R, 256] level tables");
+  m.def("decode_debug", &qins::decode_debug, "debug: decoded weights and prepared x");
+  m.def("supported", &qins::supported, "whether an ISA path (1 scalar, 2 avx2, 3 avx512) runs here");
+  m.def("best_isa", &qins::best_isa, "the ISA path chosen by default");
+  m.def("set_tuning", [](int64_t col_block, int64_t gemm_rows, int64_t gemm_cols, int64_t prefetch, int64_t pipeline,
+                         int64_t own_gemm) {
+    qins::g_tuning = {col_block, gemm_rows, gemm_cols, prefetch, pipeline, own_gemm};
+  }, "tuning knobs: gemv column block, gemm rows and columns per decoded block");
+  m.def("get_tuning", []() {
+    return std::vector<int64_t>{qins::g_tuning.gemv_col_block, qins::g_tuning.gemm_rows, qins::g_tuning.gemm_cols,
+                                qins::g_tuning.prefetch, qins::g_tuning.pipeline, qins::g_tuning.own_gemm};
+  });
+  m.def("scratch_bytes_max", []() { return qins::g_scratch_max.load(); }, "largest per-thread scratch");
+}

@@ -1,0 +1,85 @@
+// QINS CPU kernels: the plain C++ interface between the torch binding (ops.cpp) and the
+// per-ISA translation units (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp). No torch headers
+// here: the ISA units are compiled by g++ directly, each with its own -m flags, and always with
+// -ffp-contract=off so that the level tables are bit-identical to qins.formats.level_table.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+namespace qins {
+
+// Constants of qins.formats.qins_exp, rounded to float32 exactly as torch does for a float32
+// tensor times a Python float.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+// Scalar qins_exp: the reference operation sequence, one correctly rounded op at a time.
+inline float pow2_bits(float n) {
+  int32_t i = (static_cast<int32_t>(n) + 127) << 23;
+  float r;
+  std::memcpy(&r, &i, 4);
+  return r;
+}
+inline float qins_exp_scalar(float t) {
+  float n = std::nearbyint(t * kLog2e);  // default rounding mode: ties to even
+  float f = (t - n * kLn2Hi) - n * kLn2Lo;
+  float p = kP0;
+  p = p * f + kP1;
+  p = p * f + kP2;
+  p = p * f + kP3;
+  p = p * f + kP4;
+  p = p * f + kP5;
+  float y = ((p * f) * f + f) + 1.0f;
+  float a = std::floor(n * 0.5f);
+  return (y * pow2_bits(a)) * pow2_bits(n - a);
+}
+
+// One call: x (fp32) is first "prepared" by the ISA (xprep: [B, kpad] floats, possibly
+// permuted within 64-column chunks and zero padded), then rows [r0, r1) are computed.
+struct Args {
+  const uint8_t* codes;   // [out, in]
+  const int8_t* sign;     // [out, in] or nullptr (packed format)
+  const float* log_min;   // [out] if per_row else [1]
+  const float* log_max;
+  int per_row;
+  int64_t in, out, kpad;
+  const float* xp;        // [B, kpad], from xprep
+  int64_t B;
+  float* y;               // [B, out]; gemv writes y[b * out + r] (no bias)
+  int64_t col_block;      // gemv: columns per block (multiple of 64; >= kpad: no blocking)
+  int64_t prefetch = 0;   // gemv: software prefetch distance in bytes (0: none)
+  int64_t pipeline = 1;   // gemv: next row's table built inside the row loop (0 off, 1 split only, 2 all)
+  int64_t own_gemm = 1;   // decoded blocks: the ISA's gemm when it has one (0: at::mm)
+};
+
+struct IsaKernels {
+  const char* name;
+  int xprep_identity;  // xprep is a plain copy (kpad == in): x can be used as is
+  // The full [256] float table of one (log_min, log_max) pair, computed the way the kernels do.
+  void (*table)(float lo, float hi, int packed, float* out256);
+  int64_t (*kpad)(int64_t in);
+  void (*xprep)(const float* x, int64_t B, int64_t in, int64_t kpad, float* xp);
+  // y[:, r0:r1] for B <= kMaxGemvBatch, straight from the codes.
+  void (*gemv)(const Args& a, int64_t r0, int64_t r1);
+  // Decode rows [r0, r1), columns [k0, k1) (multiples of 64 or k1 == kpad) into w
+  // ([r1 - r0, k1 - k0] fp32, in the column order of xprep).
+  void (*decode)(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w);
+  // Optional single-threaded GEMM of a decoded block (nullptr: at::mm), see isa_avx512.cpp.
+  void (*gemm)(const float* x, int64_t ldx, int64_t B, const float* w, int64_t R, int64_t kb, float* y,
+               int64_t ldy, bool accumulate);
+};
+
+constexpr int64_t kMaxGemvBatch = 8;  // larger batches: decoded blocks + GEMM
+constexpr int64_t kGemvGroup = 4;     // x rows per gemv pass
+
+extern const IsaKernels kScalarKernels;
+#if defined(QINS_X86)
+extern const IsaKernels kAvx2Kernels;
+extern const IsaKernels kAvx512Kernels;
+#endif
+
+}  // namespace qins

@@ -1,0 +1,288 @@
+"""``qins::linear``: every backend and CPU ISA path against the reference, within a derived bound.
+
+The bound. All paths decode bit-identical weights (tested below), convert x to float32 exactly
+and accumulate ``n = in + 1`` terms (the products and the bias) in float32, each partial sum
+and product rounded at most once (FMA or not). By the standard summation bound each result is
+within ``γ_n·S`` of the exact value, ``γ_n = n·u / (1 - n·u)``, ``u = 2^-24``,
+``S = |x|·|ŵ|ᵀ + |b|`` (float64); so two paths differ by at most ``2·γ_n·S`` whatever their
+orders. A bf16/fp16 output adds one rounding per side: at most one output ulp at the result's
+magnitude.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qins.kernels as qk
+from qins.formats import decode_codes, level_table
+from qins.kernels import reference
+from tests.strategies import LinearCase, qins_codes, qins_linear_cases, qins_log_pairs
+
+U = 2.0**-24
+MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+MIN_ULP = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
+
+
+def native():
+    mod = qk.native_module()
+    if mod is None:
+        pytest.skip("native CPU kernels unavailable")
+    return mod
+
+
+def native_isas() -> list[str]:
+    mod = qk.native_module()
+    return [] if mod is None else [name for name, i in qk.ISAS.items() if mod.supported(i)]
+
+
+@contextlib.contextmanager
+def env(**values: str | None):
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bound(case: LinearCase, y_ref: torch.Tensor) -> torch.Tensor:
+    """The derived |y_k - y_ref| bound (float64, shaped like y)."""
+    w = decode_codes(case.codes, case.sign, case.log_min, case.log_max).double()
+    s = case.x.double().abs() @ w.abs().T
+    if case.bias is not None:
+        s = s + case.bias.double().abs()
+    n = case.codes.shape[1] + 1
+    tol = 2 * (n * U / (1 - n * U)) * s
+    dtype = case.x.dtype
+    if dtype != torch.float32:
+        mag = y_ref.double().abs() + tol
+        ulp = torch.exp2(torch.floor(torch.log2(mag.clamp_min(1e-300))) - MANTISSA[dtype])
+        tol = tol + ulp.clamp_min(MIN_ULP[dtype])
+    return tol
+
+
+def check_close(case: LinearCase, y: torch.Tensor, y_ref: torch.Tensor) -> None:
+    assert y.dtype == case.x.dtype and y.shape == y_ref.shape
+    err = (y.double() - y_ref.double()).abs()
+    tol = bound(case, y_ref)
+    bad = err > tol
+    assert not bad.any(), f"max excess {(err - tol).max().item():.3g} at {bad.nonzero()[:5].tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and decode: bit-identical to the reference on every ISA path
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60)
+@given(st.data(), st.booleans(), st.sampled_from([None, 1, 7, 64]))
+def test_tables_bit_identical(data, packed, rows):
+    mod = native()
+    lo, hi = data.draw(qins_log_pairs(rows=rows))
+    ref = level_table(lo, hi, packed).view(torch.int32)
+    for isa in native_isas():
+        got = mod.table(lo, hi, packed, qk.ISAS[isa]).view(torch.int32)
+        assert torch.equal(got, ref), f"{isa}: {(got != ref).sum().item()} table entries differ"
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 200), st.integers(1, 20), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_decode_bit_identical(inn, out, packed, per_row, seed):
+    mod = native()
+    gen = torch.Generator().manual_seed(seed)
+    codes, sign = qins_codes(gen, out, inn, packed, 0.1)
+    shape = (out,) if per_row else ()
+    lo = torch.rand(shape, generator=gen) * -20
+    hi = lo + torch.rand(shape, generator=gen) * 10
+    ref = decode_codes(codes, sign, lo, hi).view(torch.int32)
+    col = torch.arange(1, inn + 1, dtype=torch.float32)
+    for isa in native_isas():
+        w, xp = mod.decode_debug(codes, sign, lo, hi, col, qk.ISAS[isa])
+        perm = xp[0].long()  # column (1-based) at each position; 0 = padding
+        assert sorted(perm[perm > 0].tolist()) == list(range(1, inn + 1))
+        assert (w[:, perm == 0] == 0).all()
+        nat = torch.empty(out, inn)
+        nat[:, perm[perm > 0] - 1] = w[:, perm > 0]
+        assert torch.equal(nat.view(torch.int32), ref), isa
+
+
+# ---------------------------------------------------------------------------------------------
+# The op against the reference
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60)
+@given(qins_linear_cases())
+def test_linear_matches_reference_all_paths(case):
+    y_ref = reference.linear(*case.args())
+    with env(QINS_KERNEL="reference"):
+        assert torch.equal(torch.ops.qins.linear(*case.args()), y_ref)
+    for isa in native_isas():
+        with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
+            check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("batch", [1, 6, 9])
+def test_wide_and_tall_layers(packed, batch):
+    """Column blocks (in > 4096), several row chunks and parallel tasks, per-row logs."""
+    native()
+    gen = torch.Generator().manual_seed(batch)
+    out, inn = 70, 4099 if batch > 8 else 8200
+    codes, sign = qins_codes(gen, out, inn, packed, 0.05)
+    lo = torch.rand(out, generator=gen) * -8 - 4
+    case = LinearCase(torch.randn(batch, inn, generator=gen), codes, sign, lo, lo + 6, torch.randn(out, generator=gen))
+    y_ref = reference.linear(*case.args())
+    for isa in native_isas():
+        with env(QINS_CPU_ISA=isa):
+            check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_threads_agree(batch):
+    native()
+    gen = torch.Generator().manual_seed(1)
+    out, inn = 600, 1000
+    codes, sign = qins_codes(gen, out, inn, True, 0.05)
+    lo = torch.rand(out, generator=gen) * -8 - 4
+    case = LinearCase(torch.randn(batch, inn, generator=gen), codes, sign, lo, lo + 6, None)
+    y_ref = reference.linear(*case.args())
+    old = torch.get_num_threads()
+    try:
+        ys = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ys.append(torch.ops.qins.linear(*case.args()))
+    finally:
+        torch.set_num_threads(old)
+    check_close(case, ys[0], ys[1])
+    check_close(case, ys[1], y_ref)
+
+
+def test_empty_and_bad_inputs():
+    native()
+    codes = torch.zeros(4, 5, dtype=torch.uint8)
+    lo, hi = torch.tensor(-1.0), torch.tensor(0.0)
+    assert torch.ops.qins.linear(torch.randn(0, 5), codes, None, lo, hi, None).shape == (0, 4)
+    empty = torch.zeros(4, 0, dtype=torch.uint8)  # in_features == 0: y = bias
+    bias = torch.randn(4)
+    assert torch.equal(torch.ops.qins.linear(torch.randn(2, 3, 0), empty, None, lo, hi, bias), bias.expand(2, 3, 4))
+    with pytest.raises(RuntimeError):
+        torch.ops.qins.linear(torch.randn(2, 6), codes, None, lo, hi, None)
+    with pytest.raises(RuntimeError):
+        torch.ops.qins.linear(torch.randn(2, 5), codes, None, torch.zeros(3), torch.zeros(3), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integration: torch.compile, autograd, memory, build and fallback
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_one_frame():
+    from torch._dynamo.testing import CompileCounter
+
+    gen = torch.Generator().manual_seed(2)
+    codes, _ = qins_codes(gen, 24, 40, True, 0.1)
+    x, b = torch.randn(3, 40, generator=gen), torch.randn(24, generator=gen)
+
+    def f(x, lo, hi):
+        return torch.ops.qins.linear(x, codes, None, lo, hi, b).relu() * 2
+
+    counter = CompileCounter()
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    for i in range(4):
+        lo, hi = torch.full((24,), -3.0 - i), torch.full((24,), 0.5 * i)
+        assert torch.allclose(compiled(x, lo, hi), f(x, lo, hi), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_autograd_through_reference_formula():
+    gen = torch.Generator().manual_seed(3)
+    codes, sign = qins_codes(gen, 6, 9, False, 0.1)
+    lo, hi = torch.tensor(-3.0), torch.tensor(0.0)
+    x = torch.randn(4, 9, generator=gen, requires_grad=True)
+    b = torch.randn(6, generator=gen, requires_grad=True)
+    torch.ops.qins.linear(x, codes, sign, lo, hi, b).square().sum().backward()
+    x2, b2 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    reference.linear(x2, codes, sign, lo, hi, b2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_no_weight_sized_temporary(batch):
+    mod = native()
+    gen = torch.Generator().manual_seed(4)
+    out, inn = 1024, 1024
+    codes, _ = qins_codes(gen, out, inn, True, 0.0)
+    lo, hi = torch.full((out,), -6.0), torch.full((out,), 0.0)
+    x = torch.randn(batch, inn, generator=gen)
+    weight_bytes = out * inn * 4
+
+    def largest_allocation(fn) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return max([e.cpu_memory_usage for e in prof.events()] + [0])
+
+    native_peak = largest_allocation(lambda: torch.ops.qins.linear(x, codes, None, lo, hi, None))
+    with env(QINS_KERNEL="reference"):  # the check can see a weight-sized buffer
+        assert largest_allocation(lambda: torch.ops.qins.linear(x, codes, None, lo, hi, None)) >= weight_bytes
+    assert native_peak < weight_bytes // 4
+    # The C++ per-thread scratch (outside torch's allocator) is bounded by the block size, not the layer.
+    rows, cols = mod.get_tuning()[1:3]
+    assert mod.scratch_bytes_max() <= rows * cols * 4 <= 2 << 20
+
+
+def test_native_built_under_ci():
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        pytest.skip("only enforced under CI=true")
+    assert qk.native_module() is not None, "the native CPU kernels did not build in CI"
+    assert qk.backend_name("cpu").startswith("native") or os.environ.get("QINS_KERNEL") == "reference"
+
+
+def test_backend_name():
+    if qk.native_module() is None:
+        assert qk.backend_name("cpu") == "reference"
+        return
+    assert qk.backend_name("cpu") == "native-" + {1: "scalar", 2: "avx2", 3: "avx512"}[qk.native_module().best_isa()]
+    with env(QINS_CPU_ISA="scalar"):
+        assert qk.backend_name("cpu") == "native-scalar"
+    with env(QINS_KERNEL="reference"):
+        assert qk.backend_name("cpu") == "reference"
+    assert qk.backend_name("meta") == "reference"
+
+
+def test_build_failure_falls_back_and_warns_once(monkeypatch):
+    def boom():
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(qk._build, "load_native", boom)
+    monkeypatch.setattr(qk, "_native", qk._UNSET)
+    monkeypatch.delenv("QINS_KERNEL", raising=False)
+    gen = torch.Generator().manual_seed(5)
+    codes, sign = qins_codes(gen, 7, 11, False, 0.1)
+    args = (torch.randn(2, 11, generator=gen), codes, sign, torch.tensor(-2.0), torch.tensor(1.0), None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = torch.ops.qins.linear(*args)
+        y2 = torch.ops.qins.linear(*args)
+    assert sum("failed to build" in str(w.message) for w in caught) == 1
+    assert torch.equal(y1, reference.linear(*args)) and torch.equal(y2, y1)
+    assert qk.backend_name("cpu") == "reference"
+    monkeypatch.setenv("QINS_KERNEL", "native")
+    with pytest.raises(RuntimeError, match="QINS_KERNEL=native"):
+        torch.ops.qins.linear(*args)
