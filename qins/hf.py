@@ -19,6 +19,7 @@ on 5.x the loader keeps the meta model's float32 logs. Tested: transformers 4.44
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any, Iterable, Optional
 
@@ -159,7 +160,10 @@ def _build_classes(major: int) -> tuple[type, type]:
             self._seen: set[str] = set()
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-            _transformers_version()
+            version = _transformers_version()
+            if major < 5 and importlib.util.find_spec("accelerate") is None:
+                raise ImportError(f"transformers {version} loads quantized (QINS) checkpoints through accelerate: "
+                                  "pip install accelerate")
             if not self.pre_quantized:
                 raise ValueError("quant_method 'qins' loads QINS checkpoints only; convert a loaded model with "
                                  "qins.convert_model_to_projective instead of passing a QINS quantization_config")
