@@ -3,7 +3,7 @@
 One session per transformers version, ``matrix-<version>``. Each session builds its own venv,
 installs the pinned CPU torch *first* (so that nothing pulls a CUDA build), then the package
 with its test extras and the pinned transformers in one resolver run, then runs
-``tests/test_compat.py`` and ``tests/test_generation.py``.
+``tests/test_compat.py``, ``tests/test_generation.py`` and ``tests/test_persistence.py``.
 
     nox                              # whole matrix (venvs under .nox/, reused when present)
     nox -R                           # reuse venvs and skip the installs: fastest local rerun
@@ -26,7 +26,7 @@ import nox
 
 TORCH = "torch==2.13.0"
 TRANSFORMERS_VERSIONS = ("4.44.2", "4.53.3", "4.57.6", "5.24.0")
-TESTS = ("tests/test_compat.py", "tests/test_generation.py")
+TESTS = ("tests/test_compat.py", "tests/test_generation.py", "tests/test_persistence.py")
 
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True

@@ -10,6 +10,8 @@ Public API:
   :func:`model_memory`, :class:`MemoryReport`
 * transformers compatibility — :func:`patch_transformers` (alias :func:`patch_dynamic_cache`),
   :func:`unpatch_transformers`, :class:`UnsupportedTransformersError`
+* persistence — :func:`save`/:func:`load` (plain safetensors), :func:`register_with_transformers`
+  (``save_pretrained``/``from_pretrained``)
 """
 from .codec import (
     SMALLEST_NORMAL,
@@ -23,7 +25,9 @@ from .compat import UnsupportedTransformersError, patch_dynamic_cache, patch_tra
 from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
 from .encode import encode
 from .formats import QinsConfig, decode_codes, level_table, qins_exp
+from .hf import register_with_transformers
 from .layer import ProjectiveLinear
+from .serialization import load, save
 
 __version__ = "0.1.0"
 
@@ -47,5 +51,8 @@ __all__ = [
     "qins_levels",
     "qins_log_slack",
     "reconstruct_from_qins",
+    "register_with_transformers",
+    "load",
+    "save",
     "unpatch_transformers",
 ]

@@ -134,6 +134,25 @@ def _progress(items: list[tuple[str, nn.Linear]]) -> Iterator[tuple[str, nn.Line
     return iter(items)
 
 
+def _record_hf_quantization_config(model: nn.Module, config: QinsConfig, skip: tuple[str, ...], cache_weight: bool) -> None:
+    """On a transformers model, record the format in ``config.quantization_config`` (for save_pretrained)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, getattr(transformers, "PreTrainedModel", ())):
+        return
+    current = getattr(model.config, "quantization_config", None)
+    if current is not None and not isinstance(current, dict):
+        return  # from_pretrained's own config object (it is rebuilding this model)
+    from .hf import quantization_config_dict, register_with_transformers
+
+    from .compat import UnsupportedTransformersError
+
+    model.config.quantization_config = quantization_config_dict(config, skip, cache_weight)
+    try:
+        register_with_transformers()
+    except UnsupportedTransformersError as exc:
+        log.warning("%s", exc)
+
+
 @torch.no_grad()
 def convert_model_to_projective(
     model: nn.Module,
@@ -151,6 +170,10 @@ def convert_model_to_projective(
     A layer is left alone if its qualified name (as in ``model.named_modules()``) equals one of
     ``skip`` or matches it as a glob (``fnmatch``, e.g. ``"*.mlp.*"``), or if its weight is tied to
     another parameter (converting it would duplicate the storage and untie it).
+
+    On a transformers ``PreTrainedModel`` it also records ``config.quantization_config`` (format,
+    skip list, cache mode) so that ``save_pretrained`` / ``from_pretrained`` round-trip the QINS
+    layers (:mod:`qins.hf`).
 
     Atomic: every replacement is built before any is installed. If any layer fails (a NaN weight,
     say), the model is left exactly as it was and a ``ValueError`` names the layer.
@@ -189,6 +212,7 @@ def convert_model_to_projective(
         log.debug("converted %s -> ProjectiveLinear(%d, %d)", name, new.in_features, new.out_features)
     for name, reason in skipped.items():
         log.debug("skipped %s: %s", name, reason)
+    _record_hf_quantization_config(model, config or QinsConfig(), patterns, cache_weight)
     return ConversionReport(
         converted=[name for name, _ in replacements],
         skipped=skipped,

@@ -1,0 +1,255 @@
+"""transformers integration: ``save_pretrained`` / ``from_pretrained`` of QINS models.
+
+:func:`convert_model_to_projective` on a transformers model records ``config.quantization_config``
+(:func:`quantization_config_dict`: ``quant_method: "qins"``, the :class:`QinsConfig` fields, the
+skip list and ``cache_weight``), so ``save_pretrained`` writes it to config.json next to the
+safetensors weights (``stored``/``sign``/``log_min``/``log_max`` as saved by the layers).
+
+:func:`register_with_transformers` (idempotent; called by the conversion of a transformers model)
+registers the ``"qins"`` method with transformers' quantizer registry
+(``register_quantization_config``/``register_quantizer``, or the mapping itself on 4.44, which has
+no registration API). ``AutoModelForCausalLM.from_pretrained(dir)`` then rebuilds the QINS layers
+on the meta model before the weights load, loads the codes and logs as they are in the file (the
+float32 logs are never cast), validates every layer, and decodes the caches.
+
+With ``torch_dtype`` other than float32 on 4.x, the model loads in float32 and is cast after the
+load (transformers 4.x casts every floating checkpoint tensor, the logs included, to that dtype);
+on 5.x the loader keeps the meta model's float32 logs. Tested: transformers 4.44.2, 4.53.3,
+4.57.6, 5.24.0 (``noxfile.py``). Other versions raise :class:`UnsupportedTransformersError`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .compat import UnsupportedTransformersError
+from .formats import QinsConfig
+
+__all__ = ["QUANT_METHOD", "quantization_config_dict", "register_with_transformers"]
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "qins"
+SUPPORTED = (">=4.44", "<6")
+_QINS_BUFFERS = ("stored", "sign", "log_min", "log_max")
+_registered: Optional[tuple[type, type]] = None
+
+
+def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weight: bool) -> dict[str, Any]:
+    """The ``quantization_config`` entry written to config.json (plain JSON values)."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "packed": config.packed,
+        "log_range": config.log_range,
+        "per_row": config.per_row,
+        "skip": list(skip),
+        "cache_weight": bool(cache_weight),
+        "format_version": 2,
+    }
+
+
+def _transformers_version():
+    import transformers
+    from packaging.version import Version
+
+    v = Version(transformers.__version__)
+    if v < Version("4.44") or v.major >= 6:
+        raise UnsupportedTransformersError(
+            f"qins cannot save/load QINS models with transformers {transformers.__version__} (supported: "
+            f"{','.join(SUPPORTED)}); use qins.save/qins.load (plain safetensors) instead"
+        )
+    return v
+
+
+def register_with_transformers() -> tuple[type, type]:
+    """Register the ``"qins"`` quantization method with transformers; returns (config class, quantizer class).
+
+    Idempotent. Raises :class:`UnsupportedTransformersError` on a transformers version outside
+    ``>=4.44,<6``. After it, ``from_pretrained`` of a directory saved from a converted model
+    rebuilds and loads the QINS layers.
+    """
+    global _registered
+    if _registered is not None:
+        return _registered
+    version = _transformers_version()
+    from transformers.quantizers import auto
+
+    config_cls, quantizer_cls = _build_classes(version.major)
+    config_map, quantizer_map = auto.AUTO_QUANTIZATION_CONFIG_MAPPING, auto.AUTO_QUANTIZER_MAPPING
+    if QUANT_METHOD in config_map or QUANT_METHOD in quantizer_map:
+        # registered by another copy of this module (e.g. reloaded): reuse it
+        _registered = (config_map[QUANT_METHOD], quantizer_map[QUANT_METHOD])
+        return _registered
+    if hasattr(auto, "register_quantizer"):
+        auto.register_quantization_config(QUANT_METHOD)(config_cls)
+        auto.register_quantizer(QUANT_METHOD)(quantizer_cls)
+    else:  # 4.44: no registration API; the two mappings are what it would write
+        config_map[QUANT_METHOD] = config_cls
+        quantizer_map[QUANT_METHOD] = quantizer_cls
+    log.debug("registered quant_method %r with transformers %s", QUANT_METHOD, version)
+    _registered = (config_cls, quantizer_cls)
+    return _registered
+
+
+def _qins_layers(model: torch.nn.Module):
+    from .layer import ProjectiveLinear
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ProjectiveLinear)]
+
+
+def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast what a load in ``dtype`` casts: floating parameters and persistent buffers (QINS layers
+    via their ``.to``: float32 logs kept, cache re-decoded); non-persistent buffers such as rotary
+    ``inv_freq`` keep their dtype, as in a direct load."""
+    from .layer import ProjectiveLinear
+
+    for module in model.modules():
+        if isinstance(module, ProjectiveLinear):
+            module.to(dtype)
+            continue
+        for param in module._parameters.values():
+            if param is not None and param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buf.to(dtype)
+
+
+def _build_classes(major: int) -> tuple[type, type]:
+    import enum
+
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    from .convert import convert_model_to_projective
+    from .layer import ProjectiveLinear
+    from .state import check_qins_state, format_metadata
+
+    class QinsMethod(str, enum.Enum):  # 4.x reads ``quant_method.value`` (telemetry); json writes "qins"
+        QINS = QUANT_METHOD
+
+    class QinsHfConfig(QuantizationConfigMixin):
+        """``quantization_config`` of a QINS model: the :class:`QinsConfig` fields, skip list, cache mode."""
+
+        def __init__(self, packed: bool = True, log_range: str = "mse", per_row: bool = True,
+                     skip: Iterable[str] = ("lm_head",), cache_weight: bool = True, format_version: int = 2,
+                     **kwargs: Any) -> None:
+            self.quant_method = QinsMethod.QINS
+            self.qins_config = QinsConfig(bool(packed), log_range, bool(per_row))  # validates
+            self.packed, self.log_range, self.per_row = bool(packed), log_range, bool(per_row)
+            self.skip, self.cache_weight = list(skip), bool(cache_weight)
+            if int(format_version) != 2:
+                raise ValueError(f"quantization_config: QINS format_version {format_version} is not supported (2)")
+            self.format_version = 2
+
+        def to_dict(self) -> dict[str, Any]:
+            return quantization_config_dict(self.qins_config, self.skip, self.cache_weight)
+
+    class QinsHfQuantizer(HfQuantizer):
+        """Rebuilds QINS layers on the meta model and loads their buffers exactly."""
+
+        requires_calibration = False
+        requires_parameters_quantization = True  # 4.x: our buffers go through create_quantized_param
+
+        def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+            super().__init__(quantization_config, **kwargs)
+            self._target_dtype: Optional[torch.dtype] = None
+            self._seen: set[str] = set()
+
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            version = _transformers_version()
+            if major < 5 and importlib.util.find_spec("accelerate") is None:
+                raise ImportError(f"transformers {version} loads quantized (QINS) checkpoints through accelerate: "
+                                  "pip install accelerate")
+            if not self.pre_quantized:
+                raise ValueError("quant_method 'qins' loads QINS checkpoints only; convert a loaded model with "
+                                 "qins.convert_model_to_projective instead of passing a QINS quantization_config")
+
+        def update_torch_dtype(self, dtype: Any) -> Any:  # 4.44-4.53 name
+            return self.update_dtype(dtype)
+
+        def update_dtype(self, dtype: Any) -> Any:
+            if isinstance(dtype, str) and dtype != "auto" and isinstance(getattr(torch, dtype, None), torch.dtype):
+                dtype = getattr(torch, dtype)
+            if major < 5 and isinstance(dtype, torch.dtype) and dtype != torch.float32:
+                self._target_dtype = dtype  # 4.x would cast the float32 logs: load in float32, cast after
+                return torch.float32
+            return dtype
+
+        def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
+            qc = self.quantization_config
+            report = convert_model_to_projective(model, qc.qins_config, skip=tuple(qc.skip), cache_weight=qc.cache_weight)
+            log.debug("qins: rebuilt %d QINS layers before loading", len(report.converted))
+
+        def _qins_buffer(self, model: Any, param_name: str) -> bool:
+            module_name, _, tensor_name = param_name.rpartition(".")
+            if tensor_name not in _QINS_BUFFERS:
+                return False
+            try:
+                return isinstance(model.get_submodule(module_name), ProjectiveLinear)
+            except AttributeError:
+                return False
+
+        def check_quantized_param(self, model: Any, param_value: Any = None, param_name: str = "", *args: Any, **kwargs: Any) -> bool:
+            return self._qins_buffer(model, param_name)
+
+        def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+            return major < 5 and self._qins_buffer(model, param_name)
+
+        def create_quantized_param(self, model: Any, param_value: torch.Tensor, param_name: str, target_device: Any = "cpu", *args: Any, **kwargs: Any) -> None:
+            module_name, _, tensor_name = param_name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if tensor_name.startswith("log_") and param_value.dtype != torch.float32:
+                raise ValueError(f"{param_name}: transformers cast the float32 QINS log to {param_value.dtype} while "
+                                 "loading; pass torch_dtype=<a torch.dtype> (not 'auto') to from_pretrained")
+            module._buffers[tensor_name] = param_value.detach().to(target_device)
+            self._seen.add(param_name)
+
+        def update_missing_keys(self, model: Any, missing_keys: list, prefix: str = "") -> list:
+            missing = [k for k in missing_keys if self._qins_buffer(model, k.removeprefix(prefix).lstrip("."))
+                       or self._qins_buffer(model, k)]
+            if missing:
+                raise ValueError(f"QINS checkpoint is missing {missing[:4]}{' ...' if len(missing) > 4 else ''}: "
+                                 "the quantization_config's skip list does not match the saved layers")
+            return missing_keys
+
+        def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            for name, layer in _qins_layers(model):
+                names = [n for n in _QINS_BUFFERS if getattr(layer, n) is not None]
+                device = layer.stored.device
+                unloaded = [f"{name}.{n}" for n in names if getattr(layer, n).is_meta
+                            or (major >= 5 and not getattr(getattr(layer, n), "_is_hf_initialized", False))]
+                if unloaded:
+                    raise ValueError(f"QINS checkpoint is missing {unloaded}: the quantization_config's skip "
+                                     "list does not match the saved layers")
+                if layer._dtype_marker.is_meta or layer._dtype_marker.device != device:
+                    layer._dtype_marker = torch.empty(0, dtype=layer._dtype_marker.dtype, device=device)
+                state = {n: getattr(layer, n) for n in names}
+                try:
+                    check_qins_state(layer, state, "", {"qins": format_metadata(layer.config)})
+                except ValueError as exc:
+                    raise ValueError(f"QINS checkpoint, layer {name}: {exc}") from exc
+                layer._cached_weight = None
+                layer.invalidate_cache()
+            if self._target_dtype is not None:
+                _cast_saved_tensors(model, self._target_dtype)
+                for attr in ("torch_dtype", "dtype"):
+                    if hasattr(model.config, attr):
+                        setattr(model.config, attr, self._target_dtype)
+            return model
+
+        def is_serializable(self, safe_serialization: Any = None) -> bool:  # a method; 4.44 reads it as truthy
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+        @property
+        def is_compileable(self) -> bool:
+            return True
+
+    return QinsHfConfig, QinsHfQuantizer

@@ -1,0 +1,174 @@
+"""Plain safetensors files of QINS models: :func:`save` and :func:`load` (tensors only, never pickle).
+
+The file holds the model's ``state_dict`` tensors (a tensor shared by several names, e.g. tied
+embeddings, is written once; the other names are listed under ``qins.aliases``) and string
+metadata: ``qins.format_version`` (``"1"``) and ``qins.layers``, a JSON object mapping every QINS
+layer's qualified name to its format ``{"packed", "per_row", "log_range", "cache_weight"}``.
+
+:func:`load` checks everything before it changes anything: the metadata, every listed layer (its
+module exists and is a ``ProjectiveLinear`` of that format, or an ``nn.Linear`` of the right size
+to convert), every QINS group with :func:`qins.state.check_qins_state`, and the keys and shapes of
+all other tensors. A bad file raises ``ValueError`` and leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .formats import QinsConfig
+from .layer import ProjectiveLinear
+from .state import check_qins_state, format_metadata
+
+__all__ = ["FORMAT_VERSION", "load", "save"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _layer_entry(layer: ProjectiveLinear) -> dict[str, Any]:
+    return format_metadata(layer.config) | {"cache_weight": layer.cache_weight}
+
+
+def save(model: nn.Module, path: PathLike) -> None:
+    """Write ``model``'s state and the format of each QINS layer to a safetensors file at ``path``."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    owners: dict[tuple[str, int, int, tuple[int, ...]], str] = {}
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise ValueError(f"cannot save {name!r}: it is on the meta device (no data)")
+        key = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in owners:
+            aliases[name] = owners[key]
+            continue
+        owners[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, ProjectiveLinear)}
+    metadata = {
+        "format": "pt",
+        "qins.format_version": FORMAT_VERSION,
+        "qins.layers": json.dumps(layers, sort_keys=True),
+        "qins.aliases": json.dumps(aliases, sort_keys=True),
+    }
+    save_file(tensors, os.fspath(path), metadata=metadata)
+    log.debug("saved %d tensors, %d QINS layers to %s", len(tensors), len(layers), path)
+
+
+def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        version = meta.get("qins.format_version")
+        if version is None:
+            raise ValueError(f"{path}: not a qins file (no 'qins.format_version' in the safetensors metadata); "
+                             "for a plain state_dict use model.load_state_dict")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: qins file format version {version!r} is not supported (this qins reads {FORMAT_VERSION!r})")
+        try:
+            layers = json.loads(meta.get("qins.layers", ""))
+            aliases = json.loads(meta.get("qins.aliases", "{}"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: corrupt qins metadata ({exc})") from None
+        if not isinstance(layers, dict) or not isinstance(aliases, dict):
+            raise ValueError(f"{path}: corrupt qins metadata ('qins.layers'/'qins.aliases' must be JSON objects)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for alias, owner in aliases.items():
+        if owner not in tensors:
+            raise ValueError(f"{path}: alias {alias!r} points to missing tensor {owner!r}")
+        tensors[alias] = tensors[owner]
+    return tensors, layers, aliases
+
+
+def _config(name: str, entry: Any) -> tuple[QinsConfig, bool]:
+    try:
+        cfg = QinsConfig(packed=entry["packed"], log_range=entry["log_range"], per_row=entry["per_row"])
+        cache = entry.get("cache_weight", True)
+        if not isinstance(cache, bool):
+            raise TypeError(f"cache_weight must be bool, got {cache!r}")
+        return cfg, cache
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"layer {name!r}: bad format entry {entry!r} in 'qins.layers' ({exc})") from None
+
+
+def load(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a file written by :func:`save` into ``model`` (converted, or a plain skeleton); returns it.
+
+    Every layer listed in the file must be a ``ProjectiveLinear`` of the recorded format or an
+    ``nn.Linear`` of the same size, which is replaced by a QINS layer of that format (and cache
+    mode) before the load. The key sets must match exactly. Raises ``ValueError`` naming the file,
+    layer or key before anything is changed. A meta-device skeleton works when all its
+    non-persistent buffers are outside the converted layers' reach (they cannot be filled from a file).
+    """
+    tensors, layers, _ = _read(path)
+    replacements: list[tuple[str, ProjectiveLinear]] = []
+    targets: dict[str, ProjectiveLinear] = {}
+    for name, entry in sorted(layers.items()):
+        cfg, cache = _config(name, entry)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: layer {name!r} is not in the model") from None
+        if isinstance(module, ProjectiveLinear):
+            targets[name] = module
+        elif isinstance(module, nn.Linear):
+            w = module.weight
+            new = ProjectiveLinear(module.in_features, module.out_features, bias=module.bias is not None, config=cfg,
+                                   cache_weight=cache, device="cpu" if w.is_meta else w.device, dtype=w.dtype)
+            replacements.append((name, new))
+            targets[name] = new
+        else:
+            raise ValueError(f"{path}: layer {name!r} is a {type(module).__name__}, not nn.Linear or ProjectiveLinear")
+    unlisted = [n for n, m in model.named_modules() if isinstance(m, ProjectiveLinear) and n not in layers]
+    if unlisted:
+        raise ValueError(f"{path}: the model's QINS layers {unlisted} are not in the file")
+    for name, layer in targets.items():
+        try:
+            check_qins_state(layer, tensors, name + ".", {"qins": format_metadata(_config(name, layers[name])[0])})
+        except ValueError as exc:
+            raise ValueError(f"{path}: layer {name!r}: {exc}") from None
+    expected = _expected_state(model, replacements)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: keys do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, ref in expected.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: {key}: shape must be {tuple(ref.shape)}, got {tuple(tensors[key].shape)}")
+    stuck = [f"{n}.{b}" for n, m in model.named_modules() if not isinstance(m, ProjectiveLinear)
+             for b, t in m._buffers.items() if t is not None and t.is_meta and b in m._non_persistent_buffers_set]
+    if stuck:
+        raise ValueError(f"cannot load into this meta-device model: non-persistent buffers {stuck[:3]} have no data "
+                         "and are not in any file; build the model on a real device")
+
+    # Everything is checked: install the new layers, then load (assigning where the model is meta).
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    meta = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(tensors, strict=True, assign=meta)
+    if meta:
+        for layer in targets.values():
+            layer._dtype_marker = torch.empty(0, dtype=layer.compute_dtype, device=layer.stored.device)
+            layer._cached_weight = None
+            layer.invalidate_cache()
+    log.debug("loaded %s: %d QINS layers (%d converted)", path, len(targets), len(replacements))
+    return model
+
+
+def _expected_state(model: nn.Module, replacements: list[tuple[str, ProjectiveLinear]]) -> dict[str, torch.Tensor]:
+    """The model's state_dict keys (and tensors, for shapes) as they will be after the replacements."""
+    state = dict(model.state_dict(keep_vars=True))
+    for name, new in replacements:
+        for key in [k for k in state if k.startswith(name + ".") and k.count(".") == name.count(".") + 1]:
+            del state[key]
+        state.update({f"{name}.{k}": v for k, v in new.state_dict(keep_vars=True).items()})
+    return state

@@ -1,0 +1,171 @@
+"""save_pretrained / from_pretrained of QINS models, loaded in a fresh process.
+
+A tiny Phi-3 (native ``Phi3ForCausalLM`` and the legacy remote-code model) is converted, saved with
+``save_pretrained`` and loaded with ``AutoModelForCausalLM.from_pretrained`` in a new Python process
+(``HF_HUB_OFFLINE=1``): the QINS buffers must come back bit for bit (dtypes and shapes included),
+the logits bit-identical and the greedy tokens identical — for the default format and the seed's,
+in cached and memory-saving mode, and loaded with ``torch_dtype=torch.bfloat16`` (codes and logs
+unchanged, compute in bf16: equal to the saved model cast with ``.to(torch.bfloat16)``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qins
+from qins import ProjectiveLinear, QinsConfig, compat, convert_model_to_projective
+from tests.strategies import load_legacy_model, tiny_phi3
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 6
+QINS_KEYS = ("stored", "sign", "log_min", "log_max")
+
+# (id, model kind, QinsConfig, cache_weight, load dtype)
+CASES = [
+    ("native-default-cached", "native", QinsConfig(), True, None),
+    ("native-seed-cached", "native", QinsConfig.seed(), True, None),
+    ("native-default-memory_saving", "native", QinsConfig(), False, None),
+    ("native-seed-memory_saving", "native", QinsConfig.seed(), False, None),
+    ("native-default-bf16", "native", QinsConfig(), True, "bfloat16"),
+    ("native-seed-bf16", "native", QinsConfig.seed(), False, "bfloat16"),
+    ("legacy-default-cached", "legacy", QinsConfig(), True, None),
+    ("legacy-seed-memory_saving", "legacy", QinsConfig.seed(), False, None),
+]
+
+CHILD = r"""
+import sys, torch
+import qins
+from transformers import AutoModelForCausalLM
+qins.patch_transformers()
+qins.register_with_transformers()
+jobs, out = eval(sys.argv[1]), sys.argv[2]
+ids = torch.load(sys.argv[3], weights_only=True)
+results = {}
+for name, directory, kind, dtype in jobs:
+    kwargs = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=(kind == "legacy"), local_files_only=True, **kwargs).eval()
+    with torch.no_grad():
+        results[name + "/logits"] = model(ids, use_cache=False).logits
+        results[name + "/tokens"] = model.generate(ids, max_new_tokens=%d, min_new_tokens=%d, do_sample=False, pad_token_id=0)
+    for key, value in model.state_dict().items():
+        results[name + "/state/" + key] = value
+    results[name + "/kinds"] = torch.tensor([isinstance(m, qins.ProjectiveLinear) and m.cache_weight for m in model.modules()] + [0])
+    layer = next(m for m in model.modules() if isinstance(m, qins.ProjectiveLinear))
+    results[name + "/cached"] = torch.tensor([layer._cached_weight is not None, layer.compute_dtype == (getattr(torch, dtype) if dtype else torch.float32)])
+torch.save(results, out)
+""" % (NEW_TOKENS, NEW_TOKENS)
+
+
+def _loaded_as(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """What loading ``model``'s checkpoint in ``dtype`` means: every saved floating tensor cast (the QINS
+    layers through ``.to``: codes and logs unchanged, cache in ``dtype``); non-persistent buffers such
+    as the rotary ``inv_freq`` are computed at init and keep their dtype."""
+    ref = copy.deepcopy(model)
+    keep = {(id(m), n): b.clone() for m in ref.modules() if not isinstance(m, ProjectiveLinear)
+            for n, b in m._buffers.items() if b is not None and n in m._non_persistent_buffers_set}
+    ref.to(dtype)
+    for m in ref.modules():
+        for n in list(m._buffers):
+            if (id(m), n) in keep:
+                m._buffers[n] = keep[(id(m), n)]
+    return ref
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture(scope="module")
+def patched():
+    compat.patch_transformers()
+    yield
+    compat.unpatch_transformers()
+
+
+@pytest.fixture(scope="module")
+def round_trip(patched, tmp_path_factory: pytest.TempPathFactory):
+    """Convert, save each case, load them all in one fresh process; returns (references, loaded results)."""
+    base = tmp_path_factory.mktemp("persist")
+    ids = _ids()
+    torch.save(ids, base / "ids.pt")
+    references, jobs = {}, []
+    for name, kind, config, cache_weight, dtype in CASES:
+        model = load_legacy_model(base / "src") if kind == "legacy" else tiny_phi3()
+        convert_model_to_projective(model, config, cache_weight=cache_weight)
+        model.save_pretrained(base / name)
+        ref = _loaded_as(model, getattr(torch, dtype)) if dtype else model
+        with torch.no_grad():
+            logits = ref(ids, use_cache=False).logits
+            tokens = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        references[name] = (model, logits, tokens)
+        jobs.append((name, str(base / name), kind, dtype))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", CHILD, repr(jobs), str(base / "out.pt"), str(base / "ids.pt")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return references, torch.load(base / "out.pt", weights_only=True), base
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_save_pretrained_writes_the_qins_quantization_config_and_safetensors(round_trip, case) -> None:
+    name, _, config, cache_weight, _ = case
+    _, _, base = round_trip
+    saved = json.loads((base / name / "config.json").read_text())["quantization_config"]
+    assert saved == {"quant_method": "qins", "packed": config.packed, "log_range": config.log_range,
+                     "per_row": config.per_row, "skip": ["lm_head"], "cache_weight": cache_weight, "format_version": 2}
+    assert list((base / name).glob("*.safetensors")) and not list((base / name).glob("*.bin"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_from_pretrained_in_a_fresh_process_restores_qins_buffers_bit_for_bit(round_trip, case) -> None:
+    name = case[0]
+    references, loaded, _ = round_trip
+    model = references[name][0]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ProjectiveLinear)]
+    assert layers
+    for layer_name, layer in layers:
+        for key in QINS_KEYS:
+            mine = getattr(layer, key)
+            theirs = loaded.get(f"{name}/state/{layer_name}.{key}")
+            if mine is None:
+                assert theirs is None
+                continue
+            assert theirs is not None and theirs.dtype == mine.dtype and theirs.shape == mine.shape
+            assert torch.equal(theirs, mine), f"{layer_name}.{key}"
+    assert bool(loaded[f"{name}/cached"][1]), "compute dtype"
+    assert bool(loaded[f"{name}/cached"][0]) == case[3], "cache mode"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_from_pretrained_in_a_fresh_process_gives_bit_identical_logits_and_greedy_tokens(round_trip, case) -> None:
+    name = case[0]
+    references, loaded, _ = round_trip
+    _, logits, tokens = references[name]
+    assert loaded[f"{name}/logits"].dtype == logits.dtype
+    assert torch.equal(loaded[f"{name}/logits"], logits)
+    assert loaded[f"{name}/tokens"].tolist() == tokens.tolist()
+
+
+def test_tampered_checkpoint_raises_naming_the_key(round_trip, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, _, base = round_trip
+    src = base / "native-seed-cached"
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.1.mlp.down_proj.sign"][0, 0] = 3
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    from transformers import AutoModelForCausalLM
+
+    qins.register_with_transformers()
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.*sign: values must be -1 or \+1, got 3"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)

@@ -1,0 +1,189 @@
+"""qins.save / qins.load (plain safetensors) and torch.save/torch.load(weights_only=True) of QINS models."""
+from __future__ import annotations
+
+import io
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import qins
+from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective
+from tests.strategies import tiny_phi3, tiny_phi3_config
+
+IDS = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(3))
+CONFIGS = [QinsConfig(), QinsConfig.seed()]
+CONFIG_IDS = ["default", "seed"]
+
+
+def _converted(config: QinsConfig, seed: int = 0, cache_weight: bool = True, **kw) -> nn.Module:
+    model = tiny_phi3(seed=seed, **kw)
+    convert_model_to_projective(model, config, cache_weight=cache_weight)
+    return model
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS, use_cache=False).logits
+
+
+def _snapshot(model: nn.Module) -> tuple[list, dict]:
+    return ([(n, type(m).__name__) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _unchanged(model: nn.Module, before: tuple[list, dict]) -> bool:
+    types, state = _snapshot(model)
+    return types == before[0] and state.keys() == before[1].keys() and all(torch.equal(state[k], before[1][k]) for k in state)
+
+
+@pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_save_then_load_into_a_converted_model_is_bit_identical(tmp_path: Path, config: QinsConfig, cache_weight: bool) -> None:
+    source = _converted(config, cache_weight=cache_weight)
+    qins.save(source, tmp_path / "m.safetensors")
+    target = _converted(config, seed=1, cache_weight=cache_weight)
+    assert qins.load(target, tmp_path / "m.safetensors") is target
+    assert torch.equal(_logits(target), _logits(source))
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value) and target.state_dict()[key].dtype == value.dtype
+
+
+@pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_load_into_a_plain_skeleton_converts_the_listed_layers_to_the_recorded_format(tmp_path: Path, config: QinsConfig, cache_weight: bool) -> None:
+    source = _converted(config, cache_weight=cache_weight)
+    qins.save(source, tmp_path / "m.safetensors")
+    skeleton = tiny_phi3(seed=7)
+    qins.load(skeleton, tmp_path / "m.safetensors")
+    kinds = {n: (type(m), getattr(m, "config", None), getattr(m, "cache_weight", None)) for n, m in skeleton.named_modules()}
+    assert kinds == {n: (type(m), getattr(m, "config", None), getattr(m, "cache_weight", None)) for n, m in source.named_modules()}
+    assert isinstance(skeleton.lm_head, nn.Linear) and not isinstance(skeleton.lm_head, ProjectiveLinear)
+    assert torch.equal(_logits(skeleton), _logits(source))
+
+
+def test_tied_embeddings_are_written_once_and_stay_tied(tmp_path: Path) -> None:
+    source = _converted(QinsConfig(), tie_word_embeddings=True)
+    qins.save(source, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["qins.aliases"]) == {"lm_head.weight": "model.embed_tokens.weight"}
+    target = tiny_phi3(seed=2, tie_word_embeddings=True)
+    qins.load(target, tmp_path / "m.safetensors")
+    assert target.lm_head.weight is target.model.embed_tokens.weight
+    assert torch.equal(_logits(target), _logits(source))
+
+
+def test_the_file_holds_only_tensors_and_string_metadata(tmp_path: Path) -> None:
+    qins.save(_converted(QinsConfig.seed()), tmp_path / "m.safetensors")
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    meta = header.pop("__metadata__")
+    assert meta["qins.format_version"] == "1" and all(isinstance(v, str) for v in meta.values())
+    layers = json.loads(meta["qins.layers"])
+    assert layers["model.layers.0.mlp.down_proj"] == {"packed": False, "per_row": False, "log_range": "minmax", "cache_weight": True}
+    assert header["model.layers.0.mlp.down_proj.stored"]["dtype"] == "U8"
+    assert header["model.layers.0.mlp.down_proj.sign"]["dtype"] == "I8"
+    assert header["model.layers.0.mlp.down_proj.log_min"] == {**header["model.layers.0.mlp.down_proj.log_min"], "dtype": "F32", "shape": []}
+
+
+def _rewrite(src: Path, dst: Path, tensors: Callable[[dict], None] = lambda t: None, meta: Callable[[dict], None] = lambda m: None) -> Path:
+    with safe_open(str(src), framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        m = dict(f.metadata())
+    tensors(t)
+    meta(m)
+    save_file(t, str(dst), metadata=m)
+    return dst
+
+
+LAST = "model.layers.1.mlp.down_proj"
+# (id, tensor edit, metadata edit, expected message): every bad file leaves the model as it was.
+BAD_FILES = [
+    ("plain-safetensors", None, lambda m: m.clear(), "not a qins file"),
+    ("future-version", None, lambda m: m.update({"qins.format_version": "99"}), "format version '99' is not supported"),
+    ("corrupt-layers-json", None, lambda m: m.update({"qins.layers": "{oops"}), "corrupt qins metadata"),
+    ("bad-log-range", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace('"minmax"', '"median"', 1)}), "bad format entry"),
+    ("unknown-layer", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace("model.layers.0.mlp.down_proj", "model.nope", 1)}), "layer 'model.nope' is not in the model"),
+    ("sign-three-in-last-layer", lambda t: t[LAST + ".sign"].index_fill_(1, torch.tensor([0]), 3), None, r"down_proj.*sign: values must be -1 or \+1, got 3"),
+    ("swapped-logs-in-last-layer", lambda t: t.update({LAST + ".log_min": t[LAST + ".log_max"].clone() + 1}), None, "log_min > log_max"),
+    ("float-codes", lambda t: t.update({LAST + ".stored": t[LAST + ".stored"].float()}), None, "stored: dtype must be torch.uint8"),
+    ("missing-sign", lambda t: t.pop(LAST + ".sign"), None, r"missing \['model.layers.1.mlp.down_proj.sign'\]"),
+    ("wrong-embedding-shape", lambda t: t.update({"model.embed_tokens.weight": t["model.embed_tokens.weight"][:-1]}), None, r"model.embed_tokens.weight: shape must be \(1000, 64\)"),
+    ("unexpected-key", lambda t: t.update({"extra.weight": torch.zeros(2)}), None, r"unexpected \['extra.weight'\]"),
+    ("missing-norm", lambda t: t.pop("model.norm.weight"), None, r"missing \['model.norm.weight'\]"),
+]
+
+
+@pytest.mark.parametrize("converted", [True, False], ids=["into-converted", "into-skeleton"])
+@pytest.mark.parametrize("name, edit_tensors, edit_meta, message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_file_raises_value_error_and_leaves_the_model_exactly_as_it_was(tmp_path: Path, name, edit_tensors, edit_meta, message, converted: bool) -> None:
+    qins.save(_converted(QinsConfig.seed()), tmp_path / "good.safetensors")
+    bad = _rewrite(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", edit_tensors or (lambda t: None), edit_meta or (lambda m: None))
+    model = _converted(QinsConfig.seed(), seed=4) if converted else tiny_phi3(seed=4)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        qins.load(model, bad)
+    assert _unchanged(model, before)
+
+
+def test_loading_another_format_into_a_converted_model_fails_before_anything_changes(tmp_path: Path) -> None:
+    qins.save(_converted(QinsConfig()), tmp_path / "m.safetensors")
+    model = _converted(QinsConfig.seed(), seed=4)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="state is packed.*layer is split"):
+        qins.load(model, tmp_path / "m.safetensors")
+    assert _unchanged(model, before)
+
+
+def test_a_converted_layer_the_file_does_not_list_is_refused(tmp_path: Path) -> None:
+    source = tiny_phi3()
+    convert_model_to_projective(source, skip=("lm_head", "*.o_proj"))
+    qins.save(source, tmp_path / "m.safetensors")
+    model = _converted(QinsConfig(), seed=4)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"QINS layers \['model.layers.0.self_attn.o_proj'"):
+        qins.load(model, tmp_path / "m.safetensors")
+    assert _unchanged(model, before)
+
+
+def test_meta_skeleton_with_non_persistent_buffers_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    from transformers import Phi3ForCausalLM
+
+    qins.save(_converted(QinsConfig()), tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(tiny_phi3_config())
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match="non-persistent buffers.*rotary_emb.inv_freq"):
+        qins.load(model, tmp_path / "m.safetensors")
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+
+
+@pytest.mark.parametrize("metadata", [True, False], ids=["with-metadata", "metadata-stripped"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_torch_save_state_dict_loads_with_weights_only(config: QinsConfig, metadata: bool) -> None:
+    source = _converted(config)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    if not metadata:
+        state = OrderedDict(state)  # a plain mapping: the format is read from the keys and shapes
+        assert not hasattr(state, "_metadata")
+    target = _converted(config, seed=9)
+    target.load_state_dict(state)
+    assert torch.equal(_logits(target), _logits(source))
+    other = _converted(QinsConfig.seed() if config.packed else QinsConfig(), seed=9)
+    codes = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in other.named_modules() if isinstance(m, ProjectiveLinear)}
+    with pytest.raises(ValueError, match="build the layer with QinsConfig"):
+        other.load_state_dict(state)
+    # Module.load_state_dict is atomic per QINS layer only (modules before the first QINS layer,
+    # e.g. the embedding, are already loaded when it raises); qins.load is atomic for the model.
+    for n, m in other.named_modules():
+        if isinstance(m, ProjectiveLinear):
+            assert all(torch.equal(v, codes[n][k]) for k, v in m.state_dict().items()), n
