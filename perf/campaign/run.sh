@@ -10,6 +10,8 @@
 #                                      foreign (its cpu brand string altered) -> A/B against its revision
 #   load                               unchanged, with two CPU-bound background processes
 #                                      (python -c 'while True: pass' x2, started and stopped by PID)
+# PERF_ARGS (env): extra pytest arguments, e.g. a selection: PERF_ARGS='perf/test_layer.py -k cached'
+#   (default: the whole suite, `perf`).
 # Python: the active environment (torch pinned first, pip install -e '.[test]'); the clone is the cwd,
 # so `import qins` and `perf` resolve to the clone.
 set -uo pipefail
@@ -49,7 +51,7 @@ for ((i = 1; i <= n; i++)); do
       python -c 'while True: pass' & pids+=($!)
     fi
     start=$(date +%s)
-    ( cd "$clone" && QINS_PERF_INJECT_SLOWDOWN=$env_inject python -m pytest perf --benchmark-compare -p no:cacheprovider ) > "$log" 2>&1
+    ( cd "$clone" && QINS_PERF_INJECT_SLOWDOWN=$env_inject python -m pytest ${PERF_ARGS:-perf} --benchmark-compare -p no:cacheprovider ) > "$log" 2>&1
     rc=$?
     wall=$(( $(date +%s) - start ))
     for pid in "${pids[@]}"; do kill "$pid"; wait "$pid" 2>/dev/null; done
