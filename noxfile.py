@@ -27,6 +27,7 @@ import nox
 TORCH = "torch==2.13.0"
 TRANSFORMERS_VERSIONS = ("4.44.2", "4.53.3", "4.57.6", "5.24.0")
 TESTS = ("tests/test_compat.py", "tests/test_generation.py", "tests/test_persistence.py")
+TRITON = "triton==3.9.0"
 
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
@@ -36,6 +37,22 @@ def _install(session: nox.Session, transformers_version: str) -> None:
     """torch pinned first (CPU wheel), then the package with its test extra and the pinned transformers."""
     session.install(TORCH)
     session.install("-e", ".[test]", f"transformers=={transformers_version}", TORCH)
+
+
+@nox.session(name="triton", reuse_venv=True, default=False)
+def triton(session: nox.Session) -> None:
+    """The Triton kernel (qins/kernels/triton_kernel.py) in the CPU interpreter: ``nox -s triton``.
+
+    Not part of the default ``nox`` run. Torch pinned first (CPU wheel), then the package and
+    triton in one resolver run with the torch pin repeated, so triton cannot pull another torch.
+    ``QINS_REQUIRE_TRITON=1`` turns the test file's skip-if-missing into a failure.
+    """
+    session.install(TORCH)
+    session.install("-e", ".[test]", TRITON, TORCH)
+    session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")
+    env = {"TRITON_INTERPRET": "1", "QINS_REQUIRE_TRITON": "1"}
+    session.run("python", "-m", "pytest", "tests/test_triton.py", "-p", "no:cacheprovider",
+                *(session.posargs or ["-q"]), env=env)
 
 
 for _version in TRANSFORMERS_VERSIONS:

@@ -266,6 +266,24 @@ def test_backend_name():
     assert qk.backend_name("meta") == "reference"
 
 
+def test_triton_is_opt_in(monkeypatch):
+    """CUDA runs the reference unless QINS_KERNEL=triton; that setting without triton is an error."""
+    import sys
+
+    monkeypatch.delenv("QINS_KERNEL", raising=False)
+    assert qk.backend_name("cuda") == "reference"
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    monkeypatch.delitem(sys.modules, "qins.kernels.triton_kernel", raising=False)
+    monkeypatch.delattr(qk, "triton_kernel", raising=False)
+    monkeypatch.setattr(qk, "_triton", None)
+    monkeypatch.setenv("QINS_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match="QINS_KERNEL=triton"):
+        qk.backend_name("cuda")
+    monkeypatch.setenv("QINS_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="triton"):
+        qk.backend_name("cpu")
+
+
 def test_build_failure_falls_back_and_warns_once(monkeypatch):
     def boom():
         raise RuntimeError("simulated compiler failure")

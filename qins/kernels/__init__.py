@@ -11,6 +11,12 @@ cached) unless ``QINS_KERNEL=reference``; if the build fails, the reference runs
 warning is issued (``QINS_KERNEL=native`` makes the failure an error instead). Other devices
 run the reference. ``QINS_CPU_ISA=avx512|avx2|scalar`` forces one native CPU path (tests).
 
+``QINS_KERNEL=triton`` (opt-in) runs the Triton kernel (:mod:`qins.kernels.triton_kernel`) on
+CUDA tensors, and on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, how
+it is tested); other CPU calls keep the native kernels. If triton cannot be imported, that
+setting is an error. The Triton kernel has only been run in the interpreter, never on a GPU, so
+CUDA's default stays the reference.
+
 Autograd: registered through the reference formula (``grad_x = grad_y @ ŵ``,
 ``grad_bias = Σ grad_y``; codes and logs get no gradient), so training through the op works on
 every backend; the forward stays the fused kernel.
@@ -28,7 +34,7 @@ import torch
 from . import reference
 from .cpu import build as _build
 
-__all__ = ["linear", "backend_name", "native_module", "cpu_isa", "ISAS"]
+__all__ = ["linear", "backend_name", "native_module", "triton_module", "cpu_isa", "ISAS"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +42,13 @@ ISAS = {"scalar": 1, "avx2": 2, "avx512": 3}
 _ISA_NAMES = {v: k for k, v in ISAS.items()}
 _UNSET = object()
 _native: object = _UNSET  # the loaded module, None after a failed build, _UNSET before trying
+_triton: Optional[ModuleType] = None  # qins.kernels.triton_kernel, imported on first use
 
 
 def _kernel_env() -> str:
     kind = os.environ.get("QINS_KERNEL", "").strip().lower() or "auto"
-    if kind not in ("auto", "native", "reference"):
-        raise ValueError(f"QINS_KERNEL must be 'native' or 'reference', got {kind!r}")
+    if kind not in ("auto", "native", "reference", "triton"):
+        raise ValueError(f"QINS_KERNEL must be 'native', 'reference' or 'triton', got {kind!r}")
     return kind
 
 
@@ -77,13 +84,36 @@ def cpu_isa() -> int:
     return ISAS[name]
 
 
+def triton_module() -> ModuleType:
+    """:mod:`qins.kernels.triton_kernel`, imported on first use (needs the ``triton`` package)."""
+    global _triton
+    if _triton is None:
+        try:
+            from . import triton_kernel
+        except ImportError as exc:
+            raise RuntimeError("QINS_KERNEL=triton but triton cannot be imported") from exc
+        _triton = triton_kernel
+    return _triton
+
+
+def _use_triton(device: torch.device) -> bool:
+    if _kernel_env() != "triton":
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
+    return device.type == "cuda" or (device.type == "cpu" and interpreted)
+
+
 def _use_native(device: torch.device) -> bool:
     return device.type == "cpu" and _kernel_env() != "reference" and native_module() is not None
 
 
 def backend_name(device: torch.device | str = "cpu") -> str:
-    """Which implementation ``qins::linear`` runs on ``device``: ``"native-avx512"``, ..., ``"reference"``."""
+    """Which implementation ``qins::linear`` runs on ``device``: ``"native-avx512"``, ...,
+    ``"triton"`` (only with ``QINS_KERNEL=triton``), ``"reference"``."""
     device = torch.device(device)
+    if _use_triton(device):
+        triton_module()  # raises if triton is missing: never report a backend that cannot run
+        return "triton"
     if not _use_native(device):
         return "reference"
     isa = cpu_isa() or native_module().best_isa()
@@ -100,6 +130,8 @@ def linear(
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` in float32, returned in ``x.dtype``."""
+    if _use_triton(x.device):
+        return triton_module().linear(x, codes, sign, log_min, log_max, bias)
     if _use_native(x.device):
         return native_module().linear(x, codes, sign, log_min, log_max, bias, cpu_isa())
     return reference.linear(x, codes, sign, log_min, log_max, bias)

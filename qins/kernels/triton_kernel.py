@@ -1,0 +1,170 @@
+"""Triton backend of ``qins::linear`` (opt-in; **never run on a GPU yet**).
+
+``linear(x, codes, sign, log_min, log_max, bias)`` computes ``x @ ŵᵀ + bias`` like
+:func:`qins.kernels.reference.linear`, in two Triton launches per call:
+
+1. ``_table_kernel`` builds the ``[R, 256]`` float32 decode table (``R = out`` per row, 1 per
+   tensor) from the logs, with the operation sequence of :func:`qins.formats.qins_exp` /
+   :func:`qins.formats.level_table`: ``δ = (hi - lo) / S``, ``t = hi - j·δ``, ``n = rint(t·log2e)``
+   (round-half-even via the exact ``±1.5·2²³`` trick, valid for ``|t·log2e| < 2²²``), Cody-Waite
+   reduction, Horner, two exact power-of-two factors. It is launched with
+   ``enable_fp_fusion=False`` so that a GPU build does not contract ``a·b + c`` into an FMA. In
+   the interpreter (``TRITON_INTERPRET=1``, CPU) the tables are bit-identical to
+   ``level_table``'s (tested); on a GPU this is expected but **unverified**.
+2. ``_linear_kernel``: one program per ``[BLOCK_M, BLOCK_N]`` output tile loops over ``in`` in
+   ``BLOCK_K`` chunks, gathers each code's weight from its row's table (packed: one gather from
+   the signed table; split: the unsigned table times the ±1 sign), multiplies with x converted to
+   float32 (``tl.dot`` with ``input_precision="ieee"``: no TF32) and accumulates in float32. The
+   bias is added in float32 and the result cast to ``x.dtype`` by torch, as in the reference.
+
+So this backend differs from the reference only in accumulation order (bound: ``2·γ_n·S``, see
+``tests/test_triton.py``). It is selected only by ``QINS_KERNEL=triton`` (``qins.kernels``); the
+CUDA default stays the reference until this kernel has been run and checked on a real GPU. No
+tuning has been done: block sizes are fixed and the per-row table costs ``1 KiB`` of global
+memory traffic per output row and call.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["linear", "table"]
+
+logger = logging.getLogger(__name__)
+
+TABLE = 256
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
+
+
+@triton.jit
+def _table_kernel(lo_ptr, hi_ptr, out_ptr, PACKED: tl.constexpr):
+    r = tl.program_id(0)
+    lo = tl.load(lo_ptr + r)
+    hi = tl.load(hi_ptr + r)
+    if PACKED:
+        delta = (hi - lo) / 126.0
+    else:
+        delta = (hi - lo) / 254.0
+    e = tl.arange(0, TABLE)
+    if PACKED:
+        code = e % 128  # entries 128..255 are the negated 0..127
+    else:
+        code = e
+    j = (code - 1).to(tl.float32)  # j = code - 1; code 0 is masked to zero below
+    t = hi - j * delta
+    # qins_exp(t), one correctly rounded float32 op at a time (see qins.formats.qins_exp).
+    n = (t * 1.44269504088896341 + 12582912.0) - 12582912.0  # rint, ties to even
+    f = (t - n * 0.693359375) - n * -2.12194440e-4
+    p = tl.zeros_like(f) + 1.9875691500e-4
+    p = p * f + 1.3981999507e-3
+    p = p * f + 8.3334519073e-3
+    p = p * f + 4.1665795894e-2
+    p = p * f + 1.6666665459e-1
+    p = p * f + 5.0000001201e-1
+    y = ((p * f) * f + f) + 1.0
+    ni = n.to(tl.int32)
+    a = ni >> 1  # floor(n / 2)
+    b = ni - a
+    mag = (y * ((a + 127) << 23).to(tl.float32, bitcast=True)) * ((b + 127) << 23).to(tl.float32, bitcast=True)
+    mag = tl.where(code == 0, 0.0, mag)
+    if PACKED:
+        mag = tl.where(e >= 128, -mag, mag)
+    tl.store(out_ptr + r * TABLE + e, mag)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, codes_ptr, sign_ptr, table_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_cn, stride_ck, stride_sn, stride_sk,
+    HAS_SIGN: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if PER_ROW:
+        trow = offs_n.to(tl.int64) * TABLE
+    else:
+        trow = offs_n.to(tl.int64) * 0
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < K
+        xm = mask_m[:, None] & mask_k[None, :]
+        xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk, mask=xm, other=0.0)
+        xt = xt.to(tl.float32)
+        cm = mask_n[:, None] & mask_k[None, :]
+        cidx = offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :] * stride_ck
+        code = tl.load(codes_ptr + cidx, mask=cm, other=0).to(tl.int32)
+        w = tl.load(table_ptr + trow[:, None] + code, mask=cm, other=0.0)  # [BN, BK]
+        if HAS_SIGN:
+            sidx = offs_n[:, None].to(tl.int64) * stride_sn + offs_k[None, :] * stride_sk
+            s = tl.load(sign_ptr + sidx, mask=cm, other=1).to(tl.float32)
+            w = w * s
+        acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    ym = mask_m[:, None] & mask_n[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=ym)
+
+
+def table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The ``[R, 256]`` float32 decode table, computed by ``_table_kernel`` (cf. ``level_table``)."""
+    lo = log_min.to(torch.float32).reshape(-1).contiguous()
+    hi = log_max.to(torch.float32).reshape(-1).contiguous()
+    torch._check(lo.shape == hi.shape, lambda: "log_min and log_max must have the same shape")
+    out = torch.empty((lo.shape[0], TABLE), dtype=torch.float32, device=lo.device)
+    if lo.shape[0]:
+        _table_kernel[(lo.shape[0],)](lo, hi, out, PACKED=packed, enable_fp_fusion=False)
+    return out
+
+
+def linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    sign: Optional[torch.Tensor],
+    log_min: torch.Tensor,
+    log_max: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` (float32 math, ``x.dtype`` out)."""
+    torch._check(codes.dim() == 2 and codes.dtype == torch.uint8, lambda: "codes must be uint8 [out, in]")
+    out_f, in_f = codes.shape
+    torch._check(x.shape[-1] == in_f, lambda: f"x has {x.shape[-1]} features, codes {in_f}")
+    if sign is not None:
+        torch._check(sign.shape == codes.shape and sign.dtype == torch.int8, lambda: "sign must be int8 like codes")
+    per_row = log_min.dim() == 1
+    torch._check(log_min.shape == log_max.shape, lambda: "log_min and log_max must have the same shape")
+    torch._check(log_min.dim() == 0 or tuple(log_min.shape) == (out_f,), lambda: "logs must be 0-d or [out]")
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    x2 = x.reshape(m, in_f)
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    if m == 0 or in_f == 0 or out_f == 0:
+        y = torch.zeros((m, out_f), dtype=torch.float32, device=x.device)
+        if b is not None:
+            y = y + b
+        return y.to(x.dtype).reshape(*lead, out_f)
+    tab = table(log_min, log_max, packed=sign is None)
+    y = torch.empty((m, out_f), dtype=torch.float32, device=x.device)
+    s = codes if sign is None else sign
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(out_f, BLOCK_N))
+    logger.debug("qins triton linear: x %s codes %s per_row=%s packed=%s", tuple(x2.shape), tuple(codes.shape),
+                 per_row, sign is None)
+    _linear_kernel[grid](
+        x2, codes, s, tab, y if b is None else b, y,
+        m, out_f, in_f,
+        x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1), s.stride(0), s.stride(1),
+        HAS_SIGN=sign is not None, PER_ROW=per_row, HAS_BIAS=b is not None,
+        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+    )
+    return y.to(x.dtype).reshape(*lead, out_f)

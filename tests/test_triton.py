@@ -1,0 +1,138 @@
+"""The Triton backend of ``qins::linear`` (``qins/kernels/triton_kernel.py``) in the Triton interpreter.
+
+Runs on CPU tensors with ``TRITON_INTERPRET=1`` (set here if unset). Skipped when triton is not
+installed (the main ``pytest tests`` run), **failed** instead when ``QINS_REQUIRE_TRITON=1`` (set
+by ``nox -s triton``, which installs it).
+
+The bound is the one of ``tests/test_kernels.py`` with no extra slack: the Triton table is
+bit-identical to ``level_table`` (``test_table_bit_identical``), so both paths multiply the same
+float32 weights by the same float32 x and sum ``n = in + 1`` terms (products and bias) in float32,
+every product and partial sum rounded at most once (the interpreter's ``tl.dot`` is a float32
+``np.matmul`` per ``BLOCK_K`` chunk added to the accumulator). Hence each is within ``γ_n·S`` of
+the exact value and they differ by at most ``2·γ_n·S``, plus one output ulp for bf16/fp16.
+
+Not covered here: a GPU. There, if mul+add were contracted into FMA despite
+``enable_fp_fusion=False``, table entries could differ by a few ulps; entries within ``k`` ulps
+(relative ``2k·u``) would add ``2k·u·S`` to the bound.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels are interpreted
+if os.environ.get("QINS_REQUIRE_TRITON") == "1":
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # the dedicated session must not pass by skipping
+        pytest.fail(f"QINS_REQUIRE_TRITON=1 but triton cannot be imported: {exc}", pytrace=False)
+else:
+    pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import qins.kernels as qk  # noqa: E402
+from qins.formats import level_table  # noqa: E402
+from qins.kernels import reference  # noqa: E402
+from qins.kernels import triton_kernel as tk  # noqa: E402
+from tests.strategies import LinearCase, qins_codes, qins_log_pairs  # noqa: E402
+from tests.test_kernels import check_close, env  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the Triton interpreter on CPU tensors (TRITON_INTERPRET=1)", allow_module_level=True)
+
+
+def odd_size(hi: int):
+    """1..hi, never a multiple of 16 (the kernel's tiles are 16/32 wide: partial tiles everywhere)."""
+    return st.integers(1, hi).filter(lambda v: v % 16 != 0)
+
+
+@st.composite
+def triton_cases(draw: st.DrawFn) -> LinearCase:
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    inn, out, batch = draw(odd_size(100)), draw(odd_size(70)), draw(st.integers(1, 9))
+    packed, per_row = draw(st.booleans()), draw(st.booleans())
+    lead = draw(st.sampled_from([(), (batch,), (batch,), (1, batch)]))
+    layout = draw(st.sampled_from(["contiguous", "strided"]))
+    if layout == "strided":
+        x = torch.randn(*lead, 2 * inn, generator=gen)[..., ::2]
+    else:
+        x = torch.randn(*lead, inn, generator=gen)
+    x = x.to(draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
+    codes, sign = qins_codes(gen, out, inn, packed, draw(st.sampled_from([0.0, 0.1, 0.9, 1.0])))
+    shape = (out,) if per_row else ()
+    lo = torch.rand(shape, generator=gen) * -12.0
+    hi = torch.clamp(lo + torch.rand(shape, generator=gen) * draw(st.sampled_from([0.0, 1.0, 8.0])), max=2.0)
+    bias = None
+    if draw(st.booleans()):
+        bias = torch.randn(out, generator=gen).to(draw(st.sampled_from([torch.float32, torch.bfloat16])))
+    return LinearCase(x, codes, sign, lo.float(), hi.float(), bias)
+
+
+@settings(max_examples=40)
+@given(st.data(), st.booleans(), st.sampled_from([None, 1, 7, 33]))
+def test_table_bit_identical(data, packed, rows):
+    lo, hi = data.draw(qins_log_pairs(rows=rows))
+    ref = level_table(lo, hi, packed).view(torch.int32)
+    got = tk.table(lo, hi, packed).view(torch.int32)
+    assert torch.equal(got, ref), f"{(got != ref).sum().item()} table entries differ"
+
+
+@settings(max_examples=60)
+@given(triton_cases())
+def test_linear_matches_reference(case):
+    y_ref = reference.linear(*case.args())
+    y = tk.linear(*case.args())
+    check_close(case, y, y_ref)
+    with env(QINS_KERNEL="triton"):
+        assert torch.equal(torch.ops.qins.linear(*case.args()), y)  # the op dispatches to the same kernel
+
+
+def test_all_zero_codes_give_bias_and_signed_zeros():
+    codes = torch.tensor([[0, 128, 0], [128, 128, 0]], dtype=torch.uint8)  # packed: 0 and -0
+    x = torch.randn(3, 3)
+    lo, hi = torch.tensor(-3.0), torch.tensor(1.0)
+    assert torch.equal(tk.linear(x, codes, None, lo, hi, None), torch.zeros(3, 2))
+    b = torch.randn(2)
+    assert torch.equal(tk.linear(x, codes, None, lo, hi, b), b.expand(3, 2))
+
+
+def test_empty_and_bad_inputs():
+    codes = torch.zeros(4, 5, dtype=torch.uint8)
+    lo, hi = torch.tensor(-1.0), torch.tensor(0.0)
+    assert tk.linear(torch.randn(0, 5), codes, None, lo, hi, None).shape == (0, 4)
+    empty = torch.zeros(4, 0, dtype=torch.uint8)
+    bias = torch.randn(4)
+    assert torch.equal(tk.linear(torch.randn(2, 3, 0), empty, None, lo, hi, bias), bias.expand(2, 3, 4))
+    with pytest.raises(RuntimeError):
+        tk.linear(torch.randn(2, 6), codes, None, lo, hi, None)
+    with pytest.raises(RuntimeError):
+        tk.linear(torch.randn(2, 5), codes, None, torch.zeros(3), torch.zeros(3), None)
+
+
+def test_dispatch_is_opt_in_and_backend_name_truthful():
+    with env(QINS_KERNEL=None):
+        assert qk.backend_name("cuda") == "reference"  # the CUDA default until run on a real GPU
+        assert qk.backend_name("cpu") != "triton"
+    with env(QINS_KERNEL="triton"):
+        assert qk.backend_name("cuda") == "triton"
+        assert qk.backend_name("cpu") == "triton"  # interpreted
+        with env(TRITON_INTERPRET="0"):
+            assert qk.backend_name("cpu") != "triton"  # CPU keeps native/reference outside the interpreter
+
+
+def test_autograd_through_triton_forward():
+    gen = torch.Generator().manual_seed(3)
+    codes, sign = qins_codes(gen, 6, 9, False, 0.1)
+    lo, hi = torch.tensor(-3.0), torch.tensor(0.0)
+    x = torch.randn(4, 9, generator=gen, requires_grad=True)
+    b = torch.randn(6, generator=gen, requires_grad=True)
+    with env(QINS_KERNEL="triton"):
+        torch.ops.qins.linear(x, codes, sign, lo, hi, b).square().sum().backward()
+    x2, b2 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    reference.linear(x2, codes, sign, lo, hi, b2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
