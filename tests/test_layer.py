@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from qins import ProjectiveLinear, QinsConfig, qins_log_slack
+from qins import ProjectiveLinear, QinsConfig
 from qins.codec import SMALLEST_NORMAL
 from tests.strategies import LAYER_CONFIGS, config_id
 
