@@ -20,9 +20,10 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from qins import compat
 
+from tests import isolation
+from tests.isolation import MASK_MODULE
 from tests.strategies import forward_input_lengths, legacy_model_dir, load_legacy_model
 
-MASK_MODULE = "transformers.modeling_attn_mask_utils"
 LEGACY_CACHE_API = {
     Cache: ("get_usable_length", "seen_tokens", "get_max_length"),
     DynamicCache: ("from_legacy_cache", "to_legacy_cache"),
@@ -36,31 +37,6 @@ def unpatched():
     compat.unpatch_transformers()
     yield
     compat.unpatch_transformers()
-
-
-def _namespaces() -> dict[str, dict]:
-    """Shallow copies of every namespace the patch may touch."""
-    from transformers import dynamic_module_utils
-
-    spaces = {
-        "Cache": dict(vars(Cache)),
-        "DynamicCache": dict(vars(DynamicCache)),
-        "PretrainedConfig": dict(vars(PretrainedConfig)),
-        "GenerationMixin": dict(vars(GenerationMixin)),
-        "dynamic_module_utils": dict(vars(dynamic_module_utils)),
-        "sys.modules[mask]": {"module": sys.modules[MASK_MODULE]} if MASK_MODULE in sys.modules else {},
-    }
-    if sys.modules.get(MASK_MODULE) is not None:
-        spaces["mask module"] = dict(vars(sys.modules[MASK_MODULE]))
-    return spaces
-
-
-def _assert_same(before: dict[str, dict], after: dict[str, dict]) -> None:
-    assert before.keys() == after.keys()
-    for space, attrs in before.items():
-        assert attrs.keys() == after[space].keys(), space
-        for name, value in attrs.items():
-            assert after[space][name] is value, f"{space}.{name} changed"
 
 
 def _kv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,28 +67,28 @@ class BoundedCache(DynamicCache):
 
 def test_patch_is_idempotent(unpatched):
     first = compat.patch_transformers()
-    state = _namespaces()
+    state = isolation.namespaces()
     assert compat.patch_transformers() == first
-    _assert_same(state, _namespaces())
+    isolation.assert_same(state, isolation.namespaces())
 
 
 def test_unpatch_restores_exactly_what_was_there(unpatched, tmp_path):
-    before = _namespaces()
+    before = isolation.namespaces()
     compat.patch_transformers()
     model = load_legacy_model(tmp_path)
     remote_config, remote_model = type(model.config), type(model)
     adapted_prepare = vars(remote_model)["prepare_inputs_for_generation"]
     assert getattr(adapted_prepare, "__qins_adapted__", False) == GENERATE_PASSES_CACHE_KWARG
     compat.unpatch_transformers()
-    _assert_same(before, _namespaces())
+    isolation.assert_same(before, isolation.namespaces())
     assert not getattr(vars(remote_model)["prepare_inputs_for_generation"], "__qins_adapted__", False)
     assert "rope_scaling" not in vars(remote_config)
 
 
 def test_patch_never_replaces_native_attributes(unpatched):
-    before = _namespaces()
+    before = isolation.namespaces()
     compat.patch_transformers()
-    after = _namespaces()
+    after = isolation.namespaces()
     native_loader = before["dynamic_module_utils"]["get_class_in_module"]
     loader = after["dynamic_module_utils"]["get_class_in_module"]
     # The one native callable that may be wrapped (5.x: remote-class adapter) still calls through.
@@ -181,6 +157,57 @@ def test_unpatched_legacy_generation_fails_loudly_or_uses_the_cache(unpatched, t
         )), err
     else:  # the installed version has the whole legacy API natively
         assert lengths == [5, 1, 1, 1]
+
+
+def test_a_failure_part_way_through_patching_undoes_every_earlier_change(unpatched, monkeypatch):
+    # Every version must have at least two changes to interrupt: hide native legacy conversions
+    # (monkeypatch puts them back) so that 4.44, where the whole legacy API is native, adds them.
+    for name in ("from_legacy_cache", "to_legacy_cache"):
+        if name in vars(DynamicCache):
+            monkeypatch.delattr(DynamicCache, name)
+    before = isolation.namespaces()
+    changes = len(compat.patch_transformers())
+    compat.unpatch_transformers()
+    assert changes >= 2
+    debug = compat.log.debug
+    for k in range(1, changes + 1):  # the k-th change is made, then its log line raises
+        calls = []
+
+        def failing_debug(*args, k=k, calls=calls, **kwargs):
+            calls.append(args)
+            if len(calls) == k:
+                raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(compat.log, "debug", failing_debug)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            compat.patch_transformers()
+        monkeypatch.setattr(compat.log, "debug", debug)
+        isolation.assert_same(before, isolation.namespaces())
+        assert compat._undo is None and compat._added == ()  # not half-patched: a retry starts afresh
+    assert len(compat.patch_transformers()) == changes
+
+
+def test_legacy_prepare_inputs_shim_leaves_nothing_on_the_cache(unpatched):
+    seen = []
+
+    def legacy_prepare(self, input_ids, past_key_values=None, **kwargs):
+        seen.append((past_key_values, past_key_values.get_max_length()))
+        if kwargs.get("fail"):
+            raise ValueError("legacy code failed")
+        return {"input_ids": input_ids, "position_ids": torch.arange(5)[None]}
+
+    adapted = compat._adapt_prepare_inputs(legacy_prepare)
+    cache = DynamicCache()
+    inputs = adapted(None, torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    assert seen == [(cache, None)]  # legacy convention during the call: None = no limit
+    assert "get_max_length" not in vars(cache)  # the temporary shim is gone afterwards
+    assert inputs["position_ids"].tolist() == [[3, 4]]  # cut to the new tokens
+    with pytest.raises(ValueError, match="legacy code failed"):
+        adapted(None, torch.zeros(1, 2, dtype=torch.long), cache=cache, fail=True)
+    assert "get_max_length" not in vars(cache)  # removed even when the legacy code raises
+    cache.get_max_length = lambda: 7  # an instance's own attribute is never shadowed nor removed
+    adapted(None, torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    assert seen[-1] == (cache, 7) and vars(cache)["get_max_length"]() == 7
 
 
 def test_patch_dynamic_cache_is_the_seed_alias_of_patch_transformers():
