@@ -55,6 +55,36 @@ def triton(session: nox.Session) -> None:
                 *(session.posargs or ["-q"]), env=env)
 
 
+@nox.session(name="mutation", reuse_venv=True, default=False)
+def mutation(session: nox.Session) -> None:
+    """Mutation testing of every module of qins/ with mutmut (issue 11): ``nox -s mutation``.
+
+    Not part of the default ``nox`` run nor of ``.ci/run``. Configuration: ``[tool.mutmut]`` in
+    pyproject.toml. mutmut keeps its results in ``mutants/``; a rerun only re-tests mutants of
+    functions that changed (``nox -s mutation -- "qins.encode*"`` re-tests one module). The report
+    (``docs/mutation.py --check``) fails below a 95% score or on a stale equivalents entry.
+    """
+    session.install(TORCH)
+    session.install("-e", ".[test,real,mutation]", TRITON, TORCH)  # triton: its kernel's tests run too
+    env = {"HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    session.run("mutmut", "run", "--max-children", "2", *session.posargs, env=env)
+    session.run("python", "docs/mutation.py", "--check", env=env)
+
+
+@nox.session(name="order", reuse_venv=True, default=False)
+def order(session: nox.Session) -> None:
+    """``pytest tests`` in a random order (pytest-randomly; the seed is printed): ``nox -s order``.
+
+    ``nox -s order -- -q --randomly-seed=N`` replays the order of seed N. Hypothesis uses the
+    ``ci`` profile, as CI does.
+    """
+    session.install(TORCH)
+    session.install("-e", ".[test,real,mutation]", TORCH)
+    env = {"HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    session.run("python", "-m", "pytest", "tests", "-p", "randomly", "-p", "no:cacheprovider",
+                *(session.posargs or ["-q"]), env=env)
+
+
 for _version in TRANSFORMERS_VERSIONS:
 
     @nox.session(name=f"matrix-{_version}", reuse_venv=True)

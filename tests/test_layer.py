@@ -193,6 +193,32 @@ def test_weight_property_returns_the_decoded_weight() -> None:
     assert torch.equal(ProjectiveLinear.from_linear(lin, cache_weight=False).weight, layer.decode_weight())
 
 
+def test_weight_property_is_the_cache_itself_in_cached_mode_and_a_fresh_decode_otherwise() -> None:
+    cached = ProjectiveLinear.from_linear(make_linear())
+    assert cached.weight is cached._cached_weight  # no decode, no copy: the cache
+    saving = ProjectiveLinear.from_linear(make_linear(), cache_weight=False)
+    first, second = saving.weight, saving.weight
+    assert saving._cached_weight is None and first is not second and torch.equal(first, second)
+
+
+@pytest.mark.parametrize("cache_weight", [True, False])
+def test_repr_names_sizes_bias_format_and_mode(cache_weight: bool) -> None:
+    from qins import kernels
+
+    layer = ProjectiveLinear.from_linear(make_linear(), QinsConfig(False, "minmax", True), cache_weight=cache_weight)
+    expected = (
+        "ProjectiveLinear(in_features=48, out_features=24, bias=True, format=split, log_range=minmax, "
+        f"per_row=True, cache_weight={cache_weight}"
+        + ("" if cache_weight else f", kernel={kernels.backend_name(torch.device('cpu'))}") + ")"
+    )
+    assert repr(layer) == expected
+    packed = ProjectiveLinear(3, 2, bias=False)
+    assert repr(packed) == (
+        "ProjectiveLinear(in_features=3, out_features=2, bias=False, format=packed, log_range=mse, per_row=True, "
+        "cache_weight=True)"
+    )
+
+
 def test_deepcopy_gives_identical_outputs_and_an_independent_cache() -> None:
     layer = ProjectiveLinear.from_linear(make_linear(), SEED)
     clone = copy.deepcopy(layer)

@@ -169,3 +169,23 @@ def test_tampered_checkpoint_raises_naming_the_key(round_trip, tmp_path) -> None
     qins.register_with_transformers()
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.*sign: values must be -1 or \+1, got 3"):
         AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+
+
+def test_loading_in_a_dtype_casts_floats_and_persistent_buffers_only() -> None:
+    """What ``from_pretrained(torch_dtype=...)`` applies after the QINS layers are rebuilt (in process)."""
+    from qins.hf import _cast_saved_tensors
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+    convert_model_to_projective(model, skip=("1",))
+    model[1].register_buffer("persistent", torch.ones(3))
+    model[1].register_buffer("inv_freq", torch.ones(3), persistent=False)
+    model[1].register_buffer("steps", torch.arange(3))
+    qins_layer = model[0]
+    codes, log_max = qins_layer.stored.clone(), qins_layer.log_max.clone()
+    _cast_saved_tensors(model, torch.bfloat16)
+    assert model[1].weight.dtype == model[1].bias.dtype == model[1].persistent.dtype == torch.bfloat16
+    assert model[1].inv_freq.dtype == torch.float32 and model[1].steps.dtype == torch.int64
+    assert qins_layer.bias.dtype == qins_layer._cached_weight.dtype == torch.bfloat16  # cache re-decoded
+    assert qins_layer.log_max.dtype == torch.float32 and torch.equal(qins_layer.log_max, log_max)
+    assert torch.equal(qins_layer.stored, codes)
+    assert torch.equal(qins_layer._cached_weight, qins_layer.decode_weight().to(torch.bfloat16))

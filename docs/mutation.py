@@ -1,0 +1,118 @@
+"""The mutation score of ``pytest tests`` over ``qins/``, per module, from a finished ``mutmut run``.
+
+    nox -s mutation                      # runs mutmut, then this report with --check
+    python docs/mutation.py [--check]    # after `mutmut run`, from the repository root
+
+Reads mutmut's results (``mutants/qins/**.py.meta``) and the committed list of equivalent
+mutants (``tests/mutation_equivalents.txt``: ``<mutant name> | <the mutated line> | <reason>``).
+An entry whose mutant no longer exists, or whose mutated line no longer matches ``mutmut show``'s
+diff, is *stale*: the source moved under it and it must be re-checked by hand.
+
+Score = detected / (generated - equivalent), detected = killed + timeout + crashed (a mutant
+that makes the suite hang or segfault is caught). ``--check`` exits 1 when the score is below
+95%, when any mutant is left unchecked, or when the equivalents list has stale entries.
+Prints Markdown; no other side effects.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+TARGET = 0.95
+EQUIVALENTS = Path("tests/mutation_equivalents.txt")
+DETECTED = {"killed", "timeout", "segfault"}
+
+
+def _status(code: object) -> str:
+    from mutmut.stats import status_by_exit_code
+
+    return status_by_exit_code[code]
+
+
+def load_equivalents(path: Path = EQUIVALENTS) -> dict[str, tuple[str, str]]:
+    """``{mutant name: (mutated line, reason)}`` from the committed list (``#`` starts a comment)."""
+    out: dict[str, tuple[str, str]] = {}
+    for n, raw in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = [p.strip() for p in line.split(" | ", 2)]
+        if len(parts) != 3 or not all(parts):
+            raise SystemExit(f"{path}:{n}: expected '<mutant> | <mutated line> | <reason>', got {raw!r}")
+        out[parts[0]] = (parts[1], parts[2])
+    return out
+
+
+def _mutated_line(name: str) -> str:
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    added = [ln[1:].strip() for ln in get_diff_for_mutant(name).splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return " / ".join(added)
+
+
+def results(root: Path = Path("mutants")) -> dict[str, dict[str, str]]:
+    """``{module path: {mutant name: status}}`` for every mutated module under ``root/qins``."""
+    out: dict[str, dict[str, str]] = {}
+    for meta in sorted((root / "qins").rglob("*.py.meta")):
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        out[str(meta.relative_to(root))[: -len(".meta")]] = {k: _status(v) for k, v in codes.items()}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    equivalents = load_equivalents()
+    by_module = results()
+    if not by_module:
+        print("no mutmut results under mutants/: run `mutmut run` (or `nox -s mutation`) first")
+        return 1
+    stale = []
+    for name, (line, _) in equivalents.items():
+        known = any(name in m for m in by_module.values())
+        if not known or _mutated_line(name) != line:
+            stale.append(name)
+    rows, total = [], Counter()
+    for module, statuses in by_module.items():
+        c = Counter()
+        for name, status in statuses.items():
+            c["generated"] += 1
+            if name in equivalents and name not in stale:
+                c["equivalent"] += 1
+            elif status in DETECTED:
+                c["detected"] += 1
+            else:
+                c[status.replace(" ", "_")] += 1
+        total.update(c)
+        rows.append((module, c))
+    cols = ["generated", "detected", "equivalent", "survived", "no_tests", "not_checked", "suspicious", "skipped"]
+    print("| module | " + " | ".join(cols) + " | score |")
+    print("|---" * (len(cols) + 2) + "|")
+
+    def score(c: Counter) -> float:
+        denominator = c["generated"] - c["equivalent"]
+        return c["detected"] / denominator if denominator else 1.0
+
+    for module, c in rows + [("**all**", total)]:
+        print(f"| {module} | " + " | ".join(str(c[k]) for k in cols) + f" | {100 * score(c):.1f}% |")
+    undetected = sorted(
+        name for statuses in by_module.values() for name, s in statuses.items()
+        if s not in DETECTED and not (name in equivalents and name not in stale)
+    )
+    if undetected:
+        print(f"\n{len(undetected)} undetected (not killed, not listed as equivalent):")
+        for name in undetected:
+            print(f"- {name}")
+    if stale:
+        print(f"\n{len(stale)} stale entries in {EQUIVALENTS} (re-check them by hand):")
+        for name in stale:
+            print(f"- {name}")
+    unchecked = total["not_checked"]
+    ok = score(total) >= TARGET and not stale and not unchecked
+    print(f"\nscore {100 * score(total):.2f}% (target >= {100 * TARGET:.0f}%): {'met' if ok else 'NOT met'}")
+    return 0 if ok or not check else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
