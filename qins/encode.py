@@ -33,8 +33,10 @@ Encoded = tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor
 _COARSE = 48  # candidate spans in the first pass (fractions c/48 of the minmax span)
 _FINE = 16  # candidates in the refinement pass, between the coarse neighbours of the best
 _BINS = 128  # histogram bins of log|w| per row (per tensor: 4096)
-_EXACT = (1.0, 0.95, 1.05, 0.975, 1.025)  # spans around the model's best that are encoded exactly
-_CHUNK = 1 << 16  # elements per block in the exact passes (stays in L2)
+# Local rounds around the best span so far, scored with their in-range rounding weight by weight:
+# (number of spans, half-width), evenly spaced over best·[1 - width, 1 + width], plus the best itself.
+_LOCAL = ((14, 0.075), (6, 0.005))
+_CHUNK = 1 << 16  # elements per block in the passes over the weight (stays in L2)
 
 
 def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -109,18 +111,12 @@ def _model_errors(hist: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, spans
     return s2_in * rel + err_level + err_zero
 
 
-def search_log_min(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
-    """The MSE-best ``log_min`` per row (``[R, 1]`` float32; per tensor ``R = 1``).
+def _log_histogram(mag: torch.Tensor, gap: torch.Tensor, span0: torch.Tensor, nbins: int) -> torch.Tensor:
+    """Counts ``[R, nbins]`` of ``log|w|`` in uniform bins over ``[lo0, hi]``, block by block.
 
-    A histogram of ``log|w|`` per row evaluates all candidate spans at once (coarse ``c/48`` of the
-    minmax span, then finer around the best, :func:`_model_errors`). The model's best and a few
-    spans around it are then encoded and their exact ``Σ(w - ŵ)²`` compared, together with the
-    minmax range; the best is kept, so the result is never worse than minmax.
+    Magnitudes below ``lo0`` (zeros, sub-normals) go to a dropped bin.
     """
     rows = mag.shape[0]
-    nbins = _BINS if rows > 1 else 4096
-    span0 = (hi - lo0).double()
-    # Bin of log|w| in [lo0, hi], block by block; below lo0 (zeros, sub-normals) goes to a dropped bin.
     scale = (nbins / span0.clamp_min(1e-30)).to(torch.float32)
     top = span0.to(torch.float32)
     hist = torch.zeros(rows, nbins + 1, dtype=torch.int64, device=mag.device)
@@ -129,26 +125,94 @@ def search_log_min(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: 
         pos = (top[r] - gap[r, c]).mul_(scale[r]).floor_().clamp_(-1, nbins - 1)
         pos = pos.where(pos >= 0, float(nbins)).long().add_(base[: pos.shape[0]])
         hist[r] += torch.bincount(pos.reshape(-1), minlength=pos.shape[0] * (nbins + 1)).reshape(-1, nbins + 1)
-    hist = hist[:, :nbins]
+    return hist[:, :nbins]
+
+
+def _rounding_deviation(mag: torch.Tensor, gap: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor, steps: int) -> torch.Tensor:
+    """``Σ w²·(d² - 1/12)`` per row and candidate span (``[R, C]``, float64), over the weights that
+    every candidate keeps in range (``hi - log|w| < min span``).
+
+    ``d = t - round(t)``, ``t = (hi - log|w|)/δ``, is a weight's offset from its nearest level in
+    steps ``δ = span/steps``; ``δ²·Σw²·d²`` is its rounding error to second order, and ``1/12`` the
+    mean of ``d²`` that :func:`_model_errors` assumes. Weights are taken as ``w² - θ²``
+    (``θ = exp(hi - min span)``, clamped at 0): 0 for the weights outside that range (up to rounding
+    at its edge, where it is ~0 anyway) without a mask; squares are relative to ``exp(2·hi)``, so
+    nothing overflows. A ranking score, not an exact error: only the final comparison is exact.
+    """
+    tau = spans.min(1, keepdim=True).values.to(torch.float32)  # [R, 1]
+    inv = torch.where(spans > 0, steps / spans.clamp_min(1e-300), 0.0).to(torch.float32)  # [R, C]
+    unit = torch.exp(-hi)  # [R, 1]: magnitudes relative to max|w| (<= 1 up to rounding)
+    floor2 = torch.exp(-2.0 * tau)
+    dev = torch.zeros(spans.shape, dtype=torch.float64, device=mag.device)
+    for r, c in _chunks(mag):
+        g = gap[r, c].clamp_max(tau[r])  # finite everywhere (zeros have gap = +inf); weight 0 beyond tau
+        a = mag[r, c].mul(unit[r]).square_().sub_(floor2[r]).clamp_min_(0.0)
+        dev[r] -= a.sum(1, keepdim=True).double() / 12.0
+        for i in range(spans.shape[1]):
+            t = g.mul(inv[r, i : i + 1])
+            t.sub_(torch.round(t)).square_()
+            dev[r, i] += torch.linalg.vecdot(a, t, dim=1).double()
+    return dev * torch.exp(2.0 * hi.double())
+
+
+def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MSE-best ``log_min`` per row (``[R, 1]`` float32) and the uint8 magnitude codes for it.
+
+    1. A histogram of ``log|w|`` per row models the error of every candidate span at once
+       (:func:`_model_errors`): coarse ``c/48`` of the minmax span, then finer around the best.
+    2. Spans around the model's best (``_LOCAL``: 14 over ±7.5%, then 6 over ±0.5% of the best of
+       those) are scored by the model plus their in-range rounding computed weight by weight
+       (:func:`_rounding_deviation`): which span's levels happen to fall close to the largest
+       weights is what the histogram cannot see, and it moves the error by a few percent from one
+       span to the next.
+    3. The best-scored range is encoded and its exact ``Σ(w - ŵ)²`` compared with the minmax
+       range's; minmax is kept on a tie or when it is better (per row, or for the whole tensor).
+    """
+    rows = mag.shape[0]
+    nbins = _BINS if rows > 1 else 4096
+    span0 = (hi - lo0).double()
+    hist = _log_histogram(mag, gap, span0, nbins)
     steps = num_levels(packed) - 1
     fracs = torch.arange(1, _COARSE + 1, device=mag.device, dtype=torch.float64) / _COARSE
     best = _model_errors(hist, lo0, hi, span0 * fracs, steps).argmin(1, keepdim=True).double() + 1
     fine = (best - 1 + torch.arange(_FINE + 1, device=mag.device, dtype=torch.float64) * 2 / _FINE).clamp(1 / _FINE, _COARSE) / _COARSE
     spans = span0 * fine
     span_best = spans.gather(1, _model_errors(hist, lo0, hi, spans, steps).argmin(1, keepdim=True))
-    candidates = [lo0] + [
-        torch.where(span0 > 0, hi.double() - (span_best * f).clamp(max=span0), lo0.double()).to(torch.float32) for f in _EXACT
-    ]
-    tables = [level_table(lo.reshape(-1), hi.reshape(-1), packed) for lo in candidates]
-    err = torch.zeros(rows, len(candidates), dtype=torch.float64, device=mag.device)
+    lo_best = torch.where(span0 > 0, hi.double() - span_best, lo0.double()).to(torch.float32)
+    for count, width in _LOCAL:
+        offsets = torch.linspace(1 - width, 1 + width, count, device=mag.device, dtype=torch.float64)
+        los = torch.where(span0 > 0, hi.double() - ((hi - lo_best).double() * offsets).clamp(max=span0), lo0.double())
+        los = torch.cat([lo_best, los.to(torch.float32)], 1)  # the best so far stays a candidate
+        spans = (hi - los).double()  # the spans the float32 ranges really have
+        score = _model_errors(hist, lo0, hi, spans, steps) + (spans / steps).square() * _rounding_deviation(mag, gap, hi, spans, steps)
+        lo_best = los.gather(1, score.argmin(1, keepdim=True))  # first minimum: the incumbent on a tie
+
+    out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
+    tables = [level_table(lo.reshape(-1), hi.reshape(-1), packed) for lo in (lo0, lo_best)]
+    err = torch.zeros(rows, 2, dtype=torch.float64, device=mag.device)
     for r, c in _chunks(mag):
         m, g = mag[r, c], gap[r, c]
-        for i, (lo, table) in enumerate(zip(candidates, tables)):
-            codes, _ = _mag_codes(m, g, lo[r], hi[r], packed, table[r] if rows > 1 else table)
-            err[r, i] += _sq_error(m, codes, table[r] if rows > 1 else table)
-    # argmin keeps the first minimum: on a tie the minmax range (candidate 0) stays.
-    pick = err.argmin(1, keepdim=True) if rows > 1 else err.sum(0).argmin().reshape(1, 1)
-    return torch.stack(candidates, 1).reshape(rows, -1).gather(1, pick)
+        for i, (lo, table) in enumerate(zip((lo0, lo_best), tables)):
+            table = table[r] if rows > 1 else table
+            codes, _ = _mag_codes(m, g, lo[r], hi[r], packed, table)
+            err[r, i] += _sq_error(m, codes, table)
+            if i == 1:
+                out[r, c] = codes
+    keep = err[:, :1] <= err[:, 1:]  # minmax on a tie (per tensor: the one row is the whole tensor)
+    if bool(keep.any()):
+        idx = keep.reshape(-1).nonzero().reshape(-1)
+        out[idx] = _encode_blocks(mag[idx], gap[idx], lo0[idx], hi[idx], packed)
+    return torch.where(keep, lo0, lo_best), out
+
+
+def search_log_min(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The MSE-best ``log_min`` per row (``[R, 1]`` float32; per tensor ``R = 1``).
+
+    ``mag = |w|`` and ``gap = hi - log|w|`` as ``[R, N]`` float32, ``lo0``/``hi`` the minmax range
+    ``[R, 1]``. Never worse than minmax in exact ``Σ(w - ŵ)²``; the search is described in
+    :func:`_search`.
+    """
+    return _search(mag, gap, lo0, hi, packed)[0]
 
 
 def _chunks(mag: torch.Tensor) -> list[tuple[slice, slice]]:
@@ -195,8 +259,9 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
     hi, lo = torch.where(empty, 0.0, hi), torch.where(empty, 0.0, lo)
     gap = hi - logw
     if config.log_range == "mse":
-        lo = search_log_min(mag, gap, lo, hi, config.packed)
-    codes = _encode_blocks(mag, gap, lo, hi, config.packed)
+        lo, codes = _search(mag, gap, lo, hi, config.packed)
+    else:
+        codes = _encode_blocks(mag, gap, lo, hi, config.packed)
     if config.log_range == "mse" and not config.packed and not config.per_row:
         # The split per-tensor minmax format is the seed's codec (its own rounding of the range and
         # codes); keep "never worse than minmax" against exactly that encoding.
