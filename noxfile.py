@@ -66,7 +66,8 @@ def mutation(session: nox.Session) -> None:
     """
     session.install(TORCH)
     session.install("-e", ".[test,real,mutation]", TRITON, TORCH)  # triton: its kernel's tests run too
-    env = {"HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    env = {"CI": "true", "HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TRITON_INTERPRET": "1"}
     session.run("mutmut", "run", "--max-children", "2", *session.posargs, env=env)
     session.run("python", "docs/mutation.py", "--check", env=env)
 

@@ -19,6 +19,34 @@ from tests import isolation
 _SNAPSHOT: Optional[dict[str, dict]] = None
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under mutmut: load the native kernels once, in the process that mutmut forks workers from.
+
+    A worker killed by mutmut's timeout while torch's extension loader holds its build lock
+    would leave the lock behind and hang every later worker. Loaded up front, workers inherit
+    the module and never take the lock. Mutants of the build code itself (``qins.kernels.cpu.build``)
+    run against a private copy of the build directory instead, so they cannot disturb the shared one.
+    """
+    mutant = os.environ.get("MUTANT_UNDER_TEST")
+    if mutant is None:
+        return
+    if mutant.startswith("qins.kernels.cpu.build."):
+        import shutil
+        import tempfile
+
+        from qins.kernels.cpu import build
+
+        private = Path(tempfile.mkdtemp(prefix="qins-mutant-build-"))
+        if build.build_directory().is_dir():
+            shutil.copytree(build.build_directory(), private / build.build_directory().name,
+                            ignore=shutil.ignore_patterns("lock"))
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(private)
+    else:
+        import qins.kernels
+
+        qins.kernels.native_module()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under mutmut (``nox -s mutation``), run a mutant's tests fastest first.
 

@@ -45,9 +45,12 @@ def _digest() -> str:
 
 
 def build_directory() -> Path:
+    """``$TORCH_EXTENSIONS_DIR`` (else torch's default build root) / ``qins_cpu_<digest>``, as torch's own
+    extensions resolve their root."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(get_default_build_root()) / f"qins_cpu_{_digest()}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"qins_cpu_{_digest()}"
 
 
 def _compile_unit(cxx: str, src: str, flags: list[str], out_dir: Path) -> Path:

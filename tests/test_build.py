@@ -1,0 +1,104 @@
+"""The native build (`qins.kernels.cpu.build`): cache key, directory, per-unit compiles, loading.
+
+The kernels themselves are pinned in ``tests/test_kernels.py``; here, how they are built: the
+build directory's name is a digest of every source byte and every flag (a change can never load a
+stale module), each ISA unit compiles once, atomically, with its own flags, and a compiler error
+surfaces with its message.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from qins.kernels.cpu import build
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """A private copy of the kernel sources, installed as the build's SOURCE_DIR."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in build.SOURCE_DIR.iterdir():
+        if p.suffix in (".cpp", ".h"):
+            shutil.copy(p, src / p.name)
+    monkeypatch.setattr(build, "SOURCE_DIR", src)
+    return src
+
+
+def test_digest_depends_on_every_source_byte_and_flag_only(sources, monkeypatch):
+    monkeypatch.undo()
+    real = build._digest()
+    monkeypatch.setattr(build, "SOURCE_DIR", sources)
+    d0 = build._digest()
+    assert d0 == real and len(d0) == 16 and int(d0, 16) >= 0  # names and bytes, not the path
+    (sources / "notes.txt").write_text("not a source")
+    assert build._digest() == d0
+    header = sources / "qins_kernels.h"
+    header.write_bytes(header.read_bytes() + b" ")
+    d1 = build._digest()
+    assert d1 != d0
+    (sources / "extra.cpp").write_text("")
+    assert build._digest() not in (d0, d1)
+    (sources / "extra.cpp").unlink()
+    assert build._digest() == d1
+    for name, value in (
+        ("COMMON_FLAGS", build.COMMON_FLAGS + ["-g"]),
+        ("ISA_UNITS", build.ISA_UNITS[:1]),
+        ("DEFINES", build.DEFINES + ["-DX"]),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(build, name, value)
+            assert build._digest() != d1, name
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "0.0.0")
+        assert build._digest() != d1
+
+
+def test_build_directory_is_the_digest_under_torchs_extension_root(tmp_path, monkeypatch):
+    from torch.utils.cpp_extension import get_default_build_root
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert build.build_directory() == tmp_path / f"qins_cpu_{build._digest()}"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert build.build_directory() == Path(get_default_build_root()) / f"qins_cpu_{build._digest()}"
+
+
+def test_compile_unit_compiles_once_with_its_flags_and_atomically(sources, tmp_path, monkeypatch):
+    (sources / "unit.cpp").write_text("int qins_unit_answer() { return 42; }\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    calls = []
+    run = subprocess.run
+    monkeypatch.setattr(build.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or run(cmd, **kw))
+    obj = build._compile_unit(os.environ.get("CXX", "c++"), "unit.cpp", ["-DUNIT_FLAG"], out)
+    assert obj == out / "unit.o" and obj.stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["unit.o"]  # compiled to a temp name, then renamed
+    (cmd,) = calls
+    assert cmd[0] == os.environ.get("CXX", "c++")
+    assert cmd[1:] == [*build.COMMON_FLAGS, *build.DEFINES, "-DUNIT_FLAG", "-c", str(sources / "unit.cpp"),
+                       "-o", str(out / f"unit.o.{os.getpid()}.tmp")]
+    assert build._compile_unit("c++", "unit.cpp", ["-DUNIT_FLAG"], out) == obj and len(calls) == 1  # cached
+
+
+def test_compile_unit_raises_with_the_compiler_message(sources, tmp_path):
+    (sources / "broken.cpp").write_text("int broken( {\n")
+    with pytest.raises(RuntimeError, match=r"(?s)qins: compiling broken\.cpp failed:\n.*error") as info:
+        build._compile_unit(os.environ.get("CXX", "c++"), "broken.cpp", [], tmp_path)
+    assert "broken.cpp" in str(info.value).split("\n", 1)[1]
+    assert not (tmp_path / "broken.o").exists()
+
+
+def test_load_native_loads_the_module_of_the_digest_directory(caplog):
+    with caplog.at_level(logging.INFO, logger=build.__name__):
+        module = build.load_native()
+    assert module.__name__ == build.build_directory().name
+    assert (build.build_directory() / f"{module.__name__}.so").exists()
+    assert {1: "scalar", 2: "avx2", 3: "avx512"}.get(module.best_isa()) is not None
+    assert any("native CPU kernels ready" in r.getMessage() and str(build.build_directory()) in r.getMessage()
+               for r in caplog.records)
