@@ -1,9 +1,9 @@
 """Test isolation: no test, and no module, may leave transformers patched (issue 11).
 
 A snapshot of every namespace :mod:`qins.compat` touches is taken when collection finishes.
-After each test, and after each module, the namespaces must match it by identity. Tests that
-request the module-scoped ``patched`` fixture hold the patch on purpose; they are checked when
-their module ends, after that fixture's teardown.
+After each test, and after each module, the namespaces must match it by identity. Modules that
+define a module-scoped ``patched`` fixture hold the patch across their tests on purpose; they are
+checked when the module ends, after that fixture's teardown.
 """
 from __future__ import annotations
 
@@ -84,5 +84,5 @@ def _module_leaves_transformers_unpatched(request: pytest.FixtureRequest) -> Ite
 @pytest.fixture(autouse=True)
 def _test_leaves_transformers_unpatched(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    if "patched" not in request.fixturenames:
+    if not hasattr(request.module, "patched"):  # a module-scoped patch is checked when its module ends
         _check(f"test {request.node.nodeid}")

@@ -31,12 +31,12 @@ def sources(tmp_path, monkeypatch):
     return src
 
 
-def test_digest_depends_on_every_source_byte_and_flag_only(sources, monkeypatch):
-    monkeypatch.undo()
-    real = build._digest()
-    monkeypatch.setattr(build, "SOURCE_DIR", sources)
+def test_digest_depends_on_every_source_byte_flag_and_the_source_directory(sources, monkeypatch):
     d0 = build._digest()
-    assert d0 == real and len(d0) == 16 and int(d0, 16) >= 0  # names and bytes, not the path
+    assert len(d0) == 16 and int(d0, 16) >= 0 and build._digest() == d0
+    monkeypatch.undo()
+    assert build._digest() != d0  # same bytes in another checkout: its own build directory
+    monkeypatch.setattr(build, "SOURCE_DIR", sources)
     (sources / "notes.txt").write_text("not a source")
     assert build._digest() == d0
     header = sources / "qins_kernels.h"

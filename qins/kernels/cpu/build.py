@@ -5,8 +5,9 @@ the C++ compiler directly, each with its own ``-m`` flags, into object files; th
 (``ops.cpp``) is then built with ``torch.utils.cpp_extension.load`` and linked with them. Every
 unit gets ``-O3 -ffp-contract=off`` (no FMA contraction: the level tables must be bit-identical
 to :func:`qins.formats.level_table`). The build directory name carries a hash of the sources,
-the flags and the torch version, so an edit or a torch upgrade rebuilds and a repeat call loads
-the cached module.
+the flags, the torch version and the source directory, so an edit or a torch upgrade rebuilds, a
+repeat call loads the cached module, and checkouts in different directories never share (and
+rebuild) one build directory.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def _digest() -> str:
     for name in sorted(p.name for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h")):
         h.update(name.encode() + (SOURCE_DIR / name).read_bytes())
     h.update(repr((COMMON_FLAGS, ISA_UNITS, DEFINES, torch.__version__)).encode())
+    # The source directory too: cpp_extension writes absolute source paths into build.ninja, so two
+    # checkouts of the same sources sharing one directory rebuild ops.o at every alternation, and a
+    # process loading the module during the other's rebuild can fail (and fall back to the reference).
+    h.update(str(SOURCE_DIR).encode())
     return h.hexdigest()[:16]
 
 
