@@ -14,7 +14,16 @@ from typing import Iterator, Optional
 
 import pytest
 
+import torch
+
 from tests import isolation
+
+# Triton's own language helpers (``tl.zeros_like``, ...) are jitted when ``triton.language`` is
+# first imported, interpreted or compiled depending on TRITON_INTERPRET *at that moment*. Set it
+# before any test module (or torch.compile) can import triton, so that the interpreter tests of
+# tests/test_triton.py hold in any test order. Without a GPU, interpreting is the only way to run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _SNAPSHOT: Optional[dict[str, dict]] = None
 
