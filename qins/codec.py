@@ -146,7 +146,6 @@ def _validate(weight: torch.Tensor) -> None:
             )
 
 
-@torch.no_grad()
 def convert_to_qins(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Encode a float tensor as ``(stored, sign, log_min, log_max)``.
 
@@ -171,33 +170,34 @@ def convert_to_qins(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
         ValueError: non-float dtype, 0-d or empty tensor, or any NaN/±Inf (the message gives their
             count and the first index).
     """
-    _validate(weight)
-    device = weight.device
-    w = weight.detach().to(torch.float32)
-    mag = w.abs()
-    sign = torch.where(torch.signbit(w), -1, 1).to(torch.int8)
-    normal = mag >= SMALLEST_NORMAL
-    if not bool(normal.any()):
-        return torch.zeros_like(mag, dtype=torch.uint8), sign, 0.0, 0.0
+    with torch.no_grad():
+        _validate(weight)
+        device = weight.device
+        w = weight.detach().to(torch.float32)
+        mag = w.abs()
+        sign = torch.where(torch.signbit(w), -1, 1).to(torch.int8)
+        normal = mag >= SMALLEST_NORMAL
+        if not bool(normal.any()):
+            return torch.zeros_like(mag, dtype=torch.uint8), sign, 0.0, 0.0
 
-    min_mag = torch.where(normal, mag, torch.full_like(mag, math.inf)).min()
-    max_mag = mag.max()
-    # The range in float64 from the exact float32 extremes: log_min = log(min |w|) etc.
-    log_min, log_max = math.log(float(min_mag)), math.log(float(max_mag))
-    span = log_max - log_min
-    if span > 0.0:
-        n = (torch.log(torch.where(normal, mag, min_mag)) - log_min) / span
-        codes = torch.round(255.0 - 254.0 * n).clamp_(1, 255).to(torch.uint8)
-        # The extremes get their codes by definition, whatever float32 did to their logs (it
-        # matters only when the span is near float32's resolution); monotonicity is preserved.
-        codes = torch.where(mag == max_mag, 1, torch.where(mag == min_mag, 255, codes)).to(torch.uint8)
-    else:  # all normal magnitudes are equal
-        codes = torch.ones_like(mag, dtype=torch.uint8)
-    smallest = qins_levels(log_min, log_max, device=device)[255]
-    below = torch.where(mag * 2.0 >= smallest, 255, 0).to(torch.uint8)  # nearer of {0, smallest level}
-    codes = torch.where(normal, codes, below)
-    codes = torch.where(mag == 0, 0, codes).to(torch.uint8)
-    return codes, sign, log_min, log_max
+        min_mag = torch.where(normal, mag, torch.full_like(mag, math.inf)).min()
+        max_mag = mag.max()
+        # The range in float64 from the exact float32 extremes: log_min = log(min |w|) etc.
+        log_min, log_max = math.log(float(min_mag)), math.log(float(max_mag))
+        span = log_max - log_min
+        if span > 0.0:
+            n = (torch.log(torch.where(normal, mag, min_mag)) - log_min) / span
+            codes = torch.round(255.0 - 254.0 * n).clamp_(1, 255).to(torch.uint8)
+            # The extremes get their codes by definition, whatever float32 did to their logs (it
+            # matters only when the span is near float32's resolution); monotonicity is preserved.
+            codes = torch.where(mag == max_mag, 1, torch.where(mag == min_mag, 255, codes)).to(torch.uint8)
+        else:  # all normal magnitudes are equal
+            codes = torch.ones_like(mag, dtype=torch.uint8)
+        smallest = qins_levels(log_min, log_max, device=device)[255]
+        below = torch.where(mag * 2.0 >= smallest, 255, 0).to(torch.uint8)  # nearer of {0, smallest level}
+        codes = torch.where(normal, codes, below)
+        codes = torch.where(mag == 0, 0, codes).to(torch.uint8)
+        return codes, sign, log_min, log_max
 
 
 def reconstruct_from_qins(

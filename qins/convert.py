@@ -153,7 +153,6 @@ def _record_hf_quantization_config(model: nn.Module, config: QinsConfig, skip: t
         log.warning("%s", exc)
 
 
-@torch.no_grad()
 def convert_model_to_projective(
     model: nn.Module,
     config: Optional[QinsConfig] = None,
@@ -178,44 +177,45 @@ def convert_model_to_projective(
     Atomic: every replacement is built before any is installed. If any layer fails (a NaN weight,
     say), the model is left exactly as it was and a ``ValueError`` names the layer.
     """
-    if config is not None and not isinstance(config, QinsConfig):
-        raise TypeError(f"config must be a QinsConfig, got {type(config).__name__}")
-    patterns = (skip,) if isinstance(skip, str) else tuple(skip)
-    before = model_memory(model)
-    shared = _shared_weight_ids(model)
-    todo: list[tuple[str, nn.Linear]] = []
-    skipped: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        pattern = _matches(name, patterns)
-        if name == "":
-            skipped[name] = "the model itself is an nn.Linear; use ProjectiveLinear.from_linear"
-        elif pattern is not None:
-            skipped[name] = f"matches skip pattern {pattern!r}"
-        elif id(module.weight) in shared:
-            skipped[name] = "weight is tied to another parameter"
-        else:
-            todo.append((name, module))
+    with torch.no_grad():
+        if config is not None and not isinstance(config, QinsConfig):
+            raise TypeError(f"config must be a QinsConfig, got {type(config).__name__}")
+        patterns = (skip,) if isinstance(skip, str) else tuple(skip)
+        before = model_memory(model)
+        shared = _shared_weight_ids(model)
+        todo: list[tuple[str, nn.Linear]] = []
+        skipped: dict[str, str] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            pattern = _matches(name, patterns)
+            if name == "":
+                skipped[name] = "the model itself is an nn.Linear; use ProjectiveLinear.from_linear"
+            elif pattern is not None:
+                skipped[name] = f"matches skip pattern {pattern!r}"
+            elif id(module.weight) in shared:
+                skipped[name] = "weight is tied to another parameter"
+            else:
+                todo.append((name, module))
 
-    replacements: list[tuple[str, ProjectiveLinear]] = []
-    for name, linear in _progress(todo):
-        try:
-            replacements.append((name, ProjectiveLinear.from_linear(linear, config, cache_weight=cache_weight)))
-        except ValueError as exc:
-            raise ValueError(f"cannot convert layer {name!r}: {exc}; the model was left unchanged") from exc
+        replacements: list[tuple[str, ProjectiveLinear]] = []
+        for name, linear in _progress(todo):
+            try:
+                replacements.append((name, ProjectiveLinear.from_linear(linear, config, cache_weight=cache_weight)))
+            except ValueError as exc:
+                raise ValueError(f"cannot convert layer {name!r}: {exc}; the model was left unchanged") from exc
 
-    for name, new in replacements:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        log.debug("converted %s -> ProjectiveLinear(%d, %d)", name, new.in_features, new.out_features)
-    for name, reason in skipped.items():
-        log.debug("skipped %s: %s", name, reason)
-    _record_hf_quantization_config(model, config or QinsConfig(), patterns, cache_weight)
-    return ConversionReport(
-        converted=[name for name, _ in replacements],
-        skipped=skipped,
-        memory_before=before,
-        memory_after=model_memory(model),
-    )
+        for name, new in replacements:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+            log.debug("converted %s -> ProjectiveLinear(%d, %d)", name, new.in_features, new.out_features)
+        for name, reason in skipped.items():
+            log.debug("skipped %s: %s", name, reason)
+        _record_hf_quantization_config(model, config or QinsConfig(), patterns, cache_weight)
+        return ConversionReport(
+            converted=[name for name, _ in replacements],
+            skipped=skipped,
+            memory_before=before,
+            memory_after=model_memory(model),
+        )

@@ -26,7 +26,7 @@ import torch
 from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
 from .formats import QinsConfig, level_table, num_levels
 
-__all__ = ["encode", "search_log_min"]
+__all__ = ["encode"]
 
 Encoded = tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]
 
@@ -205,16 +205,6 @@ def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.T
     return torch.where(keep, lo0, lo_best), out
 
 
-def search_log_min(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
-    """The MSE-best ``log_min`` per row (``[R, 1]`` float32; per tensor ``R = 1``).
-
-    ``mag = |w|`` and ``gap = hi - log|w|`` as ``[R, N]`` float32, ``lo0``/``hi`` the minmax range
-    ``[R, 1]``. Never worse than minmax in exact ``Σ(w - ŵ)²``; the search is described in
-    :func:`_search`.
-    """
-    return _search(mag, gap, lo0, hi, packed)[0]
-
-
 def _chunks(mag: torch.Tensor) -> list[tuple[slice, slice]]:
     """Blocks of about ``_CHUNK`` elements (whole rows when rows are short) that stay in cache."""
     rows, cols = mag.shape
@@ -235,7 +225,6 @@ def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: t
     return out
 
 
-@torch.no_grad()
 def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded:
     """Encode ``weight`` (any float dtype; 2-d for ``per_row``) in ``config``'s format.
 
@@ -244,37 +233,38 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
     or ``[out]`` per row. Guarantees in the module docstring. Raises ``ValueError`` for NaN/±Inf,
     non-float, 0-d or empty input (as :func:`qins.convert_to_qins`).
     """
-    config = config or QinsConfig()
-    _validate(weight)
-    if config == QinsConfig.seed():
-        codes, sign, lo, hi = convert_to_qins(weight)
-        dev = weight.device
-        return codes, sign, torch.tensor(lo, dtype=torch.float32, device=dev), torch.tensor(hi, dtype=torch.float32, device=dev)
-    w = _rows(weight, config.per_row)
-    mag = w.abs()
-    logw = torch.log(mag)  # -inf for zeros; sub-normals fall below every range
-    hi = logw.amax(1, keepdim=True)
-    lo = torch.where(mag >= SMALLEST_NORMAL, logw, math.inf).amin(1, keepdim=True)
-    empty = ~torch.isfinite(lo)  # no normal magnitude in the row: everything flushes
-    hi, lo = torch.where(empty, 0.0, hi), torch.where(empty, 0.0, lo)
-    gap = hi - logw
-    if config.log_range == "mse":
-        lo, codes = _search(mag, gap, lo, hi, config.packed)
-    else:
-        codes = _encode_blocks(mag, gap, lo, hi, config.packed)
-    if config.log_range == "mse" and not config.packed and not config.per_row:
-        # The split per-tensor minmax format is the seed's codec (its own rounding of the range and
-        # codes); keep "never worse than minmax" against exactly that encoding.
-        seed = encode(weight, QinsConfig.seed())
-        table = level_table(lo.reshape(-1), hi.reshape(-1), False)
-        seed_table = level_table(seed[2].reshape(-1), seed[3].reshape(-1), False)
-        if _sq_error(mag, seed[0].reshape(1, -1), seed_table) <= _sq_error(mag, codes, table):
-            return seed
-    negative = torch.signbit(w)
-    if config.packed:
-        codes = codes | (negative.to(torch.uint8) << 7)
-        sign = None
-    else:
-        sign = torch.where(negative, -1, 1).to(torch.int8).reshape(weight.shape)
-    shape = (-1,) if config.per_row else ()
-    return codes.reshape(weight.shape), sign, lo.reshape(shape), hi.reshape(shape)
+    with torch.no_grad():
+        config = config or QinsConfig()
+        _validate(weight)
+        if config == QinsConfig.seed():
+            codes, sign, lo, hi = convert_to_qins(weight)
+            dev = weight.device
+            return codes, sign, torch.tensor(lo, dtype=torch.float32, device=dev), torch.tensor(hi, dtype=torch.float32, device=dev)
+        w = _rows(weight, config.per_row)
+        mag = w.abs()
+        logw = torch.log(mag)  # -inf for zeros; sub-normals fall below every range
+        hi = logw.amax(1, keepdim=True)
+        lo = torch.where(mag >= SMALLEST_NORMAL, logw, math.inf).amin(1, keepdim=True)
+        empty = ~torch.isfinite(lo)  # no normal magnitude in the row: everything flushes
+        hi, lo = torch.where(empty, 0.0, hi), torch.where(empty, 0.0, lo)
+        gap = hi - logw
+        if config.log_range == "mse":
+            lo, codes = _search(mag, gap, lo, hi, config.packed)
+        else:
+            codes = _encode_blocks(mag, gap, lo, hi, config.packed)
+        if config.log_range == "mse" and not config.packed and not config.per_row:
+            # The split per-tensor minmax format is the seed's codec (its own rounding of the range and
+            # codes); keep "never worse than minmax" against exactly that encoding.
+            seed = encode(weight, QinsConfig.seed())
+            table = level_table(lo.reshape(-1), hi.reshape(-1), False)
+            seed_table = level_table(seed[2].reshape(-1), seed[3].reshape(-1), False)
+            if _sq_error(mag, seed[0].reshape(1, -1), seed_table) <= _sq_error(mag, codes, table):
+                return seed
+        negative = torch.signbit(w)
+        if config.packed:
+            codes = codes | (negative.to(torch.uint8) << 7)
+            sign = None
+        else:
+            sign = torch.where(negative, -1, 1).to(torch.int8).reshape(weight.shape)
+        shape = (-1,) if config.per_row else ()
+        return codes.reshape(weight.shape), sign, lo.reshape(shape), hi.reshape(shape)

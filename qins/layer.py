@@ -85,7 +85,6 @@ class ProjectiveLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    @torch.no_grad()
     def from_linear(
         cls, linear: nn.Linear, config: Optional[QinsConfig] = None, *, cache_weight: bool = True
     ) -> "ProjectiveLinear":
@@ -96,30 +95,31 @@ class ProjectiveLinear(nn.Module):
         copies the bias. A weight on the meta device gives a meta layer (to be filled by a load).
         Raises ``ValueError`` for NaN/±Inf weights or values that overflow float32.
         """
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            config=config,
-            cache_weight=cache_weight,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        if weight.is_meta:
+        with torch.no_grad():
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
+            weight = linear.weight
+            layer = cls(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                config=config,
+                cache_weight=cache_weight,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+            if weight.is_meta:
+                return layer
+            stored, sign, log_min, log_max = encode(weight, layer.config)
+            layer.stored.copy_(stored)
+            if sign is not None:
+                layer.sign.copy_(sign)
+            layer.log_min.copy_(log_min)
+            layer.log_max.copy_(log_max)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+            layer.invalidate_cache()
             return layer
-        stored, sign, log_min, log_max = encode(weight, layer.config)
-        layer.stored.copy_(stored)
-        if sign is not None:
-            layer.sign.copy_(sign)
-        layer.log_min.copy_(log_min)
-        layer.log_max.copy_(log_max)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
-        layer.invalidate_cache()
-        return layer
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -138,7 +138,6 @@ class ProjectiveLinear(nn.Module):
             return self._cached_weight
         return self.decode_weight()
 
-    @torch.no_grad()
     def invalidate_cache(self) -> None:
         """Re-decode the cache from the current codes (no-op in memory-saving mode).
 
@@ -146,15 +145,16 @@ class ProjectiveLinear(nn.Module):
         ``load_state_dict`` calls it for you. The cache is refreshed *in place*, so compiled
         graphs that captured it see the new values without recompiling.
         """
-        if not self.cache_weight:
-            self._cached_weight = None
-            return
-        fresh = self.decode_weight()
-        cache = self._cached_weight
-        if cache is None or cache.shape != fresh.shape or cache.dtype != fresh.dtype or cache.device != fresh.device:
-            self._cached_weight = fresh
-        else:
-            cache.copy_(fresh)
+        with torch.no_grad():
+            if not self.cache_weight:
+                self._cached_weight = None
+                return
+            fresh = self.decode_weight()
+            cache = self._cached_weight
+            if cache is None or cache.shape != fresh.shape or cache.dtype != fresh.dtype or cache.device != fresh.device:
+                self._cached_weight = fresh
+            else:
+                cache.copy_(fresh)
 
     @staticmethod
     def _refresh_after_load(module: "ProjectiveLinear", incompatible_keys: Any) -> None:

@@ -130,6 +130,11 @@ def linear(
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` in float32, returned in ``x.dtype``."""
+    return _dispatch(x, codes, sign, log_min, log_max, bias)
+
+
+def _dispatch(x, codes, sign, log_min, log_max, bias) -> torch.Tensor:
+    """The op's body: the Triton, native or reference backend, as :func:`backend_name` reports."""
     if _use_triton(x.device):
         return triton_module().linear(x, codes, sign, log_min, log_max, bias)
     if _use_native(x.device):
@@ -137,10 +142,13 @@ def linear(
     return reference.linear(x, codes, sign, log_min, log_max, bias)
 
 
-@linear.register_fake
 def _linear_fake(x, codes, sign, log_min, log_max, bias):
+    """The op's fake (meta) implementation: shape checks and an empty ``[..., out]`` in ``x.dtype``."""
     torch._check(x.shape[-1] == codes.shape[1])
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+linear.register_fake(_linear_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:
