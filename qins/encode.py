@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
-from .formats import QinsConfig, level_table, num_levels
+from .formats import LOG_FLOAT32_MAX, QinsConfig, level_table, num_levels
 
 __all__ = ["encode"]
 
@@ -59,7 +59,7 @@ def _mag_codes(
     """
     k = num_levels(packed)
     delta = (hi - lo) / float(k - 1)
-    j = torch.round(gap / torch.where(delta > 0, delta, SMALLEST_NORMAL)).clamp_(max=k)
+    j = torch.round(gap / torch.where(delta > 0, delta, SMALLEST_NORMAL)).clamp_(0, k)  # gap < 0: a capped log_max
     if table is None:
         table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
     flush = torch.where(mag >= table[:, k : k + 1] * 0.5, float(k - 1), -1.0)  # 2|w| >= level_K, exactly
@@ -238,14 +238,17 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
         _validate(weight)
         if config == QinsConfig.seed():
             codes, sign, lo, hi = convert_to_qins(weight)
+            hi32 = min(float(torch.tensor(hi, dtype=torch.float32)), LOG_FLOAT32_MAX)  # finite top level
+            lo32 = min(float(torch.tensor(lo, dtype=torch.float32)), hi32)
             dev = weight.device
-            return codes, sign, torch.tensor(lo, dtype=torch.float32, device=dev), torch.tensor(hi, dtype=torch.float32, device=dev)
+            return codes, sign, torch.tensor(lo32, dtype=torch.float32, device=dev), torch.tensor(hi32, dtype=torch.float32, device=dev)
         w = _rows(weight, config.per_row)
         mag = w.abs()
         logw = torch.log(mag)  # -inf for zeros; sub-normals fall below every range
-        hi = logw.amax(1, keepdim=True)
+        hi = logw.amax(1, keepdim=True).clamp(max=LOG_FLOAT32_MAX)  # a finite top level (formats.LOG_FLOAT32_MAX)
         lo = torch.where(mag >= SMALLEST_NORMAL, logw, math.inf).amin(1, keepdim=True)
         empty = ~torch.isfinite(lo)  # no normal magnitude in the row: everything flushes
+        lo = torch.minimum(lo, hi)  # a row whose smallest normal is above the cap
         hi, lo = torch.where(empty, 0.0, hi), torch.where(empty, 0.0, lo)
         gap = hi - logw
         if config.log_range == "mse":

@@ -30,6 +30,11 @@ __all__ = ["QinsConfig", "qins_exp", "level_table", "decode_codes", "num_levels"
 LogRange = Literal["minmax", "mse"]
 
 # Cody-Waite split of ln 2 and the Cephes expf polynomial (relative error < 2 ulp on [-ln2/2, ln2/2]).
+#: The largest float32 ``log_max`` whose level ``qins_exp(log_max)`` is finite (and ≤ ``ln`` of
+#: float32's maximum): ``ln(3.4028235e38)`` rounds *up* in float32 (to 88.72283935546875), so an
+#: encoder storing that rounding would decode the largest weights to ``inf``. Encoders cap ``log_max``
+#: here; the capped level is 7.3e-6 nats below float32's maximum, inside the float32 slack ε.
+LOG_FLOAT32_MAX = 88.72283172607422
 _LOG2E = 1.44269504088896341
 _LN2_HI = 0.693359375  # 9 significant bits: n * _LN2_HI is exact for |n| <= 2**15
 _LN2_LO = -2.12194440e-4

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from qins import (
@@ -44,7 +44,19 @@ def _boundary_distance(w: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+#: Edges the derandomised profile does not reach on its own: log spans near float32's whole range
+#: (~175 nats: decode must not overflow to inf nor underflow to 0), and the largest finite magnitudes.
+EXTREME_SPANS = [
+    torch.tensor([3.4028234663852886e38, 1.1754943508222875e-38]),
+    torch.tensor([-3.4028234663852886e38, 1e-30, 2.5, -1.1754943508222875e-38]),
+    torch.tensor([[1e30, -1e-30], [0.0, 7e-36]]),
+]
+
+
 @given(float32_weights())
+@example(EXTREME_SPANS[0])
+@example(EXTREME_SPANS[1])
+@example(EXTREME_SPANS[2])
 def test_log_error_within_half_step_plus_float32_slack(w: torch.Tensor) -> None:
     stored, sign, lo, hi, w_hat = _roundtrip(w)
     in_range = w.abs() >= SMALLEST_NORMAL
@@ -248,8 +260,38 @@ def test_float32_log_buffers_decode_within_the_same_bound(w: torch.Tensor) -> No
     assert float(err.max()) <= bound
 
 
+@pytest.mark.parametrize("w", EXTREME_SPANS, ids=["whole-range", "mixed", "2d"])
+def test_extreme_log_spans_decode_finite_nonzero_with_the_extremes_exact_in_order(w: torch.Tensor) -> None:
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    nonzero = w != 0
+    assert bool(torch.isfinite(w_hat).all()) and bool((w_hat[nonzero] != 0).all())
+    big, small = w.abs()[nonzero].max(), w.abs()[nonzero].min()
+    assert int(stored[w.abs() == big][0]) == 1 and int(stored[w.abs() == small][0]) == 255
+    assert math.isclose(hi - lo, math.log(float(big)) - math.log(float(small)), rel_tol=1e-6)
+    assert torch.equal(torch.signbit(w_hat), torch.signbit(w))
+
+
+@pytest.mark.parametrize("x", [1.1754943508222875e-38, 1e-20, 1.0, 3.0, 1e20, 3.4028232635611926e38])
+def test_two_adjacent_float32_magnitudes_get_codes_1_and_255(x: float) -> None:
+    small = torch.tensor(x, dtype=torch.float32)
+    big = torch.nextafter(small, torch.tensor(math.inf))
+    w = torch.stack([small, -big, big, -small])
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    assert stored.tolist() == [255, 1, 1, 255]
+    assert torch.equal(w_hat.abs().to(torch.float32), w.abs())  # both decode exactly
+    assert sign.tolist() == [1, -1, 1, -1]
+
+
+def test_log_slack_is_2_pow_minus_20_times_one_plus_both_magnitudes() -> None:
+    assert qins_log_slack(0.0, 0.0) == 2.0**-20
+    assert qins_log_slack(-3.0, 2.5) == 2.0**-20 * 6.5
+    assert qins_log_slack(-87.0, 88.0) == 2.0**-20 * 176.0
+    assert qins_log_slack(4.0, -4.0) == qins_log_slack(-4.0, 4.0)
+
+
 def test_error_bound_is_half_a_log_step() -> None:
-    assert qins_error_bound(-2.0, 0.54) == pytest.approx((0.54 + 2.0) / 254 / 2)
+    assert qins_error_bound(-2.0, 0.54) == pytest.approx((0.54 + 2.0) / 254 / 2, rel=1e-15)
+    assert qins_error_bound(-127.0, 127.0) == 0.5
     assert qins_error_bound(1.0, 1.0) == 0.0
     with pytest.raises(ValueError):
         qins_error_bound(1.0, 0.0)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from qins import QinsConfig, convert_to_qins, decode_codes, encode, level_table, qins_exp, qins_log_slack
@@ -80,7 +80,15 @@ def test_config_validates_and_seed_is_split_minmax_per_tensor() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+#: Log spans near float32's whole range (~175 nats), which the derandomised profile never draws.
+EXTREME = torch.tensor([[3.4028234663852886e38, -1.1754943508222875e-38, 2.5], [1e30, -1e-30, 0.0]])
+
+
 @given(float32_weights(), configs)
+@example(EXTREME, QinsConfig())
+@example(EXTREME, QinsConfig.seed())
+@example(EXTREME, QinsConfig(False, "mse", False))
+@example(EXTREME, QinsConfig(True, "minmax", True))
 def test_in_range_weights_decode_within_half_a_log_step_with_their_sign(w: torch.Tensor, config: QinsConfig) -> None:
     w2, w_hat, lo, hi, _, _ = _encode_rows(w, config)
     mag = w2.to(F64).abs()
@@ -114,6 +122,8 @@ def test_exact_zeros_stay_exact_with_their_sign_in_every_format(w: torch.Tensor,
 
 
 @given(float32_weights(), st.booleans(), st.booleans())
+@example(EXTREME, True, True)
+@example(EXTREME, False, False)
 def test_mse_range_never_has_a_larger_squared_error_than_minmax(w: torch.Tensor, packed: bool, per_row: bool) -> None:
     mse = _encode_rows(w, QinsConfig(packed, "mse", per_row))
     minmax = _encode_rows(w, QinsConfig(packed, "minmax", per_row))
@@ -179,3 +189,28 @@ def test_all_zero_rows_flush_and_other_rows_keep_their_own_range() -> None:
     assert torch.equal(codes[0] & 0x7F, torch.zeros(3, dtype=torch.uint8))
     assert torch.allclose(hi, torch.tensor([0.0, 0.0, math.log(4e-3)]))
     assert torch.allclose(lo, torch.tensor([0.0, math.log(0.25), math.log(1e-3)]))
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+def test_float32_maximum_weight_decodes_finite_and_its_state_loads(config: QinsConfig) -> None:
+    from qins import ProjectiveLinear
+    from qins.formats import LOG_FLOAT32_MAX
+
+    w = torch.tensor([[3.4028234663852886e38, -2.5, 1e-3], [-3.4028234663852886e38, 3.4028234663852886e38, 0.0]])
+    codes, sign, lo, hi = encode(w, config)
+    assert float(hi.max()) == LOG_FLOAT32_MAX and bool((lo <= hi).all())
+    w_hat = decode_codes(codes, sign, lo, hi)
+    assert bool(torch.isfinite(w_hat).all())
+    top = w.abs() == w.abs().max()
+    assert bool(((w_hat[top].to(F64) / w[top].to(F64) - 1).abs() <= 1e-5).all())  # 7.3e-6 below, same sign
+    lin = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    for cache_weight in (True, False):
+        layer = ProjectiveLinear.from_linear(lin, config, cache_weight=cache_weight)
+        fresh = ProjectiveLinear(3, 2, bias=False, config=config, cache_weight=cache_weight)
+        fresh.load_state_dict(layer.state_dict())  # its own state passes validation (log_max is finite-safe)
+        assert bool(torch.isfinite(fresh(torch.tensor([[1e-30, 0.0, 0.0]]))).all())
+    assert LOG_FLOAT32_MAX <= math.log(torch.finfo(torch.float32).max)
+    nxt = torch.nextafter(torch.tensor(LOG_FLOAT32_MAX), torch.tensor(math.inf))
+    assert bool(torch.isfinite(qins_exp(torch.tensor(LOG_FLOAT32_MAX)))) and not bool(torch.isfinite(qins_exp(nxt)))
