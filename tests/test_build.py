@@ -102,3 +102,33 @@ def test_load_native_loads_the_module_of_the_digest_directory(caplog):
     assert {1: "scalar", 2: "avx2", 3: "avx512"}.get(module.best_isa()) is not None
     assert any("native CPU kernels ready" in r.getMessage() and str(build.build_directory()) in r.getMessage()
                for r in caplog.records)
+
+
+def test_load_native_builds_the_isa_units_then_links_them_into_ops(tmp_path, monkeypatch):
+    """The wiring, without a build: each ISA unit compiled with its flags, then torch's ``load``."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "my-c++")
+    units, loads = [], []
+    monkeypatch.setattr(build, "_compile_unit", lambda cxx, src, flags, out: units.append((cxx, src, flags, out))
+                        or out / f"{src}.o")
+    monkeypatch.setattr(cpp, "load", lambda **kw: loads.append(kw) or "module")
+    assert build.load_native() == "module"
+    out = build.build_directory()
+    assert out.is_dir() and out.parent == tmp_path
+    assert units == [("my-c++", src, flags, out) for src, flags in build.ISA_UNITS]
+    (kw,) = loads
+    assert kw == dict(
+        name=out.name,
+        sources=[str(build.SOURCE_DIR / "ops.cpp")],
+        extra_cflags=[*build.COMMON_FLAGS, *build.DEFINES],
+        extra_ldflags=[str(out / f"{src}.o") for src, _ in build.ISA_UNITS],
+        extra_include_paths=[str(build.SOURCE_DIR)],
+        build_directory=str(out),
+        verbose=False,
+    )
+    monkeypatch.delenv("CXX")
+    units.clear()
+    build.load_native()
+    assert {u[0] for u in units} == {"c++"}
