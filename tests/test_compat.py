@@ -290,6 +290,17 @@ def test_key_cache_view_gives_way_to_a_subclass_instance_attribute(unpatched):
     assert cache.key_cache == ["own keys"] and cache.value_cache == ["own values"]
 
 
+def test_key_cache_view_read_on_the_class_is_the_view_itself(unpatched):
+    added = compat.patch_transformers()
+    for name, attr in (("key_cache", "keys"), ("value_cache", "values")):
+        if f"DynamicCache.{name}" in added:  # 4.56+: a per-layer view of layer.keys / layer.values
+            view = vars(DynamicCache)[name]
+            assert isinstance(view, compat._LayerView) and view.attr == attr
+            assert getattr(DynamicCache, name) is view  # class access: the descriptor, as for properties
+        else:
+            assert name in vars(DynamicCache) or hasattr(DynamicCache(), name)
+
+
 def _native_mask_function():
     """transformers' own ``_prepare_4d_causal_attention_mask``; None where its module is gone (5.x)."""
     try:

@@ -223,6 +223,30 @@ def test_autograd_through_reference_formula():
     assert torch.allclose(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("needs", ["x-and-bias", "bias-only", "x-no-bias"])
+def test_autograd_on_3d_input_gives_the_float32_formula_for_each_needed_gradient(needs, dtype):
+    from qins.formats import decode_codes
+
+    gen = torch.Generator().manual_seed(8)
+    codes, sign = qins_codes(gen, 6, 9, False, 0.1)
+    lo, hi = torch.tensor(-3.0), torch.tensor(0.0)
+    x = torch.randn(2, 5, 9, generator=gen).to(dtype).requires_grad_(needs != "bias-only")
+    b = None if needs == "x-no-bias" else torch.randn(6, generator=gen).to(dtype).requires_grad_()
+    y = torch.ops.qins.linear(x, codes, sign, lo, hi, b)
+    g = torch.randn(y.shape, generator=gen).to(dtype)
+    y.backward(g)
+    w = decode_codes(codes, sign, lo, hi)
+    if needs == "bias-only":
+        assert x.grad is None
+    else:  # float32 math, rounded once to x's dtype
+        assert x.grad.dtype == dtype and torch.allclose(x.grad, (g.float() @ w).to(dtype), rtol=1e-6, atol=1e-6)
+    if b is not None:
+        expected = g.float().reshape(-1, 6).sum(0).to(dtype)
+        assert b.grad.shape == (6,) and b.grad.dtype == dtype
+        assert torch.allclose(b.grad, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch", [1, 64])
 def test_no_weight_sized_temporary(batch):
     mod = native()

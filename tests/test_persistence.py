@@ -180,11 +180,13 @@ def test_loading_in_a_dtype_casts_floats_and_persistent_buffers_only() -> None:
     model[1].register_buffer("persistent", torch.ones(3))
     model[1].register_buffer("inv_freq", torch.ones(3), persistent=False)
     model[1].register_buffer("steps", torch.arange(3))
+    model[1].register_parameter("index", torch.nn.Parameter(torch.arange(4), requires_grad=False))
     qins_layer = model[0]
     codes, log_max = qins_layer.stored.clone(), qins_layer.log_max.clone()
     _cast_saved_tensors(model, torch.bfloat16)
     assert model[1].weight.dtype == model[1].bias.dtype == model[1].persistent.dtype == torch.bfloat16
     assert model[1].inv_freq.dtype == torch.float32 and model[1].steps.dtype == torch.int64
+    assert model[1].index.dtype == torch.int64  # integer parameters keep their dtype
     assert qins_layer.bias.dtype == qins_layer._cached_weight.dtype == torch.bfloat16  # cache re-decoded
     assert qins_layer.log_max.dtype == torch.float32 and torch.equal(qins_layer.log_max, log_max)
     assert torch.equal(qins_layer.stored, codes)
