@@ -57,6 +57,34 @@ def test_shared_storage_and_views_are_counted_once() -> None:
     assert model_memory(model).total == 64 * F32
 
 
+def test_a_view_at_an_offset_and_a_larger_storage_count_the_whole_storage_once() -> None:
+    storage_owner = torch.zeros(100)  # 400 bytes of storage
+    model = nn.Module()
+    model.tail = nn.Parameter(storage_owner[60:], requires_grad=False)  # a view at element offset 60
+    model.register_buffer("middle", storage_owner[10:20])  # another view, other offset, same storage
+    model.register_buffer("own", torch.zeros(3, dtype=torch.float64))
+    report = model_memory(model)
+    assert report.parameters == 100 * F32  # the whole storage, not the view's 40 elements
+    assert report.buffers == 3 * 8  # the middle view shares the parameter's storage: counted there
+    assert report.total == 100 * F32 + 24
+
+
+def test_meta_tensors_hold_no_bytes() -> None:
+    model = nn.Linear(16, 8, device="meta")
+    model.register_buffer("real", torch.zeros(5))
+    assert model_memory(model) == model_memory(nn.Module()).__class__(0, 5 * F32, 0)
+
+
+def test_skip_given_as_one_string_is_one_pattern_not_its_characters() -> None:
+    model = tiny_phi3()
+    report = convert_model_to_projective(model, skip="model.layers.1.mlp.down_proj")
+    assert list(report.skipped) == ["model.layers.1.mlp.down_proj"]
+    assert "model.layers.0.mlp.down_proj" in report.converted and "lm_head" in report.converted
+    model = tiny_phi3()
+    converted = convert_model_to_projective(model, skip="l*").converted  # a glob, not 'l' and '*'
+    assert converted == decoder_linear_names()
+
+
 @pytest.mark.parametrize("config", [QinsConfig.seed(), QinsConfig()], ids=["split-tensor", "packed-row"])
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 def test_conversion_report_and_memory_match_hand_count(cache_weight: bool, config: QinsConfig) -> None:
