@@ -7,12 +7,13 @@ with its test extras and the pinned transformers in one resolver run, then runs
 
     nox                              # whole matrix (venvs under .nox/, reused when present)
     nox -R                           # reuse venvs and skip the installs: fastest local rerun
-    nox -s "matrix-4.44.2"           # one version
-    nox -s matrix-4.44.2 -- -x -q    # extra args go to pytest
+    nox -s "matrix-4.44.0"           # one version
+    nox -s matrix-4.44.0 -- -x -q    # extra args go to pytest
 
 The versions are chosen to bracket every API change the compat patch handles:
 
-- 4.44.2: the whole legacy cache API is native (the patch must add nothing);
+- 4.44.0: the lowest supported release (`transformers>=4.44`); the whole legacy cache API is
+  native (the patch must add nothing);
 - 4.53.3: ``get_max_length`` gone (removed in 4.49), tuple conversions and ``seen_tokens``
   still native;
 - 4.57.6: ``seen_tokens``/``get_usable_length`` (4.54) and ``key_cache``/``value_cache``
@@ -25,7 +26,7 @@ from __future__ import annotations
 import nox
 
 TORCH = "torch==2.13.0"
-TRANSFORMERS_VERSIONS = ("4.44.2", "4.53.3", "4.57.6", "5.24.0")
+TRANSFORMERS_VERSIONS = ("4.44.0", "4.53.3", "4.57.6", "5.24.0")
 TESTS = ("tests/test_compat.py", "tests/test_generation.py", "tests/test_persistence.py")
 TRITON = "triton==3.9.0"
 

@@ -159,7 +159,8 @@ def test_unpatched_legacy_generation_fails_loudly_or_uses_the_cache(unpatched, t
         assert lengths == [5, 1, 1, 1]
 
 
-def test_a_failure_part_way_through_patching_undoes_every_earlier_change(unpatched, monkeypatch):
+def test_a_failure_part_way_through_patching_undoes_every_earlier_change(monkeypatch, unpatched):
+    # monkeypatch first: its teardown (restoring hidden native attributes) runs after the unpatch.
     # Every version must have at least two changes to interrupt: hide native legacy conversions
     # (monkeypatch puts them back) so that 4.44, where the whole legacy API is native, adds them.
     for name in ("from_legacy_cache", "to_legacy_cache"):
@@ -185,6 +186,7 @@ def test_a_failure_part_way_through_patching_undoes_every_earlier_change(unpatch
         isolation.assert_same(before, isolation.namespaces())
         assert compat._undo is None and compat._added == ()  # not half-patched: a retry starts afresh
     assert len(compat.patch_transformers()) == changes
+    compat.unpatch_transformers()
 
 
 def test_legacy_prepare_inputs_shim_leaves_nothing_on_the_cache(unpatched):
