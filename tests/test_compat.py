@@ -247,6 +247,38 @@ def test_seen_tokens_counts_the_tokens_seen_so_far(unpatched):
     assert cache.seen_tokens == 7
 
 
+def test_seen_tokens_are_those_of_layer_0(unpatched):
+    compat.patch_transformers()
+    assert _filled(DynamicCache(), [5, 3]).seen_tokens == 5
+
+
+class _LimitOnly:
+    """A cache-like object without ``layers``, reporting its limit through ``get_max_cache_shape``
+    (the 4.49-4.57 API) and a contradicting ``get_max_length``: the former must win."""
+
+    def __init__(self, limit: int, cached: int = 0) -> None:
+        self.limit, self.cached = limit, cached
+
+    def get_max_cache_shape(self) -> int:
+        return self.limit
+
+    def get_max_length(self) -> int:
+        return 99
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cached
+
+
+@pytest.mark.parametrize("limit, expected", [(8, 8), (0, 0), (-1, None)])
+def test_get_max_length_reads_get_max_cache_shape_first_and_maps_negative_to_none(limit, expected):
+    assert compat._get_max_length(_LimitOnly(limit)) == expected  # no `layers` attribute needed
+
+
+def test_get_usable_length_keeps_every_cached_token_when_they_fit_exactly():
+    assert compat._get_usable_length(_LimitOnly(8, cached=5), 3) == 5  # 5 + 3 == 8 fits
+    assert compat._get_usable_length(_LimitOnly(8, cached=5), 4) == 4  # one too many: cut to 8 - 4
+
+
 def test_get_max_length_is_none_without_a_limit_for_legacy_callers(unpatched, tmp_path):
     native_max_length = hasattr(Cache, "get_max_length")
     compat.patch_transformers()

@@ -288,6 +288,7 @@ def test_backend_name():
     with env(QINS_KERNEL="reference"):
         assert qk.backend_name("cpu") == "reference"
     assert qk.backend_name("meta") == "reference"
+    assert qk.backend_name() == qk.backend_name("cpu")  # the default device is the CPU
 
 
 def test_triton_is_opt_in(monkeypatch):

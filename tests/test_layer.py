@@ -219,6 +219,20 @@ def test_repr_names_sizes_bias_format_and_mode(cache_weight: bool) -> None:
     )
 
 
+def test_logs_stay_float32_through_meta_and_to_empty_whatever_the_default_dtype() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear())
+    on_meta = layer.to("meta")
+    assert on_meta.log_min.is_meta and on_meta.log_max.is_meta and on_meta.log_min.dtype == torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        empty = ProjectiveLinear(48, 24, device="meta").to_empty(device="cpu")
+    finally:
+        torch.set_default_dtype(default)
+    assert empty.log_min.dtype == empty.log_max.dtype == torch.float32
+    assert empty.log_min.device.type == "cpu" and not empty.log_max.is_meta
+
+
 def test_deepcopy_gives_identical_outputs_and_an_independent_cache() -> None:
     layer = ProjectiveLinear.from_linear(make_linear(), SEED)
     clone = copy.deepcopy(layer)
