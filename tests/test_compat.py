@@ -110,6 +110,27 @@ def test_patch_adds_exactly_the_missing_legacy_api(unpatched):
         assert added == ()
 
 
+def test_patch_and_unpatch_log_exactly_what_they_did(unpatched, caplog):
+    with caplog.at_level(logging.DEBUG, logger="qins.compat"):
+        added = compat.patch_transformers()
+        compat.unpatch_transformers()
+    messages = [r.getMessage() for r in caplog.records if r.name == "qins.compat"]
+    expected = []
+    for label in added:
+        if label == MASK_MODULE:
+            expected.append(f"qins.compat: added module {MASK_MODULE}")
+        elif label.startswith("dynamic_module_utils.get_class_in_module"):
+            expected.append("qins.compat: wrapped dynamic_module_utils.get_class_in_module")
+        else:
+            expected.append(f"qins.compat: added {label}")
+    assert messages[: len(added)] == expected
+    assert messages[-1] == f"qins.compat: unpatched ({len(added)} changes undone)"
+    if MASK_MODULE in added:  # 5.x: the stand-in module says what it is
+        compat.patch_transformers()
+        assert sys.modules[MASK_MODULE].__doc__ == "qins.compat stand-in for the module removed in 5.0."
+        assert sys.modules[MASK_MODULE].__name__ == MASK_MODULE
+
+
 def test_patch_logs_each_addition_at_debug_level(unpatched, caplog):
     with caplog.at_level(logging.DEBUG, logger="qins.compat"):
         added = compat.patch_transformers()
@@ -125,10 +146,20 @@ def test_patch_raises_naming_version_and_native_alternative_when_unsupported(unp
     monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
     with pytest.raises(compat.UnsupportedTransformersError) as excinfo:
         compat.patch_transformers()
-    message = str(excinfo.value)
-    assert version in message and "Phi3ForCausalLM" in message and "trust_remote_code=False" in message
+    assert str(excinfo.value) == (
+        f"qins.compat.patch_transformers() does not support transformers {version} (supported: >=4.44,<6); "
+        "legacy Phi-3 / Phi-3.5 remote code would generate without its KV cache. Load the native "
+        "implementation instead: transformers.Phi3ForCausalLM, i.e. "
+        "AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False)."
+    )
     monkeypatch.undo()
     assert compat.patch_transformers() is not None  # the failed call left nothing half-patched
+
+
+@pytest.mark.parametrize("version", ["4.44.0", "4.44.2", "5.99.0"])
+def test_version_check_accepts_the_edges_of_the_supported_range(monkeypatch, version):
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    assert compat._check_version() is None
 
 
 def _cached_generation_lengths(model, prompt_len: int = 5, new_tokens: int = 4) -> list[int]:
@@ -404,6 +435,60 @@ def test_remote_config_reads_rope_scaling_legacy_style(unpatched, tmp_path):
     assert scaled.rope_scaling["type"] == "linear" and scaled.rope_scaling["factor"] == 2.0
     model = load_legacy_model(tmp_path / "c", rope_scaling={"type": "linear", "factor": 2.0})
     assert model.model.layers[0].self_attn.rotary_emb.scale == 2.0
+
+
+def test_remote_class_adapter_wraps_legacy_modules_once_and_nothing_else(caplog):
+    def legacy(self, input_ids, past_key_values=None, **kwargs):
+        return {"input_ids": input_ids}
+
+    def modern(self, input_ids, cache=None, past_key_values=None, **kwargs):
+        return {"input_ids": input_ids}
+
+    Legacy = type("Legacy", (torch.nn.Module,), {"prepare_inputs_for_generation": legacy})
+    Modern = type("Modern", (torch.nn.Module,), {"prepare_inputs_for_generation": modern})
+    NotAModule = type("NotAModule", (), {"prepare_inputs_for_generation": legacy})
+    undo: list = []
+    with caplog.at_level(logging.DEBUG, logger="qins.compat"):
+        for cls in (Legacy, Modern, NotAModule):
+            compat._adapt_remote_class(cls, undo)
+    if not GENERATE_PASSES_CACHE_KWARG:  # 4.x generate passes past_key_values itself: nothing to adapt
+        assert undo == [] and vars(Legacy)["prepare_inputs_for_generation"] is legacy
+        return
+    adapted = vars(Legacy)["prepare_inputs_for_generation"]
+    assert adapted.__qins_adapted__ is True and adapted.__wrapped__ is legacy
+    assert vars(Modern)["prepare_inputs_for_generation"] is modern
+    assert vars(NotAModule)["prepare_inputs_for_generation"] is legacy
+    assert [r.getMessage() for r in caplog.records if r.name == "qins.compat"] == [
+        "qins.compat: adapted remote Legacy.prepare_inputs_for_generation for transformers 5.x"
+    ]
+    compat._adapt_remote_class(Legacy, undo)  # already adapted: not wrapped twice
+    assert vars(Legacy)["prepare_inputs_for_generation"] is adapted and len(undo) == 1
+    compat._adapt_remote_class("not a class", undo)
+    undo.pop()()
+    assert vars(Legacy)["prepare_inputs_for_generation"] is legacy
+
+
+def test_remote_config_adapter_replaces_only_an_inherited_native_rope_scaling():
+    def init(self, rope_scaling=None, **kwargs):
+        PretrainedConfig.__init__(self, rope_scaling=rope_scaling, **kwargs)
+
+    LegacyConfig = type("LegacyConfig", (PretrainedConfig,), {"__init__": init, "model_type": "legacy_test"})
+    NoParam = type("NoParam", (PretrainedConfig,), {"model_type": "legacy_test2"})
+    Own = type("Own", (PretrainedConfig,), {"__init__": init, "rope_scaling": property(lambda self: "own")})
+    native = inspect.getattr_static(PretrainedConfig, "rope_scaling", None)
+    undo: list = []
+    for cls in (LegacyConfig, NoParam, Own):
+        compat._adapt_remote_class(cls, undo)
+    if not isinstance(native, property):  # 4.x: a plain attribute, nothing to adapt
+        assert undo == [] and "rope_scaling" not in vars(LegacyConfig)
+        return
+    view = vars(LegacyConfig)["rope_scaling"]
+    assert isinstance(view, property) and view.fget is not native.fget and view.fset is native.fset
+    assert "rope_scaling" not in vars(NoParam) and Own.rope_scaling.fget(None) == "own"
+    assert LegacyConfig().rope_scaling is None
+    for u in reversed(undo):
+        u()
+    assert "rope_scaling" not in vars(LegacyConfig)
 
 
 def test_patch_api_is_exported_from_the_package() -> None:
