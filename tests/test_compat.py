@@ -113,6 +113,7 @@ def test_patch_adds_exactly_the_missing_legacy_api(unpatched):
 def test_patch_and_unpatch_log_exactly_what_they_did(unpatched, caplog):
     with caplog.at_level(logging.DEBUG, logger="qins.compat"):
         added = compat.patch_transformers()
+        changes = len(compat._undo)  # the additions, plus remote classes already imported and adapted
         compat.unpatch_transformers()
     messages = [r.getMessage() for r in caplog.records if r.name == "qins.compat"]
     expected = []
@@ -124,7 +125,7 @@ def test_patch_and_unpatch_log_exactly_what_they_did(unpatched, caplog):
         else:
             expected.append(f"qins.compat: added {label}")
     assert messages[: len(added)] == expected
-    assert messages[-1] == f"qins.compat: unpatched ({len(added)} changes undone)"
+    assert changes >= len(added) and messages[-1] == f"qins.compat: unpatched ({changes} changes undone)"
     if MASK_MODULE in added:  # 5.x: the stand-in module says what it is
         compat.patch_transformers()
         assert sys.modules[MASK_MODULE].__doc__ == "qins.compat stand-in for the module removed in 5.0."
