@@ -205,6 +205,13 @@ def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.T
     return torch.where(keep, lo0, lo_best), out
 
 
+def _capped(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(log_min, log_max)`` with ``log_max <= LOG_FLOAT32_MAX`` (a finite top level: ``ln`` of
+    float32's maximum rounds up in float32) and ``log_min <= log_max`` (a range entirely above the cap)."""
+    hi = hi.clamp(max=LOG_FLOAT32_MAX)
+    return torch.minimum(lo, hi), hi
+
+
 def _chunks(mag: torch.Tensor) -> list[tuple[slice, slice]]:
     """Blocks of about ``_CHUNK`` elements (whole rows when rows are short) that stay in cache."""
     rows, cols = mag.shape
@@ -238,17 +245,14 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
         _validate(weight)
         if config == QinsConfig.seed():
             codes, sign, lo, hi = convert_to_qins(weight)
-            hi32 = min(float(torch.tensor(hi, dtype=torch.float32)), LOG_FLOAT32_MAX)  # finite top level
-            lo32 = min(float(torch.tensor(lo, dtype=torch.float32)), hi32)
-            dev = weight.device
-            return codes, sign, torch.tensor(lo32, dtype=torch.float32, device=dev), torch.tensor(hi32, dtype=torch.float32, device=dev)
+            lo, hi = (torch.tensor(v, dtype=torch.float32, device=weight.device) for v in (lo, hi))
+            return (codes, sign, *_capped(lo, hi))
         w = _rows(weight, config.per_row)
         mag = w.abs()
         logw = torch.log(mag)  # -inf for zeros; sub-normals fall below every range
-        hi = logw.amax(1, keepdim=True).clamp(max=LOG_FLOAT32_MAX)  # a finite top level (formats.LOG_FLOAT32_MAX)
         lo = torch.where(mag >= SMALLEST_NORMAL, logw, math.inf).amin(1, keepdim=True)
         empty = ~torch.isfinite(lo)  # no normal magnitude in the row: everything flushes
-        lo = torch.minimum(lo, hi)  # a row whose smallest normal is above the cap
+        lo, hi = _capped(lo, logw.amax(1, keepdim=True))
         hi, lo = torch.where(empty, 0.0, hi), torch.where(empty, 0.0, lo)
         gap = hi - logw
         if config.log_range == "mse":

@@ -45,10 +45,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
         from qins.kernels.cpu import build
 
-        private = Path(tempfile.mkdtemp(prefix="qins-mutant-build-"))
-        if build.build_directory().is_dir():
-            shutil.copytree(build.build_directory(), private / build.build_directory().name,
-                            ignore=shutil.ignore_patterns("lock"))
+        private, shared = Path(tempfile.mkdtemp(prefix="qins-mutant-build-")), build.build_directory()
+        if shared.is_dir():
+            shutil.copytree(shared, private / shared.name, ignore=shutil.ignore_patterns("lock"))
         os.environ["TORCH_EXTENSIONS_DIR"] = str(private)
     else:
         import qins.kernels

@@ -17,6 +17,16 @@ from hypothesis import strategies as st
 
 FLOAT32_TINY = 1.401298464324817e-45  # smallest positive subnormal float32
 
+#: Edges the derandomised profile does not reach on its own: log spans near float32's whole range
+#: (~175 nats: decode must not overflow to inf nor underflow to 0), and the largest finite magnitudes.
+#: Used as explicit ``@example``s; the last is 2-d, for the per-row formats.
+EXTREME_SPANS = [
+    torch.tensor([3.4028234663852886e38, 1.1754943508222875e-38]),
+    torch.tensor([-3.4028234663852886e38, 1e-30, 2.5, -1.1754943508222875e-38]),
+    torch.tensor([[1e30, -1e-30], [0.0, 7e-36]]),
+    torch.tensor([[3.4028234663852886e38, -1.1754943508222875e-38, 2.5], [1e30, -1e-30, 0.0]]),
+]
+
 
 @st.composite
 def float32_weights(

@@ -13,7 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from qins import QinsConfig, convert_to_qins, decode_codes, encode, level_table, qins_exp, qins_log_slack
-from tests.strategies import ALL_CONFIGS, config_id, configs, float32_weights
+from tests.strategies import ALL_CONFIGS, EXTREME_SPANS, config_id, configs, float32_weights
 
 F64 = torch.float64
 
@@ -80,8 +80,7 @@ def test_config_validates_and_seed_is_split_minmax_per_tensor() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-#: Log spans near float32's whole range (~175 nats), which the derandomised profile never draws.
-EXTREME = torch.tensor([[3.4028234663852886e38, -1.1754943508222875e-38, 2.5], [1e30, -1e-30, 0.0]])
+EXTREME = EXTREME_SPANS[-1]  # 2-d: a log span near float32's whole range (~175 nats)
 
 
 @given(float32_weights(), configs)
