@@ -69,7 +69,11 @@ def export_revision(repo: Path, rev: str, dest: Path) -> Path:
 class OldSide:
     """The exported old revision, and its suite run in a subprocess (one call per round)."""
 
-    def __init__(self, repo: Path, rev: str, selection: Sequence[str], keyword: Optional[str], marker: Optional[str]):
+    def __init__(self, repo: Path, rev: str, selection: Sequence[str], keyword: Optional[str], marker: Optional[str],
+                 options: Sequence[str] = ()):
+        """``options``: ``--perf-x=value`` measurement settings of this run (clock, threads, budget),
+        passed on to the old suite so that both sides measure alike; those the old revision's plugin
+        does not define are left out and listed in ``dropped_options``."""
         self.repo, self.rev = Path(repo), rev
         self.tmp = Path(tempfile.mkdtemp(prefix=f"qins-ab-{rev[:8]}-"))
         try:
@@ -82,6 +86,12 @@ class OldSide:
             self.cleanup()
             raise RevisionError(f"QINS perf gate: revision {rev[:12]} has none of {', '.join(selection) or 'the selected tests'} to measure.")
         self.keyword, self.marker = keyword, marker
+        # the plugin the old run will import: its tree's, else the first on PYTHONPATH (as Python resolves it)
+        roots = [self.tree] + [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        plugin = next((r / "perf" / "plugin.py" for r in roots if (r / "perf" / "plugin.py").exists()), None)
+        known = plugin.read_text(errors="replace") if plugin is not None else ""
+        self.options = [o for o in options if f'"{o.split("=", 1)[0]}"' in known]
+        self.dropped_options = [o for o in options if o not in self.options]
         self.runs: list[dict] = []  # per round: fullname -> extra_info
         self.seconds: list[float] = []
 
@@ -89,7 +99,7 @@ class OldSide:
         out_json = self.tmp / f"round{round_no}.json"
         log = self.tmp / f"round{round_no}.log"
         cmd = [sys.executable, "-m", "pytest", *self.selection, "-p", "no:cacheprovider", "-q",
-               f"--benchmark-json={out_json}", f"--benchmark-storage=file://{self.tmp / 'store'}"]
+               f"--benchmark-json={out_json}", f"--benchmark-storage=file://{self.tmp / 'store'}", *self.options]
         if self.keyword:
             cmd += ["-k", self.keyword]
         if self.marker:

@@ -318,6 +318,14 @@ def pytest_report_header(config):
 # --------------------------------------------------------------------------------------------
 
 
+def _ab_options(config, state) -> list:
+    """This run's measurement settings, for the old side of an A/B (both sides measure alike)."""
+    out = [f"--perf-clock={state.clock}", f"--perf-threads={state.threads}"]
+    if config.getoption("perf_budget") is not None:
+        out.append(f"--perf-budget={config.getoption('perf_budget')}")
+    return out
+
+
 def _ab_selection(config) -> list:
     out = []
     root = config.rootpath
@@ -351,13 +359,17 @@ def pytest_sessionstart(session):
     _say(config, f"qins-perf: A/B: measuring revision {state.ab_rev[:12]} on this machine (round 1 of 2, old side first) ...")
     try:
         state.ab_old = ab.OldSide(config.rootpath, state.ab_rev, _ab_selection(config), config.getoption("keyword") or None,
-                                  config.getoption("markexpr") or None)
+                                  config.getoption("markexpr") or None, _ab_options(config, state))
+        if state.ab_old.dropped_options:
+            _say(config, f"qins-perf: A/B: revision {state.ab_rev[:12]} does not know {' '.join(state.ab_old.dropped_options)}; "
+                         "it measures with its own defaults there", red=True)
         old1 = state.ab_old.run(1)
     except ab.RevisionError as exc:
         state.ab_error = str(exc)
         _say(config, str(exc), red=True)
         return
-    _say(config, f"qins-perf: A/B: old revision measured in {state.ab_old.seconds[-1]:.0f} s ({len(old1)} benchmarks); now this revision")
+    _say(config, f"qins-perf: A/B: old revision measured in {state.ab_old.seconds[-1]:.0f} s ({len(old1)} benchmarks, "
+                 f"{' '.join(state.ab_old.options) or 'its defaults'}); now this revision")
     # this session's figures are checked against round 1 as they are measured, so that an excess is
     # re-measured at once (the better of the two measurements is this revision's figure); the verdict
     # comes at the end, after round 2
@@ -443,10 +455,10 @@ def pytest_runtest_call(item):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    import torch
+    from importlib.metadata import version
 
     state = _state(config)
-    machine_info["torch"] = torch.__version__
+    machine_info["torch"] = version("torch")  # == torch.__version__, without importing torch
     machine_info["qins_perf_threads"] = state.threads
     machine_info["qins_perf_clock"] = state.clock
     machine_info["qins_cpu_key"] = state.cpu_key  # informative; "same CPU" is decided from machine_info["cpu"]

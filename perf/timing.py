@@ -13,11 +13,12 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
-
-import torch
+from typing import TYPE_CHECKING, Callable, Optional
 
 from perf.gate import INJECT_ENV, paired_ratios, parse_factor, robust_ratio
+
+if TYPE_CHECKING:  # torch is imported where a CUDA device needs it: the plugin runs torch-free suites too
+    import torch
 
 #: The clock every timer here reads; the plugin picks it (``--perf-clock``): ``time.thread_time``
 #: (CPU time of this thread; with one torch thread all compute runs on it) or ``time.perf_counter``.
@@ -42,6 +43,8 @@ def use_clock(kind: str) -> None:
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so that a timer read right after sees the work done (CUDA)."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -49,6 +52,7 @@ def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], objec
     """``fn`` followed by a device synchronize: timing it measures the work, not the launch."""
     if device.type != "cuda":
         return fn
+    import torch
 
     def call():
         result = fn()

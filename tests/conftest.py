@@ -90,6 +90,22 @@ def _module_leaves_transformers_unpatched(request: pytest.FixtureRequest) -> Ite
 
 
 @pytest.fixture(autouse=True)
+def _mutmut_maps_every_registering_test() -> None:
+    """Under mutmut's stats pass only: forget the process-wide transformers registration before each test.
+
+    ``register_with_transformers`` builds the QINS config and quantizer classes once per process,
+    so mutmut would map that code to the first test that happened to register and never to the
+    tests that exercise the classes (``tests/test_persistence.py``, whose loads run in a child
+    process). Rebuilding per test maps it to every test that registers. Behaviour is unchanged:
+    transformers keeps the first registration, which ``register_with_transformers`` reuses.
+    """
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        import qins.hf
+
+        qins.hf._registered = None
+
+
+@pytest.fixture(autouse=True)
 def _test_leaves_transformers_unpatched(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if not hasattr(request.module, "patched"):  # a module-scoped patch is checked when its module ends

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -284,7 +285,7 @@ def synth(tmp_path):
     (tmp_path / "conftest.py").write_text(SYNTH_CONFTEST)
     (tmp_path / "test_synth.py").write_text(SYNTH_TEST)
 
-    def run(*args, first=1.0, again=None, sleep=0.0, backstop="off", clock="auto"):
+    def run(*args, first=1.0, again=None, sleep=0.0, backstop="off", clock="cpu"):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["SYNTH_FIRST"] = str(first)
@@ -568,7 +569,7 @@ def synth_git(tmp_path):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.pop("QINS_PERF_INJECT_SLOWDOWN", None)
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "--perf-backstop=off", *args]
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "--perf-backstop=off", "--perf-clock=cpu", *args]
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         return proc.returncode, proc.stdout + proc.stderr
 
@@ -604,6 +605,7 @@ def test_plugin_foreign_cpu_baseline_never_gates_speed_ab_instead(synth_git):
     rc, out = synth_git("--benchmark-compare")
     assert rc == 0, out
     assert f"A/B against {rev[:12]} measured here" in out and "Intel(R) Xeon(R) Processor" in out
+    assert "--perf-clock=cpu --perf-threads=1)" in out  # the old side measured as this run does
     assert "gate passed (A/B" in out and "REGRESSED" not in out
     # --perf-mode=stored refuses the foreign baseline
     rc, out = synth_git("--benchmark-compare", "--perf-mode=stored")
@@ -620,6 +622,26 @@ def test_plugin_foreign_cpu_baseline_never_gates_speed_ab_instead(synth_git):
     (synth_git.repo / "ratio.txt").write_text("2.1")
     rc, out = synth_git("--benchmark-compare")
     assert rc == 0, out
+
+
+def test_ab_old_side_gets_this_runs_settings_and_drops_those_it_does_not_define(synth_git):
+    from perf import ab
+
+    shutil.copytree(ROOT / "perf", synth_git.repo / "perf", ignore=shutil.ignore_patterns("__pycache__"))
+    _git(synth_git.repo, "add", "-A")
+    _git(synth_git.repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "perf in tree")
+    rev = _git(synth_git.repo, "rev-parse", "HEAD")
+    old = ab.OldSide(synth_git.repo, rev, ["test_synth.py"], None, None,
+                     ["--perf-clock=wall", "--perf-threads=1", "--perf-no-such-option=3"])
+    try:
+        assert old.options == ["--perf-clock=wall", "--perf-threads=1"]
+        assert old.dropped_options == ["--perf-no-such-option=3"]
+        (entry,) = old.run(1).values()
+        assert entry["ratio_vs_linear"] == 2.0
+        info = json.loads((old.tmp / "round1.json").read_text())["machine_info"]
+        assert info["qins_perf_clock"] == "wall" and info["qins_perf_threads"] == 1
+    finally:
+        old.cleanup()
 
 
 def test_plugin_unreachable_revision_says_what_to_do(synth_git):
