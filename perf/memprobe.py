@@ -6,7 +6,14 @@
 
 The parent imports torch/transformers/qins and runs a throwaway tiny model once (so lazily imported
 code is resident before anything is measured), then forks one child per mode: each mode's figures
-come from a process that never held another mode's model. Prints one JSON object per line (bytes):
+come from a process that never held another mode's model. Each child runs the same warm-up again
+before it measures anything: ``fork`` copies the page tables of the parent's anonymous memory but not
+those of its file mappings (libtorch and the other shared libraries), so without it every library
+page the child touches while building or running its model is faulted in again and counted in that
+model's figures. How many depends on the page cache, not on the model: 13 MB in a long-lived venv
+against 53 MB in a venv created minutes before (AMD EPYC, 2026-11-27), which put issue 8's peak ratio
+at 0.51 in fresh CI venvs and 0.44 elsewhere. ``rss_file_start``/``rss_file_end`` report the file-backed
+resident set around the measurement. Prints one JSON object per line (bytes):
 
 * ``rss_start``: resident set of the child before its model exists (Linux ``VmRSS``);
 * ``peak_load``: peak resident set (``VmHWM``) while building the seeded FP32 model and converting it;
@@ -91,6 +98,7 @@ def probe(mode: str, new_tokens: int = 32, threads: int = 1, model_name: str = "
     spec = MODELS[model_name]
     _trim()
     rss_start = _status_kib("VmRSS") * 1024
+    rss_file_start = _status_kib("RssFile") * 1024
     _reset_peak()
     model = tiny_phi3(**spec)
     _convert(model, mode)
@@ -126,6 +134,8 @@ def probe(mode: str, new_tokens: int = 32, threads: int = 1, model_name: str = "
         "rss_loaded": rss_loaded,
         "peak_generate": peak_generate,
         "peak_reset": reset,
+        "rss_file_start": rss_file_start,
+        "rss_file_end": _status_kib("RssFile") * 1024,
         "model_memory": {
             "parameters": mm.parameters,
             "buffers": mm.buffers,
@@ -157,6 +167,7 @@ def _in_child(mode: str, new_tokens: int, threads: int, model_name: str) -> dict
         os.close(read)
         code = 0
         try:
+            _warm_up(threads)  # map the library pages in this process's own page tables (see the docstring)
             payload = json.dumps(probe(mode, new_tokens, threads, model_name))
         except BaseException as exc:  # report, never fall back into the parent's code path
             payload = json.dumps({"mode": mode, "error": f"{type(exc).__name__}: {exc}"})

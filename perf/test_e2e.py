@@ -10,13 +10,11 @@ resident memory while generating, above its start.
 Figures (ratios against FP32 from the same probe run): ``tokens_per_s_vs_fp32``,
 ``linear_bytes_vs_fp32``, ``peak_generate_vs_fp32``. Gated against the baseline (tokens/s ratio with
 --perf-e2e-tol, memory ratios with --perf-memory-tol) and against issue 8's targets: tokens/s and
-linear bytes asserted (a miss is measured once more before it fails); the peak-memory target is
-reported with a warning when missed (``PEAK_TARGET``).
+linear bytes and peak memory asserted (a miss is measured once more before it fails).
 """
 from __future__ import annotations
 
 import sys
-import warnings
 
 import pytest
 
@@ -25,12 +23,11 @@ from perf.test_memory import run_probe
 
 NEW_TOKENS = 128
 MODES = ["fp32", "qins-packed-memsave", "qins-split-memsave"]
-#: issue 8's targets for the packed memory-saving model, against FP32 (asserted)
-TARGETS = {"tokens_per_s_vs_fp32": (">=", 1.5), "linear_bytes_vs_fp32": ("<=", 0.27)}
-#: issue 8's peak-memory target: NOT met reliably. In the venv .ci/run creates, every probe process
-#: holds ~35 MB more while generating than in a long-lived dev venv (same packages; cause not found
-#: yet), which puts the ratio at 0.51-0.52 there against 0.44 in the dev venv. Recorded and warned.
-PEAK_TARGET = ("peak_generate_vs_fp32", 0.5)
+#: issue 8's targets for the packed memory-saving model, against FP32 (asserted). The peak counts
+#: what the process allocates while generating: each probe child maps its shared libraries before
+#: it measures (perf/memprobe.py), so the page cache no longer moves it (it put this ratio at 0.51
+#: in fresh venvs and 0.44 in old ones before).
+TARGETS = {"tokens_per_s_vs_fp32": (">=", 1.5), "linear_bytes_vs_fp32": ("<=", 0.27), "peak_generate_vs_fp32": ("<=", 0.5)}
 
 
 def _figures(probes: dict, mode: str) -> dict:
@@ -80,11 +77,6 @@ def test_generate_large_model(benchmark, perf_gate, perf_state, probes, mode):
         benchmark.extra_info["target_recheck"] = {k: figures[k] for k in TARGETS}
         missed = _missed(figures)
     assert not missed, f"issue 8 targets missed (after a re-measurement): {missed}"
-    name, limit = PEAK_TARGET
-    benchmark.extra_info["target_peak_generate_vs_fp32"] = limit
-    benchmark.extra_info["target_peak_generate_vs_fp32_met"] = figures[name] <= limit
-    if figures[name] > limit:
-        warnings.warn(f"{name} = {figures[name]:.3f}, above issue 8's target of {limit} (known miss, see perf/test_e2e.py)", stacklevel=1)
 
 
 def _missed(figures: dict) -> dict:

@@ -135,6 +135,16 @@ def tiny_phi3(*, seed: int = 0, **config_kwargs: Any):
     return model.eval()
 
 
+def biased_mlp(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
+    """A seeded two-layer MLP whose linears have biases (Phi-3's have none), with a LayerNorm between.
+
+    Built on the current default device (``with torch.device("meta")`` gives a skeleton)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(24, 40, dtype=dtype), torch.nn.LayerNorm(40, dtype=dtype), torch.nn.Linear(40, 16, dtype=dtype)
+    ).eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # Legacy remote-code model (tests/legacy_model), loaded through trust_remote_code
 # (owned by the qins.compat work; see tests/test_compat.py and tests/test_generation.py)

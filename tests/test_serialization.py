@@ -15,7 +15,7 @@ from torch import nn
 
 import qins
 from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective
-from tests.strategies import tiny_phi3, tiny_phi3_config
+from tests.strategies import biased_mlp, tiny_phi3, tiny_phi3_config
 
 IDS = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(3))
 CONFIGS = [QinsConfig(), QinsConfig.seed()]
@@ -105,10 +105,20 @@ def _rewrite(src: Path, dst: Path, tensors: Callable[[dict], None] = lambda t: N
 LAST = "model.layers.1.mlp.down_proj"
 # (id, tensor edit, metadata edit, expected message): every bad file leaves the model as it was.
 BAD_FILES = [
-    ("plain-safetensors", None, lambda m: m.clear(), "not a qins file"),
+    ("plain-safetensors", None, lambda m: m.clear(),
+     r"not a qins file \(no 'qins.format_version' in the safetensors metadata\); for a plain state_dict use model.load_state_dict"),
     ("future-version", None, lambda m: m.update({"qins.format_version": "99"}), "format version '99' is not supported"),
     ("corrupt-layers-json", None, lambda m: m.update({"qins.layers": "{oops"}), "corrupt qins metadata"),
-    ("bad-log-range", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace('"minmax"', '"median"', 1)}), "bad format entry"),
+    ("layers-missing", None, lambda m: m.pop("qins.layers"), r"corrupt qins metadata \(Expecting value"),
+    ("layers-a-list", None, lambda m: m.update({"qins.layers": "[]"}), r"corrupt qins metadata \('qins.layers'/'qins.aliases' must be JSON objects\)"),
+    ("aliases-a-list", None, lambda m: m.update({"qins.aliases": "[]"}), r"corrupt qins metadata \('qins.layers'/'qins.aliases' must be JSON objects\)"),
+    ("alias-to-nothing", None, lambda m: m.update({"qins.aliases": '{"x.weight": "nope"}'}), r"alias 'x.weight' points to missing tensor 'nope'"),
+    ("bad-log-range", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace('"minmax"', '"median"', 1)}),
+     r"layer 'model.layers.0.mlp.down_proj': bad format entry"),
+    ("cache-weight-a-string", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace('"cache_weight": true', '"cache_weight": "yes"', 1)}),
+     r"bad format entry .*\(cache_weight must be bool, got 'yes'\)"),
+    ("layer-is-a-norm", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace("model.layers.0.mlp.down_proj", "model.norm", 1)}),
+     r"layer 'model.norm' is a Phi3RMSNorm, not nn.Linear or ProjectiveLinear"),
     ("unknown-layer", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace("model.layers.0.mlp.down_proj", "model.nope", 1)}), "layer 'model.nope' is not in the model"),
     ("sign-three-in-last-layer", lambda t: t[LAST + ".sign"].index_fill_(1, torch.tensor([0]), 3), None, r"down_proj.*sign: values must be -1 or \+1, got 3"),
     ("swapped-logs-in-last-layer", lambda t: t.update({LAST + ".log_min": t[LAST + ".log_max"].clone() + 1}), None, "log_min > log_max"),
@@ -187,3 +197,71 @@ def test_torch_save_state_dict_loads_with_weights_only(config: QinsConfig, metad
     for n, m in other.named_modules():
         if isinstance(m, ProjectiveLinear):
             assert all(torch.equal(v, codes[n][k]) for k, v in m.state_dict().items()), n
+
+
+# ---- found by mutation testing (issue 11): biased layers, meta skeletons that load, defaults ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+def test_meta_skeleton_of_biased_linears_loads_exactly_on_the_cpu_in_its_dtype(tmp_path: Path, cache_weight: bool, dtype: torch.dtype) -> None:
+    source = biased_mlp(seed=1, dtype=dtype)
+    convert_model_to_projective(source, QinsConfig(), skip=(), cache_weight=cache_weight)
+    qins.save(source, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = biased_mlp(dtype=dtype)
+    loaded = qins.load(skeleton, tmp_path / "m.safetensors")
+    assert loaded is skeleton
+    state, want = loaded.state_dict(), source.state_dict()
+    assert state.keys() == want.keys()
+    for k in want:
+        assert state[k].device.type == "cpu" and state[k].dtype == want[k].dtype and torch.equal(state[k], want[k]), k
+    for i in (0, 2):
+        layer = loaded[i]
+        assert isinstance(layer, ProjectiveLinear) and layer.bias is not None
+        assert layer.compute_dtype == dtype and layer.cache_weight == cache_weight
+        assert not any(t.is_meta for t in layer.buffers())
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+    assert qins.model_memory(loaded) == qins.model_memory(source)
+
+
+def test_a_layer_entry_without_cache_weight_loads_cached(tmp_path: Path) -> None:
+    source = biased_mlp(seed=2)
+    convert_model_to_projective(source, QinsConfig(), skip=(), cache_weight=False)
+    qins.save(source, tmp_path / "m.safetensors")
+
+    def drop_cache_weight(m: dict) -> None:
+        layers = json.loads(m["qins.layers"])
+        m["qins.layers"] = json.dumps({k: {f: v for f, v in e.items() if f != "cache_weight"} for k, e in layers.items()})
+
+    older = _rewrite(tmp_path / "m.safetensors", tmp_path / "older.safetensors", meta=drop_cache_weight)
+    model = qins.load(biased_mlp(), older)
+    assert all(isinstance(model[i], ProjectiveLinear) and model[i].cache_weight for i in (0, 2))
+
+
+def test_a_file_without_aliases_loads(tmp_path: Path) -> None:
+    source = biased_mlp(seed=3)
+    convert_model_to_projective(source, QinsConfig(), skip=())
+    qins.save(source, tmp_path / "m.safetensors")
+    bare = _rewrite(tmp_path / "m.safetensors", tmp_path / "bare.safetensors", meta=lambda m: m.pop("qins.aliases"))
+    model = qins.load(biased_mlp(), bare)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_key_mismatch_names_the_first_five_missing_and_the_first_five_unexpected_keys(tmp_path: Path) -> None:
+    qins.save(_converted(QinsConfig.seed()), tmp_path / "good.safetensors")
+    plain = sorted(k for k in _converted(QinsConfig.seed()).state_dict() if "norm" in k or "embed" in k or "lm_head" in k)
+    assert len(plain) >= 6
+    extra = [f"extra.{i}" for i in range(7)]
+
+    def edit(t: dict) -> None:
+        for k in plain:
+            t.pop(k)
+        t.update({k: torch.zeros(1) for k in extra})
+
+    bad = _rewrite(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", tensors=edit)
+    with pytest.raises(ValueError) as info:
+        qins.load(_converted(QinsConfig.seed(), seed=4), bad)
+    assert f"keys do not match the model: missing {plain[:5]}, unexpected {extra[:5]}" in str(info.value)
