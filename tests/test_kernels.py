@@ -309,9 +309,11 @@ def test_triton_is_opt_in(monkeypatch):
         qk.backend_name("cpu")
 
 
-def test_build_failure_falls_back_and_warns_once(monkeypatch):
+def test_build_failure_falls_back_and_warns_once(monkeypatch, caplog):
+    why = "simulated compiler failure " + "x" * 400  # the warning quotes the first 300 characters
+
     def boom():
-        raise RuntimeError("simulated compiler failure")
+        raise RuntimeError(why)
 
     monkeypatch.setattr(qk._build, "load_native", boom)
     monkeypatch.setattr(qk, "_native", qk._UNSET)
@@ -319,13 +321,47 @@ def test_build_failure_falls_back_and_warns_once(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     codes, sign = qins_codes(gen, 7, 11, False, 0.1)
     args = (torch.randn(2, 11, generator=gen), codes, sign, torch.tensor(-2.0), torch.tensor(1.0), None)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("DEBUG", logger="qins.kernels"):
         warnings.simplefilter("always")
         y1 = torch.ops.qins.linear(*args)
         y2 = torch.ops.qins.linear(*args)
-    assert sum("failed to build" in str(w.message) for w in caught) == 1
+    (warning,) = [w for w in caught if "failed to build" in str(w.message)]
+    assert warning.category is RuntimeWarning
+    assert str(warning.message) == (f"qins: the native CPU kernels failed to build (RuntimeError: {why[:300]}); "
+                                    "qins::linear falls back to the (slow) reference implementation")
+    assert warning.filename == qk.__file__  # stacklevel 2: the dispatch that asked for the kernels
+    (record,) = [r for r in caplog.records if r.name == "qins.kernels" and r.getMessage() == "qins native build failed"]
+    assert record.levelname == "DEBUG" and record.exc_info is not None and record.exc_info[1].args == (why,)
     assert torch.equal(y1, reference.linear(*args)) and torch.equal(y2, y1)
     assert qk.backend_name("cpu") == "reference"
     monkeypatch.setenv("QINS_KERNEL", "native")
-    with pytest.raises(RuntimeError, match="QINS_KERNEL=native"):
+    with pytest.raises(RuntimeError, match="^QINS_KERNEL=native but the native CPU kernels are unavailable$"):
         torch.ops.qins.linear(*args)
+
+
+def test_build_failure_under_qins_kernel_native_raises_from_the_build_error(monkeypatch):
+    def boom():
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(qk._build, "load_native", boom)
+    monkeypatch.setattr(qk, "_native", qk._UNSET)
+    monkeypatch.setenv("QINS_KERNEL", "native")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: it is an error
+        with pytest.raises(RuntimeError, match="^QINS_KERNEL=native but the native CPU kernels failed to build$") as info:
+            qk.native_module()
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.args == ("no compiler",)
+
+
+def test_fake_kernel_gives_the_output_shape_in_the_input_dtype_and_checks_in_features():
+    """``register_fake`` serves meta tensors too: the shape logic that torch.compile traces with."""
+    codes = torch.zeros(7, 11, dtype=torch.uint8, device="meta")
+    lo, hi = torch.tensor(-1.0, device="meta"), torch.tensor(0.0, device="meta")
+    for shape in [(11,), (5, 11), (2, 3, 11), (2, 1, 4, 11)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            y = torch.ops.qins.linear(torch.empty(shape, dtype=dtype, device="meta"), codes, None, lo, hi, None)
+            assert y.shape == (*shape[:-1], 7) and y.dtype == dtype and y.is_meta
+    with pytest.raises(RuntimeError):
+        torch.ops.qins.linear(torch.empty(2, 3, 12, device="meta"), codes, None, lo, hi, None)
+    with pytest.raises(RuntimeError):
+        torch.ops.qins.linear(torch.empty(11, 11, device="meta"), codes[:, :10], None, lo, hi, None)
