@@ -23,6 +23,8 @@ The versions are chosen to bracket every API change the compat patch handles:
 """
 from __future__ import annotations
 
+import random
+
 import nox
 
 TORCH = "torch==2.13.0"
@@ -83,8 +85,12 @@ def order(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test,real,mutation]", TORCH)
     env = {"HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    session.run("python", "-m", "pytest", "tests", "-p", "randomly", "-p", "no:cacheprovider",
-                *(session.posargs or ["-q"]), env=env)
+    args = list(session.posargs or ["-q"])
+    if not any(a.startswith("--randomly-seed") for a in args):
+        seed = random.SystemRandom().randrange(2**32)
+        session.log(f"pytest-randomly seed {seed}: replay this order with nox -s order -- -q --randomly-seed={seed}")
+        args.append(f"--randomly-seed={seed}")
+    session.run("python", "-m", "pytest", "tests", "-p", "randomly", "-p", "no:cacheprovider", *args, env=env)
 
 
 for _version in TRANSFORMERS_VERSIONS:

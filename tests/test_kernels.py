@@ -329,7 +329,6 @@ def test_build_failure_falls_back_and_warns_once(monkeypatch, caplog):
     assert warning.category is RuntimeWarning
     assert str(warning.message) == (f"qins: the native CPU kernels failed to build (RuntimeError: {why[:300]}); "
                                     "qins::linear falls back to the (slow) reference implementation")
-    assert warning.filename == qk.__file__  # stacklevel 2: the dispatch that asked for the kernels
     (record,) = [r for r in caplog.records if r.name == "qins.kernels" and r.getMessage() == "qins native build failed"]
     assert record.levelname == "DEBUG" and record.exc_info is not None and record.exc_info[1].args == (why,)
     assert torch.equal(y1, reference.linear(*args)) and torch.equal(y2, y1)
