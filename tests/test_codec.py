@@ -285,8 +285,11 @@ def test_error_bound_is_half_a_log_step() -> None:
     assert qins_error_bound(-2.0, 0.54) == pytest.approx((0.54 + 2.0) / 254 / 2, rel=1e-15)
     assert qins_error_bound(-127.0, 127.0) == 0.5
     assert qins_error_bound(1.0, 1.0) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^need finite log_min <= log_max, got 1.0, 0.0$"):
         qins_error_bound(1.0, 0.0)
+    for lo, hi in [(math.nan, 0.0), (0.0, math.nan), (-math.inf, 0.0), (0.0, math.inf)]:  # either one not finite
+        with pytest.raises(ValueError, match="need finite"):
+            qins_error_bound(lo, hi)
 
 
 def test_encoding_never_modifies_its_input() -> None:
@@ -340,3 +343,48 @@ def test_decode_rejects_non_uint8_codes_and_mismatched_sign() -> None:
         reconstruct_from_qins(torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int8), 0.0, 1.0)
     with pytest.raises(ValueError, match="shape"):
         reconstruct_from_qins(torch.ones(3, dtype=torch.uint8), torch.ones(2, dtype=torch.int8), 0.0, 1.0)
+
+
+# ---- the float32 table from 0-d tensors (found by mutation testing, issue 11) ----
+
+
+def test_mixed_tensor_and_float_logs_give_the_float32_table_of_the_tensor_path() -> None:
+    lo, hi = torch.tensor(-3.25), torch.tensor(0.5)
+    both = qins_levels(lo, hi)
+    assert torch.equal(qins_levels(lo, 0.5), both) and torch.equal(qins_levels(-3.25, hi), both)
+    assert both.dtype == torch.float32
+
+
+def test_half_precision_0d_logs_are_widened_to_float32_before_the_table_is_computed() -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        lo, hi = torch.tensor(-3.1, dtype=dtype), torch.tensor(0.3, dtype=dtype)
+        table = qins_levels(lo, hi)
+        assert table.dtype == torch.float32 and torch.equal(table, qins_levels(lo.float(), hi.float()))
+
+
+def test_a_float_beside_a_float32_log_is_rounded_to_float32_whatever_the_default_dtype() -> None:
+    lo = torch.tensor(-2.462, dtype=torch.float32)  # inexact values whose float64 difference rounds differently
+    want = qins_levels(lo, torch.tensor(1.226, dtype=torch.float32))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        mixed = qins_levels(lo, 1.226)
+    finally:
+        torch.set_default_dtype(before)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, want)
+
+
+def test_logs_must_be_0d_tensors() -> None:
+    with pytest.raises(ValueError, match=r"^log_min/log_max must be 0-d, got shape \(2,\)$"):
+        qins_levels(torch.tensor([-3.0, -2.0]), torch.tensor(0.5))
+    stored, sign = torch.ones(3, dtype=torch.uint8), torch.ones(3, dtype=torch.int8)
+    with pytest.raises(ValueError, match="0-d"):
+        reconstruct_from_qins(stored, sign, torch.tensor(-1.0), torch.zeros(1, 1))
+
+
+def test_the_table_and_the_decode_land_on_the_requested_device() -> None:
+    assert qins_levels(torch.tensor(-3.0), torch.tensor(0.5), device=torch.device("meta")).is_meta
+    assert qins_levels(torch.tensor(-3.0), 0.5, device=torch.device("meta")).is_meta
+    stored, sign = torch.ones(2, 3, dtype=torch.uint8, device="meta"), torch.ones(2, 3, dtype=torch.int8, device="meta")
+    assert reconstruct_from_qins(stored, sign, -3.0, 0.5).is_meta
+    assert reconstruct_from_qins(stored, sign, torch.tensor(-3.0), torch.tensor(0.5)).is_meta
