@@ -150,6 +150,24 @@ def test_non_strict_load_without_qins_keys_leaves_codes_alone_and_loads_the_bias
     assert torch.equal(layer.stored, codes) and bool((layer.bias == 0).all())
 
 
+def test_unexpected_keys_are_reported_like_nn_linear_strict_and_not() -> None:
+    layer = ProjectiveLinear.from_linear(_linear(2))
+    state = dict(layer.state_dict()) | {"extra": torch.zeros(3)}
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "extra"'):
+        layer.load_state_dict(state)
+    result = layer.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == ["extra"] and result.missing_keys == []
+
+
+def test_a_bias_of_the_wrong_shape_is_reported_like_nn_linear() -> None:
+    layer = ProjectiveLinear.from_linear(_linear(3))
+    before = _snapshot(layer)
+    state = dict(layer.state_dict()) | {"bias": torch.zeros(6)}
+    with pytest.raises((RuntimeError, ValueError), match="bias"):
+        layer.load_state_dict(state)
+    assert _unchanged(layer, before)
+
+
 @pytest.mark.parametrize("config", [QinsConfig(), SEED], ids=["packed-row", "split-tensor"])
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 def test_meta_init_then_to_empty_then_load_gives_a_working_layer(config: QinsConfig, cache_weight: bool) -> None:
