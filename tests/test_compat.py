@@ -500,3 +500,103 @@ def test_patch_api_is_exported_from_the_package() -> None:
     assert qins.patch_dynamic_cache is compat.patch_transformers
     assert qins.unpatch_transformers is compat.unpatch_transformers
     assert qins.UnsupportedTransformersError is compat.UnsupportedTransformersError
+
+
+# ---- found by mutation testing (issue 11): the version guards, simulated on this transformers ----
+
+_CACHE_SHIMS = {"get_usable_length": "_get_usable_length", "seen_tokens": "_seen_tokens", "get_max_length": "_get_max_length"}
+
+
+def test_a_transformers_that_has_the_whole_legacy_api_gets_none_of_it_replaced(unpatched, monkeypatch):
+    import types
+
+    from transformers import dynamic_module_utils  # noqa: F401  (the adapter is not a replacement)
+
+    mask_module = importlib.import_module(MASK_MODULE) if importlib.util.find_spec(MASK_MODULE) else types.ModuleType(MASK_MODULE)
+    monkeypatch.setitem(sys.modules, MASK_MODULE, mask_module)
+    native = {}
+    for owner, name in [(Cache, n) for n in _CACHE_SHIMS] + [(DynamicCache, "from_legacy_cache"), (DynamicCache, "to_legacy_cache"),
+                                                             (DynamicCache, "key_cache"), (DynamicCache, "value_cache"),
+                                                             (mask_module, compat._MASK_FN)]:
+        native[owner, name] = object()
+        monkeypatch.setattr(owner, name, native[owner, name], raising=False)
+    added = compat.patch_transformers()
+    assert all(not label.startswith(("Cache.", "DynamicCache.", MASK_MODULE)) for label in added), added
+    assert all(inspect.getattr_static(owner, name) is value for (owner, name), value in native.items())
+    compat.unpatch_transformers()
+    assert all(inspect.getattr_static(owner, name) is value for (owner, name), value in native.items())
+
+
+def test_a_transformers_that_lacks_the_legacy_api_gets_each_piece_and_loses_it_on_unpatch(unpatched, monkeypatch):
+    import types
+
+    mask_module = types.ModuleType(MASK_MODULE)  # the module exists but lacks the function (late 4.x)
+    monkeypatch.setitem(sys.modules, MASK_MODULE, mask_module)
+    for owner in (Cache, DynamicCache):
+        for name in [*_CACHE_SHIMS, "from_legacy_cache", "to_legacy_cache", "key_cache", "value_cache"]:
+            monkeypatch.delattr(owner, name, raising=False)
+    assert not any(hasattr(DynamicCache(), n) for n in [*_CACHE_SHIMS, "from_legacy_cache", "to_legacy_cache", "key_cache"])
+    added = compat.patch_transformers()
+    want = [f"Cache.{n}" for n in _CACHE_SHIMS] + ["DynamicCache.from_legacy_cache", "DynamicCache.to_legacy_cache",
+                                                  "DynamicCache.key_cache", "DynamicCache.value_cache", f"{MASK_MODULE}.{compat._MASK_FN}"]
+    assert [a for a in added if a in want] == want
+    assert vars(Cache)["get_usable_length"] is compat._get_usable_length and vars(Cache)["get_max_length"] is compat._get_max_length
+    assert vars(Cache)["seen_tokens"].fget is compat._seen_tokens
+    assert vars(DynamicCache)["from_legacy_cache"].__func__ is compat._from_legacy_cache
+    assert vars(DynamicCache)["to_legacy_cache"] is compat._to_legacy_cache
+    assert [vars(DynamicCache)[n].attr for n in ("key_cache", "value_cache")] == ["keys", "values"]
+    assert sys.modules[MASK_MODULE] is mask_module and vars(mask_module)[compat._MASK_FN] is compat._prepare_4d_causal_attention_mask
+    compat.unpatch_transformers()
+    assert not any(n in vars(Cache) for n in _CACHE_SHIMS) and compat._MASK_FN not in vars(mask_module)
+    assert not any(n in vars(DynamicCache) for n in ("from_legacy_cache", "to_legacy_cache", "key_cache", "value_cache"))
+
+
+def test_the_remote_class_adapter_is_installed_when_generate_passes_cache_even_without_a_rope_property(unpatched, monkeypatch):
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(PretrainedConfig, "rope_scaling", None, raising=False)  # a plain attribute, as in 4.x
+    loader = dynamic_module_utils.get_class_in_module
+    added = compat.patch_transformers()
+    wrapped = "dynamic_module_utils.get_class_in_module (legacy remote-class adapter)" in added
+    assert wrapped == GENERATE_PASSES_CACHE_KWARG
+    assert (dynamic_module_utils.get_class_in_module is not loader) == wrapped
+    compat.unpatch_transformers()
+    assert dynamic_module_utils.get_class_in_module is loader
+
+
+@pytest.mark.skipif(not GENERATE_PASSES_CACHE_KWARG, reason="4.x generate passes past_key_values itself: nothing to adapt")
+def test_remote_classes_already_imported_under_the_dynamic_module_prefix_are_adapted(unpatched, monkeypatch):
+    import types
+
+    from transformers import dynamic_module_utils
+
+    def legacy(self, input_ids, past_key_values=None, **kwargs):
+        return {"input_ids": input_ids}
+
+    monkeypatch.setattr(dynamic_module_utils, "TRANSFORMERS_DYNAMIC_MODULE_NAME", "qins_test_remote", raising=False)
+    module = types.ModuleType("qins_test_remote.legacy_phi")
+    Legacy = type("Legacy", (torch.nn.Module,), {"prepare_inputs_for_generation": legacy, "__module__": module.__name__})
+    module.Legacy = Legacy
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    compat.patch_transformers()
+    assert vars(Legacy)["prepare_inputs_for_generation"].__wrapped__ is legacy
+    compat.unpatch_transformers()
+    assert vars(Legacy)["prepare_inputs_for_generation"] is legacy
+
+
+def test_the_rope_scaling_view_reads_either_key_gives_type_and_passes_writes_through():
+    native = property(lambda self: self._p, lambda self, v: setattr(self, "_p", v), lambda self: delattr(self, "_p"))
+    view = compat._rope_scaling_property(native)
+    assert view.__doc__ == "Legacy view: None when unscaled, else a dict with 'type'."
+    holder = type("Holder", (), {"rope_scaling": view})()
+    cases = [
+        (None, None), ({}, None), ({"rope_type": "default"}, None), ({"type": "default", "factor": 1.0}, None),
+        ({"rope_type": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 2.0, "type": "linear"}),
+        ({"type": "dynamic", "factor": 3.0}, {"type": "dynamic", "factor": 3.0}),
+        ({"type": "yarn", "rope_type": "linear"}, {"type": "yarn", "rope_type": "linear"}),  # "type" wins
+    ]
+    for stored, seen in cases:
+        holder.rope_scaling = stored  # the native setter
+        assert holder._p is stored and holder.rope_scaling == seen
+    del holder.rope_scaling  # the native deleter
+    assert not hasattr(holder, "_p")
