@@ -391,16 +391,17 @@ def _reference_mask(mask2d, batch, q_len, past, sliding_window, dtype):
 
 @pytest.mark.parametrize("q_len,past,sliding_window,padded", [
     (5, 0, None, False), (5, 0, None, True), (1, 6, None, True), (3, 4, None, True),
-    (5, 0, 2, True), (1, 6, 3, False), (4, 3, 3, True),
+    (5, 0, 2, True), (1, 6, 3, False), (4, 3, 3, True), (2, 0, None, False), (2, 3, None, True),
 ])
-def test_causal_mask_stand_in_matches_the_legacy_semantics(unpatched, q_len, past, sliding_window, padded):
-    batch, dtype = 2, torch.float32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_causal_mask_stand_in_matches_the_legacy_semantics(unpatched, q_len, past, sliding_window, padded, dtype):
+    batch = 2
     embeds = torch.zeros(batch, q_len, 8, dtype=dtype)
     mask2d = torch.ones(batch, past + q_len, dtype=torch.long)
     if padded:
         mask2d[1, :2] = 0  # second row left-padded by two tokens
     got = compat._prepare_4d_causal_attention_mask(mask2d, (batch, q_len), embeds, past, sliding_window)
-    assert torch.equal(got, _reference_mask(mask2d, batch, q_len, past, sliding_window, dtype))
+    assert got.dtype == dtype and torch.equal(got, _reference_mask(mask2d, batch, q_len, past, sliding_window, dtype))
     if q_len > 1 or sliding_window is not None:
         unmasked = compat._prepare_4d_causal_attention_mask(None, (batch, q_len), embeds, past, sliding_window)
         assert torch.equal(unmasked, _reference_mask(None, batch, q_len, past, sliding_window, dtype))
@@ -600,3 +601,14 @@ def test_the_rope_scaling_view_reads_either_key_gives_type_and_passes_writes_thr
         assert holder._p is stored and holder.rope_scaling == seen
     del holder.rope_scaling  # the native deleter
     assert not hasattr(holder, "_p")
+
+
+def test_the_remote_class_adapter_copes_with_a_config_class_without_rope_scaling(monkeypatch):
+    def init(self, rope_scaling=None, **kwargs):
+        PretrainedConfig.__init__(self, **kwargs)
+
+    monkeypatch.delattr(PretrainedConfig, "rope_scaling", raising=False)  # 4.x: an instance attribute only
+    LegacyConfig = type("LegacyConfig", (PretrainedConfig,), {"__init__": init, "model_type": "legacy_test3"})
+    undo: list = []
+    compat._adapt_remote_class(LegacyConfig, undo)
+    assert undo == [] and "rope_scaling" not in vars(LegacyConfig)

@@ -338,6 +338,12 @@ def test_build_failure_falls_back_and_warns_once(monkeypatch, caplog):
         torch.ops.qins.linear(*args)
 
 
+def test_an_unknown_qins_cpu_isa_is_refused_naming_the_choices(monkeypatch):
+    monkeypatch.setenv("QINS_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match=r"^QINS_CPU_ISA must be one of \['avx2', 'avx512', 'scalar'\], got 'sse9'$"):
+        qk.cpu_isa()
+
+
 def test_build_failure_under_qins_kernel_native_raises_from_the_build_error(monkeypatch):
     def boom():
         raise OSError("no compiler")

@@ -150,6 +150,21 @@ def test_non_strict_load_without_qins_keys_leaves_codes_alone_and_loads_the_bias
     assert torch.equal(layer.stored, codes) and bool((layer.bias == 0).all())
 
 
+def test_format_mismatch_message_names_the_layer_and_both_formats_in_full() -> None:
+    from qins.state import check_qins_state
+
+    src = ProjectiveLinear.from_linear(_linear(4), QinsConfig())
+    dst = ProjectiveLinear.from_linear(_linear(4), SEED)
+    state = {"block.proj." + k: v for k, v in src.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        check_qins_state(dst, state, "block.proj.", {})
+    assert str(info.value) == ("block.proj: the state is packed (1 byte/weight), per row but the layer is split (2 bytes/weight), "
+                               "per tensor; build the layer with QinsConfig(packed=True, per_row=True) to load it")
+    # no prefix: the layer's class names it; metadata that is not a mapping is ignored
+    with pytest.raises(ValueError, match=r"^ProjectiveLinear: the state is packed \(1 byte/weight\), per row but"):
+        check_qins_state(dst, src.state_dict(), "", None)
+
+
 def test_unexpected_keys_are_reported_like_nn_linear_strict_and_not() -> None:
     layer = ProjectiveLinear.from_linear(_linear(2))
     state = dict(layer.state_dict()) | {"extra": torch.zeros(3)}
