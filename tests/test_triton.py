@@ -136,3 +136,59 @@ def test_autograd_through_triton_forward():
     reference.linear(x2, codes, sign, lo, hi, b2).square().sum().backward()
     assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     assert torch.allclose(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---- found by mutation testing (issue 11): input checks, empty shapes, dtypes, the debug log ----
+
+
+def _args(out: int = 7, inn: int = 11, packed: bool = False, per_row: bool = True, seed: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    codes, sign = qins_codes(gen, out, inn, packed, 0.1)
+    lo, hi = (torch.full((out,), -3.0), torch.full((out,), 0.5)) if per_row else (torch.tensor(-3.0), torch.tensor(0.5))
+    return codes, sign, lo, hi
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    codes, sign, lo, hi = _args()
+    x = torch.randn(2, 11)
+    bad = [
+        ((x, codes.float(), sign, lo, hi, None), r"codes must be uint8 \[out, in\]"),
+        ((x, codes.flatten(), sign, lo, hi, None), r"codes must be uint8 \[out, in\]"),
+        ((torch.randn(2, 3, 12), codes, sign, lo, hi, None), r"x has 12 features, codes 11"),
+        ((x, codes, sign.to(torch.int16), lo, hi, None), "sign must be int8 like codes"),
+        ((x, codes, sign[:, :10], lo, hi, None), "sign must be int8 like codes"),
+        ((x, codes, sign, lo, hi[:3], None), "log_min and log_max must have the same shape"),
+        ((x, codes, sign, lo[:3], hi[:3], None), r"logs must be 0-d or \[out\]"),
+    ]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            tk.linear(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_empty_shapes_give_the_bias_or_nothing_in_the_input_dtype(dtype):
+    codes, sign, lo, hi = _args()
+    bias = torch.randn(7).to(dtype)
+    for x, c, s, lo_, hi_, b, shape in [
+        (torch.randn(0, 11), codes, sign, lo, hi, bias, (0, 7)),
+        (torch.randn(3, 0, 11), codes, sign, lo, hi, None, (3, 0, 7)),
+        (torch.randn(2, 0), codes[:, :0], sign[:, :0], lo, hi, bias, (2, 7)),  # in_features 0: y = bias
+        (torch.randn(2, 11), codes[:0], sign[:0], lo[:0], hi[:0], None, (2, 0)),
+    ]:
+        y = tk.linear(x.to(dtype), c, s, lo_, hi_, b)
+        assert y.shape == shape and y.dtype == dtype
+        if b is not None and y.numel():
+            assert torch.equal(y, b.expand(shape))
+
+
+def test_a_half_precision_bias_is_added_in_float32():
+    codes, sign, lo, hi = _args(packed=True, per_row=False)
+    case = LinearCase(torch.randn(3, 11).to(torch.bfloat16), codes, None, lo, hi, torch.randn(7).to(torch.bfloat16))
+    check_close(case, tk.linear(*case.args()), reference.linear(*case.args()))
+
+
+def test_each_launch_is_logged_at_debug_level(caplog):
+    codes, sign, lo, hi = _args(out=5, inn=9, packed=True, per_row=True)
+    with caplog.at_level("DEBUG", logger="qins.kernels"):
+        tk.linear(torch.randn(2, 3, 9), codes, None, lo, hi, None)
+    assert "qins triton linear: x (6, 9) codes (5, 9) per_row=True packed=True" in [r.getMessage() for r in caplog.records]
