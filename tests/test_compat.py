@@ -566,7 +566,8 @@ def test_the_remote_class_adapter_is_installed_when_generate_passes_cache_even_w
 
 
 @pytest.mark.skipif(not GENERATE_PASSES_CACHE_KWARG, reason="4.x generate passes past_key_values itself: nothing to adapt")
-def test_remote_classes_already_imported_under_the_dynamic_module_prefix_are_adapted(unpatched, monkeypatch):
+@pytest.mark.parametrize("prefix", ["qins_test_remote", None], ids=["custom-prefix", "prefix-attribute-absent"])
+def test_remote_classes_already_imported_under_the_dynamic_module_prefix_are_adapted_and_no_others(unpatched, monkeypatch, prefix):
     import types
 
     from transformers import dynamic_module_utils
@@ -574,15 +575,22 @@ def test_remote_classes_already_imported_under_the_dynamic_module_prefix_are_ada
     def legacy(self, input_ids, past_key_values=None, **kwargs):
         return {"input_ids": input_ids}
 
-    monkeypatch.setattr(dynamic_module_utils, "TRANSFORMERS_DYNAMIC_MODULE_NAME", "qins_test_remote", raising=False)
-    module = types.ModuleType("qins_test_remote.legacy_phi")
-    Legacy = type("Legacy", (torch.nn.Module,), {"prepare_inputs_for_generation": legacy, "__module__": module.__name__})
-    module.Legacy = Legacy
-    monkeypatch.setitem(sys.modules, module.__name__, module)
+    if prefix is None:  # an older transformers without the constant: the documented default name
+        monkeypatch.delattr(dynamic_module_utils, "TRANSFORMERS_DYNAMIC_MODULE_NAME", raising=False)
+    else:
+        monkeypatch.setattr(dynamic_module_utils, "TRANSFORMERS_DYNAMIC_MODULE_NAME", prefix, raising=False)
+    classes = {}
+    for name in [f"{prefix or 'transformers_modules'}.legacy_phi", "qins_test_not_remote.legacy_phi"]:
+        module = types.ModuleType(name)
+        classes[name] = type("Legacy", (torch.nn.Module,), {"prepare_inputs_for_generation": legacy, "__module__": name})
+        module.Legacy = classes[name]
+        monkeypatch.setitem(sys.modules, name, module)
+    remote, local = classes.values()
     compat.patch_transformers()
-    assert vars(Legacy)["prepare_inputs_for_generation"].__wrapped__ is legacy
+    assert vars(remote)["prepare_inputs_for_generation"].__wrapped__ is legacy
+    assert vars(local)["prepare_inputs_for_generation"] is legacy  # not a remote module: left alone
     compat.unpatch_transformers()
-    assert vars(Legacy)["prepare_inputs_for_generation"] is legacy
+    assert vars(remote)["prepare_inputs_for_generation"] is legacy
 
 
 def test_the_rope_scaling_view_reads_either_key_gives_type_and_passes_writes_through():

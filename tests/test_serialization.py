@@ -85,6 +85,7 @@ def test_the_file_holds_only_tensors_and_string_metadata(tmp_path: Path) -> None
     header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
     meta = header.pop("__metadata__")
     assert meta["qins.format_version"] == "1" and all(isinstance(v, str) for v in meta.values())
+    assert meta["format"] == "pt"  # what safetensors/transformers readers check for torch tensors
     layers = json.loads(meta["qins.layers"])
     assert layers["model.layers.0.mlp.down_proj"] == {"packed": False, "per_row": False, "log_range": "minmax", "cache_weight": True}
     assert header["model.layers.0.mlp.down_proj.stored"]["dtype"] == "U8"
@@ -265,3 +266,55 @@ def test_key_mismatch_names_the_first_five_missing_and_the_first_five_unexpected
     with pytest.raises(ValueError) as info:
         qins.load(_converted(QinsConfig.seed(), seed=4), bad)
     assert f"keys do not match the model: missing {plain[:5]}, unexpected {extra[:5]}" in str(info.value)
+
+
+def test_aliases_anywhere_in_the_state_are_written_once_sorted_and_every_later_tensor_is_kept(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(OrderedDict(z=nn.Linear(4, 4), b=nn.Linear(4, 4), a=nn.Linear(4, 4)))
+    model.b.weight = model.z.weight
+    model.a.weight = model.z.weight  # state order: z, b (alias), a (alias): not sorted
+    qins.save(model, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert keys == {"z.weight", "z.bias", "b.bias", "a.bias"}
+    assert meta["qins.aliases"] == '{"a.weight": "z.weight", "b.weight": "z.weight"}'
+    torch.manual_seed(7)
+    other = nn.Sequential(OrderedDict(z=nn.Linear(4, 4), b=nn.Linear(4, 4), a=nn.Linear(4, 4)))
+    qins.load(other, tmp_path / "m.safetensors")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in other.state_dict().items())
+
+
+def test_saving_a_meta_tensor_is_refused_naming_it(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        model = biased_mlp()
+    with pytest.raises(ValueError, match=r"^cannot save '0.weight': it is on the meta device \(no data\)$"):
+        qins.save(model, tmp_path / "m.safetensors")
+
+
+def test_save_and_load_log_what_they_did_at_debug_level(tmp_path: Path, caplog) -> None:
+    source = biased_mlp(seed=8)
+    convert_model_to_projective(source, QinsConfig(), skip=("2",))
+    path = tmp_path / "m.safetensors"
+    with caplog.at_level("DEBUG", logger="qins.serialization"):
+        qins.save(source, path)
+        qins.load(biased_mlp(), path)
+    messages = [r.getMessage() for r in caplog.records if r.name == "qins.serialization"]
+    assert len(source.state_dict()) == 8  # layer 0: stored, logs, bias; the norm; layer 2: weight, bias
+    assert messages == [f"saved 8 tensors, 1 QINS layers to {path}", f"loaded {path}: 1 QINS layers (1 converted)"]
+
+
+def test_meta_skeleton_refusal_lists_the_first_three_stuck_buffers(tmp_path: Path) -> None:
+    class WithBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("table", torch.zeros(2), persistent=False)
+
+    source = nn.Sequential(nn.Linear(4, 4), *[WithBuffer() for _ in range(4)])
+    convert_model_to_projective(source, QinsConfig(), skip=())
+    qins.save(source, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(4, 4), *[WithBuffer() for _ in range(4)])
+    with pytest.raises(ValueError) as info:
+        qins.load(skeleton, tmp_path / "m.safetensors")
+    assert str(info.value) == ("cannot load into this meta-device model: non-persistent buffers ['1.table', '2.table', '3.table'] "
+                               "have no data and are not in any file; build the model on a real device")

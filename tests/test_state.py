@@ -91,11 +91,22 @@ def _swap_logs(sd: dict) -> None:
     sd["log_min"], sd["log_max"] = sd["log_max"].clone(), sd["log_min"].clone()
 
 
+def _swap_rows(*rows: int) -> Callable[[dict], None]:
+    def swap(sd: dict) -> None:
+        lo, hi = sd["log_min"].clone(), sd["log_max"].clone()
+        for r in rows:
+            lo[r], hi[r] = sd["log_max"][r], sd["log_min"][r]
+        sd["log_min"], sd["log_max"] = lo, hi
+    return swap
+
+
 # (name, config, corruption, expected message): every bad state of the issue, on split and packed layers.
 CORRUPTIONS = [
     ("sign-zero", SEED, _set("sign", lambda t: t.index_fill(1, torch.tensor([3]), 0)), r"sign: values must be -1 or \+1, got 0"),
     ("sign-five", SEED, _set("sign", lambda t: t.index_fill(1, torch.tensor([0]), 5)), r"sign: values must be -1 or \+1, got 5"),
-    ("swapped-logs", SEED, _swap_logs, "log_min > log_max"),
+    ("swapped-logs", SEED, _swap_logs, r"log_min > log_max \("),
+    ("rows-2-and-4-swapped", QinsConfig(), _swap_rows(2, 4), r"log_min > log_max at row 2 \("),
+    ("log-min-a-float", SEED, _set("log_min", lambda t: t.item()), "log_min: expected a tensor, got float"),
     ("swapped-row-logs", QinsConfig(), _swap_logs, "log_min > log_max at row"),
     ("nan-log-min", SEED, _set("log_min", lambda t: torch.full_like(t, float("nan"))), "log_min: must be finite"),
     ("inf-log-max", QinsConfig(), _set("log_max", lambda t: torch.full_like(t, float("inf"))), "log_max: must be finite"),
