@@ -338,6 +338,15 @@ def test_build_failure_falls_back_and_warns_once(monkeypatch, caplog):
         torch.ops.qins.linear(*args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_reference_returns_the_input_dtype(dtype):
+    gen = torch.Generator().manual_seed(12)
+    codes, sign = qins_codes(gen, 6, 9, False, 0.1)
+    x = torch.randn(2, 9, generator=gen).to(dtype)
+    y = reference.linear(x, codes, sign, torch.tensor(-3.0), torch.tensor(0.5), torch.randn(6, generator=gen).to(dtype))
+    assert y.dtype == dtype and y.shape == (2, 6)
+
+
 def test_an_unknown_qins_cpu_isa_is_refused_naming_the_choices(monkeypatch):
     monkeypatch.setenv("QINS_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match=r"^QINS_CPU_ISA must be one of \['avx2', 'avx512', 'scalar'\], got 'sse9'$"):

@@ -192,3 +192,20 @@ def test_each_launch_is_logged_at_debug_level(caplog):
     with caplog.at_level("DEBUG", logger="qins.kernels"):
         tk.linear(torch.randn(2, 3, 9), codes, None, lo, hi, None)
     assert "qins triton linear: x (6, 9) codes (5, 9) per_row=True packed=True" in [r.getMessage() for r in caplog.records]
+
+
+def test_table_computes_from_float32_logs_in_a_float32_table_whatever_it_is_given():
+    lo, hi = torch.tensor([-3.25, -1.5]), torch.tensor([0.5, 2.0])
+    want = tk.table(lo, hi, True)
+    assert torch.equal(tk.table(lo.double(), hi.double(), True), want)
+    half = lo.to(torch.bfloat16), hi.to(torch.bfloat16)
+    assert torch.equal(tk.table(*half, True), tk.table(half[0].float(), half[1].float(), True))
+    with pytest.raises(RuntimeError, match="log_min and log_max must have the same shape"):
+        tk.table(torch.zeros(3), torch.zeros(4), True)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        under_float64 = tk.table(lo, hi, False)
+    finally:
+        torch.set_default_dtype(before)
+    assert under_float64.dtype == torch.float32 and torch.equal(under_float64, tk.table(lo, hi, False))
