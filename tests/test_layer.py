@@ -97,9 +97,17 @@ def test_from_half_precision_linear_computes_in_its_dtype(dtype: torch.dtype) ->
     assert layer(x).dtype == dtype
 
 
-def test_output_dtype_follows_input_dtype() -> None:
-    layer = ProjectiveLinear.from_linear(make_linear())
-    assert layer(torch.randn(2, 48, dtype=torch.bfloat16)).dtype == torch.bfloat16
+@pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
+def test_output_dtype_follows_input_dtype_and_keeps_the_bias(cache_weight: bool) -> None:
+    layer = ProjectiveLinear.from_linear(make_linear(), cache_weight=cache_weight)
+    x = torch.randn(2, 48, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    with torch.no_grad():  # the float32 layer in bf16 math: the bf16 weight and bias, once each
+        want = torch.nn.functional.linear(x.float(), layer.decode_weight().to(torch.bfloat16).float(),
+                                          layer.bias.to(torch.bfloat16).float())
+    assert torch.allclose(y.float(), want, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(y.float(), want - layer.bias.float(), rtol=2e-2, atol=2e-2)  # the bias is there
 
 
 def test_state_dict_holds_codes_and_logs_but_never_the_cache() -> None:
