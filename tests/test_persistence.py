@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 import qins
 from qins import ProjectiveLinear, QinsConfig, compat, convert_model_to_projective
@@ -191,3 +192,20 @@ def test_loading_in_a_dtype_casts_floats_and_persistent_buffers_only() -> None:
     assert qins_layer.log_max.dtype == torch.float32 and torch.equal(qins_layer.log_max, log_max)
     assert torch.equal(qins_layer.stored, codes)
     assert torch.equal(qins_layer._cached_weight, qins_layer.decode_weight().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("version, supported", [("4.43.9", False), ("4.44.0", True), ("4.44", True), ("5.99.1", True),
+                                                ("6.0.0", False), ("7.1", False)])
+def test_save_pretrained_support_is_transformers_4_44_up_to_6(monkeypatch, version: str, supported: bool) -> None:
+    import transformers
+
+    from qins import hf
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    if supported:
+        assert str(hf._transformers_version()) == str(Version(version))
+        return
+    with pytest.raises(qins.UnsupportedTransformersError) as info:
+        hf._transformers_version()
+    assert str(info.value) == (f"qins cannot save/load QINS models with transformers {version} (supported: >=4.44,<6); "
+                               "use qins.save/qins.load (plain safetensors) instead")
