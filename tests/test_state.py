@@ -171,6 +171,8 @@ def test_format_mismatch_message_names_the_layer_and_both_formats_in_full() -> N
         check_qins_state(dst, state, "block.proj.", {})
     assert str(info.value) == ("block.proj: the state is packed (1 byte/weight), per row but the layer is split (2 bytes/weight), "
                                "per tensor; build the layer with QinsConfig(packed=True, per_row=True) to load it")
+    with pytest.raises(ValueError, match=r"^mlp\.X: the state is packed"):  # only the trailing dot goes
+        check_qins_state(dst, {"mlp.X." + k: v for k, v in src.state_dict().items()}, "mlp.X.", {})
     # no prefix: the layer's class names it; metadata that is not a mapping is ignored
     with pytest.raises(ValueError, match=r"^ProjectiveLinear: the state is packed \(1 byte/weight\), per row but"):
         check_qins_state(dst, src.state_dict(), "", None)
