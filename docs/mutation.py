@@ -76,8 +76,8 @@ def _mutated_line(name: str, root: Path = Path("mutants")) -> str:
     import difflib
 
     module, func = name.rsplit(".", 1)
-    base = root / Path(*module.split("."))
-    path = base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__init__.py"
+    stem = root / Path(*module.split("."))
+    path = stem.with_suffix(".py") if stem.with_suffix(".py").exists() else stem / "__init__.py"
     functions = _functions(path) if path.exists() else {}
     base = func.rsplit("__mutmut_", 1)[0]
     orig, mutant = functions.get(base + "__mutmut_orig"), functions.get(func)

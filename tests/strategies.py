@@ -5,8 +5,9 @@ models are built from transformers configs with random weights.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from hypothesis import strategies as st
@@ -135,6 +136,17 @@ def tiny_phi3(*, seed: int = 0, **config_kwargs: Any):
     return model.eval()
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` for the block, the previous default restored after it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def biased_mlp(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
     """A seeded two-layer MLP whose linears have biases (Phi-3's have none), with a LayerNorm between.
 
@@ -150,13 +162,11 @@ def biased_mlp(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn
 # (owned by the qins.compat work; see tests/test_compat.py and tests/test_generation.py)
 # ----------------------------------------------------------------------------------------------
 
-import contextlib  # noqa: E402  (imports of this appended section)
-import hashlib  # noqa: E402
+import hashlib  # noqa: E402  (imports of this appended section)
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
 
 LEGACY_MODEL_SOURCES = Path(__file__).parent / "legacy_model"
 

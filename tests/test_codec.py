@@ -20,7 +20,7 @@ from qins import (
     qins_log_slack,
     reconstruct_from_qins,
 )
-from tests.strategies import EXTREME_SPANS, float32_weights
+from tests.strategies import EXTREME_SPANS, default_dtype, float32_weights
 
 F64 = torch.float64
 
@@ -365,12 +365,8 @@ def test_half_precision_0d_logs_are_widened_to_float32_before_the_table_is_compu
 def test_a_float_beside_a_float32_log_is_rounded_to_float32_whatever_the_default_dtype() -> None:
     lo = torch.tensor(-2.462, dtype=torch.float32)  # inexact values whose float64 difference rounds differently
     want = qins_levels(lo, torch.tensor(1.226, dtype=torch.float32))
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         mixed = qins_levels(lo, 1.226)
-    finally:
-        torch.set_default_dtype(before)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, want)
 
 

@@ -505,20 +505,17 @@ def test_patch_api_is_exported_from_the_package() -> None:
 
 # ---- found by mutation testing (issue 11): the version guards, simulated on this transformers ----
 
-_CACHE_SHIMS = {"get_usable_length": "_get_usable_length", "seen_tokens": "_seen_tokens", "get_max_length": "_get_max_length"}
+#: (owner, name) of everything the patch may add to the cache classes: the legacy API and the views
+_CACHE_PIECES = [(o, n) for o, names in LEGACY_CACHE_API.items() for n in names] + [(DynamicCache, "key_cache"), (DynamicCache, "value_cache")]
 
 
 def test_a_transformers_that_has_the_whole_legacy_api_gets_none_of_it_replaced(unpatched, monkeypatch):
     import types
 
-    from transformers import dynamic_module_utils  # noqa: F401  (the adapter is not a replacement)
-
     mask_module = importlib.import_module(MASK_MODULE) if importlib.util.find_spec(MASK_MODULE) else types.ModuleType(MASK_MODULE)
     monkeypatch.setitem(sys.modules, MASK_MODULE, mask_module)
     native = {}
-    for owner, name in [(Cache, n) for n in _CACHE_SHIMS] + [(DynamicCache, "from_legacy_cache"), (DynamicCache, "to_legacy_cache"),
-                                                             (DynamicCache, "key_cache"), (DynamicCache, "value_cache"),
-                                                             (mask_module, compat._MASK_FN)]:
+    for owner, name in [*_CACHE_PIECES, (mask_module, compat._MASK_FN)]:
         native[owner, name] = object()
         monkeypatch.setattr(owner, name, native[owner, name], raising=False)
     added = compat.patch_transformers()
@@ -533,16 +530,15 @@ def test_a_transformers_that_lacks_the_legacy_api_gets_each_piece_and_loses_it_o
 
     mask_module = types.ModuleType(MASK_MODULE)  # the module exists but lacks the function (late 4.x)
     monkeypatch.setitem(sys.modules, MASK_MODULE, mask_module)
-    legacy = [*_CACHE_SHIMS, "from_legacy_cache", "to_legacy_cache", "key_cache", "value_cache"]
     for owner in DynamicCache.__mro__[:-1]:  # Cache and every other base, not object
-        for name in legacy:
+        for _, name in _CACHE_PIECES:
             if name in vars(owner):
                 monkeypatch.delattr(owner, name)
     views = not hasattr(DynamicCache(), "key_cache")  # 4.x sets key_cache in __init__: it cannot go
-    assert not any(hasattr(DynamicCache(), n) for n in [*_CACHE_SHIMS, "from_legacy_cache", "to_legacy_cache"])
+    api = [(o, n) for o, n in _CACHE_PIECES if n not in ("key_cache", "value_cache")]
+    assert not any(hasattr(DynamicCache(), n) for _, n in api)
     added = compat.patch_transformers()
-    want = ([f"Cache.{n}" for n in _CACHE_SHIMS] + ["DynamicCache.from_legacy_cache", "DynamicCache.to_legacy_cache"]
-            + (["DynamicCache.key_cache", "DynamicCache.value_cache"] if views else []) + [f"{MASK_MODULE}.{compat._MASK_FN}"])
+    want = [f"{o.__name__}.{n}" for o, n in (_CACHE_PIECES if views else api)] + [f"{MASK_MODULE}.{compat._MASK_FN}"]
     assert [a for a in added if a.startswith(("Cache.", "DynamicCache.", MASK_MODULE))] == want
     assert vars(Cache)["get_usable_length"] is compat._get_usable_length and vars(Cache)["get_max_length"] is compat._get_max_length
     assert vars(Cache)["seen_tokens"].fget is compat._seen_tokens
@@ -552,8 +548,7 @@ def test_a_transformers_that_lacks_the_legacy_api_gets_each_piece_and_loses_it_o
         assert [vars(DynamicCache)[n].attr for n in ("key_cache", "value_cache")] == ["keys", "values"]
     assert sys.modules[MASK_MODULE] is mask_module and vars(mask_module)[compat._MASK_FN] is compat._prepare_4d_causal_attention_mask
     compat.unpatch_transformers()
-    assert not any(n in vars(Cache) for n in _CACHE_SHIMS) and compat._MASK_FN not in vars(mask_module)
-    assert not any(n in vars(DynamicCache) for n in ("from_legacy_cache", "to_legacy_cache", "key_cache", "value_cache"))
+    assert not any(n in vars(o) for o, n in _CACHE_PIECES) and compat._MASK_FN not in vars(mask_module)
 
 
 def test_the_remote_class_adapter_is_installed_when_generate_passes_cache_even_without_a_rope_property(unpatched, monkeypatch):

@@ -9,7 +9,7 @@ from torch import nn
 
 from qins import ProjectiveLinear, QinsConfig
 from qins.codec import SMALLEST_NORMAL
-from tests.strategies import LAYER_CONFIGS, config_id
+from tests.strategies import LAYER_CONFIGS, config_id, default_dtype
 
 CONFIGS = pytest.mark.parametrize("config", LAYER_CONFIGS, ids=config_id)
 SEED = QinsConfig.seed()
@@ -231,12 +231,8 @@ def test_logs_stay_float32_through_meta_and_to_empty_whatever_the_default_dtype(
     layer = ProjectiveLinear.from_linear(make_linear())
     on_meta = layer.to("meta")
     assert on_meta.log_min.is_meta and on_meta.log_max.is_meta and on_meta.log_min.dtype == torch.float32
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         empty = ProjectiveLinear(48, 24, device="meta").to_empty(device="cpu")
-    finally:
-        torch.set_default_dtype(default)
     assert empty.log_min.dtype == empty.log_max.dtype == torch.float32
     assert empty.log_min.device.type == "cpu" and not empty.log_max.is_meta
 

@@ -38,7 +38,7 @@ import qins.kernels as qk  # noqa: E402
 from qins.formats import level_table  # noqa: E402
 from qins.kernels import reference  # noqa: E402
 from qins.kernels import triton_kernel as tk  # noqa: E402
-from tests.strategies import LinearCase, qins_codes, qins_log_pairs  # noqa: E402
+from tests.strategies import LinearCase, default_dtype, qins_codes, qins_log_pairs  # noqa: E402
 from tests.test_kernels import check_close, env  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -202,10 +202,6 @@ def test_table_computes_from_float32_logs_in_a_float32_table_whatever_it_is_give
     assert torch.equal(tk.table(*half, True), tk.table(half[0].float(), half[1].float(), True))
     with pytest.raises(RuntimeError, match="^log_min and log_max must have the same shape$"):
         tk.table(torch.zeros(3), torch.zeros(4), True)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         under_float64 = tk.table(lo, hi, False)
-    finally:
-        torch.set_default_dtype(before)
     assert under_float64.dtype == torch.float32 and torch.equal(under_float64, tk.table(lo, hi, False))
