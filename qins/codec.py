@@ -125,6 +125,10 @@ def _validate(weight: torch.Tensor) -> None:
         raise ValueError("expected a tensor with at least one dimension, got a 0-d tensor")
     if weight.numel() == 0:
         raise ValueError(f"expected a non-empty tensor, got shape {tuple(weight.shape)}")
+    flat = weight.detach().reshape(-1)
+    peaks = torch.stack([flat[block].to(torch.float32).abs().amax() for block in _blocks(flat)])
+    if bool(torch.isfinite(peaks.amax())):
+        return  # every value is finite in float32: a NaN, ±Inf or overflow makes its block's peak non-finite
     bad = ~torch.isfinite(weight)
     n_bad = int(bad.sum())
     if n_bad:
@@ -164,7 +168,8 @@ def convert_to_qins(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
 
     Element-wise work is float32 for every input dtype (fp16, bf16, fp64 inputs are cast to float32
     first, so the codes depend only on the float32 values); the two range scalars are float64.
-    The input is never modified.
+    On the CPU it runs in two passes of blocks of ``_CPU_BLOCK`` elements (range and signs, then
+    codes), so its temporaries are a few MiB whatever the tensor's size. The input is never modified.
 
     Raises:
         ValueError: non-float dtype, 0-d or empty tensor, or any NaN/±Inf (the message gives their
@@ -172,32 +177,58 @@ def convert_to_qins(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     """
     with torch.no_grad():
         _validate(weight)
-        device = weight.device
-        w = weight.detach().to(torch.float32)
-        mag = w.abs()
-        sign = torch.where(torch.signbit(w), -1, 1).to(torch.int8)
-        normal = mag >= SMALLEST_NORMAL
-        if not bool(normal.any()):
-            return torch.zeros_like(mag, dtype=torch.uint8), sign, 0.0, 0.0
-
-        min_mag = torch.where(normal, mag, torch.full_like(mag, math.inf)).min()
-        max_mag = mag.max()
+        flat = weight.detach().reshape(-1)
+        codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+        sign = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        code_flat, sign_flat = codes.view(-1), sign.view(-1)
+        # Pass 1, per block: the sign, and the extremes (the smallest over normal magnitudes).
+        mins, maxs = [], []
+        for block in _blocks(flat):
+            w = flat[block].to(torch.float32)
+            sign_flat[block] = torch.where(torch.signbit(w), -1, 1)
+            mag = w.abs()
+            mins.append(torch.where(mag >= SMALLEST_NORMAL, mag, math.inf).min())
+            maxs.append(mag.max())
+        min_mag, max_mag = torch.stack(mins).min(), torch.stack(maxs).max()
+        if math.isinf(float(min_mag)):  # no normal magnitude
+            return codes.zero_(), sign, 0.0, 0.0
         # The range in float64 from the exact float32 extremes: log_min = log(min |w|) etc.
         log_min, log_max = math.log(float(min_mag)), math.log(float(max_mag))
-        span = log_max - log_min
-        if span > 0.0:
-            n = (torch.log(torch.where(normal, mag, min_mag)) - log_min) / span
-            codes = torch.round(255.0 - 254.0 * n).clamp_(1, 255).to(torch.uint8)
-            # The extremes get their codes by definition, whatever float32 did to their logs (it
-            # matters only when the span is near float32's resolution); monotonicity is preserved.
-            codes = torch.where(mag == max_mag, 1, torch.where(mag == min_mag, 255, codes)).to(torch.uint8)
-        else:  # all normal magnitudes are equal
-            codes = torch.ones_like(mag, dtype=torch.uint8)
-        smallest = qins_levels(log_min, log_max, device=device)[255]
-        below = torch.where(mag * 2.0 >= smallest, 255, 0).to(torch.uint8)  # nearer of {0, smallest level}
-        codes = torch.where(normal, codes, below)
-        codes = torch.where(mag == 0, 0, codes).to(torch.uint8)
+        smallest = qins_levels(log_min, log_max, device=weight.device)[255]
+        for block in _blocks(flat):
+            code_flat[block] = _codes(flat[block].to(torch.float32).abs(), min_mag, max_mag, log_min, log_max, smallest)
         return codes, sign, log_min, log_max
+
+
+def _codes(mag: torch.Tensor, min_mag, max_mag, log_min: float, log_max: float, smallest) -> torch.Tensor:
+    """The uint8 codes of float32 magnitudes ``mag`` (a block) in the range of the whole tensor."""
+    normal = mag >= SMALLEST_NORMAL
+    span = log_max - log_min
+    if span > 0.0:
+        n = (torch.log(torch.where(normal, mag, min_mag)) - log_min) / span
+        codes = torch.round(255.0 - 254.0 * n).clamp_(1, 255).to(torch.uint8)
+        # The extremes get their codes by definition, whatever float32 did to their logs (it
+        # matters only when the span is near float32's resolution); monotonicity is preserved.
+        codes = torch.where(mag == max_mag, 1, torch.where(mag == min_mag, 255, codes)).to(torch.uint8)
+    else:  # all normal magnitudes are equal
+        codes = torch.ones_like(mag, dtype=torch.uint8)
+    below = torch.where(mag * 2.0 >= smallest, 255, 0).to(torch.uint8)  # nearer of {0, smallest level}
+    codes = torch.where(normal, codes, below)
+    return torch.where(mag == 0, 0, codes).to(torch.uint8)
+
+
+#: Elements per block of the CPU encode and decode: a block's temporaries (at most 8 bytes an
+#: element) stay in cache and come from the heap, so a large tensor makes no temporaries of its own
+#: size (each of those is a fresh mmap whose page faults cost more than the arithmetic). A multiple
+#: of the SIMD width, so the element-wise kernels split the data as they would unblocked.
+_CPU_BLOCK = 1 << 18
+
+
+def _blocks(flat: torch.Tensor) -> list[slice]:
+    """Slices covering ``flat``: blocks of ``_CPU_BLOCK`` on the CPU, one slice elsewhere."""
+    n = flat.numel()
+    step = _CPU_BLOCK if flat.device.type == "cpu" else max(n, 1)
+    return [slice(start, start + step) for start in range(0, n, step)]
 
 
 def reconstruct_from_qins(
@@ -214,16 +245,24 @@ def reconstruct_from_qins(
     ``log_min``/``log_max`` may be Python floats or 0-d tensors (the layer passes its 0-d float32
     buffers, so nothing here calls ``.item()`` and torch.compile never specialises on their values).
     Code 0 decodes to 0.0 (``-0.0`` where the sign is negative). If ``out`` is given it receives the
-    result (it must have ``stored``'s shape) and is returned.
+    result (it must have ``stored``'s shape; any dtype, cast from ``dtype``) and is returned.
+
+    The decode writes straight into the result (or ``out`` when it is contiguous and of ``dtype``),
+    on the CPU in blocks of ``_CPU_BLOCK`` elements: its extra memory is a few MiB whatever the
+    tensor's size.
     """
     if stored.dtype != torch.uint8:
         raise ValueError(f"stored must be uint8, got {stored.dtype}")
     if sign.shape != stored.shape:
         raise ValueError(f"sign shape {tuple(sign.shape)} != stored shape {tuple(stored.shape)}")
-    levels = qins_levels(log_min, log_max, device=stored.device).to(dtype)
-    # Gather, then multiply by the ±1 sign (exact; 0 * -1 gives -0.0). One pass each, ~3x faster
+    if out is not None and out.shape != stored.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} != stored shape {tuple(stored.shape)}")
+    # Gather, then multiply by the ±1 sign (exact; 0 * -1 gives -0.0): one pass each, ~3x faster
     # than torch.where on CPU; rounding the 256-entry table to ``dtype`` first equals rounding after.
-    w = levels[stored.long()] * sign
-    if out is not None:
-        return out.copy_(w)
-    return w
+    levels = qins_levels(log_min, log_max, device=stored.device).to(dtype)
+    direct = out is not None and out.dtype == dtype and out.is_contiguous()
+    result = out if direct else torch.empty(stored.shape, dtype=dtype, device=stored.device)
+    codes, signs, flat = stored.reshape(-1), sign.reshape(-1), result.view(-1)
+    for block in _blocks(codes):
+        torch.index_select(levels, 0, codes[block].long(), out=flat[block]).mul_(signs[block])
+    return result if out is None or direct else out.copy_(result)

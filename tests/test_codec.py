@@ -384,3 +384,87 @@ def test_the_table_and_the_decode_land_on_the_requested_device() -> None:
     stored, sign = torch.ones(2, 3, dtype=torch.uint8, device="meta"), torch.ones(2, 3, dtype=torch.int8, device="meta")
     assert reconstruct_from_qins(stored, sign, -3.0, 0.5).is_meta
     assert reconstruct_from_qins(stored, sign, torch.tensor(-3.0), torch.tensor(0.5)).is_meta
+
+
+# ---- the blocked CPU decode (no temporaries of the tensor's size) ----
+
+
+def _decode_formula(stored: torch.Tensor, sign: torch.Tensor, lo, hi, dtype=torch.float32) -> torch.Tensor:
+    """The format's definition in one expression: ``sign · levels[stored]`` in ``dtype``."""
+    return qins_levels(lo, hi).to(dtype)[stored.long()] * sign
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).view(torch.int32)  # compares -0.0 and 0.0 as different
+
+
+@given(
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 13)),
+    block=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_blocked_decode_equals_the_formula_bit_for_bit_at_every_block_boundary(
+    shape, block: int, seed: int, dtype: torch.dtype
+) -> None:
+    import qins.codec
+
+    g = torch.Generator().manual_seed(seed)
+    stored = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1, 1).to(torch.int8)
+    lo, hi = torch.tensor(-4.5), torch.tensor(0.25)
+    want = _decode_formula(stored, sign, lo, hi, dtype)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(qins.codec, "_CPU_BLOCK", block)
+        got = reconstruct_from_qins(stored, sign, lo, hi, dtype=dtype)
+        into = torch.full(shape, 7.0, dtype=dtype)
+        res = reconstruct_from_qins(stored, sign, lo, hi, dtype=dtype, out=into)
+    assert got.dtype == dtype and torch.equal(_bits(got), _bits(want))
+    assert res is into and torch.equal(_bits(into), _bits(want))
+
+
+def test_decode_into_a_strided_or_other_dtype_out_writes_every_element() -> None:
+    stored, sign, lo, hi = convert_to_qins(torch.randn(6, 10))
+    want = _decode_formula(stored, sign, lo, hi)
+    strided = torch.full((10, 6), 3.0).t()  # non-contiguous
+    assert reconstruct_from_qins(stored, sign, lo, hi, out=strided) is strided
+    assert torch.equal(_bits(strided), _bits(want))
+    wide = torch.full((6, 10), 3.0, dtype=torch.float64)
+    assert reconstruct_from_qins(stored, sign, lo, hi, out=wide) is wide
+    assert torch.equal(wide, want.to(torch.float64))
+
+
+def test_decode_of_a_non_contiguous_code_tensor_follows_its_logical_layout() -> None:
+    stored, sign, lo, hi = convert_to_qins(torch.randn(7, 5))
+    got = reconstruct_from_qins(stored.t(), sign.t(), lo, hi)
+    assert torch.equal(_bits(got), _bits(_decode_formula(stored, sign, lo, hi).t()))
+
+
+def test_decode_rejects_an_out_of_another_shape_and_leaves_it_untouched() -> None:
+    stored, sign, lo, hi = convert_to_qins(torch.randn(4, 5))
+    out = torch.full((5, 4), 3.0)
+    with pytest.raises(ValueError, match=r"^out shape \(5, 4\) != stored shape \(4, 5\)$"):
+        reconstruct_from_qins(stored, sign, lo, hi, out=out)
+    assert bool((out == 3.0).all())
+
+
+@given(w=float32_weights(), block=st.sampled_from([64, 128]))
+@example(w=EXTREME_SPANS[1], block=64)
+def test_blocked_encode_equals_the_one_block_encode(w: torch.Tensor, block: int) -> None:
+    """The range comes from every block, not the first, and codes match bit for bit.
+
+    ``w`` follows 130 copies of its first element, so the first block or two hold one value and
+    the extremes sit in later blocks. Blocks are multiples of 64 elements, so the SIMD kernels
+    split the data as unblocked ones do.
+    """
+    import qins.codec
+
+    flat = w.reshape(-1)
+    x = torch.cat([flat[:1].expand(130), flat])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(qins.codec, "_CPU_BLOCK", 1 << 30)
+        whole = convert_to_qins(x)
+        m.setattr(qins.codec, "_CPU_BLOCK", block)
+        blocked = convert_to_qins(x)
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    assert blocked[2:] == whole[2:]
