@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
+from . import kernels
 from .formats import LOG_FLOAT32_MAX, QinsConfig, level_table, num_levels
 
 __all__ = ["encode"]
@@ -138,21 +139,13 @@ def _rounding_deviation(mag: torch.Tensor, gap: torch.Tensor, hi: torch.Tensor, 
     (``θ = exp(hi - min span)``, clamped at 0): 0 for the weights outside that range (up to rounding
     at its edge, where it is ~0 anyway) without a mask; squares are relative to ``exp(2·hi)``, so
     nothing overflows. A ranking score, not an exact error: only the final comparison is exact.
+    The sums run in :func:`qins.kernels.rounding_deviation` (native on CPU, one pass).
     """
     tau = spans.min(1, keepdim=True).values.to(torch.float32)  # [R, 1]
     inv = torch.where(spans > 0, steps / spans.clamp_min(1e-300), 0.0).to(torch.float32)  # [R, C]
     unit = torch.exp(-hi)  # [R, 1]: magnitudes relative to max|w| (<= 1 up to rounding)
     floor2 = torch.exp(-2.0 * tau)
-    dev = torch.zeros(spans.shape, dtype=torch.float64, device=mag.device)
-    for r, c in _chunks(mag):
-        g = gap[r, c].clamp_max(tau[r])  # finite everywhere (zeros have gap = +inf); weight 0 beyond tau
-        a = mag[r, c].mul(unit[r]).square_().sub_(floor2[r]).clamp_min_(0.0)
-        dev[r] -= a.sum(1, keepdim=True).double() / 12.0
-        for i in range(spans.shape[1]):
-            t = g.mul(inv[r, i : i + 1])
-            t.sub_(torch.round(t)).square_()
-            dev[r, i] += torch.linalg.vecdot(a, t, dim=1).double()
-    return dev * torch.exp(2.0 * hi.double())
+    return kernels.rounding_deviation(mag, gap, inv, unit, floor2, tau) * torch.exp(2.0 * hi.double())
 
 
 def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,17 +180,9 @@ def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.T
         score = _model_errors(hist, lo0, hi, spans, steps) + (spans / steps).square() * _rounding_deviation(mag, gap, hi, spans, steps)
         lo_best = los.gather(1, score.argmin(1, keepdim=True))  # first minimum: the incumbent on a tie
 
-    out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
-    tables = [level_table(lo.reshape(-1), hi.reshape(-1), packed) for lo in (lo0, lo_best)]
-    err = torch.zeros(rows, 2, dtype=torch.float64, device=mag.device)
-    for r, c in _chunks(mag):
-        m, g = mag[r, c], gap[r, c]
-        for i, (lo, table) in enumerate(zip((lo0, lo_best), tables)):
-            table = table[r] if rows > 1 else table
-            codes, _ = _mag_codes(m, g, lo[r], hi[r], packed, table)
-            err[r, i] += _sq_error(m, codes, table)
-            if i == 1:
-                out[r, c] = codes
+    ranges = (lo0, lo_best)
+    tables = torch.stack([level_table(lo.reshape(-1), hi.reshape(-1), packed) for lo in ranges])  # [2, R, 256]
+    err, out = kernels.range_codes(mag, gap, torch.cat(ranges, 1), hi, tables, packed, write=1)
     keep = err[:, :1] <= err[:, 1:]  # minmax on a tie (per tensor: the one row is the whole tensor)
     if bool(keep.any()):
         idx = keep.reshape(-1).nonzero().reshape(-1)

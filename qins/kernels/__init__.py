@@ -34,7 +34,7 @@ import torch
 from . import reference
 from .cpu import build as _build
 
-__all__ = ["linear", "backend_name", "native_module", "triton_module", "cpu_isa", "ISAS"]
+__all__ = ["linear", "rounding_deviation", "range_codes", "backend_name", "native_module", "triton_module", "cpu_isa", "ISAS"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,39 @@ def _dispatch(x, codes, sign, log_min, log_max, bias) -> torch.Tensor:
     if _use_native(x.device):
         return native_module().linear(x, codes, sign, log_min, log_max, bias, cpu_isa())
     return reference.linear(x, codes, sign, log_min, log_max, bias)
+
+
+def rounding_deviation(
+    mag: torch.Tensor, gap: torch.Tensor, inv: torch.Tensor, unit: torch.Tensor, floor2: torch.Tensor, tau: torch.Tensor
+) -> torch.Tensor:
+    """The mse range search's rounding-deviation score ``[R, C]`` float64 (formula in
+    :func:`qins.kernels.reference.rounding_deviation`): the native kernel on CPU as
+    :func:`backend_name` reports (Triton has none: the native kernel runs there), else the reference.
+    Backends differ only in summation order."""
+    if _use_native(mag.device):
+        args = [t.to(torch.float32).contiguous() for t in (mag, gap, inv, unit, floor2, tau)]
+        return native_module().rounding_deviation(*args, cpu_isa())
+    return reference.rounding_deviation(mag, gap, inv, unit, floor2, tau)
+
+
+def range_codes(
+    mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tables: torch.Tensor, packed: bool, write: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The mse search's final codes and exact errors (:func:`qins.kernels.reference.range_codes`):
+    native on CPU as :func:`rounding_deviation`, else the reference. The codes are identical on every
+    backend; the float64 error sums differ only in order."""
+    if not _use_native(mag.device):
+        return reference.range_codes(mag, gap, lo, hi, tables, packed, write)
+    from ..codec import SMALLEST_NORMAL
+    from ..formats import num_levels
+
+    k = num_levels(packed)
+    delta = (hi - lo) / float(k - 1)  # [R, S], the float32 steps of qins.encode._mag_codes
+    delta = torch.where(delta > 0, delta, SMALLEST_NORMAL)
+    half = tables[:, :, k].t() * 0.5
+    args = [t.to(torch.float32).contiguous() for t in (mag, gap, delta, half, tables)]
+    err, codes = native_module().range_codes(*args, k, write, cpu_isa())
+    return err, (codes if write >= 0 else None)
 
 
 def _linear_fake(x, codes, sign, log_min, log_max, bias):

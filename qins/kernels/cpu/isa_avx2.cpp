@@ -127,8 +127,94 @@ void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, 
   }
 }
 
+// The rounding-deviation score, 8 columns a step, as avx512_deviation (tail: a scalar loop into
+// the same per-candidate float32 partial sums).
+void avx2_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
+  alignas(32) float wb[kDevBlock], gb[kDevBlock];
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* mag = a.mag + r * a.cols;
+    const float* gap = a.gap + r * a.cols;
+    const float* inv = a.inv + r * a.C;
+    double* dev = a.dev + r * a.C;
+    double asum = 0.0;
+    for (int64_t i = 0; i < a.C; ++i) dev[i] = 0.0;
+    for (int64_t k0 = 0; k0 < a.cols; k0 += kDevBlock) {
+      const int64_t n = std::min(kDevBlock, a.cols - k0);
+      const int64_t n8 = (n + 7) / 8 * 8;
+      float ws = 0.0f;
+      for (int64_t k = 0; k < n8; ++k) {  // padded with a = 0
+        wb[k] = k < n ? dev_weight(mag[k0 + k], a.unit[r], a.floor2[r]) : 0.0f;
+        gb[k] = k < n ? std::min(gap[k0 + k], a.tau[r]) : 0.0f;
+        ws += wb[k];
+      }
+      asum += ws;
+      for (int64_t i0 = 0; i0 < a.C; i0 += kDevGroup) {
+        const int64_t g = std::min(kDevGroup, a.C - i0);
+        __m256 acc[kDevGroup], iv[kDevGroup];
+        for (int64_t j = 0; j < kDevGroup; ++j) {
+          acc[j] = _mm256_setzero_ps();
+          iv[j] = _mm256_set1_ps(j < g ? inv[i0 + j] : 0.0f);
+        }
+        for (int64_t k = 0; k < n8; k += 8) {
+          const __m256 w = _mm256_load_ps(wb + k), gv = _mm256_load_ps(gb + k);
+          for (int64_t j = 0; j < kDevGroup; ++j) {
+            const __m256 t = _mm256_mul_ps(gv, iv[j]);
+            const __m256 d = _mm256_sub_ps(t, _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(w, _mm256_mul_ps(d, d)));
+          }
+        }
+        for (int64_t j = 0; j < g; ++j) {
+          alignas(32) float l[8];
+          _mm256_store_ps(l, acc[j]);
+          dev[i0 + j] += ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        }
+      }
+    }
+    for (int64_t i = 0; i < a.C; ++i) dev[i] -= asum / 12.0;
+  }
+}
+
+// The final codes and errors, 8 columns a step, as avx512_range_codes.
+void avx2_range_codes(const CodeArgs& a, int64_t r0, int64_t r1) {
+  const __m256 zero = _mm256_setzero_ps(), kf = _mm256_set1_ps(static_cast<float>(a.K));
+  const __m256i one = _mm256_set1_epi32(1), ki = _mm256_set1_epi32(static_cast<int32_t>(a.K));
+  const int64_t n8 = a.cols / 8 * 8;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* mag = a.mag + r * a.cols;
+    const float* gap = a.gap + r * a.cols;
+    for (int64_t s = 0; s < a.S; ++s) {
+      const float* t = a.tables + (s * a.R + r) * 256;
+      const __m256 delta = _mm256_set1_ps(a.delta[r * a.S + s]), half = _mm256_set1_ps(a.half[r * a.S + s]);
+      uint8_t* codes = s == a.write ? a.codes + r * a.cols : nullptr;
+      __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd();
+      for (int64_t k = 0; k < n8; k += 8) {
+        const __m256 m = _mm256_loadu_ps(mag + k);
+        __m256 j = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(gap + k), delta), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        j = _mm256_min_ps(_mm256_max_ps(j, zero), kf);
+        const __m256i in = _mm256_castps_si256(_mm256_cmp_ps(j, kf, _CMP_LT_OQ));
+        const __m256i flush = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(m, half, _CMP_GE_OQ)), ki);
+        const __m256i c = _mm256_blendv_epi8(flush, _mm256_add_epi32(_mm256_cvttps_epi32(j), one), in);
+        const __m256 d = _mm256_sub_ps(m, _mm256_i32gather_ps(t, c, 4));
+        const __m256d dl = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), dh = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+        e0 = _mm256_add_pd(e0, _mm256_mul_pd(dl, dl));
+        e1 = _mm256_add_pd(e1, _mm256_mul_pd(dh, dh));
+        if (codes) {
+          alignas(32) int32_t l[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(l), c);
+          for (int i = 0; i < 8; ++i) codes[k + i] = static_cast<uint8_t>(l[i]);
+        }
+      }
+      alignas(32) double l[4];
+      _mm256_store_pd(l, _mm256_add_pd(e0, e1));
+      a.err[r * a.S + s] = (l[0] + l[1]) + (l[2] + l[3]);
+      range_codes_tail(a, r, s, n8, a.cols);
+    }
+  }
+}
+
 }  // namespace
 
-const IsaKernels kAvx2Kernels = {"avx2", 1, avx2_table, avx2_kpad, avx2_xprep, avx2_gemv, avx2_decode, nullptr};
+const IsaKernels kAvx2Kernels = {"avx2", 1, avx2_table, avx2_kpad, avx2_xprep, avx2_gemv, avx2_decode, nullptr,
+                                 avx2_deviation, avx2_range_codes};
 
 }  // namespace qins

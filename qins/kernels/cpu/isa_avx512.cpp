@@ -340,9 +340,90 @@ void avx512_gemm(const float* x, int64_t ldx, int64_t B, const float* w, int64_t
   }
 }
 
+// The rounding-deviation score, 16 columns a step: a block's weights and clamped gaps are
+// computed once into stack buffers, then each group of <= kDevGroup candidates runs over them with
+// one float32 accumulator per candidate (masked loads zero the tail: a = 0 adds nothing).
+void avx512_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
+  alignas(64) float wb[kDevBlock], gb[kDevBlock];
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* mag = a.mag + r * a.cols;
+    const float* gap = a.gap + r * a.cols;
+    const float* inv = a.inv + r * a.C;
+    double* dev = a.dev + r * a.C;
+    const __m512 unit = _mm512_set1_ps(a.unit[r]), floor2 = _mm512_set1_ps(a.floor2[r]), tau = _mm512_set1_ps(a.tau[r]);
+    double asum = 0.0;
+    for (int64_t i = 0; i < a.C; ++i) dev[i] = 0.0;
+    for (int64_t k0 = 0; k0 < a.cols; k0 += kDevBlock) {
+      const int64_t n = std::min(kDevBlock, a.cols - k0);
+      __m512 ws = _mm512_setzero_ps();
+      for (int64_t k = 0; k < n; k += 16) {
+        const __mmask16 m = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, mag + k0 + k), unit);
+        const __m512 w = _mm512_maskz_max_ps(m, _mm512_sub_ps(_mm512_mul_ps(v, v), floor2), _mm512_setzero_ps());
+        _mm512_store_ps(wb + k, w);
+        _mm512_store_ps(gb + k, _mm512_min_ps(_mm512_maskz_loadu_ps(m, gap + k0 + k), tau));
+        ws = _mm512_add_ps(ws, w);
+      }
+      asum += _mm512_reduce_add_ps(ws);
+      for (int64_t i0 = 0; i0 < a.C; i0 += kDevGroup) {
+        const int64_t g = std::min(kDevGroup, a.C - i0);
+        __m512 acc[kDevGroup], iv[kDevGroup];
+        for (int64_t j = 0; j < kDevGroup; ++j) {
+          acc[j] = _mm512_setzero_ps();
+          iv[j] = _mm512_set1_ps(j < g ? inv[i0 + j] : 0.0f);
+        }
+        for (int64_t k = 0; k < n; k += 16) {
+          const __m512 w = _mm512_load_ps(wb + k), gv = _mm512_load_ps(gb + k);
+          for (int64_t j = 0; j < kDevGroup; ++j) {
+            const __m512 t = _mm512_mul_ps(gv, iv[j]);
+            const __m512 d = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(w, _mm512_mul_ps(d, d)));
+          }
+        }
+        for (int64_t j = 0; j < g; ++j) dev[i0 + j] += _mm512_reduce_add_ps(acc[j]);
+      }
+    }
+    for (int64_t i = 0; i < a.C; ++i) dev[i] -= asum / 12.0;
+  }
+}
+
+// The final codes and errors, 16 columns a step: a gather from the row's table (L1-resident),
+// the float32 differences widened to double and squared there; the tail runs range_codes_tail.
+void avx512_range_codes(const CodeArgs& a, int64_t r0, int64_t r1) {
+  const __m512 zero = _mm512_setzero_ps(), kf = _mm512_set1_ps(static_cast<float>(a.K));
+  const __m512i one = _mm512_set1_epi32(1), ki = _mm512_set1_epi32(static_cast<int32_t>(a.K));
+  const int64_t n16 = a.cols / 16 * 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* mag = a.mag + r * a.cols;
+    const float* gap = a.gap + r * a.cols;
+    for (int64_t s = 0; s < a.S; ++s) {
+      const float* t = a.tables + (s * a.R + r) * 256;
+      const __m512 delta = _mm512_set1_ps(a.delta[r * a.S + s]), half = _mm512_set1_ps(a.half[r * a.S + s]);
+      uint8_t* codes = s == a.write ? a.codes + r * a.cols : nullptr;
+      __m512d e0 = _mm512_setzero_pd(), e1 = _mm512_setzero_pd();
+      for (int64_t k = 0; k < n16; k += 16) {
+        const __m512 m = _mm512_loadu_ps(mag + k);
+        __m512 j = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(gap + k), delta), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        j = _mm512_min_ps(_mm512_max_ps(j, zero), kf);
+        const __mmask16 in = _mm512_cmp_ps_mask(j, kf, _CMP_LT_OQ);
+        const __m512i flush = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(m, half, _CMP_GE_OQ), ki);
+        const __m512i c = _mm512_mask_blend_epi32(in, flush, _mm512_add_epi32(_mm512_cvttps_epi32(j), one));
+        const __m512 d = _mm512_sub_ps(m, _mm512_i32gather_ps(c, t, 4));
+        const __m512d dl = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+        const __m512d dh = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+        e0 = _mm512_add_pd(e0, _mm512_mul_pd(dl, dl));
+        e1 = _mm512_add_pd(e1, _mm512_mul_pd(dh, dh));
+        if (codes) _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(c));
+      }
+      a.err[r * a.S + s] = _mm512_reduce_add_pd(_mm512_add_pd(e0, e1));
+      range_codes_tail(a, r, s, n16, a.cols);
+    }
+  }
+}
+
 }  // namespace
 
 const IsaKernels kAvx512Kernels = {"avx512", 0, avx512_table, avx512_kpad, avx512_xprep, avx512_gemv, avx512_decode,
-                                   avx512_gemm};
+                                   avx512_gemm, avx512_deviation, avx512_range_codes};
 
 }  // namespace qins

@@ -58,8 +58,65 @@ void scalar_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1
   }
 }
 
+// |t - rint(t)| (rint: ties to even, the default rounding mode) without a libm call or a branch,
+// so the loop vectorises: for m = |t| < 2^23, (m + 2^23) - 2^23 is m rounded; floats of 2^23 and
+// more are integers, and min(m, 2^23) = 2^23 gives their offset 0.
+inline float offset(float t) {
+  constexpr float kTwo23 = 8388608.0f;
+  const float m = std::min(std::fabs(t), kTwo23);
+  return m - ((m + kTwo23) - kTwo23);
+}
+
+// The block's weights and clamped gaps are computed once (padded with a = 0 to 16 columns), and
+// each candidate's sum runs in 16 independent float32 lanes, as the AVX-512 path does.
+void scalar_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
+  constexpr int64_t kLanes = 16;
+  float wb[kDevBlock], gb[kDevBlock];
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* mag = a.mag + r * a.cols;
+    const float* gap = a.gap + r * a.cols;
+    const float* inv = a.inv + r * a.C;
+    double* dev = a.dev + r * a.C;
+    double asum = 0.0;
+    for (int64_t i = 0; i < a.C; ++i) dev[i] = 0.0;
+    for (int64_t k0 = 0; k0 < a.cols; k0 += kDevBlock) {
+      const int64_t n = std::min(kDevBlock, a.cols - k0);
+      const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+      float ws = 0.0f;
+      for (int64_t k = 0; k < padded; ++k) {
+        wb[k] = k < n ? dev_weight(mag[k0 + k], a.unit[r], a.floor2[r]) : 0.0f;
+        gb[k] = k < n ? std::min(gap[k0 + k], a.tau[r]) : 0.0f;
+        ws += wb[k];
+      }
+      asum += ws;
+      for (int64_t i = 0; i < a.C; ++i) {
+        float acc[kLanes] = {};
+        for (int64_t k = 0; k < padded; k += kLanes)
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const float t = gb[k + l] * inv[i];
+            const float d = offset(t);
+            acc[l] += wb[k + l] * (d * d);
+          }
+        float total = 0.0f;
+        for (int64_t l = 0; l < kLanes; ++l) total += acc[l];
+        dev[i] += total;
+      }
+    }
+    for (int64_t i = 0; i < a.C; ++i) dev[i] -= asum / 12.0;
+  }
+}
+
+void scalar_range_codes(const CodeArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t s = 0; s < a.S; ++s) {
+      a.err[r * a.S + s] = 0.0;
+      range_codes_tail(a, r, s, 0, a.cols);
+    }
+}
+
 }  // namespace
 
-const IsaKernels kScalarKernels = {"scalar", 1, scalar_table, scalar_kpad, scalar_xprep, scalar_gemv, scalar_decode, nullptr};
+const IsaKernels kScalarKernels = {"scalar", 1, scalar_table, scalar_kpad, scalar_xprep, scalar_gemv, scalar_decode, nullptr,
+                                   scalar_deviation, scalar_range_codes};
 
 }  // namespace qins

@@ -175,6 +175,51 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
   return y.to(x.scalar_type()).reshape(shape);
 }
 
+// The mse search's rounding-deviation score [R, C] float64 (see DevArgs), rows in parallel.
+at::Tensor rounding_deviation(const at::Tensor& mag, const at::Tensor& gap, const at::Tensor& inv, const at::Tensor& unit,
+                              const at::Tensor& floor2, const at::Tensor& tau, int64_t isa) {
+  const IsaKernels& K = kernels(isa);
+  for (const at::Tensor* t : {&mag, &gap, &inv, &unit, &floor2, &tau})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "qins: rounding_deviation takes contiguous float32 CPU tensors");
+  TORCH_CHECK(mag.dim() == 2 && gap.sizes() == mag.sizes(), "qins: mag and gap must be [R, cols] alike");
+  const int64_t R = mag.size(0);
+  TORCH_CHECK(inv.dim() == 2 && inv.size(0) == R, "qins: inv must be [R, C]");
+  for (const at::Tensor* t : {&unit, &floor2, &tau}) TORCH_CHECK(t->numel() == R, "qins: unit/floor2/tau need R values");
+  at::Tensor dev = at::empty({R, inv.size(1)}, mag.options().dtype(at::kDouble));
+  DevArgs a{mag.data_ptr<float>(), gap.data_ptr<float>(), mag.size(1), inv.data_ptr<float>(), inv.size(1),
+            unit.data_ptr<float>(), floor2.data_ptr<float>(), tau.data_ptr<float>(), dev.data_ptr<double>()};
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(mag.size(1), 1));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) { K.deviation(a, r0, r1); });
+  return dev;
+}
+
+// The mse search's final codes and exact errors (see CodeArgs): err [R, S] float64, and codes
+// [R, cols] uint8 of range `write` (an empty tensor when write < 0), rows in parallel.
+std::vector<at::Tensor> range_codes(const at::Tensor& mag, const at::Tensor& gap, const at::Tensor& delta,
+                                    const at::Tensor& half, const at::Tensor& tables, int64_t K, int64_t write,
+                                    int64_t isa) {
+  const IsaKernels& K_ = kernels(isa);
+  for (const at::Tensor* t : {&mag, &gap, &delta, &half, &tables})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "qins: range_codes takes contiguous float32 CPU tensors");
+  TORCH_CHECK(mag.dim() == 2 && gap.sizes() == mag.sizes(), "qins: mag and gap must be [R, cols] alike");
+  const int64_t R = mag.size(0), S = delta.size(-1);
+  TORCH_CHECK(delta.dim() == 2 && delta.size(0) == R && half.sizes() == delta.sizes(), "qins: delta/half must be [R, S]");
+  TORCH_CHECK(tables.dim() == 3 && tables.size(0) == S && tables.size(1) == R && tables.size(2) == 256,
+              "qins: tables must be [S, R, 256]");
+  TORCH_CHECK(K >= 1 && K <= 255, "qins: K must be in 1..255");
+  TORCH_CHECK(write < S, "qins: write must name a range (or be negative)");
+  at::Tensor err = at::empty({R, S}, mag.options().dtype(at::kDouble));
+  at::Tensor codes = at::empty(write >= 0 ? mag.sizes() : at::IntArrayRef{0}, mag.options().dtype(at::kByte));
+  CodeArgs a{mag.data_ptr<float>(), gap.data_ptr<float>(), mag.size(1), R, S, delta.data_ptr<float>(),
+             half.data_ptr<float>(), tables.data_ptr<float>(), K, err.data_ptr<double>(),
+             write >= 0 ? codes.data_ptr<uint8_t>() : nullptr, write};
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(mag.size(1), 1));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) { K_.range_codes(a, r0, r1); });
+  return {err, codes};
+}
+
 // Debug: the [R, 256] tables exactly as the chosen ISA computes them.
 at::Tensor table(const at::Tensor& log_min, const at::Tensor& log_max, bool packed, int64_t isa) {
   const IsaKernels& K = kernels(isa);
@@ -204,6 +249,8 @@ std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optiona
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &qins::linear, "QINS linear (fp32 accumulation)");
+  m.def("range_codes", &qins::range_codes, "the mse search's final codes and exact errors");
+  m.def("rounding_deviation", &qins::rounding_deviation, "the mse search's rounding-deviation score [R, C]");
   m.def("table", &qins::table, "debug: the ISA's [R, 256] level tables");
   m.def("decode_debug", &qins::decode_debug, "debug: decoded weights and prepared x");
   m.def("supported", &qins::supported, "whether an ISA path (1 scalar, 2 avx2, 3 avx512) runs here");

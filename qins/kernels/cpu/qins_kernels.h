@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <algorithm>
 
 namespace qins {
 
@@ -56,6 +57,50 @@ struct Args {
   int64_t own_gemm = 1;   // decoded blocks: the ISA's gemm when it has one (0: at::mm)
 };
 
+// The rounding-deviation score of the mse range search (qins/encode.py), rows [r0, r1) of
+// [R, cols] magnitudes and gaps: for candidate i of row r,
+//   dev[r, i] = sum_k a_k * d_ki^2 - (sum_k a_k) / 12,
+//   a_k = max((mag_k * unit_r)^2 - floor2_r, 0),  t = min(gap_k, tau_r) * inv[r, i],  d = t - rint(t)
+// (rint: ties to even). Products in float32 as written (no FMA), sums in float32 over blocks of
+// kDevBlock columns, then in double.
+struct DevArgs {
+  const float* mag;     // [R, cols]
+  const float* gap;     // [R, cols]
+  int64_t cols;
+  const float* inv;     // [R, C]
+  int64_t C;
+  const float* unit;    // [R]
+  const float* floor2;  // [R]
+  const float* tau;     // [R]
+  double* dev;          // [R, C]
+};
+constexpr int64_t kDevBlock = 1024;  // columns per float32 partial sum
+constexpr int64_t kDevGroup = 8;     // candidates per pass over a block
+
+// The codes and exact squared errors of the mse search's final comparison (qins/encode.py), rows
+// [r0, r1), for S ranges per row: with j = min(max(rint(gap / delta[r, s]), 0), K),
+//   code = j < K ? j + 1 : (mag >= half[r, s] ? K : 0),
+//   err[r, s] = sum_k (double)(mag_k - table[s, r, code])^2  (the float32 difference is exact),
+// and codes[r, :] = range `write`'s codes (write < 0: none written).
+struct CodeArgs {
+  const float* mag;     // [R, cols]
+  const float* gap;     // [R, cols]
+  int64_t cols, R, S;
+  const float* delta;   // [R, S], > 0
+  const float* half;    // [R, S]: table[s, r, K] * 0.5
+  const float* tables;  // [S, R, 256]
+  int64_t K;
+  double* err;          // [R, S]
+  uint8_t* codes;       // [R, cols] or nullptr
+  int64_t write;
+};
+
+// One element's code (shared by every ISA's tail and the scalar path).
+inline int32_t range_code(float mag, float gap, float delta, float half, int64_t K) {
+  const float j = std::min(std::max(std::nearbyint(gap / delta), 0.0f), static_cast<float>(K));
+  return j < static_cast<float>(K) ? static_cast<int32_t>(j) + 1 : (mag >= half ? static_cast<int32_t>(K) : 0);
+}
+
 struct IsaKernels {
   const char* name;
   int xprep_identity;  // xprep is a plain copy (kpad == in): x can be used as is
@@ -71,7 +116,33 @@ struct IsaKernels {
   // Optional single-threaded GEMM of a decoded block (nullptr: at::mm), see isa_avx512.cpp.
   void (*gemm)(const float* x, int64_t ldx, int64_t B, const float* w, int64_t R, int64_t kb, float* y,
                int64_t ldy, bool accumulate);
+  // The mse search's rounding-deviation score, rows [r0, r1) (see DevArgs).
+  void (*deviation)(const DevArgs& a, int64_t r0, int64_t r1);
+  // The mse search's final codes and exact errors, rows [r0, r1) (see CodeArgs).
+  void (*range_codes)(const CodeArgs& a, int64_t r0, int64_t r1);
 };
+
+// The scalar loop of range_codes over columns [k0, k1) of row r, range s (adds to err).
+inline void range_codes_tail(const CodeArgs& a, int64_t r, int64_t s, int64_t k0, int64_t k1) {
+  const float* mag = a.mag + r * a.cols;
+  const float* gap = a.gap + r * a.cols;
+  const float* t = a.tables + (s * a.R + r) * 256;
+  const float delta = a.delta[r * a.S + s], half = a.half[r * a.S + s];
+  double e = 0.0;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int32_t c = range_code(mag[k], gap[k], delta, half, a.K);
+    const double d = mag[k] - t[c];
+    e += d * d;
+    if (s == a.write) a.codes[r * a.cols + k] = static_cast<uint8_t>(c);
+  }
+  a.err[r * a.S + s] += e;
+}
+
+// a_k and the clamped gaps of one block of a row (shared by every ISA: the element-wise part).
+inline float dev_weight(float mag, float unit, float floor2) {
+  const float m = mag * unit;
+  return std::max(m * m - floor2, 0.0f);
+}
 
 constexpr int64_t kMaxGemvBatch = 8;  // larger batches: decoded blocks + GEMM
 constexpr int64_t kGemvGroup = 4;     // x rows per gemv pass
