@@ -128,7 +128,8 @@ def test_range_codes_match_the_reference_codes_exactly_and_errors_within_float64
     write = min(write, ranges - 1)
     mag, gap, lo, hi, tables = _ranges_case(seed, rows, cols, ranges, packed, zero_frac)
     err_ref, codes_ref = reference.range_codes(mag, gap, lo, hi, tables, packed, write)
-    assert err_ref.shape == (rows, ranges) and (codes_ref is None) == (write < 0)
+    assert err_ref.shape == (rows, ranges) and err_ref.dtype == torch.float64
+    assert (codes_ref is None) == (write < 0) and (codes_ref is None or codes_ref.dtype == torch.uint8)
     # Σ of n exact float64 squares in two orders: within 2·n·2⁻⁵³·Σ of each other.
     allowed = 2 * cols * 2.0**-53 * err_ref + 1e-300
     for isa in native_isas():
@@ -140,6 +141,35 @@ def test_range_codes_match_the_reference_codes_exactly_and_errors_within_float64
             assert int(codes.max()) <= num_levels(packed)
         else:
             assert codes is None
+
+
+def test_range_codes_dispatch_runs_native_on_cpu_and_the_reference_when_asked(monkeypatch):
+    native()
+    mag, gap, lo, hi, tables = _ranges_case(7, 3, 90, 2, False, 0.2)
+    calls = []
+    real = reference.range_codes
+    monkeypatch.setattr(reference, "range_codes", lambda *a: calls.append(1) or real(*a))
+    err, codes = qk.range_codes(mag, gap, lo, hi, tables, False, 0)
+    assert calls == [] and codes.dtype == torch.uint8 and err.dtype == torch.float64
+    with env(QINS_KERNEL="reference"):
+        err_ref, codes_ref = qk.range_codes(mag, gap, lo, hi, tables, False, 0)
+    assert calls == [1] and torch.equal(codes, codes_ref)
+    want_err, want_codes = real(mag, gap, lo, hi, tables, False, 0)
+    assert torch.equal(err_ref, want_err) and torch.equal(codes_ref, want_codes)
+
+
+def test_a_row_longer_than_one_block_sums_every_block():
+    """One row of more than 2**16 elements (a per-tensor range) spans several of the reference's
+    blocks; its error is the sum over all of them, as the native kernel's."""
+    mag, gap, lo, hi, tables = _ranges_case(11, 1, 70_001, 1, True, 0.0)
+    err_ref, _ = reference.range_codes(mag, gap, lo, hi, tables, True, -1)
+    _, codes = reference.range_codes(mag, gap, lo, hi, tables, True, 0)
+    # the direct formula: Σ(|w| - |ŵ|)² over the whole row
+    direct = (mag - tables[0][0][codes.long()]).double().square().sum()
+    assert abs(float(err_ref[0, 0]) - float(direct)) <= 2 * 70_001 * 2.0**-53 * float(direct)
+    if qk.native_module() is not None:
+        err, _ = qk.range_codes(mag, gap, lo, hi, tables, True, -1)
+        assert abs(float(err[0, 0]) - float(direct)) <= 2 * 70_001 * 2.0**-53 * float(direct)
 
 
 def test_native_range_codes_rejects_bad_arguments():
