@@ -80,7 +80,10 @@ def register_with_transformers() -> tuple[type, type]:
     config_cls, quantizer_cls = _build_classes(version.major)
     config_map, quantizer_map = auto.AUTO_QUANTIZATION_CONFIG_MAPPING, auto.AUTO_QUANTIZER_MAPPING
     if QUANT_METHOD in config_map or QUANT_METHOD in quantizer_map:
-        # registered by another copy of this module (e.g. reloaded): reuse it
+        # registered by another copy of this module (e.g. reloaded): reuse it, completing a half
+        # registration with this module's class
+        config_map.setdefault(QUANT_METHOD, config_cls)
+        quantizer_map.setdefault(QUANT_METHOD, quantizer_cls)
         _registered = (config_map[QUANT_METHOD], quantizer_map[QUANT_METHOD])
         return _registered
     if hasattr(auto, "register_quantizer"):

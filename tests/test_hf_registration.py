@@ -1,0 +1,62 @@
+"""``qins.register_with_transformers``: which transformers API it uses, reuse of an earlier
+registration, and the 4.44 path without a registration API (simulated on this transformers)."""
+from __future__ import annotations
+
+import pytest
+
+import qins.hf
+from qins.hf import QUANT_METHOD, register_with_transformers
+
+
+@pytest.fixture
+def auto(monkeypatch: pytest.MonkeyPatch):
+    """transformers' quantizer registry with "qins" removed (restored afterwards) and the
+    process-wide registration forgotten."""
+    from transformers.quantizers import auto as registry
+
+    for mapping in (registry.AUTO_QUANTIZATION_CONFIG_MAPPING, registry.AUTO_QUANTIZER_MAPPING):
+        if QUANT_METHOD in mapping:
+            monkeypatch.delitem(mapping, QUANT_METHOD)
+    monkeypatch.setattr(qins.hf, "_registered", None)
+    return registry
+
+
+def test_registers_through_transformers_api_when_it_has_one(auto, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not hasattr(auto, "register_quantizer"):
+        pytest.skip("this transformers has no registration API (4.44)")
+    calls = []
+    for name in ("register_quantizer", "register_quantization_config"):
+        real = getattr(auto, name)
+        monkeypatch.setattr(auto, name, lambda method, _real=real, _name=name: calls.append((_name, method)) or _real(method))
+    config_cls, quantizer_cls = register_with_transformers()
+    assert sorted(calls) == [("register_quantization_config", QUANT_METHOD), ("register_quantizer", QUANT_METHOD)]
+    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] is config_cls
+    assert auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is quantizer_cls
+
+
+def test_without_a_registration_api_the_two_mappings_get_the_classes(auto, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("register_quantizer", "register_quantization_config"):
+        if hasattr(auto, name):
+            monkeypatch.delattr(auto, name)
+    config_cls, quantizer_cls = register_with_transformers()
+    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] is config_cls
+    assert auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is quantizer_cls
+    assert config_cls.__name__ and quantizer_cls.__name__  # classes, not None
+
+
+def test_an_earlier_registration_is_reused_and_returned(auto, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = register_with_transformers()
+    monkeypatch.setattr(qins.hf, "_registered", None)  # as a reloaded copy of the module would be
+    again = register_with_transformers()
+    assert again == first and all(cls is not None for cls in again)
+    assert register_with_transformers() is again  # cached for the process
+
+
+def test_a_half_registration_is_completed_not_a_key_error(auto, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Elsewhere:  # a config class registered under "qins" by someone else
+        pass
+
+    monkeypatch.setitem(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, QUANT_METHOD, Elsewhere)
+    config_cls, quantizer_cls = register_with_transformers()
+    assert config_cls is Elsewhere
+    assert auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is quantizer_cls and quantizer_cls is not None
