@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from perf.gate import INJECT_ENV, SAVE_COMMAND
 
@@ -129,3 +129,21 @@ class OldSide:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def confirm(old: OldSide, nodeid: str, new_info: Callable[[], dict], rounds: int = 2) -> tuple[list, list]:
+    """A same-work A/B of one benchmark: ``rounds`` rounds alternating which side goes first (the
+    old revision first in round 1), each old round a run of ``nodeid`` in the old revision's suite,
+    each new one ``new_info()`` (this revision's ``extra_info``, re-measured). Returns
+    ``(new_runs, old_runs)`` for :func:`perf.gate.ab_decide` (runs keyed by the fullname the old
+    suite reports). Raises :class:`RevisionError` when the old suite fails to run."""
+    old.selection = [nodeid]
+    new_runs, old_runs = [], []
+    for i in range(rounds):
+        if i % 2 == 0:
+            old_runs.append(old.run(len(old.runs) + 1))
+            new_runs.append(new_info())
+        else:
+            new_runs.append(new_info())
+            old_runs.append(old.run(len(old.runs) + 1))
+    return new_runs, old_runs

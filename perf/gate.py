@@ -141,7 +141,7 @@ class Outcome:
     baseline: Optional[float] = None
     baseline_source: Optional[str] = None
     confirmation: Optional[float] = None
-    status: str = "pass"  # pass | unconfirmed | regressed | missing | not-compared | ungated
+    status: str = "pass"  # pass | unconfirmed | regressed | refuted | missing | not-compared | ungated
     note: str = ""
 
     @property
@@ -182,6 +182,7 @@ class Outcome:
         head = {
             "regressed": "REGRESSED",
             "unconfirmed": "exceeded once, not confirmed by re-measuring",
+            "refuted": "exceeded the stored baseline twice, REFUTED by A/B",
             "pass": "ok",
         }[self.status]
         measured = fmt(self.value)
@@ -190,8 +191,30 @@ class Outcome:
         return (
             f"{self.test}: {self.figure} {head}: {measured} vs baseline {fmt(self.baseline)} "
             f"({pct(self.change)}; limit {fmt(self.limit)}, rule {self.rule.describe()}) "
-            f"[baseline: {self.baseline_source}]"
+            f"[baseline: {self.baseline_source}]{' - ' + self.note if self.note else ''}"
         )
+
+
+def apply_ab_confirmation(failed: Sequence[Outcome], verdicts: Sequence["ABOutcome"], rev: str) -> list[Outcome]:
+    """Judge stored-baseline failures again by a same-work A/B against the baseline's revision.
+
+    A failed figure stays failed (the regression is confirmed) when its A/B verdict is
+    "regressed", or when the A/B could not judge it (no verdict, "new", "ungated": nothing refutes
+    the stored baseline). It becomes "refuted" (not failed) when the A/B passed it: this revision
+    measured against the old one on this machine, in alternating rounds, is within the rule.
+    Every failure gets the A/B's verdict as its note. Returns the figures that still fail.
+    """
+    by_figure = {(v.test, v.figure): v for v in verdicts}
+    still = []
+    for o in failed:
+        v = by_figure.get((o.test, o.figure))
+        if v is not None and v.status == "pass":
+            o.status = "refuted"
+            o.note = v.message(rev)
+            continue
+        o.note = v.message(rev) if v is not None else f"not confirmable by A/B against {rev[:12]}: no verdict"
+        still.append(o)
+    return still
 
 
 def fmt(x: Optional[float]) -> str:

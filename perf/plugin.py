@@ -19,6 +19,8 @@ What it adds to pytest-benchmark:
 """
 from __future__ import annotations
 
+import contextlib
+
 import gc
 import math
 import os
@@ -71,6 +73,10 @@ class PerfState:
         self.ab_outcomes: list = []
         self.ab_error = ""
         self.ab_seconds: list = []
+        self.confirm_old = None  # perf.ab.OldSide for confirming stored-baseline failures
+        self.confirm_error = ""
+        self.confirm_count = 0  # A/B confirmations run in this session
+        self.confirm_regressed = False  # one of them confirmed a regression
 
 
 def _state(config) -> PerfState:
@@ -134,6 +140,14 @@ def pytest_addoption(parser):
         default="auto",
         help="With --benchmark-compare: 'auto' gates on a stored baseline measured on this CPU, else measures the "
         "newest baseline's revision here (A/B); 'stored' refuses A/B; 'ab' always does A/B. Default: %(default)s",
+    )
+    g.addoption(
+        "--perf-ab-confirm",
+        choices=["on", "off"],
+        default="on",
+        help="In stored-baseline mode, a figure beyond its limit twice (first measure and re-measure) is measured "
+        "again in a same-work A/B against the baseline's revision on this machine before it fails; the A/B's "
+        "verdict decides. Default: %(default)s",
     )
     g.addoption(
         "--perf-flat-storage",
@@ -382,6 +396,8 @@ def pytest_sessionfinish(session, exitstatus):
     """A/B round 2, this revision first: run the old suite again, then pair and judge."""
     config = session.config
     state = _state(config)
+    if state.confirm_old is not None:
+        state.confirm_old.cleanup()
     if state.mode != "ab" or state.ab_old is None or state.ab_error:
         if state.mode == "ab" and state.ab_error:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -629,9 +645,53 @@ class GateHandle:
             benchmark.extra_info["qins_ab_decisive"] = {o.figure: o.decisive for o in outcomes if o.confirmation is not None}
             return outcomes
         failed = [o for o in outcomes if o.failed]
+        if failed and remeasure is not None and self.state.mode == "stored" and self.request.config.getoption("perf_ab_confirm") == "on":
+            failed = _confirm_by_ab(self.state, self.request, benchmark, failed, remeasure)
         if failed:
             pytest.fail("\n".join(o.message() for o in failed), pytrace=False)
         return outcomes
+
+
+#: A/B confirmations per session (each runs the old suite's test twice: ~10-60 s); a run with more
+#: stored-baseline failures than this fails on the rest as stored-baseline failures.
+MAX_AB_CONFIRMATIONS = 5
+
+
+def _confirm_by_ab(state: PerfState, request, benchmark, failed: list, remeasure) -> list:
+    """A stored-baseline failure measured again against the baseline's revision, here, like for like
+    (perf/README.md, "A/B confirmation"); returns the figures that still fail. Not run once a
+    regression has been confirmed (the run fails anyway) or after MAX_AB_CONFIRMATIONS."""
+    from perf import ab
+
+    rev = str((state.baseline.commit_info or {}).get("id") or "") if state.baseline is not None else ""
+    config = request.config
+    why = state.confirm_error or ("" if rev else "the baseline records no git revision")
+    if not why and state.confirm_regressed:
+        why = "a regression is already confirmed by A/B in this run (the run fails; no more A/B spent)"
+    elif not why and state.confirm_count >= MAX_AB_CONFIRMATIONS:
+        why = f"{MAX_AB_CONFIRMATIONS} A/B confirmations already spent in this run"
+    if why:
+        for o in failed:
+            o.note = f"not confirmed by A/B: {why}"
+        return failed
+    state.confirm_count += 1
+    capture = config.pluginmanager.getplugin("capturemanager")  # shown while the test runs (it takes a while)
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        _say(config, f"\nqins-perf: {benchmark.fullname}: beyond the stored baseline twice; A/B against {rev[:12]} measured here ...")
+    try:
+        if state.confirm_old is None:
+            state.confirm_old = ab.OldSide(config.rootpath, ab.resolve_revision(config.rootpath, rev, state.baseline.label),
+                                           [request.node.nodeid.split("::")[0]], None, None, _ab_options(config, state))
+        new_runs, old_runs = ab.confirm(state.confirm_old, request.node.nodeid,
+                                        lambda: {benchmark.fullname: dict(benchmark.extra_info, **remeasure())})
+    except ab.RevisionError as exc:
+        state.confirm_error = str(exc).splitlines()[0]
+        for o in failed:
+            o.note = f"not confirmed by A/B: {state.confirm_error}"
+        return failed
+    still = G.apply_ab_confirmation(failed, G.ab_decide(new_runs, old_runs), rev)
+    state.confirm_regressed = state.confirm_regressed or bool(still)
+    return still
 
 
 @pytest.fixture
@@ -686,6 +746,12 @@ def _report(tr, state: PerfState) -> None:
         unconfirmed = [o for o in compared if o.status == "unconfirmed"]
         if unconfirmed:
             tr.write_line(f"{len(unconfirmed)} figure(s) exceeded once but passed the confirmation re-measure.")
+        refuted = [o for o in compared if o.status == "refuted"]
+        if refuted:
+            tr.write_line(f"{len(refuted)} figure(s) beyond the stored baseline twice passed the A/B confirmation "
+                          "(this revision against the baseline's, measured here):", yellow=True)
+            for o in refuted:
+                tr.write_line("  " + o.message(), yellow=True)
         if bad:
             tr.write_line(f"GATE FAILED: {len(bad)} figure(s) regressed:", red=True, bold=True)
             for o in bad:

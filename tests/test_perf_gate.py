@@ -713,3 +713,106 @@ def test_plugin_accuracy_gated_against_a_foreign_cpu_baseline(synth_git):
     rc, out = synth_git("--benchmark-compare")
     assert rc == 1, out
     assert "A/B against" in out and "accuracy layer_sqnr (sqnr_db) REGRESSED" in out
+
+
+# --------------------------------------------------------------------------------------------
+# A/B confirmation of a stored-baseline failure (issue 9)
+# --------------------------------------------------------------------------------------------
+
+
+def _stale_stored_baseline(run, value: float) -> None:
+    """Save a baseline on this CPU at HEAD, then overwrite its figure (as a bimodal machine state
+    once put a figure far from what the same code measures later)."""
+    rc, out = run("--benchmark-save=baseline")
+    assert rc == 0, out
+    (path,) = saved_files(run.repo)
+    data = json.loads(path.read_text())
+    data["benchmarks"][0]["extra_info"]["ratio_vs_linear"] = value
+    path.write_text(json.dumps(data))
+
+
+def test_stored_failure_refuted_by_ab_passes_and_says_so(synth_git):
+    _stale_stored_baseline(synth_git, 1.0)  # this code measures 2.0: +100% against the stored figure
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 0, out
+    assert "mode: stored baseline for" in out
+    assert "beyond the stored baseline twice; A/B against" in out
+    assert "REFUTED by A/B" in out and "ok in A/B against" in out and "new/old per round 2/2, 2/2" in out
+    assert "passed the A/B confirmation" in out and "Traceback" not in out
+
+
+def test_stored_failure_confirmed_by_ab_fails(synth_git):
+    _stale_stored_baseline(synth_git, 1.0)
+    (synth_git.repo / "ratio.txt").write_text("3.0")  # this revision (uncommitted) is 1.5x the baseline's
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 1, out
+    assert "ratio_vs_linear REGRESSED: 3, re-measured 3 vs baseline 1 " in out and "REGRESSED in A/B against" in out
+    assert "new/old per round 3/2, 3/2" in out and "REFUTED" not in out
+
+
+def test_stored_failure_without_ab_confirmation_fails_at_once(synth_git):
+    _stale_stored_baseline(synth_git, 1.0)
+    rc, out = synth_git("--benchmark-compare", "--perf-ab-confirm=off")
+    assert rc == 1, out
+    assert "ratio_vs_linear REGRESSED" in out and "A/B against" not in out
+
+
+def test_stored_failure_whose_revision_is_unreachable_fails_saying_why(synth_git):
+    _stale_stored_baseline(synth_git, 1.0)
+    (path,) = saved_files(synth_git.repo)
+    data = json.loads(path.read_text())
+    data["commit_info"]["id"] = "e" * 40
+    path.write_text(json.dumps(data))
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 1, out
+    assert "not confirmed by A/B" in out and "cannot be checked out here" in out and "Traceback" not in out
+
+
+def test_apply_ab_confirmation_keeps_failures_the_ab_cannot_judge():
+    def failed(fig):
+        return G.Outcome(test="t::a", figure=fig, value=2.0, rule=Rule(HIGHER, 0.15), baseline=1.0, status="regressed")
+
+    ok, bad, new, absent = failed("x"), failed("y"), failed("z"), failed("w")
+    verdicts = [
+        G.ABOutcome(test="t::a", figure="x", rule=Rule(HIGHER, 0.15), new=[2.0, 2.0], old=[2.0, 2.0], status="pass"),
+        G.ABOutcome(test="t::a", figure="y", rule=Rule(HIGHER, 0.15), new=[2.0, 2.0], old=[1.0, 1.0], status="regressed"),
+        G.ABOutcome(test="t::a", figure="z", rule=Rule(HIGHER, 0.15), new=[], old=[], status="new", note="no benchmark"),
+    ]
+    still = G.apply_ab_confirmation([ok, bad, new, absent], verdicts, "a" * 40)
+    assert still == [bad, new, absent]
+    assert ok.status == "refuted" and not ok.failed and "ok in A/B against aaaaaaaaaaaa" in ok.note
+    assert bad.failed and "REGRESSED in A/B" in bad.note and new.failed and "not gated" in new.note
+    assert absent.failed and absent.note == "not confirmable by A/B against aaaaaaaaaaaa: no verdict"
+
+
+def test_after_one_confirmed_regression_later_failures_spend_no_more_ab(synth_git):
+    (synth_git.repo / "test_synth2.py").write_text(SYNTH_AB_TEST)  # a second benchmark, same figure file
+    _git(synth_git.repo, "add", "-A")
+    _git(synth_git.repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two benchmarks")
+    rc, out = synth_git("--benchmark-save=baseline")
+    assert rc == 0, out
+    (path,) = saved_files(synth_git.repo)
+    data = json.loads(path.read_text())
+    for bench in data["benchmarks"]:
+        bench["extra_info"]["ratio_vs_linear"] = 1.0
+    path.write_text(json.dumps(data))
+    (synth_git.repo / "ratio.txt").write_text("3.0")
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 1, out
+    assert out.count("beyond the stored baseline twice; A/B against") == 1
+    assert "REGRESSED in A/B against" in out
+    assert "not confirmed by A/B: a regression is already confirmed by A/B in this run" in out
+
+
+def test_ab_confirmations_stop_at_the_session_budget():
+    from types import SimpleNamespace
+
+    from perf import plugin
+
+    state = SimpleNamespace(baseline=G.Baseline(path=Path("b.json"), entries={}, commit_info={"id": "c" * 40}),
+                            confirm_error="", confirm_regressed=False, confirm_count=plugin.MAX_AB_CONFIRMATIONS)
+    failed = [G.Outcome(test="t::a", figure="x", value=2.0, rule=Rule(HIGHER, 0.15), baseline=1.0, status="regressed")]
+    still = plugin._confirm_by_ab(state, SimpleNamespace(config=None), None, failed, lambda: {})
+    assert still == failed and still[0].failed
+    assert still[0].note == f"not confirmed by A/B: {plugin.MAX_AB_CONFIRMATIONS} A/B confirmations already spent in this run"
+    assert state.confirm_count == plugin.MAX_AB_CONFIRMATIONS
