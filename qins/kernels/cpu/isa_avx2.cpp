@@ -132,8 +132,6 @@ void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, 
 void avx2_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
   alignas(32) float wb[kDevBlock], gb[kDevBlock];
   for (int64_t r = r0; r < r1; ++r) {
-    const float* mag = a.mag + r * a.cols;
-    const float* gap = a.gap + r * a.cols;
     const float* inv = a.inv + r * a.C;
     double* dev = a.dev + r * a.C;
     double asum = 0.0;
@@ -141,13 +139,7 @@ void avx2_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
     for (int64_t k0 = 0; k0 < a.cols; k0 += kDevBlock) {
       const int64_t n = std::min(kDevBlock, a.cols - k0);
       const int64_t n8 = (n + 7) / 8 * 8;
-      float ws = 0.0f;
-      for (int64_t k = 0; k < n8; ++k) {  // padded with a = 0
-        wb[k] = k < n ? dev_weight(mag[k0 + k], a.unit[r], a.floor2[r]) : 0.0f;
-        gb[k] = k < n ? std::min(gap[k0 + k], a.tau[r]) : 0.0f;
-        ws += wb[k];
-      }
-      asum += ws;
+      asum += dev_block(a, r, k0, n, n8, wb, gb);
       for (int64_t i0 = 0; i0 < a.C; i0 += kDevGroup) {
         const int64_t g = std::min(kDevGroup, a.C - i0);
         __m256 acc[kDevGroup], iv[kDevGroup];

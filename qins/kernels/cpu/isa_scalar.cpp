@@ -73,8 +73,6 @@ void scalar_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
   constexpr int64_t kLanes = 16;
   float wb[kDevBlock], gb[kDevBlock];
   for (int64_t r = r0; r < r1; ++r) {
-    const float* mag = a.mag + r * a.cols;
-    const float* gap = a.gap + r * a.cols;
     const float* inv = a.inv + r * a.C;
     double* dev = a.dev + r * a.C;
     double asum = 0.0;
@@ -82,13 +80,7 @@ void scalar_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
     for (int64_t k0 = 0; k0 < a.cols; k0 += kDevBlock) {
       const int64_t n = std::min(kDevBlock, a.cols - k0);
       const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-      float ws = 0.0f;
-      for (int64_t k = 0; k < padded; ++k) {
-        wb[k] = k < n ? dev_weight(mag[k0 + k], a.unit[r], a.floor2[r]) : 0.0f;
-        gb[k] = k < n ? std::min(gap[k0 + k], a.tau[r]) : 0.0f;
-        ws += wb[k];
-      }
-      asum += ws;
+      asum += dev_block(a, r, k0, n, padded, wb, gb);
       for (int64_t i = 0; i < a.C; ++i) {
         float acc[kLanes] = {};
         for (int64_t k = 0; k < padded; k += kLanes)

@@ -144,6 +144,20 @@ inline float dev_weight(float mag, float unit, float floor2) {
   return std::max(m * m - floor2, 0.0f);
 }
 
+// The weights a_k and clamped gaps of columns [k0, k0 + n) of row r into wb / gb, zero-padded to
+// `padded` columns (a = 0 adds nothing); returns the float32 sum of the weights, in column order.
+inline float dev_block(const DevArgs& a, int64_t r, int64_t k0, int64_t n, int64_t padded, float* wb, float* gb) {
+  const float* mag = a.mag + r * a.cols + k0;
+  const float* gap = a.gap + r * a.cols + k0;
+  float ws = 0.0f;
+  for (int64_t k = 0; k < padded; ++k) {
+    wb[k] = k < n ? dev_weight(mag[k], a.unit[r], a.floor2[r]) : 0.0f;
+    gb[k] = k < n ? std::min(gap[k], a.tau[r]) : 0.0f;
+    ws += wb[k];
+  }
+  return ws;
+}
+
 constexpr int64_t kMaxGemvBatch = 8;  // larger batches: decoded blocks + GEMM
 constexpr int64_t kGemvGroup = 4;     // x rows per gemv pass
 
