@@ -69,8 +69,7 @@ def _mag_codes(
 
 def _sq_error(mag: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Row-wise ``Σ(|w| - |ŵ|)²`` in float64; signs are always kept, so this is ``Σ(w - ŵ)²``."""
-    idx = codes.long()
-    dec = torch.gather(table, 1, idx) if table.shape[0] > 1 else table[0][idx]
+    dec = torch.gather(table, 1, codes.long())  # table [R, 256] or [1, 256] for codes [R, N] or [1, N]
     # |w| and ŵ are within a factor 2 of each other (or ŵ = 0), so the float32 difference is exact
     # (Sterbenz); squares and sums are float64.
     return (mag - dec).double().square_().sum(dim=1)

@@ -468,3 +468,22 @@ def test_blocked_encode_equals_the_one_block_encode(w: torch.Tensor, block: int)
         blocked = convert_to_qins(x)
     assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
     assert blocked[2:] == whole[2:]
+
+
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) torch's profiler sees while ``fn`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events()] + [0])
+
+
+def test_cpu_decode_into_a_contiguous_out_and_encode_make_no_tensor_sized_temporary() -> None:
+    n = 1536  # 9 MiB of fp32; a block's largest temporary is 2 MiB (2**18 int64 indices)
+    stored, sign, lo, hi = convert_to_qins(torch.randn(n, n))
+    out = torch.empty(n, n)
+    fp32_bytes = n * n * 4
+    assert _largest_allocation(lambda: reconstruct_from_qins(stored, sign, lo, hi, out=out)) < fp32_bytes // 4
+    # the check sees a tensor-sized buffer: a fresh result is one
+    assert _largest_allocation(lambda: reconstruct_from_qins(stored, sign, lo, hi)) >= fp32_bytes
+    w = torch.randn(n, n)
+    assert _largest_allocation(lambda: convert_to_qins(w)) <= n * n  # its two uint8 outputs, nothing larger

@@ -2,6 +2,8 @@
 registration, and the 4.44 path without a registration API (simulated on this transformers)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import qins.hf
@@ -21,14 +23,17 @@ def auto(monkeypatch: pytest.MonkeyPatch):
     return registry
 
 
-def test_registers_through_transformers_api_when_it_has_one(auto, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registers_through_transformers_api_when_it_has_one(auto, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     if not hasattr(auto, "register_quantizer"):
         pytest.skip("this transformers has no registration API (4.44)")
     calls = []
     for name in ("register_quantizer", "register_quantization_config"):
         real = getattr(auto, name)
         monkeypatch.setattr(auto, name, lambda method, _real=real, _name=name: calls.append((_name, method)) or _real(method))
-    config_cls, quantizer_cls = register_with_transformers()
+    with caplog.at_level(logging.DEBUG, logger="qins.hf"):
+        config_cls, quantizer_cls = register_with_transformers()
+    version = qins.hf._transformers_version()
+    assert [r.getMessage() for r in caplog.records] == [f"registered quant_method 'qins' with transformers {version}"]
     assert sorted(calls) == [("register_quantization_config", QUANT_METHOD), ("register_quantizer", QUANT_METHOD)]
     assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] is config_cls
     assert auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is quantizer_cls
@@ -52,11 +57,16 @@ def test_an_earlier_registration_is_reused_and_returned(auto, monkeypatch: pytes
     assert register_with_transformers() is again  # cached for the process
 
 
-def test_a_half_registration_is_completed_not_a_key_error(auto, monkeypatch: pytest.MonkeyPatch) -> None:
-    class Elsewhere:  # a config class registered under "qins" by someone else
+@pytest.mark.parametrize("present", ["config", "quantizer"])
+def test_a_half_registration_is_completed_not_a_key_error(auto, monkeypatch: pytest.MonkeyPatch, present: str) -> None:
+    class Elsewhere:  # a class registered under "qins" by someone else
         pass
 
-    monkeypatch.setitem(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, QUANT_METHOD, Elsewhere)
+    mapping = auto.AUTO_QUANTIZATION_CONFIG_MAPPING if present == "config" else auto.AUTO_QUANTIZER_MAPPING
+    monkeypatch.setitem(mapping, QUANT_METHOD, Elsewhere)
     config_cls, quantizer_cls = register_with_transformers()
-    assert config_cls is Elsewhere
-    assert auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is quantizer_cls and quantizer_cls is not None
+    assert (config_cls if present == "config" else quantizer_cls) is Elsewhere
+    ours = quantizer_cls if present == "config" else config_cls
+    assert ours is not None and ours is not Elsewhere and isinstance(ours, type)
+    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] is config_cls
+    assert auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is quantizer_cls
