@@ -70,3 +70,17 @@ def test_a_half_registration_is_completed_not_a_key_error(auto, monkeypatch: pyt
     assert ours is not None and ours is not Elsewhere and isinstance(ours, type)
     assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] is config_cls
     assert auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] is quantizer_cls
+
+
+def test_the_config_class_defaults_are_the_library_defaults() -> None:
+    """``QinsHfConfig()`` (what transformers builds before ``from_dict`` fills it) describes
+    ``QinsConfig()`` in the cached mode with ``lm_head`` skipped, format version 2."""
+    from qins import QinsConfig
+    from qins.hf import quantization_config_dict
+
+    config_cls, _ = register_with_transformers()
+    config = config_cls()
+    assert config.qins_config == QinsConfig()
+    assert (config.packed, config.log_range, config.per_row) == (True, "mse", True)
+    assert config.skip == ["lm_head"] and config.cache_weight is True and config.format_version == 2
+    assert config.to_dict() == quantization_config_dict(QinsConfig(), ["lm_head"], True)
