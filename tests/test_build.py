@@ -86,6 +86,26 @@ def test_compile_unit_compiles_once_with_its_flags_and_atomically(sources, tmp_p
     assert build._compile_unit("c++", "unit.cpp", ["-DUNIT_FLAG"], out) == obj and len(calls) == 1  # cached
 
 
+def test_compile_unit_logs_its_command_at_debug_level(sources, tmp_path, caplog):
+    (sources / "unit.cpp").write_text("int qins_unit_answer() { return 42; }\n")
+    cxx = os.environ.get("CXX", "c++")
+    with caplog.at_level(logging.DEBUG, logger=build.__name__):
+        build._compile_unit(cxx, "unit.cpp", ["-DUNIT_FLAG"], tmp_path)
+    cmd = [cxx, *build.COMMON_FLAGS, *build.DEFINES, "-DUNIT_FLAG", "-c", str(sources / "unit.cpp"),
+           "-o", str(tmp_path / f"unit.o.{os.getpid()}.tmp")]
+    assert [r.getMessage() for r in caplog.records] == ["qins: " + " ".join(cmd)]
+
+
+def test_compile_error_message_is_the_tail_of_the_compilers_text(sources, tmp_path, monkeypatch):
+    """The last 4000 characters of stderr, as text (not a bytes repr)."""
+    stderr = "".join(f"line {i}: error\n" for i in range(1000))  # ~14 kB
+    monkeypatch.setattr(build.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr if kw.get("text") else stderr.encode()))
+    with pytest.raises(RuntimeError) as info:
+        build._compile_unit("c++", "broken.cpp", [], tmp_path)
+    assert str(info.value) == f"qins: compiling broken.cpp failed:\n{stderr[-4000:]}"
+
+
 def test_compile_unit_raises_with_the_compiler_message(sources, tmp_path):
     (sources / "broken.cpp").write_text("int broken( {\n")
     with pytest.raises(RuntimeError, match=r"(?s)qins: compiling broken\.cpp failed:\n.*error") as info:
@@ -102,7 +122,8 @@ def test_load_native_builds_the_isa_units_then_links_them_into_ops(tmp_path, mon
     """
     import torch.utils.cpp_extension as cpp
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    root = tmp_path / "not" / "yet"  # created, parents included
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
     monkeypatch.setenv("CXX", "my-c++")
     units, loads = [], []
     monkeypatch.setattr(build, "_compile_unit", lambda cxx, src, flags, out: units.append((cxx, src, flags, out))
@@ -113,7 +134,9 @@ def test_load_native_builds_the_isa_units_then_links_them_into_ops(tmp_path, mon
     out = build.build_directory()
     assert [r.getMessage().split(" in ")[0] for r in caplog.records] == ["qins: native CPU kernels ready"]
     assert caplog.records[0].getMessage().endswith(f"s ({out})")
-    assert out.is_dir() and out.parent == tmp_path
+    seconds = float(caplog.records[0].getMessage().split(" in ")[1].split(" s ")[0])
+    assert 0 <= seconds < 60  # the time this call took (no build here), not a clock reading
+    assert out.is_dir() and out.parent == root
     assert units == [("my-c++", src, flags, out) for src, flags in build.ISA_UNITS]
     (kw,) = loads
     assert kw == dict(
