@@ -174,3 +174,41 @@ def test_converting_a_bare_linear_is_reported_not_attempted() -> None:
     lin = nn.Linear(4, 4)
     report = convert_model_to_projective(lin)
     assert report.converted == [] and "ProjectiveLinear.from_linear" in report.skipped[""]
+
+
+# ---- the quantization_config recorded on a transformers model (for save_pretrained) ----
+
+
+def test_conversion_records_the_format_replacing_an_earlier_dict() -> None:
+    from qins.hf import quantization_config_dict
+
+    model = tiny_phi3(seed=1)
+    model.config.quantization_config = {"quant_method": "qins", "packed": False}  # e.g. an earlier record
+    config = QinsConfig(packed=True, log_range="minmax", per_row=False)
+    convert_model_to_projective(model, config, skip=("lm_head",), cache_weight=False)
+    assert model.config.quantization_config == quantization_config_dict(config, ("lm_head",), False)
+
+
+def test_conversion_keeps_the_config_object_from_pretrained_is_loading_with() -> None:
+    model = tiny_phi3(seed=1)
+    loading = object()  # from_pretrained's QuantizationConfig object (it is rebuilding this model)
+    model.config.quantization_config = loading
+    convert_model_to_projective(model)
+    assert model.config.quantization_config is loading
+
+
+def test_an_unsupported_transformers_is_one_warning_with_its_message(monkeypatch, caplog) -> None:
+    import qins.hf
+    from qins.compat import UnsupportedTransformersError
+
+    def unsupported():
+        raise UnsupportedTransformersError("transformers 9.0 is not supported (>=4.44,<6)")
+
+    monkeypatch.setattr(qins.hf, "register_with_transformers", unsupported)
+    model = tiny_phi3(seed=1)
+    with caplog.at_level("WARNING", logger="qins.convert"):
+        convert_model_to_projective(model)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "transformers 9.0 is not supported (>=4.44,<6)")
+    ]
+    assert model.config.quantization_config["quant_method"] == "qins"  # recorded all the same
