@@ -128,7 +128,7 @@ def _progress(items: list[tuple[str, nn.Linear]]) -> Iterator[tuple[str, nn.Line
     if len(items) >= _TQDM_MIN_LAYERS and sys.stderr.isatty():
         try:
             from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover - tqdm ships with transformers
+        except ImportError:  # tqdm ships with transformers, but qins does not require it
             return iter(items)
         return iter(tqdm(items, desc="QINS convert", unit="layer", leave=False))
     return iter(items)

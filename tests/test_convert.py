@@ -4,6 +4,10 @@ Every expected byte count is computed by hand from the config, not from the mode
 """
 from __future__ import annotations
 
+import importlib
+import io
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -212,3 +216,39 @@ def test_an_unsupported_transformers_is_one_warning_with_its_message(monkeypatch
         ("WARNING", "transformers 9.0 is not supported (>=4.44,<6)")
     ]
     assert model.config.quantization_config["quant_method"] == "qins"  # recorded all the same
+
+
+# ---- the progress bar (tqdm, on a terminal, from 50 layers) ----
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _convert_module():
+    return importlib.import_module("qins.convert")
+
+
+@pytest.mark.parametrize("layers, bar", [(49, False), (50, True)])
+def test_a_progress_bar_on_a_terminal_from_50_layers(monkeypatch, layers: int, bar: bool) -> None:
+    tty = _Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    items = [(f"l{i}", None) for i in range(layers)]
+    assert list(_convert_module()._progress(items)) == items
+    assert ("QINS convert" in tty.getvalue()) is bar
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(monkeypatch) -> None:
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    items = [(f"l{i}", None) for i in range(60)]
+    assert list(_convert_module()._progress(items)) == items and err.getvalue() == ""
+
+
+def test_without_tqdm_the_layers_come_without_a_bar(monkeypatch) -> None:
+    tty = _Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails
+    items = [(f"l{i}", None) for i in range(60)]
+    assert list(_convert_module()._progress(items)) == items and tty.getvalue() == ""
