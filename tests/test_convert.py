@@ -236,7 +236,11 @@ def test_a_progress_bar_on_a_terminal_from_50_layers(monkeypatch, layers: int, b
     monkeypatch.setattr(sys, "stderr", tty)
     items = [(f"l{i}", None) for i in range(layers)]
     assert list(_convert_module()._progress(items)) == items
-    assert ("QINS convert" in tty.getvalue()) is bar
+    text = tty.getvalue()
+    assert ("QINS convert" in text) is bar
+    if bar:  # its label and unit, and leave=False: the bar is erased at the end, no line left behind
+        assert text.startswith("\rQINS convert:   0%|") and f"| 0/{layers} [" in text and "?layer/s]" in text
+        assert text.endswith("\r") and "\n" not in text
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(monkeypatch) -> None:
