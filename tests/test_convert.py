@@ -256,3 +256,29 @@ def test_without_tqdm_the_layers_come_without_a_bar(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails
     items = [(f"l{i}", None) for i in range(60)]
     assert list(_convert_module()._progress(items)) == items and tty.getvalue() == ""
+
+
+# ---- arguments, the report's reasons and the debug log ----
+
+
+def test_a_config_that_is_not_a_qins_config_is_a_type_error_naming_its_type() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=r"^config must be a QinsConfig, got str$"):
+        convert_model_to_projective(model, "packed")  # type: ignore[arg-type]
+    assert isinstance(model[0], nn.Linear)
+
+
+def test_a_bare_linear_is_skipped_with_the_way_to_convert_it() -> None:
+    layer = nn.Linear(4, 4)
+    report = convert_model_to_projective(layer)
+    assert report.converted == [] and report.skipped == {"": "the model itself is an nn.Linear; use ProjectiveLinear.from_linear"}
+
+
+def test_each_conversion_and_skip_is_logged_at_debug_level(caplog) -> None:
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    with caplog.at_level("DEBUG", logger="qins.convert"):
+        convert_model_to_projective(model, skip=("1",))
+    assert [r.getMessage() for r in caplog.records if r.name == "qins.convert"] == [
+        "converted 0 -> ProjectiveLinear(8, 6)",
+        "skipped 1: matches skip pattern '1'",
+    ]
