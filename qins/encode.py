@@ -211,7 +211,7 @@ def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: t
     out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
     table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
     for r, c in _chunks(mag):
-        codes, _ = _mag_codes(mag[r, c], gap[r, c], lo[r], hi[r], packed, table[r] if mag.shape[0] > 1 else table)
+        codes, _ = _mag_codes(mag[r, c], gap[r, c], lo[r], hi[r], packed, table[r])  # r: a slice of rows
         out[r, c] = codes
     return out
 

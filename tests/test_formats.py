@@ -99,7 +99,13 @@ def test_in_range_weights_decode_within_half_a_log_step_with_their_sign(w: torch
     assert bool((torch.signbit(w_hat) == torch.signbit(w2))[inside | (w2 == 0)].all())
 
 
+_NEAR_TINY = torch.tensor([[1.1754944e-38, 0.7e-38, 1.0], [-0.65e-38, 1.1754944e-38, 2.0]])  # sub-normals that round past the range
+
+
 @given(float32_weights(), configs)
+@example(w=_NEAR_TINY[0], config=QinsConfig(True, "minmax", False))  # past the range, 2|w| >= the smallest level
+@example(w=_NEAR_TINY, config=QinsConfig(True, "minmax", True))
+@example(w=_NEAR_TINY, config=QinsConfig(False, "minmax", True))
 def test_weights_below_the_range_go_to_the_nearer_of_zero_and_the_smallest_level(w: torch.Tensor, config: QinsConfig) -> None:
     w2, w_hat, lo, hi, _, _ = _encode_rows(w, config)
     k = config.levels
@@ -213,3 +219,19 @@ def test_float32_maximum_weight_decodes_finite_and_its_state_loads(config: QinsC
     assert LOG_FLOAT32_MAX <= math.log(torch.finfo(torch.float32).max)
     nxt = torch.nextafter(torch.tensor(LOG_FLOAT32_MAX), torch.tensor(math.inf))
     assert bool(torch.isfinite(qins_exp(torch.tensor(LOG_FLOAT32_MAX)))) and not bool(torch.isfinite(qins_exp(nxt)))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("log_range", ["minmax", "mse"])
+def test_per_row_encode_of_a_weight_larger_than_one_block_equals_encoding_each_row_alone(packed: bool, log_range: str) -> None:
+    """300 rows of 300 (90,000 elements): the encoder's cache-sized blocks split the rows, and
+    each row still gets its own range and table. (Pairs of rows, not single rows: a one-row
+    weight is searched with the finer per-tensor histogram.)"""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(300, 300, generator=g) * torch.logspace(-3, 1, 300).unsqueeze(1)
+    config = QinsConfig(packed, log_range, True)
+    codes, sign, lo, hi = encode(w, config)
+    for i in (0, 216, 217, 218, 298):  # both sides of the block boundary (218 rows a block)
+        c, s, l, h = encode(w[i : i + 2], config)
+        assert torch.equal(codes[i : i + 2], c) and (sign is None or torch.equal(sign[i : i + 2], s))
+        assert torch.equal(lo[i : i + 2], l) and torch.equal(hi[i : i + 2], h)
