@@ -60,7 +60,7 @@ def _mag_codes(
     """
     k = num_levels(packed)
     delta = (hi - lo) / float(k - 1)
-    j = torch.round(gap / torch.where(delta > 0, delta, SMALLEST_NORMAL)).clamp_(0, k)  # gap < 0: a capped log_max
+    j = torch.round(gap / torch.where(delta > 0, delta, SMALLEST_NORMAL)).clamp_(min=0)  # gap < 0: a capped log_max
     if table is None:
         table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
     flush = torch.where(mag >= table[:, k : k + 1] * 0.5, float(k - 1), -1.0)  # 2|w| >= level_K, exactly
