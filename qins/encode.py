@@ -49,10 +49,9 @@ def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
     return w.reshape(1, -1)
 
 
-def _mag_codes(
-    mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Magnitude codes (float, 0..K) of ``[R, N]`` magnitudes for float32 ranges ``[R, 1]``, and the table.
+def _mag_codes(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: torch.Tensor) -> torch.Tensor:
+    """Magnitude codes (float, 0..K) of ``[R, N]`` magnitudes for float32 ranges ``[R, 1]`` and their
+    ``[R, 256]`` tables (``level_table``; only level K is read here).
 
     ``gap = hi - log|w|`` (``+inf`` for zeros). Code ``1 + j`` with ``j = round(gap/δ)``,
     ``δ = (hi - lo)/(K - 1)``, when ``j <= K - 1``; otherwise the nearer of 0 and level K (so
@@ -61,10 +60,8 @@ def _mag_codes(
     k = num_levels(packed)
     delta = (hi - lo) / float(k - 1)
     j = torch.round(gap / torch.where(delta > 0, delta, SMALLEST_NORMAL)).clamp_(min=0)  # gap < 0: a capped log_max
-    if table is None:
-        table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
     flush = torch.where(mag >= table[:, k : k + 1] * 0.5, float(k - 1), -1.0)  # 2|w| >= level_K, exactly
-    return j.where(j < k, flush).add_(1.0), table
+    return j.where(j < k, flush).add_(1.0)
 
 
 def _sq_error(mag: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -211,8 +208,7 @@ def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: t
     out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
     table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
     for r, c in _chunks(mag):
-        codes, _ = _mag_codes(mag[r, c], gap[r, c], lo[r], hi[r], packed, table[r])  # r: a slice of rows
-        out[r, c] = codes
+        out[r, c] = _mag_codes(mag[r, c], gap[r, c], lo[r], hi[r], packed, table[r])  # r: a slice of rows
     return out
 
 

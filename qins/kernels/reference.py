@@ -72,7 +72,7 @@ def range_codes(
         m, g = mag[r, c], gap[r, c]
         for s in range(ranges):
             table = tables[s][r]
-            block, _ = _mag_codes(m, g, lo[r, s : s + 1], hi[r], packed, table)
+            block = _mag_codes(m, g, lo[r, s : s + 1], hi[r], packed, table)
             err[r, s] += _sq_error(m, block, table)
             if s == write:
                 codes[r, c] = block  # type: ignore[index]
