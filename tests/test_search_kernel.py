@@ -182,3 +182,24 @@ def test_native_range_codes_rejects_bad_arguments():
         mod.range_codes(mag, gap, delta, delta, tables, 127, 2, 0)
     with pytest.raises(RuntimeError, match="K must be in 1..255"):
         mod.range_codes(mag, gap, delta, delta, tables, 256, 0, 0)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_magnitude_of_exactly_half_the_smallest_level_goes_to_it_on_every_path(packed: bool) -> None:
+    """The nearer of 0 and level K, a tie (2|w| == level K exactly) going to level K."""
+    import importlib
+
+    from qins.formats import level_table, num_levels
+
+    enc = importlib.import_module("qins.encode")
+    k = num_levels(packed)
+    lo, hi = torch.tensor([[-4.0]]), torch.tensor([[0.0]])
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
+    mag = table[:, k : k + 1] * 0.5  # exact: a power-of-two scaling
+    gap = hi - torch.log(mag)  # beyond the range: ln 2 past level K, more than half a step
+    assert enc._mag_codes(mag, gap, lo, hi, packed, table).item() == k
+    err, codes = qk.range_codes(mag, gap, lo, hi, table.unsqueeze(0), packed, 0)
+    assert codes.item() == k and err.item() == float(mag.double().item()) ** 2
+    for isa in native_isas():
+        with env(QINS_CPU_ISA=isa):
+            assert qk.range_codes(mag, gap, lo, hi, table.unsqueeze(0), packed, 0)[1].item() == k, isa
