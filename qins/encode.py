@@ -49,6 +49,13 @@ def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
     return w.reshape(1, -1)
 
 
+def _level_step(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
+    """The float32 log step ``δ = (hi - lo)/(K - 1)`` of each range, ``SMALLEST_NORMAL`` where it is 0
+    (every backend of the final codes divides by exactly this)."""
+    delta = (hi - lo) / float(k - 1)
+    return torch.where(delta > 0, delta, SMALLEST_NORMAL)
+
+
 def _mag_codes(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: torch.Tensor) -> torch.Tensor:
     """Magnitude codes (float, 0..K) of ``[R, N]`` magnitudes for float32 ranges ``[R, 1]`` and their
     ``[R, 256]`` tables (``level_table``; only level K is read here).
@@ -58,8 +65,7 @@ def _mag_codes(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch
     zeros get 0). A row with ``δ = 0`` gives code 1 to its largest magnitude and flushes the rest.
     """
     k = num_levels(packed)
-    delta = (hi - lo) / float(k - 1)
-    j = torch.round(gap / torch.where(delta > 0, delta, SMALLEST_NORMAL)).clamp_(min=0)  # gap < 0: a capped log_max
+    j = torch.round(gap / _level_step(lo, hi, k)).clamp_(min=0)  # gap < 0: a capped log_max
     flush = torch.where(mag >= table[:, k : k + 1] * 0.5, float(k - 1), -1.0)  # 2|w| >= level_K, exactly
     return j.where(j < k, flush).add_(1.0)
 

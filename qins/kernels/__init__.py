@@ -163,12 +163,11 @@ def range_codes(
     backend; the float64 error sums differ only in order."""
     if not _use_native(mag.device):
         return reference.range_codes(mag, gap, lo, hi, tables, packed, write)
-    from ..codec import SMALLEST_NORMAL
+    from ..encode import _level_step  # imported here: encode imports us
     from ..formats import num_levels
 
     k = num_levels(packed)
-    delta = (hi - lo) / float(k - 1)  # [R, S], the float32 steps of qins.encode._mag_codes
-    delta = torch.where(delta > 0, delta, SMALLEST_NORMAL)
+    delta = _level_step(lo, hi, k)  # [R, S], the steps qins.encode._mag_codes divides by
     half = tables[:, :, k].t() * 0.5
     args = [t.to(torch.float32).contiguous() for t in (mag, gap, delta, half, tables)]
     err, codes = native_module().range_codes(*args, k, write, cpu_isa())

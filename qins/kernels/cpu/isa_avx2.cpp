@@ -127,8 +127,8 @@ void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, 
   }
 }
 
-// The rounding-deviation score, 8 columns a step, as avx512_deviation (tail: a scalar loop into
-// the same per-candidate float32 partial sums).
+// The rounding-deviation score, 8 columns a step, as avx512_deviation (the block is zero-padded
+// to 8 columns by dev_block, so there is no tail).
 void avx2_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
   alignas(32) float wb[kDevBlock], gb[kDevBlock];
   for (int64_t r = r0; r < r1; ++r) {
