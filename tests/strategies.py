@@ -270,6 +270,11 @@ class LinearCase:
     def args(self) -> tuple:
         return (self.x, self.codes, self.sign, self.log_min, self.log_max, self.bias)
 
+    def to(self, device: torch.device | str) -> "LinearCase":
+        """The same case with every tensor on ``device`` (strides kept: ``Tensor.to`` preserves them)."""
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return LinearCase(*(move(t) for t in self.args()))
+
 
 def qins_codes(gen: torch.Generator, out: int, inn: int, packed: bool, zero_frac: float):
     """Random codes (0..255) with a fraction of exact zeros (code 0, and 128 = -0 when packed)."""
@@ -334,6 +339,36 @@ def qins_linear_cases(draw: st.DrawFn, *, max_in: int = 300, max_out: int = 300,
     bias = None
     if draw(st.booleans()):
         bias = torch.randn(out, generator=gen).to(draw(st.sampled_from(LINEAR_X_DTYPES)))
+    return LinearCase(x, codes, sign, lo.float(), hi.float(), bias)
+
+
+def odd_size(hi: int):
+    """1..hi, never a multiple of 16 (Triton tiles are 16..128 wide: partial tiles everywhere)."""
+    return st.integers(1, hi).filter(lambda v: v % 16 != 0)
+
+
+@st.composite
+def triton_cases(draw: st.DrawFn, *, max_in: int = 100, max_out: int = 70, max_batch: int = 9) -> LinearCase:
+    """A small ``qins::linear`` case for the Triton kernel (interpreted on CPU: keep it small):
+    odd shapes, x of 1-3 dims (sometimes strided), fp32/bf16/fp16, packed or split codes with
+    exact zeros, per-row or per-tensor logs, optional fp32/bf16 bias."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    inn, out, batch = draw(odd_size(max_in)), draw(odd_size(max_out)), draw(st.integers(1, max_batch))
+    packed, per_row = draw(st.booleans()), draw(st.booleans())
+    lead = draw(st.sampled_from([(), (batch,), (batch,), (1, batch)]))
+    layout = draw(st.sampled_from(["contiguous", "strided"]))
+    if layout == "strided":
+        x = torch.randn(*lead, 2 * inn, generator=gen)[..., ::2]
+    else:
+        x = torch.randn(*lead, inn, generator=gen)
+    x = x.to(draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
+    codes, sign = qins_codes(gen, out, inn, packed, draw(st.sampled_from([0.0, 0.1, 0.9, 1.0])))
+    shape = (out,) if per_row else ()
+    lo = torch.rand(shape, generator=gen) * -12.0
+    hi = torch.clamp(lo + torch.rand(shape, generator=gen) * draw(st.sampled_from([0.0, 1.0, 8.0])), max=2.0)
+    bias = None
+    if draw(st.booleans()):
+        bias = torch.randn(out, generator=gen).to(draw(st.sampled_from([torch.float32, torch.bfloat16])))
     return LinearCase(x, codes, sign, lo.float(), hi.float(), bias)
 
 

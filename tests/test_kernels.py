@@ -291,16 +291,27 @@ def test_backend_name():
     assert qk.backend_name() == qk.backend_name("cpu")  # the default device is the CPU
 
 
-def test_triton_is_opt_in(monkeypatch):
-    """CUDA runs the reference unless QINS_KERNEL=triton; that setting without triton is an error."""
+def test_cuda_without_triton_falls_back_to_reference_and_warns_once(monkeypatch):
+    """CUDA runs Triton by default; if triton cannot be imported it runs the reference, with one
+    warning, and ``QINS_KERNEL=triton`` without triton is an error."""
     import sys
+    import warnings
 
     monkeypatch.delenv("QINS_KERNEL", raising=False)
-    assert qk.backend_name("cuda") == "reference"
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
     monkeypatch.delitem(sys.modules, "qins.kernels.triton_kernel", raising=False)
     monkeypatch.delattr(qk, "triton_kernel", raising=False)
     monkeypatch.setattr(qk, "_triton", None)
+    monkeypatch.setattr(qk, "_triton_missing", False)
+    with pytest.warns(RuntimeWarning, match="^qins: triton cannot be imported .*falls back to the") as caught:
+        assert qk.backend_name("cuda") == "reference"
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert qk.backend_name("cuda") == "reference"  # warned once, not again
+        assert qk.backend_name("cpu") != "triton"  # CPU never asks for triton unless told
+    monkeypatch.setenv("QINS_KERNEL", "reference")
+    assert qk.backend_name("cuda") == "reference"
     monkeypatch.setenv("QINS_KERNEL", "triton")
     with pytest.raises(RuntimeError, match="^QINS_KERNEL=triton but triton cannot be imported$"):
         qk.backend_name("cuda")

@@ -1,6 +1,7 @@
 """The Triton backend of ``qins::linear`` (``qins/kernels/triton_kernel.py``) in the Triton interpreter.
 
-Runs on CPU tensors with ``TRITON_INTERPRET=1`` (set here if unset). Skipped when triton is not
+Runs on CPU tensors with ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` when torch sees no
+GPU; with a GPU this module is skipped and ``tests/test_triton_cuda.py`` runs). Skipped when triton is not
 installed (the main ``pytest tests`` run), **failed** instead when ``QINS_REQUIRE_TRITON=1`` (set
 by ``nox -s triton``, which installs it).
 
@@ -8,12 +9,13 @@ The bound is the one of ``tests/test_kernels.py`` with no extra slack: the Trito
 bit-identical to ``level_table`` (``test_table_bit_identical``), so both paths multiply the same
 float32 weights by the same float32 x and sum ``n = in + 1`` terms (products and bias) in float32,
 every product and partial sum rounded at most once (the interpreter's ``tl.dot`` is a float32
-``np.matmul`` per ``BLOCK_K`` chunk added to the accumulator). Hence each is within ``γ_n·S`` of
-the exact value and they differ by at most ``2·γ_n·S``, plus one output ulp for bf16/fp16.
+``np.matmul`` per ``bk`` chunk added to the accumulator; the gemv kernel adds products into a
+``[bn, bk]`` accumulator and sums it at the end). Hence each is within ``γ_n·S`` of the exact value
+and they differ by at most ``2·γ_n·S``, plus one output ulp for bf16/fp16.
 
-Not covered here: a GPU. There, if mul+add were contracted into FMA despite
-``enable_fp_fusion=False``, table entries could differ by a few ulps; entries within ``k`` ulps
-(relative ``2k·u``) would add ``2k·u·S`` to the bound.
+Not covered here: a GPU (``tests/test_triton_cuda.py``). There, if mul+add were contracted into FMA
+despite ``enable_fp_fusion=False``, table entries could differ by a few ulps; entries within ``k``
+ulps (relative ``2k·u``) would add ``2k·u·S`` to the bound.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import os
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels are interpreted
 if os.environ.get("QINS_REQUIRE_TRITON") == "1":
     try:
         import triton  # noqa: F401
@@ -38,38 +39,11 @@ import qins.kernels as qk  # noqa: E402
 from qins.formats import level_table  # noqa: E402
 from qins.kernels import reference  # noqa: E402
 from qins.kernels import triton_kernel as tk  # noqa: E402
-from tests.strategies import LinearCase, default_dtype, qins_codes, qins_log_pairs  # noqa: E402
+from tests.strategies import LinearCase, default_dtype, qins_codes, qins_log_pairs, triton_cases  # noqa: E402
 from tests.test_kernels import check_close, env  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("these tests run the Triton interpreter on CPU tensors (TRITON_INTERPRET=1)", allow_module_level=True)
-
-
-def odd_size(hi: int):
-    """1..hi, never a multiple of 16 (the kernel's tiles are 16/32 wide: partial tiles everywhere)."""
-    return st.integers(1, hi).filter(lambda v: v % 16 != 0)
-
-
-@st.composite
-def triton_cases(draw: st.DrawFn) -> LinearCase:
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    inn, out, batch = draw(odd_size(100)), draw(odd_size(70)), draw(st.integers(1, 9))
-    packed, per_row = draw(st.booleans()), draw(st.booleans())
-    lead = draw(st.sampled_from([(), (batch,), (batch,), (1, batch)]))
-    layout = draw(st.sampled_from(["contiguous", "strided"]))
-    if layout == "strided":
-        x = torch.randn(*lead, 2 * inn, generator=gen)[..., ::2]
-    else:
-        x = torch.randn(*lead, inn, generator=gen)
-    x = x.to(draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
-    codes, sign = qins_codes(gen, out, inn, packed, draw(st.sampled_from([0.0, 0.1, 0.9, 1.0])))
-    shape = (out,) if per_row else ()
-    lo = torch.rand(shape, generator=gen) * -12.0
-    hi = torch.clamp(lo + torch.rand(shape, generator=gen) * draw(st.sampled_from([0.0, 1.0, 8.0])), max=2.0)
-    bias = None
-    if draw(st.booleans()):
-        bias = torch.randn(out, generator=gen).to(draw(st.sampled_from([torch.float32, torch.bfloat16])))
-    return LinearCase(x, codes, sign, lo.float(), hi.float(), bias)
 
 
 @settings(max_examples=40)
@@ -113,15 +87,66 @@ def test_empty_and_bad_inputs():
         tk.linear(torch.randn(2, 5), codes, None, torch.zeros(3), torch.zeros(3), None)
 
 
-def test_dispatch_is_opt_in_and_backend_name_truthful():
+def test_cuda_defaults_to_triton_and_cpu_only_when_interpreted():
     with env(QINS_KERNEL=None):
-        assert qk.backend_name("cuda") == "reference"  # the CUDA default until run on a real GPU
-        assert qk.backend_name("cpu") != "triton"
+        # the CUDA default where triton imports: Triton for small batches, the reference above
+        assert qk.backend_name("cuda") == f"triton (batch <= {qk.CUDA_TRITON_MAX_ROWS}, else reference)"
+        assert qk.CUDA_TRITON_MAX_ROWS == 8
+        assert [qk._use_triton(torch.device("cuda"), rows) for rows in (0, 1, 8, 9, 512)] == [True] * 3 + [False] * 2
+        assert not qk._use_triton(torch.device("cpu"), 1)
+        assert qk.backend_name("cpu") != "triton"  # CPU keeps native/reference unless asked
+    with env(QINS_KERNEL="reference"):
+        assert qk.backend_name("cuda") == "reference"
     with env(QINS_KERNEL="triton"):
         assert qk.backend_name("cuda") == "triton"
+        assert qk._use_triton(torch.device("cuda"), 10**6)  # every batch when asked for
         assert qk.backend_name("cpu") == "triton"  # interpreted
         with env(TRITON_INTERPRET="0"):
             assert qk.backend_name("cpu") != "triton"  # CPU keeps native/reference outside the interpreter
+
+
+@settings(max_examples=12)
+@given(triton_cases(max_in=600, max_out=40, max_batch=20))
+@pytest.mark.parametrize("config", tk.CANDIDATES, ids=lambda c: c.name)
+def test_every_candidate_config_matches_reference(config, case):
+    check_close(case, tk.linear(*case.args(), config=config), reference.linear(*case.args()))
+
+
+def test_default_config_is_gemv_up_to_its_batch_limit_then_tile():
+    names = {m: tk.default_config(m).name for m in (0, 1, 2, tk.GEMV_MAX_M, tk.GEMV_MAX_M + 1, 63, 64, 4096)}
+    assert names == {0: "gemv-n1-k1024-w4", 1: "gemv-n1-k1024-w4", 2: "gemv-n2-k512-w4", 8: "gemv-n2-k512-w4",
+                     9: "tile-n32-k32-m16-w4", 63: "tile-n32-k32-m16-w4", 64: "tile-n64-k32-m64-w4",
+                     4096: "tile-n64-k32-m64-w4"}
+    assert {tk.default_config(m) for m in names} <= set(tk.CANDIDATES)  # every default was run on the GPU
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kind="dot", bn=8, bk=8), "kind must be 'gemv' or 'tile'"),
+        (dict(kind="gemv", bn=8, bk=8, bm=2), "a gemv Config has bm=1"),
+        (dict(kind="gemv", bn=6, bk=8), "powers of two"),
+        (dict(kind="gemv", bn=8, bk=8, num_warps=3), "powers of two"),
+        (dict(kind="gemv", bn=8, bk=0), "powers of two"),
+        (dict(kind="tile", bn=32, bk=8, bm=16), "at least 16"),
+        (dict(kind="tile", bn=32, bk=16, bm=8), "at least 16"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tk.Config(**kwargs)
+
+
+def test_config_names_say_every_block_size():
+    assert tk.Config("gemv", bn=8, bk=256).name == "gemv-n8-k256-w4"
+    assert tk.Config("tile", bn=64, bk=32, bm=16, num_warps=8).name == "tile-n64-k32-m16-w8"
+
+
+def test_gemv_refuses_more_rows_than_a_grid_axis_holds():
+    codes, sign, lo, hi = _args(out=3, inn=2)
+    x = torch.empty(65536, 2).expand(65536, 2)
+    with pytest.raises(RuntimeError, match="^a gemv launch takes at most 65535 rows of x, got 65536$"):
+        tk.linear(x, codes, sign, lo[:3], hi[:3], None, config=tk.CANDIDATES[0])
 
 
 def test_autograd_through_triton_forward():

@@ -8,14 +8,15 @@ differ from :mod:`qins.kernels.reference` only in accumulation order.
 
 Backends: on CPU the native C++ kernels (``qins/kernels/cpu``, JIT-built on first use and
 cached) unless ``QINS_KERNEL=reference``; if the build fails, the reference runs and one
-warning is issued (``QINS_KERNEL=native`` makes the failure an error instead). Other devices
-run the reference. ``QINS_CPU_ISA=avx512|avx2|scalar`` forces one native CPU path (tests).
+warning is issued (``QINS_KERNEL=native`` makes the failure an error instead).
+``QINS_CPU_ISA=avx512|avx2|scalar`` forces one native CPU path (tests).
 
-``QINS_KERNEL=triton`` (opt-in) runs the Triton kernel (:mod:`qins.kernels.triton_kernel`) on
-CUDA tensors, and on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, how
-it is tested); other CPU calls keep the native kernels. If triton cannot be imported, that
-setting is an error. The Triton kernel has only been run in the interpreter, never on a GPU, so
-CUDA's default stays the reference.
+On CUDA the default runs the Triton kernel (:mod:`qins.kernels.triton_kernel`) for batches of at
+most :data:`CUDA_TRITON_MAX_ROWS` rows and the reference (decode, then cuBLAS) above, the faster
+of the two at each measured batch on an H200; if triton cannot be imported, the reference runs
+and one warning is issued. ``QINS_KERNEL=triton`` runs Triton for every batch (an error without
+triton), and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, how it is
+tested without a GPU); other CPU calls keep the native kernels. Other devices run the reference.
 
 Autograd: registered through the reference formula (``grad_x = grad_y @ ŵ``,
 ``grad_bias = Σ grad_y``; codes and logs get no gradient), so training through the op works on
@@ -43,6 +44,11 @@ _ISA_NAMES = {v: k for k, v in ISAS.items()}
 _UNSET = object()
 _native: object = _UNSET  # the loaded module, None after a failed build, _UNSET before trying
 _triton: Optional[ModuleType] = None  # qins.kernels.triton_kernel, imported on first use
+_triton_missing = False  # True after triton failed to import in auto mode (warned once)
+#: CUDA's default runs Triton for batches up to this many rows of x and the reference (decode,
+#: then cuBLAS) above: on an H200 Triton was 7.4-9.1x faster than the reference at 1 row and
+#: 1.5-2.2x at 8, and slower for split layers from 16-32 rows (perf/cuda_bench.py; README "GPU")
+CUDA_TRITON_MAX_ROWS = 8
 
 
 def _kernel_env() -> str:
@@ -96,11 +102,34 @@ def triton_module() -> ModuleType:
     return _triton
 
 
-def _use_triton(device: torch.device) -> bool:
-    if _kernel_env() != "triton":
+def _triton_available() -> bool:
+    """Whether triton imports; ``False`` after a failed import (warned once)."""
+    global _triton_missing
+    if _triton_missing:
         return False
-    interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
-    return device.type == "cuda" or (device.type == "cpu" and interpreted)
+    try:
+        triton_module()
+    except RuntimeError as exc:
+        _triton_missing = True
+        logger.debug("qins: triton import failed", exc_info=True)
+        warnings.warn(
+            f"qins: triton cannot be imported ({exc.__cause__!r:.300}); qins::linear on CUDA falls back to "
+            "the (slow) reference implementation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _use_triton(device: torch.device, rows: int = 1) -> bool:
+    """Whether ``rows`` rows of x on ``device`` run the Triton kernel (``QINS_KERNEL=triton``: every
+    batch; by default: CUDA batches of at most :data:`CUDA_TRITON_MAX_ROWS` rows)."""
+    kind = _kernel_env()
+    if kind == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
+        return device.type == "cuda" or (device.type == "cpu" and interpreted)
+    return kind == "auto" and device.type == "cuda" and rows <= CUDA_TRITON_MAX_ROWS and _triton_available()
 
 
 def _use_native(device: torch.device) -> bool:
@@ -113,6 +142,8 @@ def backend_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if _use_triton(device):
         triton_module()  # raises if triton is missing: never report a backend that cannot run
+        if _kernel_env() == "auto":
+            return f"triton (batch <= {CUDA_TRITON_MAX_ROWS}, else reference)"
         return "triton"
     if not _use_native(device):
         return "reference"
@@ -135,7 +166,7 @@ def linear(
 
 def _dispatch(x, codes, sign, log_min, log_max, bias) -> torch.Tensor:
     """The op's body: the Triton, native or reference backend, as :func:`backend_name` reports."""
-    if _use_triton(x.device):
+    if _use_triton(x.device, x.numel() // max(x.shape[-1], 1) if x.dim() else 1):
         return triton_module().linear(x, codes, sign, log_min, log_max, bias)
     if _use_native(x.device):
         return native_module().linear(x, codes, sign, log_min, log_max, bias, cpu_isa())

@@ -1,4 +1,4 @@
-"""Triton backend of ``qins::linear`` (opt-in; **never run on a GPU yet**).
+"""Triton backend of ``qins::linear``.
 
 ``linear(x, codes, sign, log_min, log_max, bias)`` computes ``x @ ŵᵀ + bias`` like
 :func:`qins.kernels.reference.linear`, in two Triton launches per call:
@@ -8,37 +8,109 @@
    :func:`qins.formats.level_table`: ``δ = (hi - lo) / S``, ``t = hi - j·δ``, ``n = rint(t·log2e)``
    (round-half-even via the exact ``±1.5·2²³`` trick, valid for ``|t·log2e| < 2²²``), Cody-Waite
    reduction, Horner, two exact power-of-two factors. It is launched with
-   ``enable_fp_fusion=False`` so that a GPU build does not contract ``a·b + c`` into an FMA. In
-   the interpreter (``TRITON_INTERPRET=1``, CPU) the tables are bit-identical to
-   ``level_table``'s (tested); on a GPU this is expected but **unverified**.
-2. ``_linear_kernel``: one program per ``[BLOCK_M, BLOCK_N]`` output tile loops over ``in`` in
-   ``BLOCK_K`` chunks, gathers each code's weight from its row's table (packed: one gather from
-   the signed table; split: the unsigned table times the ±1 sign), multiplies with x converted to
-   float32 (``tl.dot`` with ``input_precision="ieee"``: no TF32) and accumulates in float32. The
-   bias is added in float32 and the result cast to ``x.dtype`` by torch, as in the reference.
+   ``enable_fp_fusion=False`` so that a GPU build does not contract ``a·b + c`` into an FMA, and
+   divides with ``div_rn`` (IEEE), not ``/`` (approximate on NVIDIA). The tables are bit-identical
+   to ``level_table``'s in the interpreter (``tests/test_triton.py``) and on a GPU
+   (``tests/test_triton_cuda.py``).
+2. ``_gemv_kernel`` (batches up to :data:`GEMV_MAX_M`): one program per ``bn`` output rows and row
+   of x gathers each code's weight from its row's table (packed: one gather from the signed table;
+   split: the unsigned table times the ±1 sign), multiplies by x converted to float32 and adds into
+   a ``[bn, bk]`` float32 accumulator, summed across ``bk`` at the end. ``_linear_kernel`` (larger
+   batches): one program per ``[bm, bn]`` output tile, the same gathered weights, ``tl.dot`` with
+   ``input_precision="ieee"`` (no TF32). The bias is added in float32 and the result cast to
+   ``x.dtype`` by torch, as in the reference. :class:`Config` picks kernel and block sizes.
 
 So this backend differs from the reference only in accumulation order (bound: ``2·γ_n·S``, see
-``tests/test_triton.py``). It is selected only by ``QINS_KERNEL=triton`` (``qins.kernels``); the
-CUDA default stays the reference until this kernel has been run and checked on a real GPU. No
-tuning has been done: block sizes are fixed and the per-row table costs ``1 KiB`` of global
-memory traffic per output row and call.
+``tests/test_triton.py``). The per-row table costs ``1 KiB`` of global memory traffic per output
+row and call.
 """
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear", "table"]
+__all__ = ["linear", "table", "Config", "CANDIDATES", "default_config", "GEMV_MAX_M"]
 
 logger = logging.getLogger(__name__)
 
 TABLE = 256
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
+_TABLE = tl.constexpr(TABLE)  # what the kernels read: compiled Triton sees only constexpr globals
+
+
+@dataclass(frozen=True)
+class Config:
+    """A launch configuration of :func:`linear`.
+
+    ``kind="gemv"``: one program per ``bn`` output rows and per row of x, summing ``w·x`` products
+    in a ``[bn, bk]`` float32 accumulator reduced at the end (small batches, memory-bound).
+    ``kind="tile"``: one program per ``[bm, bn]`` output tile, ``tl.dot`` (IEEE float32, no TF32)
+    over ``bk``-wide chunks (larger batches). Both sum the same float32 products in float32: they
+    differ from the reference only in summation order.
+    """
+
+    kind: str
+    bn: int
+    bk: int
+    bm: int = 1
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gemv", "tile"):
+            raise ValueError(f"Config.kind must be 'gemv' or 'tile', got {self.kind!r}")
+        if self.kind == "gemv" and self.bm != 1:
+            raise ValueError("a gemv Config has bm=1")
+        for v in (self.bn, self.bk, self.bm, self.num_warps):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"Config block sizes and num_warps must be powers of two, got {self}")
+        if self.kind == "tile" and min(self.bm, self.bn, self.bk) < 16:
+            raise ValueError(f"tl.dot needs tile blocks of at least 16, got {self}")
+
+    @property
+    def name(self) -> str:
+        head = f"{self.kind}-n{self.bn}-k{self.bk}"
+        return head + (f"-m{self.bm}" if self.kind == "tile" else "") + f"-w{self.num_warps}"
+
+
+#: every configuration the GPU check runs and times (``perf/cuda_bench.py``, ``tests/test_triton_cuda.py``)
+CANDIDATES = (
+    Config("gemv", bn=4, bk=256),
+    Config("gemv", bn=2, bk=512),
+    Config("gemv", bn=4, bk=512),
+    Config("gemv", bn=1, bk=1024),
+    Config("gemv", bn=2, bk=1024, num_warps=8),
+    Config("gemv", bn=8, bk=256),
+    Config("gemv", bn=16, bk=128),
+    Config("gemv", bn=8, bk=512, num_warps=8),
+    Config("tile", bn=32, bk=32, bm=16),
+    Config("tile", bn=64, bk=32, bm=32),
+    Config("tile", bn=64, bk=32, bm=64),
+    Config("tile", bn=128, bk=32, bm=64, num_warps=8),
+)
+#: batches (rows of x) up to this run the gemv kernel by default, larger ones the tile kernel
+GEMV_MAX_M = 8
+# The defaults, by batch: the fastest candidates on an NVIDIA H200 (perf/cuda_bench.py, cold weights,
+# 3072x3072 and 3072x8192, packed and split; geometric mean of the four ratios to F.linear fp32):
+# 1 row gemv-n1-k1024 (1.49x), 2..8 rows gemv-n2-k512 (2.74x at 8), 9..63 tile-n32-m16 (best at
+# 16 and 32), 64+ tile-n64-m64 (3.0-3.3x faster than tile-n32-m16 at 512).
+_DEFAULT_ONE_ROW = Config("gemv", bn=1, bk=1024)
+_DEFAULT_GEMV = Config("gemv", bn=2, bk=512)
+_DEFAULT_SMALL_TILE = Config("tile", bn=32, bk=32, bm=16)
+_DEFAULT_TILE = Config("tile", bn=64, bk=32, bm=64)
+
+
+def default_config(m: int) -> Config:
+    """The configuration :func:`linear` uses for ``m`` rows of x when none is given."""
+    if m <= 1:
+        return _DEFAULT_ONE_ROW
+    if m <= GEMV_MAX_M:
+        return _DEFAULT_GEMV
+    return _DEFAULT_SMALL_TILE if m < 64 else _DEFAULT_TILE
 
 
 @triton.jit
@@ -46,11 +118,13 @@ def _table_kernel(lo_ptr, hi_ptr, out_ptr, PACKED: tl.constexpr):
     r = tl.program_id(0)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)
+    # div_rn: a correctly rounded division. A plain ``/`` compiles to the approximate
+    # ``div.full.f32`` on NVIDIA GPUs (found by tests/test_triton_cuda.py on an H200).
     if PACKED:
-        delta = (hi - lo) / 126.0
+        delta = tl.math.div_rn(hi - lo, 126.0)
     else:
-        delta = (hi - lo) / 254.0
-    e = tl.arange(0, TABLE)
+        delta = tl.math.div_rn(hi - lo, 254.0)
+    e = tl.arange(0, _TABLE)
     if PACKED:
         code = e % 128  # entries 128..255 are the negated 0..127
     else:
@@ -74,7 +148,7 @@ def _table_kernel(lo_ptr, hi_ptr, out_ptr, PACKED: tl.constexpr):
     mag = tl.where(code == 0, 0.0, mag)
     if PACKED:
         mag = tl.where(e >= 128, -mag, mag)
-    tl.store(out_ptr + r * TABLE + e, mag)
+    tl.store(out_ptr + r * _TABLE + e, mag)
 
 
 @triton.jit
@@ -92,7 +166,7 @@ def _linear_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     if PER_ROW:
-        trow = offs_n.to(tl.int64) * TABLE
+        trow = offs_n.to(tl.int64) * _TABLE
     else:
         trow = offs_n.to(tl.int64) * 0
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -117,6 +191,42 @@ def _linear_kernel(
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=ym)
 
 
+@triton.jit
+def _gemv_kernel(
+    x_ptr, codes_ptr, sign_ptr, table_ptr, bias_ptr, y_ptr,
+    N, K,
+    stride_xm, stride_xk, stride_cn, stride_ck, stride_sn, stride_sk,
+    HAS_SIGN: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    if PER_ROW:
+        trow = offs_n.to(tl.int64) * _TABLE
+    else:
+        trow = offs_n.to(tl.int64) * 0
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < K
+        xv = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
+        cm = mask_n[:, None] & mask_k[None, :]
+        cidx = offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :] * stride_ck
+        code = tl.load(codes_ptr + cidx, mask=cm, other=0).to(tl.int32)
+        w = tl.load(table_ptr + trow[:, None] + code, mask=cm, other=0.0)  # [BN, BK]
+        if HAS_SIGN:
+            sidx = offs_n[:, None].to(tl.int64) * stride_sn + offs_k[None, :] * stride_sk
+            s = tl.load(sign_ptr + sidx, mask=cm, other=1).to(tl.float32)
+            w = w * s
+        acc += w * xv[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+    tl.store(y_ptr + m * N + offs_n, out, mask=mask_n)
+
+
 def table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool) -> torch.Tensor:
     """The ``[R, 256]`` float32 decode table, computed by ``_table_kernel`` (cf. ``level_table``)."""
     lo = log_min.to(torch.float32).reshape(-1).contiguous()
@@ -135,8 +245,11 @@ def linear(
     log_min: torch.Tensor,
     log_max: torch.Tensor,
     bias: Optional[torch.Tensor],
+    config: Optional[Config] = None,
 ) -> torch.Tensor:
-    """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` (float32 math, ``x.dtype`` out)."""
+    """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` (float32 math, ``x.dtype`` out).
+
+    ``config``: the launch configuration, :func:`default_config` of the batch when ``None``."""
     torch._check(codes.dim() == 2 and codes.dtype == torch.uint8, lambda: "codes must be uint8 [out, in]")
     out_f, in_f = codes.shape
     torch._check(x.shape[-1] == in_f, lambda: f"x has {x.shape[-1]} features, codes {in_f}")
@@ -157,14 +270,19 @@ def linear(
     tab = table(log_min, log_max, packed=sign is None)
     y = torch.empty((m, out_f), dtype=torch.float32, device=x.device)
     s = codes if sign is None else sign
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(out_f, BLOCK_N))
+    cfg = default_config(m) if config is None else config
+    torch._check(cfg.kind == "tile" or m <= 65535, lambda: f"a gemv launch takes at most 65535 rows of x, got {m}")
     logger.debug("qins triton linear: x %s codes %s per_row=%s packed=%s", tuple(x2.shape), tuple(codes.shape),
                  per_row, sign is None)
-    _linear_kernel[grid](
-        x2, codes, s, tab, y if b is None else b, y,
-        m, out_f, in_f,
-        x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1), s.stride(0), s.stride(1),
-        HAS_SIGN=sign is not None, PER_ROW=per_row, HAS_BIAS=b is not None,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
-    )
+    common = dict(HAS_SIGN=sign is not None, PER_ROW=per_row, HAS_BIAS=b is not None, num_warps=cfg.num_warps)
+    strides = (x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1), s.stride(0), s.stride(1))
+    bias_arg = y if b is None else b
+    if cfg.kind == "gemv":
+        _gemv_kernel[(triton.cdiv(out_f, cfg.bn), m)](
+            x2, codes, s, tab, bias_arg, y, out_f, in_f, *strides, BN=cfg.bn, BK=cfg.bk, **common
+        )
+    else:
+        _linear_kernel[(triton.cdiv(m, cfg.bm), triton.cdiv(out_f, cfg.bn))](
+            x2, codes, s, tab, bias_arg, y, m, out_f, in_f, *strides, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, **common
+        )
     return y.to(x.dtype).reshape(*lead, out_f)
