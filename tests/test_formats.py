@@ -57,6 +57,23 @@ def test_table_levels_are_decreasing_from_exp_log_max_to_exp_log_min(hi: float, 
     assert float((mags[:-1].log() - mags[1:].log() - step).abs().max()) <= 2 * eps
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_table_and_exp_compute_in_float32_whatever_dtype_they_are_given(dtype: torch.dtype) -> None:
+    """Found by mutation testing: the float32 casts of the logs and of ``t`` were never exercised.
+    The logs are chosen to need every bit of float32 (so float64 math would round differently)."""
+    lo32 = torch.tensor([-9.123456789, -3.3333333, -0.1]).float()
+    hi32 = torch.tensor([1.2345678, -1.0000001, 0.7777777]).float()
+    lo, hi = lo32.to(dtype), hi32.to(dtype)
+    for packed in (True, False):
+        got = level_table(lo, hi, packed)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.view(torch.int32), level_table(lo.float(), hi.float(), packed).view(torch.int32))
+    t = torch.linspace(-80.0, 80.0, 4097, dtype=torch.float64) + 1e-9  # not float32-representable
+    y = qins_exp(t.to(dtype))
+    assert y.dtype == torch.float32
+    assert torch.equal(y.view(torch.int32), qins_exp(t.to(dtype).float()).view(torch.int32))
+
+
 def test_packed_table_upper_half_is_the_exact_negation_of_the_lower_half() -> None:
     table = level_table(torch.tensor([-9.0, -3.5]), torch.tensor([-1.0, 2.0]), packed=True)
     assert table.shape == (2, 256)
