@@ -230,3 +230,48 @@ def test_table_computes_from_float32_logs_in_a_float32_table_whatever_it_is_give
     with default_dtype(torch.float64):
         under_float64 = tk.table(lo, hi, False)
     assert under_float64.dtype == torch.float32 and torch.equal(under_float64, tk.table(lo, hi, False))
+
+
+# ---- the table kernel's GPU code, read without a GPU: only IEEE round-to-nearest float32 ops ----
+
+_PTX_SCRIPT = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qins.kernels import triton_kernel as tk
+
+def ops(packed, fusion):
+    sig = {"lo_ptr": "*fp32", "hi_ptr": "*fp32", "out_ptr": "*fp32", "PACKED": "constexpr"}
+    src = ASTSource(fn=tk._table_kernel, signature=sig, constexprs={"PACKED": packed})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fusion}).asm["ptx"]
+    return sorted(set(re.findall(r"^\s*([a-z][a-z0-9]*\.[a-z0-9.]*f32[a-z0-9.]*)", ptx, re.M)))
+
+print(json.dumps({"packed": ops(True, False), "split": ops(False, False), "fused": ops(False, True)}))
+"""
+
+#: float32 PTX instructions that round exactly like one IEEE float32 operation of the CPU reference
+#: (or are exact: negation, conversions of small integers, truncation of an integral float)
+_IEEE_OPS = {"add.rn.f32", "sub.rn.f32", "mul.rn.f32", "div.rn.f32", "neg.f32", "cvt.rn.f32.s32", "cvt.rn.f32.u32",
+             "cvt.rzi.s32.f32"}
+
+
+def test_table_kernel_compiles_for_a_gpu_to_ieee_round_to_nearest_float32_ops_only():
+    """Compiles ``_table_kernel`` for sm_90 (Triton ships ptxas; no GPU needed) and reads its PTX.
+
+    Each float32 instruction must round like the CPU reference's operation (``.rn``, no ``.ftz``),
+    with no FMA contraction and no approximate division: then the GPU table is bit-identical to
+    ``level_table`` by IEEE semantics. An H200 found the approximate ``/`` (``div.full``/``approx``);
+    the ``fused`` compile shows the check sees contraction when it is allowed."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    for kind in ("packed", "split"):
+        assert set(found[kind]) <= _IEEE_OPS, f"{kind}: {sorted(set(found[kind]) - _IEEE_OPS)}"
+        assert "div.rn.f32" in found[kind] and "mul.rn.f32" in found[kind]
+    assert "fma.rn.f32" in found["fused"]  # enable_fp_fusion=True would contract: the check can fail

@@ -10,8 +10,8 @@
    reduction, Horner, two exact power-of-two factors. It is launched with
    ``enable_fp_fusion=False`` so that a GPU build does not contract ``a·b + c`` into an FMA, and
    divides with ``div_rn`` (IEEE), not ``/`` (approximate on NVIDIA). The tables are bit-identical
-   to ``level_table``'s in the interpreter (``tests/test_triton.py``) and on a GPU
-   (``tests/test_triton_cuda.py``).
+   to ``level_table``'s in the interpreter, and the sm_90 PTX holds only IEEE ``.rn`` float32 ops
+   (both ``tests/test_triton.py``); ``tests/test_triton_cuda.py`` checks the tables on a GPU.
 2. ``_gemv_kernel`` (batches up to :data:`GEMV_MAX_M`): one program per ``bn`` output rows and row
    of x gathers each code's weight from its row's table (packed: one gather from the signed table;
    split: the unsigned table times the ±1 sign), multiplies by x converted to float32 and adds into
