@@ -291,7 +291,7 @@ def test_backend_name():
     assert qk.backend_name() == qk.backend_name("cpu")  # the default device is the CPU
 
 
-def test_cuda_without_triton_falls_back_to_reference_and_warns_once(monkeypatch):
+def test_cuda_without_triton_falls_back_to_reference_and_warns_once(monkeypatch, caplog):
     """CUDA runs Triton by default; if triton cannot be imported it runs the reference, with one
     warning, and ``QINS_KERNEL=triton`` without triton is an error."""
     import sys
@@ -304,8 +304,12 @@ def test_cuda_without_triton_falls_back_to_reference_and_warns_once(monkeypatch)
     monkeypatch.setattr(qk, "_triton", None)
     monkeypatch.setattr(qk, "_triton_missing", False)
     with pytest.warns(RuntimeWarning, match="^qins: triton cannot be imported .*falls back to the") as caught:
-        assert qk.backend_name("cuda") == "reference"
+        with caplog.at_level("DEBUG", logger="qins.kernels"):
+            assert qk.backend_name("cuda") == "reference"
     assert len(caught) == 1
+    [record] = [r for r in caplog.records if r.name == "qins.kernels"]
+    assert record.levelname == "DEBUG" and record.getMessage() == "qins: triton import failed"
+    assert isinstance(record.exc_info[1], RuntimeError) and isinstance(record.exc_info[1].__cause__, ImportError)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert qk.backend_name("cuda") == "reference"  # warned once, not again

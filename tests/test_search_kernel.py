@@ -70,6 +70,15 @@ def test_dispatch_runs_native_on_cpu_and_the_reference_when_asked(monkeypatch):
     assert calls == [1] and torch.equal(want, real(*args))
 
 
+def test_native_score_takes_other_float_dtypes_as_their_float32_values():
+    """Found by mutation testing: the wrapper's float32 cast was never exercised (float64 inputs
+    reached the native kernel unconverted)."""
+    native()
+    args = _case(5, 3, 200, 4, 0.1)
+    want = qk.rounding_deviation(*args)
+    assert torch.equal(qk.rounding_deviation(*(t.double() for t in args)), want)
+
+
 def test_a_row_of_zeros_scores_zero_for_every_candidate():
     mod = native()
     mag, gap, inv, unit, floor2, tau = _case(5, 2, 70, 9, 0.0)
