@@ -167,6 +167,20 @@ def test_range_codes_dispatch_runs_native_on_cpu_and_the_reference_when_asked(mo
     assert torch.equal(err_ref, want_err) and torch.equal(codes_ref, want_codes)
 
 
+def test_range_codes_take_float64_magnitudes_as_their_float32_values_and_pass_the_format_on():
+    """Found by mutation testing: the native wrapper's float32 cast, and the format flag on the
+    reference path (only split cases went through the dispatcher)."""
+    native()
+    mag, gap, lo, hi, tables = _ranges_case(11, 3, 150, 2, True, 0.2)
+    err, codes = qk.range_codes(mag, gap, lo, hi, tables, True, 1)
+    err64, codes64 = qk.range_codes(mag.double(), gap.double(), lo, hi, tables, True, 1)
+    assert torch.equal(codes64, codes) and torch.equal(err64, err)
+    with env(QINS_KERNEL="reference"):
+        got = qk.range_codes(mag, gap, lo, hi, tables, True, 1)
+    want = reference.range_codes(mag, gap, lo, hi, tables, True, 1)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[1], codes)
+
+
 def test_a_row_longer_than_one_block_sums_every_block():
     """One row of more than 2**16 elements (a per-tensor range) spans several of the reference's
     blocks; its error is the sum over all of them, as the native kernel's."""
