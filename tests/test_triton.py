@@ -94,6 +94,15 @@ def test_cuda_defaults_to_triton_and_cpu_only_when_interpreted():
         assert qk.CUDA_TRITON_MAX_ROWS == 8
         assert [qk._use_triton(torch.device("cuda"), rows) for rows in (0, 1, 8, 9, 512)] == [True] * 3 + [False] * 2
         assert not qk._use_triton(torch.device("cpu"), 1)
+        rows = []
+        real = qk._use_triton
+        spy = (lambda device, n: rows.append(n) or real(device, n))  # noqa: E731
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qk, "_use_triton", spy)
+            codes, sign, lo, hi = _args(out=3, inn=1)
+            for shape in [(1,), (4, 1), (2, 3, 1), (0, 1)]:
+                torch.ops.qins.linear(torch.randn(shape), codes, sign, lo[:3], hi[:3], None)
+        assert rows == [1, 4, 6, 0] and all(type(n) is int for n in rows)  # rows of x, as an int
         assert qk.backend_name("cpu") != "triton"  # CPU keeps native/reference unless asked
     with env(QINS_KERNEL="reference"):
         assert qk.backend_name("cuda") == "reference"

@@ -122,7 +122,7 @@ def _triton_available() -> bool:
     return True
 
 
-def _use_triton(device: torch.device, rows: int = 1) -> bool:
+def _use_triton(device: torch.device, rows: int) -> bool:
     """Whether ``rows`` rows of x on ``device`` run the Triton kernel (``QINS_KERNEL=triton``: every
     batch; by default: CUDA batches of at most :data:`CUDA_TRITON_MAX_ROWS` rows)."""
     kind = _kernel_env()
@@ -140,7 +140,7 @@ def backend_name(device: torch.device | str = "cpu") -> str:
     """Which implementation ``qins::linear`` runs on ``device``: ``"native-avx512"``, ...,
     ``"triton"`` (only with ``QINS_KERNEL=triton``), ``"reference"``."""
     device = torch.device(device)
-    if _use_triton(device):
+    if _use_triton(device, 1):  # what a one-row call runs; the name says what larger batches run
         triton_module()  # raises if triton is missing: never report a backend that cannot run
         if _kernel_env() == "auto":
             return f"triton (batch <= {CUDA_TRITON_MAX_ROWS}, else reference)"
@@ -166,7 +166,7 @@ def linear(
 
 def _dispatch(x, codes, sign, log_min, log_max, bias) -> torch.Tensor:
     """The op's body: the Triton, native or reference backend, as :func:`backend_name` reports."""
-    if _use_triton(x.device, x.numel() // max(x.shape[-1], 1) if x.dim() else 1):
+    if _use_triton(x.device, x.numel() // max(x.shape[-1], 1)):  # rows of x (x is at least 1-d)
         return triton_module().linear(x, codes, sign, log_min, log_max, bias)
     if _use_native(x.device):
         return native_module().linear(x, codes, sign, log_min, log_max, bias, cpu_isa())
