@@ -132,13 +132,14 @@ def test_default_config_is_gemv_up_to_its_batch_limit_then_tile():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(kind="dot", bn=8, bk=8), "kind must be 'gemv' or 'tile'"),
-        (dict(kind="gemv", bn=8, bk=8, bm=2), "a gemv Config has bm=1"),
-        (dict(kind="gemv", bn=6, bk=8), "powers of two"),
-        (dict(kind="gemv", bn=8, bk=8, num_warps=3), "powers of two"),
-        (dict(kind="gemv", bn=8, bk=0), "powers of two"),
-        (dict(kind="tile", bn=32, bk=8, bm=16), "at least 16"),
-        (dict(kind="tile", bn=32, bk=16, bm=8), "at least 16"),
+        (dict(kind="dot", bn=8, bk=8), r"^Config.kind must be 'gemv' or 'tile', got 'dot'$"),
+        (dict(kind="gemv", bn=8, bk=8, bm=2), r"^a gemv Config has bm=1$"),
+        (dict(kind="gemv", bn=6, bk=8), r"^Config block sizes and num_warps must be powers of two, got Config\(kind='gemv', bn=6, bk=8, bm=1, num_warps=4\)$"),
+        (dict(kind="gemv", bn=8, bk=8, num_warps=3), r"^Config block sizes and num_warps must be powers of two, got .*num_warps=3\)$"),
+        (dict(kind="gemv", bn=8, bk=0), r"^Config block sizes and num_warps must be powers of two, got .*bk=0.*$"),
+        (dict(kind="tile", bn=32, bk=8, bm=16), r"^tl.dot needs tile blocks of at least 16, got Config\(kind='tile', bn=32, bk=8, bm=16, num_warps=4\)$"),
+        (dict(kind="tile", bn=32, bk=16, bm=8), r"^tl.dot needs tile blocks of at least 16, got .*bm=8.*$"),
+        (dict(kind="tile", bn=8, bk=16, bm=16), r"^tl.dot needs tile blocks of at least 16, got .*bn=8.*$"),
     ],
 )
 def test_bad_configs_are_refused(kwargs, message):
