@@ -141,6 +141,7 @@ def test_default_config_is_gemv_up_to_its_batch_limit_then_tile():
         (dict(kind="tile", bn=32, bk=16, bm=8), r"^tl.dot needs tile blocks of at least 16, got .*bm=8.*$"),
         (dict(kind="tile", bn=8, bk=16, bm=16), r"^tl.dot needs tile blocks of at least 16, got .*bn=8.*$"),
     ],
+    ids=["kind", "gemv-bm", "bn-not-pow2", "warps-not-pow2", "bk-zero", "tile-bk", "tile-bm", "tile-bn"],
 )
 def test_bad_configs_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
