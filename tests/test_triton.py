@@ -153,6 +153,16 @@ def test_config_names_say_every_block_size():
     assert tk.Config("tile", bn=64, bk=32, bm=16, num_warps=8).name == "tile-n64-k32-m16-w8"
 
 
+def test_plan_launches_the_configs_kernel_on_its_grid():
+    gemv, tile = tk.Config("gemv", bn=4, bk=256), tk.Config("tile", bn=32, bk=32, bm=16)
+    assert tk.plan(gemv, 5, 70) == (tk._gemv_kernel, (18, 5), dict(BN=4, BK=256))
+    assert tk.plan(gemv, 65535, 1) == (tk._gemv_kernel, (1, 65535), dict(BN=4, BK=256))  # axis 1 is full
+    assert tk.plan(tile, 5, 70) == (tk._linear_kernel, (1, 3), dict(BM=16, BN=32, BK=32))
+    assert tk.plan(tile, 65536, 70) == (tk._linear_kernel, (4096, 3), dict(BM=16, BN=32, BK=32))  # no row limit
+    with pytest.raises(RuntimeError, match="^a gemv launch takes at most 65535 rows of x, got 65536$"):
+        tk.plan(gemv, 65536, 70)
+
+
 def test_gemv_refuses_more_rows_than_a_grid_axis_holds():
     codes, sign, lo, hi = _args(out=3, inn=2)
     x = torch.empty(65536, 2).expand(65536, 2)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear", "table", "Config", "CANDIDATES", "default_config", "GEMV_MAX_M"]
+__all__ = ["linear", "table", "plan", "Config", "CANDIDATES", "default_config", "GEMV_MAX_M"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _linear_kernel(
 @triton.jit
 def _gemv_kernel(
     x_ptr, codes_ptr, sign_ptr, table_ptr, bias_ptr, y_ptr,
-    N, K,
+    M, N, K,  # M unused (one program per row of x): the tile kernel's argument list
     stride_xm, stride_xk, stride_cn, stride_ck, stride_sn, stride_sk,
     HAS_SIGN: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr,
@@ -225,6 +225,15 @@ def _gemv_kernel(
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
     tl.store(y_ptr + m * N + offs_n, out, mask=mask_n)
+
+
+def plan(cfg: Config, m: int, n: int) -> tuple:
+    """``(kernel, grid, block constexprs)`` of a launch of ``cfg`` for ``m`` rows of x and ``n``
+    outputs. A gemv grid has one program per row of x on axis 1, which holds at most 65535."""
+    if cfg.kind == "gemv":
+        torch._check(m <= 65535, lambda: f"a gemv launch takes at most 65535 rows of x, got {m}")
+        return _gemv_kernel, (triton.cdiv(n, cfg.bn), m), dict(BN=cfg.bn, BK=cfg.bk)
+    return _linear_kernel, (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn)), dict(BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
 
 
 def table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -271,18 +280,12 @@ def linear(
     y = torch.empty((m, out_f), dtype=torch.float32, device=x.device)
     s = codes if sign is None else sign
     cfg = default_config(m) if config is None else config
-    torch._check(cfg.kind == "tile" or m <= 65535, lambda: f"a gemv launch takes at most 65535 rows of x, got {m}")
+    kernel, grid, blocks = plan(cfg, m, out_f)
     logger.debug("qins triton linear: x %s codes %s per_row=%s packed=%s", tuple(x2.shape), tuple(codes.shape),
                  per_row, sign is None)
-    common = dict(HAS_SIGN=sign is not None, PER_ROW=per_row, HAS_BIAS=b is not None, num_warps=cfg.num_warps)
     strides = (x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1), s.stride(0), s.stride(1))
-    bias_arg = y if b is None else b
-    if cfg.kind == "gemv":
-        _gemv_kernel[(triton.cdiv(out_f, cfg.bn), m)](
-            x2, codes, s, tab, bias_arg, y, out_f, in_f, *strides, BN=cfg.bn, BK=cfg.bk, **common
-        )
-    else:
-        _linear_kernel[(triton.cdiv(m, cfg.bm), triton.cdiv(out_f, cfg.bn))](
-            x2, codes, s, tab, bias_arg, y, m, out_f, in_f, *strides, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, **common
-        )
+    kernel[grid](
+        x2, codes, s, tab, y if b is None else b, y, m, out_f, in_f, *strides,
+        HAS_SIGN=sign is not None, PER_ROW=per_row, HAS_BIAS=b is not None, num_warps=cfg.num_warps, **blocks,
+    )
     return y.to(x.dtype).reshape(*lead, out_f)
