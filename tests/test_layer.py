@@ -269,3 +269,9 @@ def test_from_linear_rejects_nan_weight_and_non_linear() -> None:
 def test_constructor_rejects_non_positive_sizes() -> None:
     with pytest.raises(ValueError, match="positive"):
         ProjectiveLinear(0, 4)
+
+
+def test_from_linear_refuses_other_modules_naming_their_type() -> None:
+    """Found by mutation testing: the refusal's type name was never checked."""
+    with pytest.raises(ValueError, match="^from_linear expects nn.Linear, got Conv1d$"):
+        ProjectiveLinear.from_linear(nn.Conv1d(4, 4, 1))
