@@ -275,3 +275,12 @@ def test_from_linear_refuses_other_modules_naming_their_type() -> None:
     """Found by mutation testing: the refusal's type name was never checked."""
     with pytest.raises(ValueError, match="^from_linear expects nn.Linear, got Conv1d$"):
         ProjectiveLinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_the_smallest_layer_is_one_by_one_and_empty_sizes_are_refused() -> None:
+    """Found by mutation testing: the size check's boundaries."""
+    layer = ProjectiveLinear(1, 1)
+    assert (layer.in_features, layer.out_features) == (1, 1) and layer(torch.randn(2, 1)).shape == (2, 1)
+    for sizes in [(0, 1), (1, 0), (3, 0)]:
+        with pytest.raises(ValueError):
+            ProjectiveLinear(*sizes)
