@@ -152,6 +152,59 @@ def test_wide_and_tall_layers(packed, batch):
             check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 
+TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk")
+
+
+@contextlib.contextmanager
+def tuning(**changes: int):
+    """The native module's knobs changed for the block (``get_tuning`` order: TUNING_FIELDS)."""
+    mod = native()
+    old = list(mod.get_tuning())
+    new = dict(zip(TUNING_FIELDS, old), **changes)
+    mod.set_tuning(*(new[f] for f in TUNING_FIELDS))
+    try:
+        yield
+    finally:
+        mod.set_tuning(*old)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gemv_knobs_that_keep_the_order_keep_the_result_bit_identical(packed, batch):
+    """Row chunk, prefetch distance and the pipelined table only schedule work: every row still
+    sums its columns in the same order, so the result is bit-identical; a column block changes the
+    order (within the bound). 37 rows: chunks of 2, 3 and 16 all leave a remainder."""
+    mod = native()
+    gen = torch.Generator().manual_seed(batch + 10 * packed)
+    out, inn = 37, 200
+    codes, sign = qins_codes(gen, out, inn, packed, 0.05)
+    lo = torch.rand(out, generator=gen) * -8 - 4
+    case = LinearCase(torch.randn(batch, inn, generator=gen), codes, sign, lo, lo + 6, torch.randn(out, generator=gen))
+    y_ref = reference.linear(*case.args())
+    for isa in native_isas():
+        with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
+            y0 = torch.ops.qins.linear(*case.args())
+            check_close(case, y0, y_ref)
+            for knobs in ({"row_chunk": 1}, {"row_chunk": 3}, {"row_chunk": 16}, {"prefetch": 0}, {"prefetch": 64},
+                          {"pipeline": 0}, {"pipeline": 2}, {"pipeline": 2, "prefetch": 0}):
+                with tuning(**knobs):
+                    assert torch.equal(torch.ops.qins.linear(*case.args()), y0), (isa, knobs)
+            with tuning(col_block=64):
+                check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
+
+
+def test_tuning_defaults_and_refusals():
+    mod = native()
+    assert dict(zip(TUNING_FIELDS, mod.get_tuning())) == {
+        "col_block": 1 << 30, "gemm_rows": 128, "gemm_cols": 3072, "prefetch": 12288, "pipeline": 1, "own_gemm": 1,
+        "row_chunk": 2}
+    for bad in (0, 17):
+        with pytest.raises(RuntimeError, match=r"row_chunk must be in \[1, 16\]"):
+            with tuning(row_chunk=bad):
+                pass
+    assert mod.get_tuning()[-1] == 2  # a refused call changes nothing
+
+
 @pytest.mark.parametrize("batch", [1, 5, 64])
 def test_threads_agree(batch):
     native()

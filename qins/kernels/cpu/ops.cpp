@@ -76,10 +76,16 @@ struct Tuning {
   int64_t gemm_rows = 128;
   int64_t gemm_cols = 3072;
   // gemv software prefetch distance (bytes; 0 = off). Measured at 3072x8192, batch 1, cold:
-  // none 12 G weights/s, 2 KiB 17, 4 KiB 21, 8 KiB 24-26, 16 KiB 27-29, 32 KiB 26-28.
-  int64_t prefetch = 16384;
+  // none 12 G weights/s, 2 KiB 17, 4 KiB 21, 8 KiB 24-26, 16 KiB 27-29, 32 KiB 26-28 (tables built
+  // 16 rows at a time). With 2 rows at a time (row_chunk below; AMD EPYC, 2026-11-28, per-row packed,
+  // % of the streaming floor): 4 KiB 62-76%, 8 KiB 73-77%, 12 KiB 77-78%, 16 KiB 71%.
+  int64_t prefetch = 12288;
   int64_t pipeline = 1;              // gemv: next row's table built inside the row loop (0 off, 1 split, 2 all)
   int64_t own_gemm = 1;              // decoded blocks: the ISA's own GEMM if it has one (0: at::mm)
+  // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk). A burst of
+  // table work stalls the memory stream; measured (3072x3072 / 3072x8192 per-row packed, batch 1,
+  // cold, % of the streaming floor, same runs): 16 rows 61-69%, 4 rows 71-75%, 2 rows 73-77%, 1 row 70-75%.
+  int64_t row_chunk = 2;
 };
 Tuning g_tuning;
 
@@ -122,7 +128,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
     Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr,
            lmin.data_ptr<float>(), lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad,
            xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, g_tuning.gemv_col_block / 64 * 64),
-           g_tuning.prefetch, g_tuning.pipeline, g_tuning.own_gemm};
+           g_tuning.prefetch, g_tuning.pipeline, g_tuning.own_gemm, g_tuning.row_chunk};
     if (B <= kMaxGemvBatch) {
       const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
       // x rows in groups of <= 4 (measured at 3072x3072: B = 4 0.8 ms, B = 8 in one pass 3.0 ms,
@@ -256,12 +262,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &qins::supported, "whether an ISA path (1 scalar, 2 avx2, 3 avx512) runs here");
   m.def("best_isa", &qins::best_isa, "the ISA path chosen by default");
   m.def("set_tuning", [](int64_t col_block, int64_t gemm_rows, int64_t gemm_cols, int64_t prefetch, int64_t pipeline,
-                         int64_t own_gemm) {
-    qins::g_tuning = {col_block, gemm_rows, gemm_cols, prefetch, pipeline, own_gemm};
-  }, "tuning knobs: gemv column block, gemm rows and columns per decoded block");
+                         int64_t own_gemm, int64_t row_chunk) {
+    TORCH_CHECK(row_chunk >= 1 && row_chunk <= qins::kMaxRowChunk, "qins: row_chunk must be in [1, ", qins::kMaxRowChunk, "]");
+    qins::g_tuning = {col_block, gemm_rows, gemm_cols, prefetch, pipeline, own_gemm, row_chunk};
+  }, "tuning knobs (the Tuning struct's fields, in order)");
   m.def("get_tuning", []() {
     return std::vector<int64_t>{qins::g_tuning.gemv_col_block, qins::g_tuning.gemm_rows, qins::g_tuning.gemm_cols,
-                                qins::g_tuning.prefetch, qins::g_tuning.pipeline, qins::g_tuning.own_gemm};
+                                qins::g_tuning.prefetch, qins::g_tuning.pipeline, qins::g_tuning.own_gemm,
+                                qins::g_tuning.row_chunk};
   });
   m.def("scratch_bytes_max", []() { return qins::g_scratch_max.load(); }, "largest per-thread scratch");
 }

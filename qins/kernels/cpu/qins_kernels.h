@@ -55,7 +55,9 @@ struct Args {
   int64_t prefetch = 0;   // gemv: software prefetch distance in bytes (0: none)
   int64_t pipeline = 1;   // gemv: next row's table built inside the row loop (0 off, 1 split only, 2 all)
   int64_t own_gemm = 1;   // decoded blocks: the ISA's gemm when it has one (0: at::mm)
+  int64_t row_chunk = 2;  // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk)
 };
+constexpr int64_t kMaxRowChunk = 16;
 
 // The rounding-deviation score of the mse range search (qins/encode.py), rows [r0, r1) of
 // [R, cols] magnitudes and gaps: for candidate i of row r,
