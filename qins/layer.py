@@ -191,8 +191,8 @@ class ProjectiveLinear(nn.Module):
         if w is None:
             # Memory-saving mode: one fused op on the codes (no decoded weight is made); it
             # accumulates in float32 and returns x.dtype. Gradients flow through its reference
-            # formula, so training code works too.
-            return kernels.linear(x, self.stored, self.sign, self.log_min, self.log_max, bias)
+            # formula, so training code works too. Eager no-grad CPU calls skip the dispatcher.
+            return kernels.fused_linear(x, self.stored, self.sign, self.log_min, self.log_max, bias)
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:

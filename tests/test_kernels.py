@@ -245,6 +245,91 @@ def test_empty_and_bad_inputs():
 # ---------------------------------------------------------------------------------------------
 
 
+def _fused_case(requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(4)
+    codes, _ = qins_codes(gen, 6, 20, True, 0.1)
+    lo = torch.rand(6, generator=gen) * -6 - 2
+    x, b = torch.randn(3, 20, generator=gen), torch.randn(6, generator=gen)
+    return x.requires_grad_(requires_grad), codes, None, lo, lo + 5, b
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Every call that goes through the op (qins.kernels.linear) while the test runs."""
+    calls = []
+    op = qk.linear
+
+    def spy(*args):
+        calls.append(args)
+        return op(*args)
+
+    monkeypatch.setattr(qk, "linear", spy)
+    return calls
+
+
+def test_fused_linear_runs_the_ops_body_directly_for_eager_no_grad_cpu_calls(op_calls):
+    args = _fused_case()
+    y = qk.fused_linear(*args)
+    assert op_calls == []
+    assert torch.equal(y, torch.ops.qins.linear(*args))
+    with torch.no_grad():  # a leaf that requires grad needs none here
+        xg = args[0].clone().requires_grad_()
+        assert torch.equal(qk.fused_linear(xg, *args[1:]), y) and op_calls == []
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _PassThroughFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _PassThroughDispatchMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["x_requires_grad", "bias_requires_grad", "x_subclass", "codes_subclass", "function_mode", "dispatch_mode",
+     "fake_tensors", "meta_device", "jit_trace"],
+)
+def test_fused_linear_calls_the_op_whenever_the_op_itself_is_needed(op_calls, when):
+    """Autograd must record the op; modes, subclasses, other devices and tracers must see it."""
+    x, codes, sign, lo, hi, b = _fused_case(requires_grad=when == "x_requires_grad")
+    if when == "bias_requires_grad":
+        b.requires_grad_()
+    if when in ("x_requires_grad", "bias_requires_grad"):
+        y = qk.fused_linear(x, codes, sign, lo, hi, b)
+        assert y.requires_grad and y.grad_fn is not None
+    elif when == "x_subclass":  # a subclass's __torch_function__ must see the op
+        assert type(qk.fused_linear(x.as_subclass(_Subclass), codes, sign, lo, hi, b)) is _Subclass
+    elif when == "codes_subclass":
+        assert type(qk.fused_linear(x, codes.as_subclass(_Subclass), sign, lo, hi, b)) is _Subclass
+    elif when == "function_mode":
+        with _PassThroughFunctionMode():
+            qk.fused_linear(x, codes, sign, lo, hi, b)
+    elif when == "dispatch_mode":
+        with _PassThroughDispatchMode():
+            qk.fused_linear(x, codes, sign, lo, hi, b)
+    elif when == "fake_tensors":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode()
+        fx, fcodes = mode.from_tensor(x), mode.from_tensor(codes)
+        with mode:
+            assert qk.fused_linear(fx, fcodes, sign, mode.from_tensor(lo), mode.from_tensor(hi), None).shape == (3, 6)
+    elif when == "meta_device":
+        m = [t.to("meta") for t in (x, codes, lo, hi, b)]
+        assert qk.fused_linear(m[0], m[1], None, m[2], m[3], m[4]).shape == (3, 6)
+    else:
+        traced = torch.jit.trace(lambda x_: qk.fused_linear(x_, codes, sign, lo, hi, b), (x,), check_trace=False)
+        assert "qins::linear" in str(traced.graph)
+    assert len(op_calls) == 1
+
+
 def test_compile_fullgraph_one_frame():
     from torch._dynamo.testing import CompileCounter
 

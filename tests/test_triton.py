@@ -99,9 +99,10 @@ def test_cuda_defaults_to_triton_and_cpu_only_when_interpreted():
         spy = (lambda device, n: rows.append(n) or real(device, n))  # noqa: E731
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(qk, "_use_triton", spy)
-            codes, sign, lo, hi = _args(out=3, inn=1)
+            # meta tensors: the CPU path decides without asking _use_triton (one env read)
+            codes, sign, lo, hi = (t if t is None else t.to("meta") for t in _args(out=3, inn=1))
             for shape in [(1,), (4, 1), (2, 3, 1), (0, 1)]:
-                torch.ops.qins.linear(torch.randn(shape), codes, sign, lo[:3], hi[:3], None)
+                assert qk._dispatch(torch.randn(shape, device="meta"), codes, sign, lo[:3], hi[:3], None).shape == (*shape[:-1], 3)
         assert rows == [1, 4, 6, 0] and all(type(n) is int for n in rows)  # rows of x, as an int
         assert qk.backend_name("cpu") != "triton"  # CPU keeps native/reference unless asked
     with env(QINS_KERNEL="reference"):
