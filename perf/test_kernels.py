@@ -16,14 +16,14 @@ same bytes measured in the same test (``floor_gbps``, ``ratio_vs_floor``, ``floo
 Gated against the baseline: at batch 1 ``ratio_vs_floor`` (the kernel and the floor are both
 streams of the same bytes: like work) with ``--perf-codec-tol``; at batches 32/512
 ``ratio_vs_linear`` (both GEMM-bound: like work) with ``--perf-ratio-tol``. The issue's absolute
-ratio targets are asserted too, after one confirming re-measurement (``TARGETS``); the bandwidth
-target (60% of the floor) is reported with a warning when missed, as it is today.
+ratio targets are asserted too, after one confirming re-measurement (``TARGETS``), and so is the
+bandwidth target for packed layers at batch 1, cold: at least 60% of the floor
+(``FLOOR_FRACTION_TARGET``), a miss likewise re-measured once before it fails.
 """
 from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -47,8 +47,8 @@ TARGETS = {
     ("split", "b32", None): 1.1,
     ("split", "b512", None): 1.1,
 }
-#: issue 8's target for the achieved weight bandwidth at batch 1, cold, as a fraction of the
-#: streaming floor; measured and reported (a known miss today), not asserted: see _assert_targets
+#: issue 8's target for the achieved weight bandwidth of packed layers at batch 1, cold, as a
+#: fraction of the streaming floor (asserted in _assert_targets)
 FLOOR_FRACTION_TARGET = 0.6
 
 
@@ -173,16 +173,14 @@ def _assert_targets(benchmark, fmt, case, shape, figures, target, reference, p, 
             f"{fmt} {case} {shape}: ratio vs nn.Linear {figures['ratio_vs_linear']:.3f}, re-measured {again:.3f}, target <= {limit}"
         )
     if floor is not None and fmt == "packed":
-        # Issue 8's bandwidth target (>= 60% of the streaming floor) is NOT met by the kernel today
-        # (56-58% at 3072x3072 on the AMD EPYC here: the batch-1 kernel is compute-bound on one
-        # core). It is recorded and reported, not asserted, until the kernel reaches it; the
-        # figure itself is gated against the baseline through ratio_vs_floor.
-        met = figures["floor_fraction"] >= FLOOR_FRACTION_TARGET
+        # Issue 8's bandwidth target. Missed until 2026-11-28 (56-64% at 3072x3072 on the AMD EPYC
+        # here); met since the per-row tables are built 2 rows at a time and layers skip the
+        # dispatcher (67-69% quiet, 63-64% beside two busy loops; 3072x8192 73-76%).
         benchmark.extra_info["target_floor_fraction"] = FLOOR_FRACTION_TARGET
-        benchmark.extra_info["target_floor_fraction_met"] = met
-        if not met:
-            warnings.warn(
-                f"{fmt} {case} {shape}: weight bandwidth {figures['floor_fraction']:.0%} of the streaming floor, "
-                f"below issue 8's target of {FLOOR_FRACTION_TARGET:.0%} (known miss, see perf/test_kernels.py)",
-                stacklevel=1,
+        if figures["floor_fraction"] < FLOOR_FRACTION_TARGET:
+            again = 1.0 / paired_again(target, floor, repeat=1, pairs=len(p.target)).ratio
+            benchmark.extra_info["target_recheck_floor_fraction"] = again
+            assert again >= FLOOR_FRACTION_TARGET, (
+                f"{fmt} {case} {shape}: weight bandwidth {figures['floor_fraction']:.1%} of the streaming floor, "
+                f"re-measured {again:.1%}, target >= {FLOOR_FRACTION_TARGET:.0%}"
             )
