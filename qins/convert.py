@@ -71,10 +71,11 @@ class ConversionReport:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    """(device, data pointer) of ``t``'s storage; None for meta tensors (they hold no bytes). Empty
+    storages may share a key (a null pointer): they add 0 bytes however they are counted."""
     if t.device.type == "meta":
         return None
-    storage = t.untyped_storage()
-    return (str(t.device), storage.data_ptr()) if storage.nbytes() else None
+    return (str(t.device), t.untyped_storage().data_ptr())
 
 
 def model_memory(model: nn.Module) -> MemoryReport:
@@ -99,8 +100,10 @@ def model_memory(model: nn.Module) -> MemoryReport:
             seen.add(key)
             totals[kind] += t.untyped_storage().nbytes()
 
-    add("parameters", (p for _, p in model.named_parameters(remove_duplicate=False)))
-    buffers = [b for _, b in model.named_buffers(remove_duplicate=False)]
+    # parameters() and buffers() list a tensor shared by several modules once; the storage keys
+    # would catch it anyway (and views of one storage, which they list separately).
+    add("parameters", model.parameters())
+    buffers = list(model.buffers())
     add("buffers", (b for b in buffers if id(b) not in cache_ids))
     add("caches", (b for b in buffers if id(b) in cache_ids))
     return MemoryReport(**totals)

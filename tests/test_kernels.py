@@ -330,6 +330,26 @@ def test_fused_linear_calls_the_op_whenever_the_op_itself_is_needed(op_calls, wh
     assert len(op_calls) == 1
 
 
+def test_cpu_dispatch_asks_about_triton_only_under_qins_kernel_triton(monkeypatch):
+    """The CPU path reads the environment once; ``QINS_KERNEL=triton`` without the interpreter
+    asks, is told no, and keeps the native kernels."""
+    mod = native()
+    asked = []
+    real = qk._use_triton
+    monkeypatch.setattr(qk, "_use_triton", lambda device, rows: asked.append(rows) or real(device, rows))
+    args = _fused_case()
+    y = mod.linear(*args, 0)
+    for kind in (None, "auto", "native"):
+        with env(QINS_KERNEL=kind, QINS_CPU_ISA=None):
+            assert torch.equal(qk._dispatch(*args), y)
+    with env(QINS_KERNEL="reference"):
+        assert torch.equal(qk._dispatch(*args), reference.linear(*args))
+    assert asked == []
+    with env(QINS_KERNEL="triton", TRITON_INTERPRET=None, QINS_CPU_ISA=None):
+        assert torch.equal(qk._dispatch(*args), y)
+    assert asked == [3]
+
+
 def test_compile_fullgraph_one_frame():
     from torch._dynamo.testing import CompileCounter
 

@@ -168,17 +168,16 @@ def linear(
 
 
 def _dispatch(x, codes, sign, log_min, log_max, bias) -> torch.Tensor:
-    """The op's body: the Triton, native or reference backend, as :func:`backend_name` reports."""
+    """The op's body: the Triton, native or reference backend, as :func:`backend_name` reports.
+    CPU calls outside ``QINS_KERNEL=triton`` (the common case) read the environment once and never
+    ask about Triton."""
     kind = _kernel_env()
-    if kind != "triton" and x.device.type == "cpu":  # the common case, with one read of the environment
-        native = native_module() if kind != "reference" else None
-        if native is not None:
-            return native.linear(x, codes, sign, log_min, log_max, bias, cpu_isa())
-        return reference.linear(x, codes, sign, log_min, log_max, bias)
-    if _use_triton(x.device, x.numel() // max(x.shape[-1], 1)):  # rows of x (x is at least 1-d)
+    on_cpu = x.device.type == "cpu"
+    if (kind == "triton" or not on_cpu) and _use_triton(x.device, x.numel() // max(x.shape[-1], 1)):  # rows of x
         return triton_module().linear(x, codes, sign, log_min, log_max, bias)
-    if _use_native(x.device):
-        return native_module().linear(x, codes, sign, log_min, log_max, bias, cpu_isa())
+    native = native_module() if on_cpu and kind != "reference" else None
+    if native is not None:
+        return native.linear(x, codes, sign, log_min, log_max, bias, cpu_isa())
     return reference.linear(x, codes, sign, log_min, log_max, bias)
 
 
