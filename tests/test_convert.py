@@ -79,6 +79,16 @@ def test_meta_tensors_hold_no_bytes() -> None:
     assert model_memory(model) == model_memory(nn.Module()).__class__(0, 5 * F32, 0)
 
 
+def test_storages_are_told_apart_by_device_and_address() -> None:
+    """The key model_memory deduplicates on: two devices could hold the same address (no CPU-only
+    model can show a collision, so the key itself is pinned); meta tensors have none."""
+    from qins.convert import _storage_key
+
+    t = torch.zeros(4)
+    assert _storage_key(t[1:]) == _storage_key(t) == ("cpu", t.untyped_storage().data_ptr())
+    assert _storage_key(torch.zeros(4, device="meta")) is None
+
+
 def test_skip_given_as_one_string_is_one_pattern_not_its_characters() -> None:
     model = tiny_phi3()
     report = convert_model_to_projective(model, skip="model.layers.1.mlp.down_proj")
