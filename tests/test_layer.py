@@ -160,6 +160,22 @@ def test_invalidate_cache_refreshes_after_codes_change() -> None:
     assert torch.allclose(layer(x) - layer.bias, -(y0 - layer.bias))
 
 
+def test_invalidate_cache_replaces_a_cache_that_no_longer_fits_the_codes() -> None:
+    """Refreshed in place only when shape, dtype and device all still match; otherwise replaced:
+    codes swapped by hand for fewer rows, or a cache that is not in the compute dtype."""
+    layer = ProjectiveLinear.from_linear(make_linear(bias=False), SEED)
+    old = layer._cached_weight
+    with torch.no_grad():
+        layer.stored = layer.stored[:5].clone()  # 5 of the 24 rows (per-tensor logs: still valid)
+        layer.sign = layer.sign[:5].clone()
+    layer.invalidate_cache()
+    assert layer._cached_weight is not old and torch.equal(layer._cached_weight, layer.decode_weight())
+    layer._cached_weight = layer._cached_weight.double()  # same shape and device, another dtype
+    layer.invalidate_cache()
+    assert layer._cached_weight.dtype == layer.compute_dtype == torch.float32
+    assert torch.equal(layer._cached_weight, layer.decode_weight())
+
+
 def test_memory_saving_mode_decodes_every_forward_and_keeps_no_cache() -> None:
     layer = ProjectiveLinear.from_linear(make_linear(), SEED, cache_weight=False)
     assert layer._cached_weight is None
