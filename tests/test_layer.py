@@ -176,6 +176,18 @@ def test_invalidate_cache_replaces_a_cache_that_no_longer_fits_the_codes() -> No
     assert torch.equal(layer._cached_weight, layer.decode_weight())
 
 
+def test_a_config_that_is_not_a_qinsconfig_is_refused_by_name() -> None:
+    with pytest.raises(TypeError, match=r"^config must be a QinsConfig, got dict$"):
+        ProjectiveLinear(4, 3, config={"packed": True})
+
+
+def test_a_layer_built_on_a_device_holds_every_tensor_there() -> None:
+    """Non-persistent buffers included: ``to_empty``/``to`` then move one consistent set."""
+    for cache_weight in (True, False):
+        layer = ProjectiveLinear(6, 5, bias=True, device="meta", cache_weight=cache_weight)
+        assert {t.device.type for t in [*layer.parameters(), *layer.buffers()]} == {"meta"}
+
+
 def test_memory_saving_mode_decodes_every_forward_and_keeps_no_cache() -> None:
     layer = ProjectiveLinear.from_linear(make_linear(), SEED, cache_weight=False)
     assert layer._cached_weight is None
