@@ -55,20 +55,79 @@ def pytest_configure(config: pytest.Config) -> None:
         qins.kernels.native_module()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under mutmut (``nox -s mutation``), run a mutant's tests fastest first.
+#: written by mutmut's stats pass (in its working directory, ``mutants/``): each test's setup and
+#: teardown seconds, which mutmut's own ``duration_by_test`` leaves out (it times the call only)
+FIXTURE_DURATIONS = Path("mutmut-fixture-durations.json")
+_fixture_seconds: dict[str, float] = {}
 
-    mutmut runs each mutant's tests with ``-x``; ordering them by the durations its stats pass
-    recorded (``mutmut-stats.json`` in its working directory) makes the cheapest failing test the
-    one that stops the run. Order only: the same tests run. Outside mutmut, nothing changes.
+
+def _under_a_mutant() -> bool:
+    return os.environ.get("MUTANT_UNDER_TEST", "") not in ("", "stats", "fail", "mutant_generation")
+
+
+#: module-scoped fixtures that cost nothing to set up again (the isolation check below)
+_CHEAP_MODULE_FIXTURES = frozenset({"_module_leaves_transformers_unpatched"})
+
+
+def shares_a_module_fixture(item) -> bool:
+    """True if ``item`` uses a module-, class- or package-scoped fixture other than the cheap
+    isolation check: its module's items must then run together, or that fixture is set up twice."""
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.items() if info is not None else ()
+    return any(d.scope in ("class", "module", "package") for name, ds in defs if name not in _CHEAP_MODULE_FIXTURES
+               for d in ds)
+
+
+def mutation_order(items: list, seconds: dict[str, float], grouped=shares_a_module_fixture) -> list:
+    """``items`` cheapest first by ``seconds`` (unknown ids cost 0; ties keep their order).
+
+    A module any of whose items is ``grouped`` moves as one block, ranked by the sum of its items'
+    seconds, its own order kept, so that no shared module fixture is set up twice; the items of
+    other modules are ranked one by one.
     """
-    if os.environ.get("MUTANT_UNDER_TEST", "") in ("", "stats", "fail", "mutant_generation"):
+    blocks: dict[str, list] = {}
+    for item in items:
+        blocks.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    units = []
+    for group in blocks.values():
+        units.extend([group] if any(grouped(i) for i in group) else [[i] for i in group])
+    first = {id(unit[0]): n for n, unit in enumerate(units)}
+    units.sort(key=lambda unit: (sum(seconds.get(i.nodeid, 0.0) for i in unit), first[id(unit[0])]))
+    return [item for unit in units for item in unit]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under mutmut (``nox -s mutation``), run a mutant's tests cheapest first (:func:`mutation_order`).
+
+    mutmut runs each mutant's tests with ``-x``, so the first failing test ends the run. Tests are
+    ranked by the seconds its stats pass measured: the calls (``mutmut-stats.json``) plus setup
+    and teardown (:data:`FIXTURE_DURATIONS`, written by this file during that pass), since a
+    module fixture that builds and saves models costs more than all its tests' calls.
+    Order only: the same tests run. Outside mutmut, nothing changes.
+    """
+    if not _under_a_mutant():
         return
-    stats = Path("mutmut-stats.json")
-    if not stats.exists():
-        return
-    durations = json.loads(stats.read_text()).get("duration_by_test", {})
-    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+    seconds: dict[str, float] = {}
+    for path, key in ((Path("mutmut-stats.json"), "duration_by_test"), (FIXTURE_DURATIONS, None)):
+        if path.exists():
+            data = json.loads(path.read_text())
+            for nodeid, s in (data[key] if key else data).items():
+                seconds[nodeid] = seconds.get(nodeid, 0.0) + s
+    items[:] = mutation_order(items, seconds)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Under mutmut's stats pass only: add up each test's setup and teardown seconds."""
+    if report.when in ("setup", "teardown") and os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        _fixture_seconds[report.nodeid] = _fixture_seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under mutmut's stats pass: merge this pass's setup/teardown seconds into :data:`FIXTURE_DURATIONS`
+    (a pass over new tests only must not forget the others)."""
+    if _fixture_seconds and os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        known = json.loads(FIXTURE_DURATIONS.read_text()) if FIXTURE_DURATIONS.exists() else {}
+        FIXTURE_DURATIONS.write_text(json.dumps({**known, **_fixture_seconds}, indent=0, sort_keys=True))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

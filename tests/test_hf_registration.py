@@ -84,3 +84,47 @@ def test_the_config_class_defaults_are_the_library_defaults() -> None:
     assert (config.packed, config.log_range, config.per_row) == (True, "mse", True)
     assert config.skip == ["lm_head"] and config.cache_weight is True and config.format_version == 2
     assert config.to_dict() == quantization_config_dict(QinsConfig(), ["lm_head"], True)
+
+
+def test_a_format_version_other_than_2_is_refused_by_name() -> None:
+    config_cls, _ = register_with_transformers()
+    with pytest.raises(ValueError, match=r"^quantization_config: QINS format_version 3 is not supported \(2\)$"):
+        config_cls(format_version=3)
+    assert config_cls(format_version="2").format_version == 2
+
+
+@pytest.mark.parametrize("pre_quantized", [True, False])
+def test_a_qins_quantization_config_loads_only_pre_quantized_checkpoints(pre_quantized: bool) -> None:
+    """Passing a QINS ``quantization_config`` to load an unconverted model is refused by
+    ``validate_environment`` with the way out; a QINS checkpoint (pre-quantized) passes."""
+    config_cls, quantizer_cls = register_with_transformers()
+    quantizer = quantizer_cls(config_cls(), pre_quantized=pre_quantized)  # constructing never refuses
+    assert quantizer.pre_quantized is pre_quantized
+    if pre_quantized:
+        assert quantizer.validate_environment() is None
+    else:
+        with pytest.raises(ValueError, match=r"^quant_method 'qins' loads QINS checkpoints only; convert a loaded "
+                                             r"model with qins.convert_model_to_projective instead"):
+            quantizer.validate_environment()
+
+
+@pytest.mark.parametrize("major", [4, 5])
+@pytest.mark.parametrize("accelerate", [True, False])
+def test_transformers_4_loads_through_accelerate_and_says_so_when_it_is_missing(
+        monkeypatch: pytest.MonkeyPatch, major: int, accelerate: bool) -> None:
+    """The quantizer built for transformers 4.x refuses to load without accelerate (4.x loads
+    quantized checkpoints through it); the one for 5.x does not need it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (real("torch") if accelerate else None) if name == "accelerate" else real(name, *a))
+    config_cls, quantizer_cls = qins.hf._build_classes(major)
+    quantizer = quantizer_cls(config_cls(), pre_quantized=True)
+    if major == 4 and not accelerate:
+        version = qins.hf._transformers_version()
+        with pytest.raises(ImportError, match=rf"^transformers {version} loads quantized \(QINS\) checkpoints "
+                                               r"through accelerate: pip install accelerate$"):
+            quantizer.validate_environment()
+    else:
+        assert quantizer.validate_environment() is None
