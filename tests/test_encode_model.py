@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from qins.encode import _model_errors
+from qins.encode import _log_histogram, _model_errors
 
 
 REGIMES: set[str] = set()
@@ -59,3 +59,39 @@ def test_model_errors_are_the_binned_squared_error_of_in_range_level_and_zero_we
                           for s in spans[r]] for r in range(2)], dtype=torch.float64)
     assert REGIMES == {"in range", "smallest level", "zero"}  # every branch of the model is exercised
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+
+
+def test_log_histogram_bins_log_magnitudes_over_lo0_to_hi_and_drops_those_below() -> None:
+    """Bin ``k`` holds ``lo0 + k·w <= log|w| < lo0 + (k+1)·w``, ``w = (hi - lo0)/B``; the top value goes
+    to the last bin; zeros and magnitudes below ``lo0`` are not counted. A span under 1 nat too."""
+    nbins, hi = 8, 0.3
+    for span in (0.5, 3.0):
+        lo0 = hi - span
+        bins = [0, 0, 3, 5, 7, 7, 2]
+        logs = torch.tensor([lo0 + (k + 0.5) * span / nbins for k in bins] + [hi], dtype=torch.float64)
+        mag = torch.cat([logs.exp(), torch.tensor([0.0, math.exp(lo0 - 0.2)], dtype=torch.float64)]).float()
+        mag = mag.reshape(1, -1)
+        gap = torch.tensor([[hi]]) - mag.log()  # +inf for the zero
+        hist = _log_histogram(mag, gap, torch.tensor([[span]], dtype=torch.float64), nbins)
+        want = torch.zeros(1, nbins, dtype=torch.int64)
+        for k in bins + [nbins - 1]:
+            want[0, k] += 1
+        assert hist.dtype == torch.int64 and torch.equal(hist, want), (span, hist)
+
+
+def test_log_histogram_bins_in_float32_as_documented() -> None:
+    """``floor((span0 - gap)·(B/span0))`` in float32: values on a bin edge land where float32 puts them."""
+    g = torch.Generator().manual_seed(3)
+    nbins, rows = 512, 3
+    span0 = torch.tensor([[7.3], [0.61], [19.9]], dtype=torch.float64)
+    # gaps on and next to bin edges: k·span0/B, nudged by an ulp either way
+    k = torch.randint(0, nbins, (rows, 400), generator=g).double()
+    edge = (k * span0 / nbins).float()
+    gap = torch.cat([edge, torch.nextafter(edge, torch.tensor(math.inf)), torch.nextafter(edge, torch.tensor(0.0))], 1)
+    top, scale = span0.float(), (nbins / span0).float()
+    pos32 = ((top - gap) * scale).floor().clamp(-1, nbins - 1)
+    pos64 = ((top.double() - gap.double()) * (nbins / span0)).floor().clamp(-1, nbins - 1)
+    assert bool((pos32 != pos64).any())  # the edge cases really tell float32 from float64
+    want = torch.stack([torch.bincount(p[p >= 0].long(), minlength=nbins) for p in pos32])
+    hist = _log_histogram(torch.ones_like(gap), gap, span0, nbins)
+    assert torch.equal(hist, want)
