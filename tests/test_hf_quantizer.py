@@ -81,7 +81,7 @@ def test_create_quantized_param_installs_the_tensor_as_it_is_in_the_file() -> No
     quantizer = _quantizer(4)
     layer = model.get_submodule(LAYER)
     codes = torch.randint(0, 256, layer.stored.shape, dtype=torch.uint8)
-    quantizer.create_quantized_param(model, codes, f"{LAYER}.stored", "cpu")
+    quantizer.create_quantized_param(model, codes, f"{LAYER}.stored")  # the device defaults to the CPU
     assert layer.stored is not codes and torch.equal(layer.stored, codes) and layer.stored.dtype == torch.uint8
     log_max = torch.full_like(layer.log_max, 0.25)
     quantizer.create_quantized_param(model, log_max, f"{LAYER}.log_max", torch.device("meta"))

@@ -104,7 +104,8 @@ def test_a_qins_quantization_config_loads_only_pre_quantized_checkpoints(pre_qua
         assert quantizer.validate_environment() is None
     else:
         with pytest.raises(ValueError, match=r"^quant_method 'qins' loads QINS checkpoints only; convert a loaded "
-                                             r"model with qins.convert_model_to_projective instead"):
+                                             r"model with qins\.convert_model_to_projective instead of passing a QINS "
+                                             r"quantization_config$"):
             quantizer.validate_environment()
 
 
