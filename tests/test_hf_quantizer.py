@@ -116,6 +116,23 @@ def test_a_checkpoint_missing_qins_buffers_is_refused_others_pass_through(prefix
         quantizer.update_missing_keys(target, [key, *plain], prefix)
 
 
+def test_missing_keys_named_with_the_prefix_are_found_in_the_whole_model_too() -> None:
+    """transformers may pass the full model with a prefix its keys carry: the key as it is names the layer."""
+    model = _converted()
+    key = f"{LAYER}.log_max"
+    with pytest.raises(ValueError, match=rf"^QINS checkpoint is missing \['{key}'\]"):
+        _quantizer(5).update_missing_keys(model, [key], "model")
+
+
+def test_only_the_dot_after_the_prefix_is_stripped() -> None:
+    """A module whose name starts with a capital X (or any letter) keeps it once the prefix is removed."""
+    model = torch.nn.Module()
+    model.base = torch.nn.Module()
+    model.base.Xproj = ProjectiveLinear.from_linear(torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"^QINS checkpoint is missing \['base\.Xproj\.stored'\]"):
+        _quantizer(5).update_missing_keys(model.base, ["base.Xproj.stored"], "base")
+
+
 def test_a_long_list_of_missing_buffers_names_four_and_says_there_are_more() -> None:
     model = _converted()
     quantizer = _quantizer(5)
@@ -199,10 +216,11 @@ def test_after_loading_a_bad_layer_is_refused_naming_it(major: int) -> None:
 def test_after_loading_a_dtype_marker_left_on_meta_is_rebuilt_beside_the_codes() -> None:
     model = _loaded(5)
     layer = model.get_submodule(LAYER)
-    layer._dtype_marker = torch.empty(0, dtype=torch.float32, device="meta")
+    layer._dtype_marker = torch.empty(0, dtype=torch.bfloat16, device="meta")  # a 5.x load in bfloat16
     _quantizer(5)._process_model_after_weight_loading(model)
     assert not layer._dtype_marker.is_meta and layer._dtype_marker.device == layer.stored.device
-    assert layer._dtype_marker.dtype == torch.float32 and layer._dtype_marker.numel() == 0
+    assert layer._dtype_marker.dtype == torch.bfloat16 and layer._dtype_marker.numel() == 0
+    assert layer.compute_dtype == torch.bfloat16 and layer._cached_weight.dtype == torch.bfloat16
 
 
 def test_a_4x_load_in_bfloat16_is_cast_after_loading_with_the_logs_kept_in_float32() -> None:
