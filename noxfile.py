@@ -3,7 +3,9 @@
 One session per transformers version, ``matrix-<version>``. Each session builds its own venv,
 installs the pinned CPU torch *first* (so that nothing pulls a CUDA build), then the package
 with its test extras and the pinned transformers in one resolver run, then runs
-``tests/test_compat.py``, ``tests/test_generation.py`` and ``tests/test_persistence.py``.
+``tests/test_compat.py``, ``tests/test_generation.py``, ``tests/test_persistence.py`` and the
+quantizer's own tests (``tests/test_hf_quantizer.py``, ``tests/test_hf_registration.py``: the
+4.x-only loader hooks run for real under 4.x).
 
     nox                              # whole matrix (venvs under .nox/, reused when present)
     nox -R                           # reuse venvs and skip the installs: fastest local rerun
@@ -29,7 +31,8 @@ import nox
 
 TORCH = "torch==2.13.0"
 TRANSFORMERS_VERSIONS = ("4.44.0", "4.53.3", "4.57.6", "5.24.0")
-TESTS = ("tests/test_compat.py", "tests/test_generation.py", "tests/test_persistence.py")
+TESTS = ("tests/test_compat.py", "tests/test_generation.py", "tests/test_persistence.py", "tests/test_hf_quantizer.py",
+         "tests/test_hf_registration.py")
 TRITON = "triton==3.9.0"
 
 nox.options.reuse_venv = "yes"

@@ -95,3 +95,32 @@ def test_log_histogram_bins_in_float32_as_documented() -> None:
     want = torch.stack([torch.bincount(p[p >= 0].long(), minlength=nbins) for p in pos32])
     hist = _log_histogram(torch.ones_like(gap), gap, span0, nbins)
     assert torch.equal(hist, want)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_rounding_deviation_is_the_in_range_weights_squared_offsets_from_their_levels(monkeypatch, backend) -> None:
+    """``Σ a·(d² - 1/12)·e^{2·hi}`` per row and span, ``a = max(w² - θ², 0)/e^{2·hi}``, ``θ = e^{hi - τ}``
+    (``τ`` the row's smallest span), ``d = t - round(t)``, ``t = min(gap, τ)·steps/span``; spans under
+    and over 1 nat. Within 1e-4·Σa·e^{2·hi}: float32 element work (``t`` up to ``steps``), any sum order."""
+    from qins.encode import _rounding_deviation
+
+    if backend == "reference":
+        monkeypatch.setenv("QINS_KERNEL", "reference")
+    g = torch.Generator().manual_seed(5)
+    steps, rows, cols = 126, 2, 37
+    mag = torch.exp(torch.randn(rows, cols, generator=g) * 0.4)
+    hi = mag.amax(1, keepdim=True).log()
+    gap = hi - mag.log()
+    spans = torch.tensor([[0.3, 0.7, 2.5], [0.55, 1.0, 4.0]], dtype=torch.float64)
+    got = _rounding_deviation(mag, gap, hi, spans, steps)
+    assert got.dtype == torch.float64 and got.shape == (rows, 3)
+    tau = spans.min(1, keepdim=True).values.float().double()
+    inv = (steps / spans).float().double()
+    w, h, gp = mag.double(), hi.double(), gap.double()
+    a = ((w * torch.exp(-h)).square() - torch.exp(-2 * tau)).clamp_min(0)
+    t = gp.clamp_max(tau).unsqueeze(1) * inv.unsqueeze(2)  # [R, C, cols]
+    d2 = (t - torch.round(t)).square()
+    want = ((a.unsqueeze(1) * d2).sum(2) - a.sum(1, keepdim=True) / 12) * torch.exp(2 * h)
+    scale = a.sum(1, keepdim=True) * torch.exp(2 * h)
+    assert bool((a > 0).sum() > 10)  # most weights are in every candidate's range
+    assert bool(((got - want).abs() <= 1e-4 * scale).all()), (got, want)

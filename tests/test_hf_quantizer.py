@@ -234,3 +234,33 @@ def test_a_4x_load_in_bfloat16_is_cast_after_loading_with_the_logs_kept_in_float
     assert model.model.norm.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
     dtype_attrs = [a for a in ("torch_dtype", "dtype") if a in vars(model.config) or hasattr(type(model.config), a)]
     assert dtype_attrs and all(getattr(model.config, a) == torch.bfloat16 for a in dtype_attrs)
+
+
+@pytest.mark.parametrize("major", [4, 5])
+def test_after_loading_a_log_of_the_wrong_shape_is_named_as_a_shape_error(major: int) -> None:
+    """The layers' own format is the reference: a per-tensor log in a per-row layer is a shape error
+    of that key, not a guess at another format from the shapes."""
+    model = _loaded(major)
+    layer = model.get_submodule(LAYER)
+    layer._buffers["log_min"] = layer.log_min.min().reshape(())
+    layer.log_min._is_hf_initialized = True
+    rows = layer.out_features
+    with pytest.raises(ValueError, match=rf"^QINS checkpoint, layer {LAYER}: log_min: shape must be \({rows},\), got \(\)$"):
+        _quantizer(major)._process_model_after_weight_loading(model)
+
+
+def test_a_model_loaded_from_a_qins_checkpoint_saves_again_unchanged(tmp_path) -> None:
+    """``from_pretrained`` attaches the quantizer to the model; ``save_pretrained`` asks it whether
+    the model can be saved (``is_serializable``): a loaded QINS model re-saves, buffers unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    model = _converted()
+    model.save_pretrained(tmp_path / "first")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first", local_files_only=True)
+    assert getattr(loaded, "hf_quantizer", None) is not None
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", local_files_only=True)
+    want, got = model.state_dict(), again.state_dict()
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
