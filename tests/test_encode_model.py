@@ -124,3 +124,21 @@ def test_rounding_deviation_is_the_in_range_weights_squared_offsets_from_their_l
     scale = a.sum(1, keepdim=True) * torch.exp(2 * h)
     assert bool((a > 0).sum() > 10)  # most weights are in every candidate's range
     assert bool(((got - want).abs() <= 1e-4 * scale).all()), (got, want)
+
+
+@pytest.mark.parametrize("shape, per_row, nbins", [((5, 7), True, 128), ((5, 1), True, 128), ((1, 9), True, 4096),
+                                                    ((5, 7), False, 4096), ((3, 1), False, 4096)])
+def test_the_mse_search_histogram_has_128_bins_a_row_and_4096_for_a_single_row(monkeypatch, shape, per_row, nbins) -> None:
+    """A row of a per-row encode is short, so 128 bins; a whole tensor searched as one row gets 4096."""
+    import sys
+
+    from qins import QinsConfig, encode
+
+    enc = sys.modules["qins.encode"]  # the module (qins.encode is also the function's name)
+
+    seen = []
+    real = enc._log_histogram
+    monkeypatch.setattr(enc, "_log_histogram", lambda mag, gap, span0, n: seen.append((tuple(mag.shape), n)) or real(mag, gap, span0, n))
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) + 0.01
+    encode(weight, QinsConfig(packed=True, log_range="mse", per_row=per_row))
+    assert seen and {n for _, n in seen} == {nbins}, seen
