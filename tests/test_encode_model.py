@@ -142,3 +142,21 @@ def test_the_mse_search_histogram_has_128_bins_a_row_and_4096_for_a_single_row(m
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) + 0.01
     encode(weight, QinsConfig(packed=True, log_range="mse", per_row=per_row))
     assert seen and {n for _, n in seen} == {nbins}, seen
+
+
+def test_the_mse_search_first_tries_c_over_48_of_the_minmax_span_in_float64(monkeypatch) -> None:
+    """The coarse pass's candidates are exactly ``span0·c/48``, ``c = 1..48`` (float64 fractions)."""
+    import sys
+
+    from qins import QinsConfig, encode
+
+    enc = sys.modules["qins.encode"]
+    calls = []
+    real = enc._model_errors
+    monkeypatch.setattr(enc, "_model_errors", lambda hist, lo0, hi, spans, steps: calls.append((lo0, hi, spans)) or real(hist, lo0, hi, spans, steps))
+    weight = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) + 0.01
+    encode(weight, QinsConfig(packed=True, log_range="mse", per_row=True))
+    lo0, hi, spans = calls[0]
+    assert spans.dtype == torch.float64 and spans.shape == (3, 48)
+    want = (hi - lo0).double() * (torch.arange(1, 49, dtype=torch.float64) / 48)
+    assert torch.equal(spans, want)
