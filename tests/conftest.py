@@ -65,6 +65,11 @@ def _under_a_mutant() -> bool:
     return os.environ.get("MUTANT_UNDER_TEST", "") not in ("", "stats", "fail", "mutant_generation")
 
 
+def _in_stats_pass() -> bool:
+    """mutmut's stats pass: it maps tests to the functions they reach."""
+    return os.environ.get("MUTANT_UNDER_TEST") == "stats"
+
+
 #: module-scoped fixtures that cost nothing to set up again (the isolation check below)
 _CHEAP_MODULE_FIXTURES = frozenset({"_module_leaves_transformers_unpatched"})
 
@@ -91,8 +96,7 @@ def mutation_order(items: list, seconds: dict[str, float], grouped=shares_a_modu
     units = []
     for group in blocks.values():
         units.extend([group] if any(grouped(i) for i in group) else [[i] for i in group])
-    first = {id(unit[0]): n for n, unit in enumerate(units)}
-    units.sort(key=lambda unit: (sum(seconds.get(i.nodeid, 0.0) for i in unit), first[id(unit[0])]))
+    units.sort(key=lambda unit: sum(seconds.get(i.nodeid, 0.0) for i in unit))  # stable: ties keep their order
     return [item for unit in units for item in unit]
 
 
@@ -118,14 +122,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Under mutmut's stats pass only: add up each test's setup and teardown seconds."""
-    if report.when in ("setup", "teardown") and os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    if report.when in ("setup", "teardown") and _in_stats_pass():
         _fixture_seconds[report.nodeid] = _fixture_seconds.get(report.nodeid, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Under mutmut's stats pass: merge this pass's setup/teardown seconds into :data:`FIXTURE_DURATIONS`
     (a pass over new tests only must not forget the others)."""
-    if _fixture_seconds and os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    if _fixture_seconds and _in_stats_pass():
         known = json.loads(FIXTURE_DURATIONS.read_text()) if FIXTURE_DURATIONS.exists() else {}
         FIXTURE_DURATIONS.write_text(json.dumps({**known, **_fixture_seconds}, indent=0, sort_keys=True))
 
@@ -158,7 +162,7 @@ def _mutmut_maps_every_registering_test() -> None:
     process). Rebuilding per test maps it to every test that registers. Behaviour is unchanged:
     transformers keeps the first registration, which ``register_with_transformers`` reuses.
     """
-    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    if _in_stats_pass():
         import qins.hf
 
         qins.hf._registered = None

@@ -10,11 +10,14 @@ zero, ``e^{2c}``.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 
 from qins.encode import _log_histogram, _model_errors
+
+ENCODE = sys.modules["qins.encode"]  # the module: ``qins.encode`` is also the name of the function
 
 
 REGIMES: set[str] = set()
@@ -130,11 +133,9 @@ def test_rounding_deviation_is_the_in_range_weights_squared_offsets_from_their_l
                                                     ((5, 7), False, 4096), ((3, 1), False, 4096)])
 def test_the_mse_search_histogram_has_128_bins_a_row_and_4096_for_a_single_row(monkeypatch, shape, per_row, nbins) -> None:
     """A row of a per-row encode is short, so 128 bins; a whole tensor searched as one row gets 4096."""
-    import sys
-
     from qins import QinsConfig, encode
 
-    enc = sys.modules["qins.encode"]  # the module (qins.encode is also the function's name)
+    enc = ENCODE
 
     seen = []
     real = enc._log_histogram
@@ -146,11 +147,9 @@ def test_the_mse_search_histogram_has_128_bins_a_row_and_4096_for_a_single_row(m
 
 def test_the_mse_search_first_tries_c_over_48_of_the_minmax_span_in_float64(monkeypatch) -> None:
     """The coarse pass's candidates are exactly ``span0·c/48``, ``c = 1..48`` (float64 fractions)."""
-    import sys
-
     from qins import QinsConfig, encode
 
-    enc = sys.modules["qins.encode"]
+    enc = ENCODE
     calls = []
     real = enc._model_errors
     monkeypatch.setattr(enc, "_model_errors", lambda hist, lo0, hi, spans, steps: calls.append((lo0, hi, spans)) or real(hist, lo0, hi, spans, steps))
