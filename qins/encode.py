@@ -200,7 +200,9 @@ def _capped(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _chunks(mag: torch.Tensor) -> list[tuple[slice, slice]]:
-    """Blocks of about ``_CHUNK`` elements (whole rows when rows are short) that stay in cache."""
+    """Blocks ``(rows, cols)`` of about ``_CHUNK`` elements that stay in cache, each element in exactly
+    one: a single row in column blocks of ``_CHUNK``; rows of ``_CHUNK`` or more elements one a block;
+    shorter rows ``_CHUNK // cols`` a block (whole rows, so each block's rows keep their own range)."""
     rows, cols = mag.shape
     if rows == 1 or cols >= _CHUNK:
         step = _CHUNK if rows == 1 else cols

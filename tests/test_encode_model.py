@@ -159,3 +159,62 @@ def test_the_mse_search_first_tries_c_over_48_of_the_minmax_span_in_float64(monk
     assert spans.dtype == torch.float64 and spans.shape == (3, 48)
     want = (hi - lo0).double() * (torch.arange(1, 49, dtype=torch.float64) / 48)
     assert torch.equal(spans, want)
+
+
+_CHUNK_SHAPES = [(1, 5), (1, 64), (1, 200), (2, 10), (3, 64), (3, 130), (5, 40), (9, 10), (50, 7), (70, 1), (8, 8)]
+
+
+@pytest.mark.parametrize("shape", _CHUNK_SHAPES, ids=str)
+def test_encode_blocks_are_column_blocks_of_one_row_or_as_many_whole_rows_as_fit(monkeypatch, shape) -> None:
+    """With ``_CHUNK = 64``: one row goes in column blocks of 64 elements; rows of 64 or more
+    elements one row a block; shorter rows ``64 // cols`` a block. Every element is in exactly one
+    block."""
+    monkeypatch.setattr(ENCODE, "_CHUNK", 64)
+    rows, cols = shape
+    seen = torch.zeros(shape, dtype=torch.int64)
+    blocks = ENCODE._chunks(torch.empty(shape))
+    for r, c in blocks:
+        seen[r, c] += 1
+    assert bool((seen == 1).all()), seen
+    sizes = [(len(range(*r.indices(rows))), len(range(*c.indices(cols)))) for r, c in blocks]
+    if rows == 1:
+        want = [(1, min(64, cols - start)) for start in range(0, cols, 64)]
+    else:
+        per = 1 if cols >= 64 else 64 // cols
+        want = [(min(per, rows - start), cols) for start in range(0, rows, per)]
+    assert sizes == want
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (3, 150), (40, 9)], ids=str)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+def test_histogram_codes_errors_and_the_search_do_not_depend_on_the_block_size(monkeypatch, shape, packed) -> None:
+    """The encode passes blocked by 64 elements give what one block gives: the same histogram and
+    codes, errors equal up to float64 summation order, and the same ``mse`` encode."""
+    from qins import QinsConfig, encode
+    from qins.formats import level_table
+    from qins.kernels import reference
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape, generator=g) * torch.logspace(-2, 1, shape[0]).unsqueeze(1)
+    w[0, 3] = 0.0
+    mag = w.abs()
+    hi = mag.log().amax(1, keepdim=True)
+    lo0 = mag.log().where(mag > 0, math.inf).amin(1, keepdim=True)
+    gap = hi - mag.log()
+    ranges = torch.cat([lo0, lo0 + 0.25 * (hi - lo0)], 1)
+    tables = torch.stack([level_table(ranges[:, s], hi.reshape(-1), packed) for s in range(2)])
+
+    def passes():
+        return (_log_histogram(mag, gap, (hi - lo0).double(), 128),
+                ENCODE._encode_blocks(mag, gap, lo0, hi, packed),
+                reference.range_codes(mag, gap, ranges, hi, tables, packed, 1),
+                encode(w, QinsConfig(packed=packed, log_range="mse", per_row=True)))
+
+    monkeypatch.setattr(ENCODE, "_CHUNK", 1 << 30)
+    hist1, codes1, (err1, rcodes1), enc1 = passes()
+    monkeypatch.setattr(ENCODE, "_CHUNK", 64)
+    hist, codes, (err, rcodes), enc = passes()
+    assert int(hist1.sum()) == w.numel() - 1  # the zero is dropped
+    assert torch.equal(hist, hist1) and torch.equal(codes, codes1) and torch.equal(rcodes, rcodes1)
+    assert torch.allclose(err, err1, rtol=1e-12, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(enc, enc1) if a is not None)
