@@ -42,16 +42,24 @@ def _by_hand(counts: dict[int, int], nbins: int, lo0: float, hi: float, span0: f
     return total
 
 
+# (lo0, hi, spans per row): spans reaching past every centre, down to a level band, and above most
+# of the weights; once with a minmax span of 4 nats, once under 1 nat (bin positions divide by it)
+# (with every bin filled in the second, so a bin boundary off by a little shows)
+_MODEL_CASES = [
+    (-3.3, 0.7, [[4.5, 1.6, 0.1], [3.9, 2.2, 0.3]], [{1: 3, 6: 1, 12: 2}, {0: 1, 4: 5, 9: 2}]),
+    (-0.6, 0.35, [[0.97, 0.5, 0.1], [0.9, 0.45, 0.12]], [{k: 1 + k % 3 for k in range(13)}, {k: 2 + k % 2 for k in range(13)}]),
+]
+
+
+@pytest.mark.parametrize("lo0, hi, spans, counts", _MODEL_CASES, ids=["span0=4", "span0=0.95"])
 @pytest.mark.parametrize("hist_dtype", [torch.float32, torch.int64])
-def test_model_errors_are_the_binned_squared_error_of_in_range_level_and_zero_weights(hist_dtype) -> None:
-    nbins, lo0, hi, steps = 13, -3.3, 0.7, 126  # 13 bins: the centres are not binary fractions
-    counts = [{1: 3, 6: 1, 12: 2}, {0: 1, 4: 5, 9: 2}]
+def test_model_errors_are_the_binned_squared_error_of_in_range_level_and_zero_weights(hist_dtype, lo0, hi, spans, counts) -> None:
+    nbins, steps = 13, 126  # 13 bins: the centres are not binary fractions
     hist = torch.zeros(2, nbins, dtype=hist_dtype)
     for r, row in enumerate(counts):
         for k, n in row.items():
             hist[r, k] = n
-    # spans reaching past every centre, down to a level band, and above most of the weights
-    spans = torch.tensor([[4.5, 1.6, 0.1], [3.9, 2.2, 0.3]], dtype=torch.float64)
+    spans = torch.tensor(spans, dtype=torch.float64)
     got = _model_errors(hist, torch.full((2, 1), lo0), torch.full((2, 1), hi), spans, steps)
     assert got.dtype == torch.float64 and got.shape == (2, 3)
     # lo0 and hi arrive as float32 and their difference is taken in float32: the model's bin width

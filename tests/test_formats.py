@@ -157,6 +157,47 @@ def test_mse_range_never_has_a_larger_squared_error_than_minmax(w: torch.Tensor,
     assert bool((sq_err(mse) <= sq_err(minmax)).all())
 
 
+def _sq(w: torch.Tensor, enc) -> float:  # noqa: ANN001
+    return float((w.to(F64) - decode_codes(*enc).to(F64)).square().sum())
+
+
+SPLIT_TENSOR_MSE = QinsConfig(packed=False, log_range="mse", per_row=False)
+
+
+def test_split_per_tensor_mse_beats_the_seed_codec_on_gaussian_weights() -> None:
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(4))
+    mse, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.seed())
+    assert float(mse[2]) > float(seed[2]) and _sq(w, mse) < 0.9 * _sq(w, seed)
+
+
+def test_split_per_tensor_mse_returns_the_seed_codec_when_the_search_does_worse(monkeypatch) -> None:
+    """The split per-tensor format's minmax is the seed codec: a search result worse than it (here
+    forced: a range of 1% of the span) gives way to exactly the seed's encoding."""
+    import sys
+
+    enc = sys.modules["qins.encode"]
+
+    def bad_search(mag, gap, lo0, hi, packed):  # noqa: ANN001, ANN202
+        lo = hi - 0.01 * (hi - lo0)
+        return lo, enc._encode_blocks(mag, gap, lo, hi, packed)
+
+    monkeypatch.setattr(enc, "_search", bad_search)
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(5))
+    got, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.seed())
+    assert all(torch.equal(a, b) for a, b in zip(got, seed))
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+def test_logs_are_float32_under_a_float64_default_dtype(config: QinsConfig) -> None:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        codes, _, lo, hi = encode(torch.randn(4, 5, dtype=torch.float32), config)
+    finally:
+        torch.set_default_dtype(before)
+    assert lo.dtype == hi.dtype == torch.float32 and codes.dtype == torch.uint8
+
+
 @given(float32_weights(), configs)
 def test_largest_magnitude_of_each_row_gets_code_one_and_log_max_is_its_log(w: torch.Tensor, config: QinsConfig) -> None:
     w2, _, lo, hi, codes, _ = _encode_rows(w, config)
@@ -203,6 +244,15 @@ def test_encode_shapes_dtypes_and_bad_input(config: QinsConfig) -> None:
     if config.per_row:
         with pytest.raises(ValueError, match="2-d"):
             encode(torch.randn(2, 3, 4), config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+def test_encode_of_any_float_dtype_is_the_encode_of_its_float32_values(config: QinsConfig, dtype: torch.dtype) -> None:
+    w = (torch.randn(6, 10, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    got, want = encode(w, config), encode(w.to(torch.float32), config)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
 
 
 def test_all_zero_rows_flush_and_other_rows_keep_their_own_range() -> None:
