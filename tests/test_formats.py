@@ -13,6 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from qins import QinsConfig, convert_to_qins, decode_codes, encode, level_table, qins_exp, qins_log_slack
+from qins.formats import num_levels
 from tests.strategies import ALL_CONFIGS, EXTREME_SPANS, config_id, configs, float32_weights
 
 F64 = torch.float64
@@ -171,20 +172,44 @@ def test_split_per_tensor_mse_beats_the_seed_codec_on_gaussian_weights() -> None
 
 
 def test_split_per_tensor_mse_returns_the_seed_codec_when_the_search_does_worse(monkeypatch) -> None:
-    """The split per-tensor format's minmax is the seed codec: a search result worse than it (here
-    forced: a range of 1% of the span) gives way to exactly the seed's encoding."""
+    """The split per-tensor format's minmax is the seed codec: a search result a little worse than
+    it (forced: the float32 minmax codes with the largest weight moved down one level) gives way to
+    exactly the seed's encoding."""
     import sys
 
     enc = sys.modules["qins.encode"]
 
     def bad_search(mag, gap, lo0, hi, packed):  # noqa: ANN001, ANN202
-        lo = hi - 0.01 * (hi - lo0)
-        return lo, enc._encode_blocks(mag, gap, lo, hi, packed)
+        codes = enc._encode_blocks(mag, gap, lo0, hi, packed)
+        codes.view(-1)[mag.argmax()] += 1
+        return lo0, codes
 
     monkeypatch.setattr(enc, "_search", bad_search)
     w = torch.randn(16, 16, generator=torch.Generator().manual_seed(5))
     got, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.seed())
     assert all(torch.equal(a, b) for a, b in zip(got, seed))
+
+
+def test_split_per_tensor_mse_keeps_the_seed_codec_on_a_tie_of_the_exact_errors(monkeypatch) -> None:
+    import sys
+
+    enc = sys.modules["qins.encode"]
+    monkeypatch.setattr(enc, "_sq_error", lambda mag, codes, table: torch.zeros(mag.shape[0], dtype=F64))
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(6))
+    got, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.seed())
+    assert all(torch.equal(a, b) for a, b in zip(got, seed))
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+def test_the_smallest_normal_float32_is_in_range_and_sets_log_min(config: QinsConfig) -> None:
+    tiny = torch.finfo(torch.float32).tiny
+    w = torch.tensor([[tiny, -1.0, 0.5, tiny / 4]])  # tiny / 4 is sub-normal: below every range
+    codes, _, lo, hi = encode(w, config)
+    if config.log_range == "minmax":
+        assert float(lo.reshape(-1)[0]) == pytest.approx(math.log(tiny), rel=1e-6)
+        assert int(codes[0, 0]) & (0x7F if config.packed else 0xFF) == num_levels(config.packed)  # the smallest level
+    else:
+        assert float(lo.reshape(-1)[0]) >= float(torch.tensor(tiny).log())
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
