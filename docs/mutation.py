@@ -121,7 +121,9 @@ def main(argv: list[str]) -> int:
         c = Counter()
         for name, status in statuses.items():
             c["generated"] += 1
-            if name in equivalents and name not in stale and status not in DETECTED:
+            if status == "not checked":  # listed or not: only mutmut's run of its tests decides
+                c["not_checked"] += 1
+            elif name in equivalents and name not in stale and status not in DETECTED:
                 reason = equivalents[name][1]
                 c[next((col for prefix, col in NOT_EQUIVALENT if reason.startswith(prefix)), "equivalent")] += 1
             elif status in DETECTED:
