@@ -323,8 +323,9 @@ def test_non_finite_weight_raises_with_count_and_first_index(bad: float) -> None
         (torch.ones(3, dtype=torch.bool), "floating-point"),
         (torch.tensor(1.0), "0-d"),
         (torch.empty(0, 4), "non-empty"),
+        ([1.0, 2.0], r"^expected a torch\.Tensor, got list$"),
     ],
-    ids=["int", "bool", "0-d", "empty"],
+    ids=["int", "bool", "0-d", "empty", "list"],
 )
 def test_bad_tensor_raises_value_error_naming_the_problem(w: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
