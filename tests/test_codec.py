@@ -319,10 +319,10 @@ def test_non_finite_weight_raises_with_count_and_first_index(bad: float) -> None
 @pytest.mark.parametrize(
     "w, message",
     [
-        (torch.ones(3, dtype=torch.int32), "floating-point"),
-        (torch.ones(3, dtype=torch.bool), "floating-point"),
-        (torch.tensor(1.0), "0-d"),
-        (torch.empty(0, 4), "non-empty"),
+        (torch.ones(3, dtype=torch.int32), r"^expected a floating-point tensor, got dtype torch\.int32$"),
+        (torch.ones(3, dtype=torch.bool), r"^expected a floating-point tensor, got dtype torch\.bool$"),
+        (torch.tensor(1.0), r"^expected a tensor with at least one dimension, got a 0-d tensor$"),
+        (torch.empty(0, 4), r"^expected a non-empty tensor, got shape \(0, 4\)$"),
         ([1.0, 2.0], r"^expected a torch\.Tensor, got list$"),
     ],
     ids=["int", "bool", "0-d", "empty", "list"],
