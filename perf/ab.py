@@ -96,35 +96,15 @@ class OldSide:
         self.seconds: list[float] = []
 
     def run(self, round_no: int, timeout_s: float = 1200) -> dict:
-        out_json = self.tmp / f"round{round_no}.json"
-        log = self.tmp / f"round{round_no}.log"
-        cmd = [sys.executable, "-m", "pytest", *self.selection, "-p", "no:cacheprovider", "-q",
-               f"--benchmark-json={out_json}", f"--benchmark-storage=file://{self.tmp / 'store'}", *self.options]
-        if self.keyword:
-            cmd += ["-k", self.keyword]
-        if self.marker:
-            cmd += ["-m", self.marker]
-        env = dict(os.environ)
-        env.pop(INJECT_ENV, None)  # the self-check slows this revision only
-        # the old tree first: its qins and perf win over anything else on the path
-        env["PYTHONPATH"] = os.pathsep.join([str(self.tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        t0 = time.perf_counter()
-        try:
-            with open(log, "w") as fh:
-                proc = subprocess.run(cmd, cwd=self.tree, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RevisionError(f"QINS perf gate: the old revision's suite ({self.rev[:12]}) ran past {timeout_s:.0f} s (log: {log}).") from None
-        self.seconds.append(time.perf_counter() - t0)
-        try:
-            data = json.loads(out_json.read_text())
-        except (OSError, ValueError):
-            tail = log.read_text(errors="replace")[-2000:]
-            raise RevisionError(
-                f"QINS perf gate: the old revision's suite ({self.rev[:12]}) produced no results (exit {proc.returncode}; log {log}):\n{tail}"
-            ) from None
-        entries = {b["fullname"]: dict(b.get("extra_info") or {}) for b in data.get("benchmarks", []) if isinstance(b, dict) and "fullname" in b}
+        """One run of the old suite's selection: ``{fullname: extra_info}``; each benchmark's minimum
+        time (s) goes to ``self.mins`` (one dict per run)."""
+        entries, mins, returncode, seconds = run_suite(
+            self.tree, self.selection, self.options, self.tmp, f"round{round_no}", label=f"the old revision's suite ({self.rev[:12]})",
+            keyword=self.keyword, marker=self.marker, drop_inject=True, timeout_s=timeout_s)
+        self.seconds.append(seconds)
         self.runs.append(entries)
-        self.returncodes = getattr(self, "returncodes", []) + [proc.returncode]
+        self.mins = getattr(self, "mins", []) + [mins]
+        self.returncodes = getattr(self, "returncodes", []) + [returncode]
         return entries
 
     def cleanup(self) -> None:
@@ -147,3 +127,67 @@ def confirm(old: OldSide, nodeid: str, new_info: Callable[[], dict], rounds: int
             new_runs.append(new_info())
             old_runs.append(old.run(len(old.runs) + 1))
     return new_runs, old_runs
+
+
+def run_suite(tree: Path, selection: Sequence[str], options: Sequence[str], tmp: Path, tag: str, *, label: str,
+              keyword: Optional[str] = None, marker: Optional[str] = None, drop_inject: bool = False,
+              timeout_s: float = 1200) -> tuple[dict, dict, int, float]:
+    """Run ``pytest selection`` in ``tree`` in a subprocess (``tree`` first on ``PYTHONPATH``, so its
+    ``qins`` and ``perf`` are the ones imported), with pytest-benchmark's ``--benchmark-json``.
+    Returns ``({fullname: extra_info}, {fullname: min time in s}, exit code, wall seconds)``;
+    :class:`RevisionError` (naming ``label`` and the log) when it produced no results.
+    ``drop_inject``: run without the self-check's injected slowdown (it slows this revision only)."""
+    out_json, log = tmp / f"{tag}.json", tmp / f"{tag}.log"
+    cmd = [sys.executable, "-m", "pytest", *selection, "-p", "no:cacheprovider", "-q",
+           f"--benchmark-json={out_json}", f"--benchmark-storage=file://{tmp / 'store'}", *options]
+    if keyword:
+        cmd += ["-k", keyword]
+    if marker:
+        cmd += ["-m", marker]
+    env = dict(os.environ)
+    if drop_inject:
+        env.pop(INJECT_ENV, None)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    t0 = time.perf_counter()
+    try:
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, cwd=tree, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RevisionError(f"QINS perf gate: {label} ran past {timeout_s:.0f} s (log: {log}).") from None
+    seconds = time.perf_counter() - t0
+    try:
+        data = json.loads(out_json.read_text())
+    except (OSError, ValueError):
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RevisionError(f"QINS perf gate: {label} produced no results (exit {proc.returncode}; log {log}):\n{tail}") from None
+    benches = [b for b in data.get("benchmarks", []) if isinstance(b, dict) and "fullname" in b]
+    entries = {b["fullname"]: dict(b.get("extra_info") or {}) for b in benches}
+    mins = {b["fullname"]: float(b["stats"]["min"]) for b in benches if isinstance(b.get("stats"), dict) and "min" in b["stats"]}
+    return entries, mins, proc.returncode, seconds
+
+
+def confirm_backstop(old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = 2) -> tuple[list, list]:
+    """A same-work A/B of one benchmark's absolute time: ``rounds`` rounds alternating which side goes
+    first (the old revision first in round 1), each side a run of ``nodeid`` in its own suite in a
+    subprocess (this revision's from ``root``, with this run's ``options`` and injected slowdown).
+    Returns ``(new_mins, old_mins)`` in seconds for :func:`perf.gate.backstop_decide`. Raises
+    :class:`RevisionError` when either suite fails to run or does not report the benchmark."""
+    old.selection = [nodeid]
+    new_mins: list[float] = []
+    old_mins: list[float] = []
+
+    def one(side: str) -> None:
+        if side == "old":
+            old.run(len(old.runs) + 1)
+            got, target, label = old.mins[-1], old_mins, f"the old revision's suite ({old.rev[:12]})"
+        else:
+            _, got, _, _ = run_suite(Path(root), [nodeid], options, old.tmp, f"new{len(new_mins) + 1}", label="this revision's suite")
+            target, label = new_mins, "this revision's suite"
+        if len(got) != 1:
+            raise RevisionError(f"QINS perf gate: {label} reported {len(got)} benchmarks for {nodeid}, expected 1.")
+        target.append(next(iter(got.values())))
+
+    for i in range(rounds):
+        for side in (("old", "new") if i % 2 == 0 else ("new", "old")):
+            one(side)
+    return new_mins, old_mins

@@ -724,3 +724,20 @@ def accuracy_decide(
         # a figure that was infinite (exact) in the baseline must stay infinite
         o.status = "regressed" if (o.baseline - float(value) > o.tolerance or (math.isinf(o.baseline) and not math.isinf(value))) else "pass"
     return out
+
+
+def backstop_decide(new_mins: Sequence[float], old_mins: Sequence[float], factor: float) -> tuple[bool, str]:
+    """A failure of the absolute backstop, re-measured as a same-work A/B here.
+
+    ``new_mins[i]``/``old_mins[i]``: round ``i``'s minimum time (s) of one benchmark, this revision and
+    the baseline's. The backstop's limit ``factor`` (``min:900%`` -> 10.0) is applied to each
+    round's ratio ``new/old``: the regression is confirmed when a ratio exceeds it in more than half
+    of the rounds (with two rounds: in both), as :func:`ab_decide` judges figures. Returns
+    ``(confirmed, "new/old per round ...")``.
+    """
+    if len(new_mins) != len(old_mins) or not new_mins:
+        raise ValueError(f"A/B needs as many rounds of each side: {len(new_mins)} vs {len(old_mins)}")
+    ratios = [n / o if o > 0 else math.inf for n, o in zip(new_mins, old_mins)]
+    beyond = sum(r > factor for r in ratios)
+    rounds = ", ".join(f"{n:.4g}/{o:.4g} s ({r:.2f}x)" for n, o, r in zip(new_mins, old_mins, ratios))
+    return beyond * 2 > len(ratios), f"new/old min per round {rounds}; limit {factor:g}x"

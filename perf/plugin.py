@@ -13,7 +13,8 @@ What it adds to pytest-benchmark:
   limit and the baseline file.
 * pytest-benchmark's absolute ``--benchmark-compare-fail`` stays as a generous backstop
   (default ``min:900%``, ``--perf-backstop``); its PerformanceRegression is reported without a
-  traceback and turns the exit status to 1.
+  traceback, re-measured as a same-work A/B of the benchmarks that tripped it (``_confirm_backstop``),
+  and turns the exit status to 1 only when that A/B confirms it (or cannot run).
 * Fixed threads, gc off while timing (``--benchmark-disable-gc`` forced on), a ``device`` fixture,
   the injected slowdown of the self-check, and the chart / figures table of the run.
 """
@@ -60,6 +61,8 @@ class PerfState:
         self.budget = 1.0
         self.clock = "wall"
         self.backstop_failed = ""
+        self.backstop_refuted = ""
+        self.backstop_ab: list[str] = []  # the backstop's A/B confirmation, a line per benchmark
         self.cpu: dict = {}
         self.cpu_key = ""
         self.cpu_label = ""
@@ -694,6 +697,53 @@ def _confirm_by_ab(state: PerfState, request, benchmark, failed: list, remeasure
     return still
 
 
+def _confirm_backstop(config, state: PerfState) -> tuple[bool, list]:
+    """The absolute backstop's failures measured again as a same-work A/B against the baseline's
+    revision, here (perf/README.md, "Absolute backstop"): each failing benchmark's minimum time,
+    this revision against the old, two rounds alternating which goes first. Returns ``(fail the
+    run?, report lines)``: the run fails when A/B confirms one failure, or when it cannot be run
+    (no revision, another kind of backstop, too many failures, ``--perf-ab-confirm=off``)."""
+    from perf import ab
+
+    bs = getattr(config, "_benchmarksession", None)
+    regressions = list(getattr(bs, "performance_regressions", None) or [])
+    names = {name.rsplit(" (", 1)[0] for name, _ in regressions}
+    nodes = sorted({b.fullname for b in getattr(bs, "benchmarks", []) if names & {b.name, b.name[5:], b.fullname}})
+    checks = config.getoption("benchmark_compare_fail") or []
+    rev = str((state.baseline.commit_info or {}).get("id") or "") if state.baseline is not None else ""
+    why = ""
+    if config.getoption("perf_ab_confirm") != "on":
+        why = "--perf-ab-confirm=off"
+    elif not rev:
+        why = "the baseline records no git revision"
+    elif state.confirm_error:
+        why = state.confirm_error
+    elif not all(type(c).__name__ == "PercentageRegressionCheck" and c.field == "min" for c in checks):
+        why = "only a min:N% backstop is confirmed by A/B"
+    elif not nodes:
+        why = "the failing benchmarks are not among this run's"
+    elif len(nodes) > MAX_AB_CONFIRMATIONS:
+        why = f"{len(nodes)} benchmarks failed it, more than the {MAX_AB_CONFIRMATIONS} confirmed by A/B"
+    if why:
+        return True, [f"not confirmed by A/B: {why}"]
+    factor = 1.0 + min(float(c.threshold) for c in checks) / 100.0
+    options = _ab_options(config, state) + ([f"--perf-inject-slowdown={state.factor}"] if state.factor != 1.0 else [])
+    _say(config, f"\nqins-perf: absolute backstop tripped by {len(nodes)} benchmark(s); A/B against {rev[:12]} measured here ...")
+    lines, confirmed = [], False
+    try:
+        if state.confirm_old is None:
+            state.confirm_old = ab.OldSide(config.rootpath, ab.resolve_revision(config.rootpath, rev, state.baseline.label),
+                                           [nodes[0].split("::")[0]], None, None, _ab_options(config, state))
+        for node in nodes:
+            new_mins, old_mins = ab.confirm_backstop(state.confirm_old, config.rootpath, node, options)
+            bad, how = G.backstop_decide(new_mins, old_mins, factor)
+            confirmed = confirmed or bad
+            lines.append(f"{node}: {'CONFIRMED' if bad else 'refuted'} by A/B against {rev[:12]} measured here: {how}")
+    except ab.RevisionError as exc:
+        return True, lines + [f"not confirmed by A/B: {str(exc).splitlines()[0]}"]
+    return confirmed, lines
+
+
 @pytest.fixture
 def perf_gate(perf_state, request) -> GateHandle:
     return GateHandle(perf_state, request)
@@ -717,14 +767,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         fail = config.getoption("benchmark_compare_fail") or []
         exprs = ", ".join(f"{c.field}:{c.threshold}{'%' if 'Percentage' in type(c).__name__ else 's'}" for c in fail)
         where = state.baseline.label if state.baseline is not None else "the compared run"
-        state.backstop_failed = (
-            f"absolute backstop --benchmark-compare-fail={exprs} failed against {where} "
-            f"(which benchmark and by how much: 'Performance has regressed' above)"
-        )
         result = None
-        session = getattr(terminalreporter, "_session", None)
-        if session is not None:
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        confirmed, state.backstop_ab = _confirm_backstop(config, state)
+        if confirmed:
+            state.backstop_failed = (
+                f"absolute backstop --benchmark-compare-fail={exprs} failed against {where} "
+                f"(which benchmark and by how much: 'Performance has regressed' above)"
+            )
+            session = getattr(terminalreporter, "_session", None)
+            if session is not None:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        else:
+            state.backstop_refuted = (
+                f"absolute backstop --benchmark-compare-fail={exprs} tripped against {where}, but the same-work "
+                f"A/B refuted it (the machine was slower, not the code):"
+            )
     _report(terminalreporter, state)
     return result
 
@@ -761,6 +818,10 @@ def _report(tr, state: PerfState) -> None:
     _report_accuracy(tr, state)
     if state.backstop_failed:
         tr.write_line("GATE FAILED: " + state.backstop_failed, red=True, bold=True)
+    elif state.backstop_refuted:
+        tr.write_line(state.backstop_refuted, yellow=True)
+    for line in state.backstop_ab:
+        tr.write_line("  " + line, red=bool(state.backstop_failed), yellow=not state.backstop_failed)
     rows = figures_rows(state)
     if rows:
         tr.write_line("")

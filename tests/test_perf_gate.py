@@ -354,6 +354,16 @@ def test_plugin_absolute_backstop_fails_without_traceback(synth):
     assert "Traceback" not in out
 
 
+def test_backstop_decide_confirms_only_when_most_rounds_exceed_the_limit():
+    assert G.backstop_decide([20.0, 21.0], [1.8, 1.9], 10.0)[0]  # 11.1x and 11.1x
+    ok, how = G.backstop_decide([20.0, 1.9], [1.8, 1.8], 10.0)  # one round of two beyond: not more than half
+    assert not ok and "11.11x" in how and "1.06x" in how and "limit 10x" in how
+    assert not G.backstop_decide([1.0, 1.1, 30.0], [1.0, 1.0, 1.0], 10.0)[0]
+    assert G.backstop_decide([5.0], [0.0], 10.0)[0]  # an old time of 0: beyond any limit
+    with pytest.raises(ValueError, match="as many rounds"):
+        G.backstop_decide([1.0], [1.0, 1.0], 10.0)
+
+
 def test_plugin_refuses_to_save_an_injected_run(synth):
     rc, out = synth("--benchmark-save=baseline", "--perf-inject-slowdown=1.5")
     assert rc == 4, out
@@ -816,3 +826,51 @@ def test_ab_confirmations_stop_at_the_session_budget():
     assert still == failed and still[0].failed
     assert still[0].note == f"not confirmed by A/B: {plugin.MAX_AB_CONFIRMATIONS} A/B confirmations already spent in this run"
     assert state.confirm_count == plugin.MAX_AB_CONFIRMATIONS
+
+
+SLOW_TEST = textwrap.dedent(
+    """
+    import time
+    from pathlib import Path
+
+    def test_slow(benchmark):
+        pause = float(Path("sleep.txt").read_text())  # from this tree: the old revision's export has its own
+        benchmark.pedantic(lambda: time.sleep(pause), rounds=3)
+    """
+)
+
+
+@pytest.mark.slow
+def test_plugin_backstop_failure_is_confirmed_or_refuted_by_a_same_work_ab(synth_git):
+    """The absolute backstop (min:900%, wall clock: sleeping takes no CPU time) trips in both runs;
+    the A/B of the benchmark's time against the baseline's revision decides: unchanged code passes,
+    a 30x slower tree fails."""
+    repo = synth_git.repo
+    (repo / "test_slow.py").write_text(SLOW_TEST)
+    (repo / "sleep.txt").write_text("0.001")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "slow test")
+    rc, out = synth_git("--benchmark-save=baseline", "--perf-clock=wall")
+    assert rc == 0, out
+    (path,) = saved_files(repo)
+    data = json.loads(path.read_text())
+    (slow,) = [b for b in data["benchmarks"] if b["name"] == "test_slow"]
+    slow["stats"]["min"] /= 100  # the stored time looks 100x faster than this machine now runs it
+    path.write_text(json.dumps(data))
+    rev = data["commit_info"]["id"][:12]
+
+    rc, out = synth_git("--benchmark-compare", "--perf-clock=wall", "--perf-backstop=min:900%")
+    assert rc == 0, out
+    assert "Performance has regressed" in out  # pytest-benchmark still says which benchmark and by how much
+    assert "tripped against" in out and "A/B refuted it" in out
+    assert f"test_slow.py::test_slow: refuted by A/B against {rev} measured here" in out and "Traceback" not in out
+
+    (repo / "sleep.txt").write_text("0.03")  # this tree only: the baseline's revision still sleeps 1 ms
+    rc, out = synth_git("--benchmark-compare", "--perf-clock=wall", "--perf-backstop=min:900%")
+    assert rc == 1, out
+    assert "GATE FAILED: absolute backstop" in out
+    assert f"test_slow.py::test_slow: CONFIRMED by A/B against {rev} measured here" in out and "Traceback" not in out
+
+    rc, out = synth_git("--benchmark-compare", "--perf-clock=wall", "--perf-backstop=min:900%", "--perf-ab-confirm=off")
+    assert rc == 1, out
+    assert "GATE FAILED: absolute backstop" in out and "not confirmed by A/B: --perf-ab-confirm=off" in out
