@@ -94,6 +94,7 @@ class OldSide:
         self.dropped_options = [o for o in options if o not in self.options]
         self.runs: list[dict] = []  # per round: fullname -> extra_info
         self.seconds: list[float] = []
+        self.mins: list[dict] = []  # per run: fullname -> minimum time (s)
 
     def run(self, round_no: int, timeout_s: float = 1200) -> dict:
         """One run of the old suite's selection: ``{fullname: extra_info}``; each benchmark's minimum
@@ -103,7 +104,7 @@ class OldSide:
             keyword=self.keyword, marker=self.marker, drop_inject=True, timeout_s=timeout_s)
         self.seconds.append(seconds)
         self.runs.append(entries)
-        self.mins = getattr(self, "mins", []) + [mins]
+        self.mins.append(mins)
         self.returncodes = getattr(self, "returncodes", []) + [returncode]
         return entries
 
@@ -119,14 +120,15 @@ def confirm(old: OldSide, nodeid: str, new_info: Callable[[], dict], rounds: int
     suite reports). Raises :class:`RevisionError` when the old suite fails to run."""
     old.selection = [nodeid]
     new_runs, old_runs = [], []
-    for i in range(rounds):
-        if i % 2 == 0:
-            old_runs.append(old.run(len(old.runs) + 1))
-            new_runs.append(new_info())
-        else:
-            new_runs.append(new_info())
-            old_runs.append(old.run(len(old.runs) + 1))
+    _alternate(rounds, lambda: old_runs.append(old.run(len(old.runs) + 1)), lambda: new_runs.append(new_info()))
     return new_runs, old_runs
+
+
+def _alternate(rounds: int, old_side: Callable[[], object], new_side: Callable[[], object]) -> None:
+    """Run both sides ``rounds`` times, the old side first in even rounds (round 1) and last in odd ones."""
+    for i in range(rounds):
+        for side in ((old_side, new_side) if i % 2 == 0 else (new_side, old_side)):
+            side()
 
 
 def run_suite(tree: Path, selection: Sequence[str], options: Sequence[str], tmp: Path, tag: str, *, label: str,
@@ -187,7 +189,5 @@ def confirm_backstop(old: OldSide, root: Path, nodeid: str, options: Sequence[st
             raise RevisionError(f"QINS perf gate: {label} reported {len(got)} benchmarks for {nodeid}, expected 1.")
         target.append(next(iter(got.values())))
 
-    for i in range(rounds):
-        for side in (("old", "new") if i % 2 == 0 else ("new", "old")):
-            one(side)
+    _alternate(rounds, lambda: one("old"), lambda: one("new"))
     return new_mins, old_mins

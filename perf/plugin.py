@@ -727,13 +727,14 @@ def _confirm_backstop(config, state: PerfState) -> tuple[bool, list]:
     if why:
         return True, [f"not confirmed by A/B: {why}"]
     factor = 1.0 + min(float(c.threshold) for c in checks) / 100.0
-    options = _ab_options(config, state) + ([f"--perf-inject-slowdown={state.factor}"] if state.factor != 1.0 else [])
+    measure = _ab_options(config, state)
+    options = measure + ([f"--perf-inject-slowdown={state.factor}"] if state.factor != 1.0 else [])
     _say(config, f"\nqins-perf: absolute backstop tripped by {len(nodes)} benchmark(s); A/B against {rev[:12]} measured here ...")
     lines, confirmed = [], False
     try:
         if state.confirm_old is None:
             state.confirm_old = ab.OldSide(config.rootpath, ab.resolve_revision(config.rootpath, rev, state.baseline.label),
-                                           [nodes[0].split("::")[0]], None, None, _ab_options(config, state))
+                                           [nodes[0].split("::")[0]], None, None, measure)
         for node in nodes:
             new_mins, old_mins = ab.confirm_backstop(state.confirm_old, config.rootpath, node, options)
             bad, how = G.backstop_decide(new_mins, old_mins, factor)
