@@ -11,6 +11,11 @@ import sys
 
 MASK_MODULE = "transformers.modeling_attn_mask_utils"
 
+#: Names that Python itself writes into a module's namespace, never a patch: ``warnings.warn`` creates
+#: ``__warningregistry__`` in the module a warning is attributed to (transformers 5.25's mask module
+#: warns that it is deprecated whenever it is used, patched or not).
+NOT_PATCHES = frozenset({"__warningregistry__"})
+
 
 def namespaces() -> dict[str, dict]:
     """Shallow copies of every namespace the patch may touch (values compared by identity)."""
@@ -31,10 +36,12 @@ def namespaces() -> dict[str, dict]:
 
 
 def differences(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
-    """What differs between two :func:`namespaces` snapshots: added, removed or rebound names."""
+    """What differs between two :func:`namespaces` snapshots: added, removed or rebound names
+    (:data:`NOT_PATCHES` excepted)."""
     out = [f"namespace {s} {'appeared' if s in after else 'vanished'}" for s in before.keys() ^ after.keys()]
     for space in before.keys() & after.keys():
-        b, a = before[space], after[space]
+        b = {n: v for n, v in before[space].items() if n not in NOT_PATCHES}
+        a = {n: v for n, v in after[space].items() if n not in NOT_PATCHES}
         out += [f"{space}.{n} added" for n in sorted(a.keys() - b.keys())]
         out += [f"{space}.{n} removed" for n in sorted(b.keys() - a.keys())]
         out += [f"{space}.{n} changed" for n in sorted(b.keys() & a.keys()) if a[n] is not b[n]]

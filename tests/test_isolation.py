@@ -26,6 +26,29 @@ def test_differences_name_added_removed_and_rebound_attributes():
     assert isolation.differences(before, before) == []
 
 
+def test_a_warning_registry_written_by_python_is_not_a_patch():
+    before = {"mask module": {"f": print}}
+    after = {"mask module": {"f": print, "__warningregistry__": {"version": 1}}}
+    assert isolation.differences(before, after) == []
+    assert isolation.differences(after, before) == []
+    assert isolation.differences(before, {"mask module": {"f": len, "__warningregistry__": {}}}) == [
+        "mask module.f changed"]
+
+
+def test_a_deprecation_warning_from_the_mask_module_leaves_the_snapshot_equal():
+    import importlib
+    import warnings
+
+    mask = importlib.import_module(isolation.MASK_MODULE)
+    vars(mask).pop("__warningregistry__", None)  # Python's bookkeeping: warn() creates it again
+    before = isolation.namespaces()
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        exec("import warnings; warnings.warn('qins test', FutureWarning)", vars(mask))
+    assert "__warningregistry__" in vars(mask)
+    assert isolation.differences(before, isolation.namespaces()) == []
+
+
 @pytest.mark.parametrize("leak", ["test", "module"])
 def test_isolation_fixtures_fail_the_test_or_module_that_leaves_the_patch(pytester, leak):
     pytester.makeconftest(INNER_CONFTEST)
