@@ -66,7 +66,8 @@ def mutation(session: nox.Session) -> None:
     """Mutation testing of every module of qins/ with mutmut (issue 11): ``nox -s mutation``.
 
     Not part of the default ``nox`` run nor of ``.ci/run``. Configuration: ``[tool.mutmut]`` in
-    pyproject.toml. mutmut keeps its results in ``mutants/``; a rerun only re-tests mutants of
+    pyproject.toml. mutmut keeps its results in ``mutants/``, mirrored before and after the run by the
+    committed ledger ``docs/mutation-ledger/`` (``docs/mutation.py``); a rerun only re-tests mutants of
     functions that changed (``nox -s mutation -- "qins.encode*"`` re-tests one module). The report
     (``docs/mutation.py --check``) fails below a 95% score or on a stale equivalents entry.
     """
@@ -74,7 +75,11 @@ def mutation(session: nox.Session) -> None:
     session.install("-e", ".[test,real,mutation]", TRITON, TORCH)  # triton: its kernel's tests run too
     env = {"CI": "true", "HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TRITON_INTERPRET": "1"}
-    session.run("mutmut", "run", "--max-children", "2", *session.posargs, env=env)
+    session.run("python", "docs/mutation.py", "--restore-ledger", env=env)  # continue the committed run
+    try:
+        session.run("mutmut", "run", "--max-children", "2", *session.posargs, env=env)
+    finally:  # an interrupted run keeps what it checked
+        session.run("python", "docs/mutation.py", "--save-ledger", env=env)
     session.run("python", "docs/mutation.py", "--check", env=env)
 
 

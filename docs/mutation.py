@@ -2,6 +2,7 @@
 
     nox -s mutation                      # runs mutmut, then this report with --check
     python docs/mutation.py [--check]    # after `mutmut run`, from the repository root
+    python docs/mutation.py --restore-ledger | --save-ledger   # mutmut's verdicts <-> the committed ledger
 
 Reads mutmut's results (``mutants/qins/**.py.meta``) and the committed list of equivalent
 mutants (``tests/mutation_equivalents.txt``: ``<mutant name> | <the mutated line> | <reason>``).
@@ -18,6 +19,14 @@ reason starts with "untestable under mutmut" (``untestable``): a test could tell
 through mutmut's trampolines (e.g. a warning's ``stacklevel``, which the trampoline's frame shifts). ``--check`` exits 1 when the score is below
 95%, when any mutant is left unchecked, or when the equivalents list has stale entries.
 Prints Markdown; no other side effects.
+
+**The ledger** (``docs/mutation-ledger/qins/**.py.meta``, committed): mutmut's own per-module result
+files, so that a fresh clone continues the last run instead of starting over (``mutants/`` is not
+committed). ``--restore-ledger`` copies them into ``mutants/`` where no local result file exists;
+mutmut then regenerates each module's mutants and keeps a verdict only for functions whose source
+hash is unchanged (its own cache rule: a changed function's mutants are checked again).
+``--save-ledger`` writes ``mutants/``' result files back (sorted keys, one entry a line).
+``nox -s mutation`` does both around ``mutmut run``.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ from pathlib import Path
 
 TARGET = 0.95
 EQUIVALENTS = Path("tests/mutation_equivalents.txt")
+LEDGER = Path("docs/mutation-ledger")
 DETECTED = {"killed", "timeout", "segfault"}
 #: reasons that list a mutant a test can tell apart, but not under mutmut (counted as undetected)
 UNTESTABLE = "untestable under mutmut"
@@ -104,7 +114,51 @@ def results(root: Path = Path("mutants")) -> dict[str, dict[str, str]]:
     return out
 
 
+def _metas(root: Path) -> dict[Path, Path]:
+    """``{path relative to root: path}`` of every mutmut result file of ``qins`` under ``root``."""
+    return {m.relative_to(root): m for m in sorted((root / "qins").rglob("*.py.meta"))}
+
+
+def restore_ledger(ledger: Path = LEDGER, root: Path = Path("mutants")) -> list[Path]:
+    """Copy the ledger's result files into ``root`` where ``root`` has none; returns those copied.
+
+    A local result file is never overwritten: it is at least as new as the committed one.
+    """
+    copied = []
+    for rel, src in _metas(ledger).items():
+        dst = root / rel
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(src.read_text())
+            copied.append(rel)
+    return copied
+
+
+def save_ledger(root: Path = Path("mutants"), ledger: Path = LEDGER) -> list[Path]:
+    """Write ``root``'s result files to the ledger (sorted keys, one entry a line); returns them.
+
+    Ledger files of modules that ``root`` no longer has are removed, so the ledger mirrors the run.
+    With no results under ``root`` (mutmut never got as far) the ledger is left as it is.
+    """
+    metas = _metas(root)
+    if not metas:
+        return []
+    for rel, stale in _metas(ledger).items():
+        if rel not in metas:
+            stale.unlink()
+    for rel, src in metas.items():
+        dst = ledger / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(json.dumps(json.loads(src.read_text()), sort_keys=True, indent=0) + "\n")
+    return list(metas)
+
+
 def main(argv: list[str]) -> int:
+    if "--restore-ledger" in argv or "--save-ledger" in argv:
+        done = restore_ledger() if "--restore-ledger" in argv else save_ledger()
+        verb = "restored into mutants/" if "--restore-ledger" in argv else f"saved to {LEDGER}/"
+        print(f"{len(done)} mutmut result files {verb}")
+        return 0
     check = "--check" in argv
     equivalents = load_equivalents()
     by_module = results()

@@ -29,10 +29,15 @@ def x_f__mutmut_4(a):
 
 
 @pytest.fixture
-def report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def module():
     spec = importlib.util.spec_from_file_location("qins_mutation_report", Path(__file__).parents[1] / "docs" / "mutation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)  # type: ignore[union-attr]
+    return loaded
+
+
+@pytest.fixture
+def report(module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(module, "_status", lambda code: _STATUS[code])
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mutants" / "qins").mkdir(parents=True)
@@ -72,3 +77,43 @@ def test_an_entry_whose_mutated_line_moved_is_stale_and_fails_the_check(report, 
     (Path("mutants") / "qins" / "m.py").write_text(_MODULE.replace("return a + 2", "return a + 3"))
     row, out, rc = report({1: 1, 2: 0, 3: 1, 4: 1}, {2: "same value"}, capsys)
     assert rc == 1 and "1 stale entries" in out and row["survived"] == "1"
+
+
+def _meta(*codes: object) -> dict:
+    """A result file as mutmut 3.8 writes it (every key its loader requires)."""
+    keys = [f"qins.m.x_f__mutmut_{i}" for i in range(1, len(codes) + 1)]
+    return {"exit_code_by_key": dict(zip(keys, codes)), "hash_by_function_name": {"x_f": "abc"},
+            "type_check_error_by_key": {}, "durations_by_key": {k: 0.5 for k in keys},
+            "estimated_durations_by_key": {k: 1.5 for k in keys}}
+
+
+def test_the_ledger_carries_mutmuts_results_to_a_fresh_clone_and_never_overwrites_a_local_one(module, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = {Path("qins/m.py.meta"): _meta(1, 0, None), Path("qins/kernels/k.py.meta"): _meta(1)}
+    for rel, meta in run.items():
+        (Path("mutants") / rel).parent.mkdir(parents=True, exist_ok=True)
+        (Path("mutants") / rel).write_text(json.dumps(meta))
+    assert sorted(module.save_ledger()) == sorted(run)
+    assert {rel: json.loads((module.LEDGER / rel).read_text()) for rel in run} == run
+    fresh = tmp_path / "clone"  # a fresh clone: the ledger, no mutants/
+    (fresh / "docs").mkdir(parents=True)
+    Path("docs/mutation-ledger").rename(fresh / "docs" / "mutation-ledger")
+    monkeypatch.chdir(fresh)
+    local = _meta(1, 1, 1)
+    (Path("mutants") / "qins").mkdir(parents=True)
+    (Path("mutants") / "qins" / "m.py.meta").write_text(json.dumps(local))  # newer than the ledger's
+    assert module.restore_ledger() == [Path("qins/kernels/k.py.meta")]
+    assert json.loads(Path("mutants/qins/kernels/k.py.meta").read_text()) == run[Path("qins/kernels/k.py.meta")]
+    assert json.loads(Path("mutants/qins/m.py.meta").read_text()) == local
+
+
+def test_saving_drops_modules_the_run_no_longer_has_and_a_run_without_results_leaves_the_ledger_alone(module, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    old = module.LEDGER / "qins" / "gone.py.meta"
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps(_meta(1)))
+    assert module.save_ledger() == [] and old.exists()  # no mutants/ at all: nothing touched
+    (Path("mutants") / "qins").mkdir(parents=True)
+    (Path("mutants") / "qins" / "m.py.meta").write_text(json.dumps(_meta(0)))
+    assert module.save_ledger() == [Path("qins/m.py.meta")]
+    assert not old.exists() and (module.LEDGER / "qins" / "m.py.meta").exists()
