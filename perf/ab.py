@@ -112,15 +112,31 @@ class OldSide:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def confirm(old: OldSide, nodeid: str, new_info: Callable[[], dict], rounds: int = 2) -> tuple[list, list]:
-    """A same-work A/B of one benchmark: ``rounds`` rounds alternating which side goes first (the
-    old revision first in round 1), each old round a run of ``nodeid`` in the old revision's suite,
-    each new one ``new_info()`` (this revision's ``extra_info``, re-measured). Returns
-    ``(new_runs, old_runs)`` for :func:`perf.gate.ab_decide` (runs keyed by the fullname the old
-    suite reports). Raises :class:`RevisionError` when the old suite fails to run."""
+#: rounds of a confirmation A/B (each side in a fresh process); a figure fails when beyond its limit
+#: in more than half of them (2 of 3)
+CONFIRM_ROUNDS = 3
+
+
+def confirm(old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = CONFIRM_ROUNDS) -> tuple[list, list]:
+    """A same-work A/B of one benchmark's figures: ``rounds`` rounds alternating which side goes
+    first (the old revision first in round 1), **each side a run of** ``nodeid`` **in a fresh
+    subprocess**: the old revision's suite, and this revision's (from ``root``, with this run's
+    ``options``, injected slowdown included). Fresh processes on both sides, because a figure can
+    depend on the process: on an AMD EPYC family 23 model 1 (2026-12-05) the cached forward at
+    1024x1024, batch 1, measured 0.66, 0.83, 1.07 and 0.90x nn.Linear in four fresh processes of the
+    same code, each steady within its process, so re-measuring in this run's process repeats its
+    value. Returns ``(new_runs, old_runs)`` for :func:`perf.gate.ab_decide`. Raises
+    :class:`RevisionError` when either suite fails to run."""
     old.selection = [nodeid]
-    new_runs, old_runs = [], []
-    _alternate(rounds, lambda: old_runs.append(old.run(len(old.runs) + 1)), lambda: new_runs.append(new_info()))
+    new_runs: list[dict] = []
+    old_runs: list[dict] = []
+
+    def new_side() -> None:
+        entries, _, _, _ = run_suite(Path(root), [nodeid], options, old.tmp, f"new{len(old.runs)}-{len(new_runs) + 1}",
+                                     label="this revision's suite")
+        new_runs.append(entries)
+
+    _alternate(rounds, lambda: old_runs.append(old.run(len(old.runs) + 1)), new_side)
     return new_runs, old_runs
 
 

@@ -18,7 +18,9 @@ streams of the same bytes: like work) with ``--perf-codec-tol``; at batches 32/5
 ``ratio_vs_linear`` (both GEMM-bound: like work) with ``--perf-ratio-tol``. The issue's absolute
 ratio targets are asserted too, after one confirming re-measurement (``TARGETS``), and so is the
 bandwidth target for packed layers at batch 1, cold: at least 60% of the floor
-(``FLOOR_FRACTION_TARGET``), a miss likewise re-measured once before it fails.
+(``FLOOR_FRACTION_TARGET``), a miss likewise re-measured once before it fails. Both are speed
+targets, set for the AVX-512 path: on other kernel paths they are measured and reported, not
+asserted, unless ``--perf-targets=on`` (``perf.gate.speed_targets_asserted``).
 """
 from __future__ import annotations
 
@@ -159,19 +161,21 @@ def test_memory_saving_layer(benchmark, perf_gate, device, stacks, inject_factor
         return {gated: paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
 
     perf_gate.check(benchmark, figures, rules, remeasure, key=f"kernel/{fmt}/{o}x{n}/{case}")
-    _assert_targets(benchmark, fmt, case, shape, figures, target, reference, p, floor if cold else None)
+    _assert_targets(perf_gate, benchmark, fmt, case, shape, figures, target, reference, p, floor if cold else None)
 
 
-def _assert_targets(benchmark, fmt, case, shape, figures, target, reference, p, floor) -> None:
-    """The issue's absolute targets; a miss is measured once more before it fails the test."""
+def _assert_targets(perf_gate, benchmark, fmt, case, shape, figures, target, reference, p, floor) -> None:
+    """The issue's absolute targets; a miss is measured once more before it counts. Asserted where
+    the kernel path they were set for runs (``perf_gate.speed_target``, ``--perf-targets``)."""
     limit = _target(fmt, case, shape)
     benchmark.extra_info["target_ratio_vs_linear"] = limit
+    missed = None
     if limit is not None and figures["ratio_vs_linear"] > limit:
         again = paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio
         benchmark.extra_info["target_recheck_ratio_vs_linear"] = again
-        assert again <= limit, (
-            f"{fmt} {case} {shape}: ratio vs nn.Linear {figures['ratio_vs_linear']:.3f}, re-measured {again:.3f}, target <= {limit}"
-        )
+        if again > limit:
+            missed = f"{fmt} {case} {shape}: ratio vs nn.Linear {figures['ratio_vs_linear']:.3f}, re-measured {again:.3f}, target <= {limit}"
+    perf_gate.speed_target(benchmark, figures["kernel"], missed)
     if floor is not None and fmt == "packed":
         # Issue 8's bandwidth target. Missed until 2026-11-28 (56-64% at 3072x3072 on the AMD EPYC
         # here); met since the per-row tables are built 2 rows at a time and layers skip the
@@ -180,7 +184,7 @@ def _assert_targets(benchmark, fmt, case, shape, figures, target, reference, p, 
         if figures["floor_fraction"] < FLOOR_FRACTION_TARGET:
             again = 1.0 / paired_again(target, floor, repeat=1, pairs=len(p.target)).ratio
             benchmark.extra_info["target_recheck_floor_fraction"] = again
-            assert again >= FLOOR_FRACTION_TARGET, (
-                f"{fmt} {case} {shape}: weight bandwidth {figures['floor_fraction']:.1%} of the streaming floor, "
-                f"re-measured {again:.1%}, target >= {FLOOR_FRACTION_TARGET:.0%}"
-            )
+            if again < FLOOR_FRACTION_TARGET:
+                perf_gate.speed_target(benchmark, figures["kernel"], (
+                    f"{fmt} {case} {shape}: weight bandwidth {figures['floor_fraction']:.1%} of the streaming floor, "
+                    f"re-measured {again:.1%}, target >= {FLOOR_FRACTION_TARGET:.0%}"))
