@@ -418,8 +418,6 @@ def pytest_sessionfinish(session, exitstatus):
     """A/B round 2, this revision first: run the old suite again, then pair and judge."""
     config = session.config
     state = _state(config)
-    if state.confirm_old is not None:
-        state.confirm_old.cleanup()
     if state.mode != "ab" or state.ab_old is None or state.ab_error:
         if state.mode == "ab" and state.ab_error:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -840,6 +838,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 f"A/B refuted it (the machine was slower, not the code):"
             )
     _report(terminalreporter, state)
+    if state.confirm_old is not None:  # not before: the backstop's confirmation above reuses its export
+        state.confirm_old.cleanup()
     return result
 
 
