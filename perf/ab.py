@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 from perf.gate import INJECT_ENV, SAVE_COMMAND
 
@@ -117,27 +117,42 @@ class OldSide:
 CONFIRM_ROUNDS = 3
 
 
-def confirm(old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = CONFIRM_ROUNDS) -> tuple[list, list]:
-    """A same-work A/B of one benchmark's figures: ``rounds`` rounds alternating which side goes
-    first (the old revision first in round 1), **each side a run of** ``nodeid`` **in a fresh
-    subprocess**: the old revision's suite, and this revision's (from ``root``, with this run's
-    ``options``, injected slowdown included). Fresh processes on both sides, because a figure can
-    depend on the process: on an AMD EPYC family 23 model 1 (2026-12-05) the cached forward at
-    1024x1024, batch 1, measured 0.66, 0.83, 1.07 and 0.90x nn.Linear in four fresh processes of the
-    same code, each steady within its process, so re-measuring in this run's process repeats its
-    value. Returns ``(new_runs, old_runs)`` for :func:`perf.gate.ab_decide`. Raises
-    :class:`RevisionError` when either suite fails to run."""
+class Confirmation(NamedTuple):
+    """What :func:`confirm` measured, one item a run: ``{fullname: extra_info}`` (for
+    :func:`perf.gate.ab_decide`) and ``{fullname: minimum time in s}`` (for
+    :func:`perf.gate.backstop_decide`), of this revision and of the old one."""
+
+    new_runs: list
+    old_runs: list
+    new_mins: list
+    old_mins: list
+
+
+def confirm(old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = CONFIRM_ROUNDS) -> Confirmation:
+    """A same-work A/B of one benchmark: ``rounds`` rounds alternating which side goes first (the
+    old revision first in round 1), **each side a run of** ``nodeid`` **in a fresh subprocess**: the
+    old revision's suite, and this revision's (from ``root``, with this run's ``options``, injected
+    slowdown included). Fresh processes on both sides, because a figure can depend on the process:
+    on an AMD EPYC family 23 model 1 (2026-12-05) the cached forward at 1024x1024, batch 1, measured
+    0.66, 0.83, 1.07 and 0.90x nn.Linear in four fresh processes of the same code, each steady
+    within its process, so re-measuring in this run's process repeats its value. Both the figures
+    and the absolute times come back (:class:`Confirmation`); the backstop judges the latter
+    (:func:`confirm_backstop`). Raises :class:`RevisionError` when either suite fails to run."""
     old.selection = [nodeid]
-    new_runs: list[dict] = []
-    old_runs: list[dict] = []
+    new: list[tuple[dict, dict]] = []
+    olds: list[tuple[dict, dict]] = []
 
     def new_side() -> None:
-        entries, _, _, _ = run_suite(Path(root), [nodeid], options, old.tmp, f"new{len(old.runs)}-{len(new_runs) + 1}",
-                                     label="this revision's suite")
-        new_runs.append(entries)
+        entries, mins, _, _ = run_suite(Path(root), [nodeid], options, old.tmp, f"new{len(old.runs)}-{len(new) + 1}",
+                                        label="this revision's suite")
+        new.append((entries, mins))
 
-    _alternate(rounds, lambda: old_runs.append(old.run(len(old.runs) + 1)), new_side)
-    return new_runs, old_runs
+    def old_side() -> None:
+        old.run(len(old.runs) + 1)
+        olds.append((old.runs[-1], old.mins[-1]))
+
+    _alternate(rounds, old_side, new_side)
+    return Confirmation([e for e, _ in new], [e for e, _ in olds], [m for _, m in new], [m for _, m in olds])
 
 
 def _alternate(rounds: int, old_side: Callable[[], object], new_side: Callable[[], object]) -> None:
@@ -185,25 +200,15 @@ def run_suite(tree: Path, selection: Sequence[str], options: Sequence[str], tmp:
 
 
 def confirm_backstop(old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = 2) -> tuple[list, list]:
-    """A same-work A/B of one benchmark's absolute time: ``rounds`` rounds alternating which side goes
-    first (the old revision first in round 1), each side a run of ``nodeid`` in its own suite in a
-    subprocess (this revision's from ``root``, with this run's ``options`` and injected slowdown).
+    """:func:`confirm` of one benchmark's absolute time (``rounds`` rounds, old side first in round 1).
     Returns ``(new_mins, old_mins)`` in seconds for :func:`perf.gate.backstop_decide`. Raises
     :class:`RevisionError` when either suite fails to run or does not report the benchmark."""
-    old.selection = [nodeid]
-    new_mins: list[float] = []
-    old_mins: list[float] = []
+    measured = confirm(old, root, nodeid, options, rounds)
 
-    def one(side: str) -> None:
-        if side == "old":
-            old.run(len(old.runs) + 1)
-            got, target, label = old.mins[-1], old_mins, f"the old revision's suite ({old.rev[:12]})"
-        else:
-            _, got, _, _ = run_suite(Path(root), [nodeid], options, old.tmp, f"new{len(new_mins) + 1}", label="this revision's suite")
-            target, label = new_mins, "this revision's suite"
-        if len(got) != 1:
-            raise RevisionError(f"QINS perf gate: {label} reported {len(got)} benchmarks for {nodeid}, expected 1.")
-        target.append(next(iter(got.values())))
+    def one(mins: dict, label: str) -> float:
+        if len(mins) != 1:
+            raise RevisionError(f"QINS perf gate: {label} reported {len(mins)} benchmarks for {nodeid}, expected 1.")
+        return next(iter(mins.values()))
 
-    _alternate(rounds, lambda: one("old"), lambda: one("new"))
-    return new_mins, old_mins
+    return ([one(m, "this revision's suite") for m in measured.new_mins],
+            [one(m, f"the old revision's suite ({old.rev[:12]})") for m in measured.old_mins])

@@ -205,16 +205,20 @@ def apply_ab_confirmation(failed: Sequence[Outcome], verdicts: Sequence["ABOutco
     Every failure gets the A/B's verdict as its note. Returns the figures that still fail.
     """
     by_figure = {(v.test, v.figure): v for v in verdicts}
-    still = []
-    for o in failed:
-        v = by_figure.get((o.test, o.figure))
-        if v is not None and v.status == "pass":
-            o.status = "refuted"
-            o.note = v.message(rev)
-            continue
-        o.note = v.message(rev) if v is not None else f"not confirmable by A/B against {rev[:12]}: no verdict"
-        still.append(o)
-    return still
+    no_verdict = f"not confirmable by A/B against {rev[:12]}: no verdict"
+    return [o for o in failed if rejudge(o, by_figure.get((o.test, o.figure)), rev, no_verdict=no_verdict)]
+
+
+def rejudge(o, verdict: Optional["ABOutcome"], rev: str, *, prefix: str = "", kept: str = "", no_verdict: str) -> bool:
+    """One failed figure ``o`` (an :class:`Outcome` or :class:`ABOutcome`) judged again by a
+    confirmation's ``verdict`` for it: "refuted" (not failed; note ``prefix`` + the verdict) when the
+    confirmation passed it, else left failed with note ``kept`` + the verdict (or ``no_verdict``).
+    Returns whether it still fails."""
+    if verdict is not None and verdict.status == "pass":
+        o.status, o.note = "refuted", prefix + verdict.message(rev)
+        return False
+    o.note = kept + (verdict.message(rev) if verdict is not None else no_verdict)
+    return True
 
 
 def fmt(x: Optional[float]) -> str:
@@ -640,13 +644,9 @@ def apply_fresh_confirmation(outcomes: Sequence[ABOutcome], test: str, verdicts:
     """
     by_figure = {(v.test, v.figure): v for v in verdicts}
     for o in outcomes:
-        if not o.failed or o.test != test:
-            continue
-        v = by_figure.get((o.test, o.figure))
-        if v is not None and v.status == "pass":
-            o.status, o.note = "refuted", "in fresh processes: " + v.message(rev)
-        else:
-            o.note = "confirmed in fresh processes: " + (v.message(rev) if v is not None else "no verdict")
+        if o.failed and o.test == test:
+            rejudge(o, by_figure.get((o.test, o.figure)), rev, prefix="in fresh processes: ",
+                    kept="confirmed in fresh processes: ", no_verdict="no verdict")
 
 
 def ab_table(outcomes: Iterable[ABOutcome]) -> list[list[str]]:

@@ -465,8 +465,8 @@ def _confirm_ab_mode(config, state: PerfState) -> None:
             continue
         _say(config, f"qins-perf: {test}: regressed in the A/B; confirming in fresh processes of both revisions "
                      f"({ab.CONFIRM_ROUNDS} rounds) ...")
-        new_runs, old_runs = ab.confirm(state.ab_old, config.rootpath, test, options)
-        G.apply_fresh_confirmation(state.ab_outcomes, test, G.ab_decide(new_runs, old_runs), state.ab_rev)
+        measured = ab.confirm(state.ab_old, config.rootpath, test, options)
+        G.apply_fresh_confirmation(state.ab_outcomes, test, G.ab_decide(measured.new_runs, measured.old_runs), state.ab_rev)
         if any(o.failed and o.test == test for o in state.ab_outcomes):
             why = "a regression is already confirmed in this run (the run fails; no more A/B spent)"
 
@@ -740,13 +740,13 @@ def _confirm_by_ab(state: PerfState, request, benchmark, failed: list) -> list:
             state.confirm_old = ab.OldSide(config.rootpath, ab.resolve_revision(config.rootpath, rev, state.baseline.label),
                                            [request.node.nodeid.split("::")[0]], None, None, _ab_options(config, state))
         options = _new_side_options(config, state)
-        new_runs, old_runs = ab.confirm(state.confirm_old, config.rootpath, request.node.nodeid, options)
+        measured = ab.confirm(state.confirm_old, config.rootpath, request.node.nodeid, options)
     except ab.RevisionError as exc:
         state.confirm_error = str(exc).splitlines()[0]
         for o in failed:
             o.note = f"not confirmed by A/B: {state.confirm_error}"
         return failed
-    still = G.apply_ab_confirmation(failed, G.ab_decide(new_runs, old_runs), rev)
+    still = G.apply_ab_confirmation(failed, G.ab_decide(measured.new_runs, measured.old_runs), rev)
     state.confirm_regressed = state.confirm_regressed or bool(still)
     return still
 
