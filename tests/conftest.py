@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -16,7 +17,10 @@ import pytest
 
 import torch
 
-from tests import isolation
+from tests import isolation, mutmut_depth
+
+if "mutmut" in sys.modules:  # inside a mutmut run: its max_stack_depth, fixed (tests/mutmut_depth.py)
+    mutmut_depth.install()
 
 # Triton's own language helpers (``tl.zeros_like``, ...) are jitted when ``triton.language`` is
 # first imported, interpreted or compiled depending on TRITON_INTERPRET *at that moment*. Set it
