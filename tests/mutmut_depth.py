@@ -15,7 +15,7 @@ import inspect
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 #: substrings of a test runner's file name: the walk up the stack stops at the first such frame
 RUNNER_MARKERS = ("pytest", "hammett", "unittest")
@@ -87,3 +87,14 @@ def install(stats_module=None, trampoline_module=None) -> bool:
         return False
     trampoline_module.record_trampoline_hit = record_trampoline_hit
     return True
+
+
+def child_environ(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a Python process that a test starts: under mutmut's stats pass without
+    ``MUTANT_UNDER_TEST``, so the child runs the original code instead of recording hits nobody
+    reads (with mutmut's own recorder, which fails on the child's ``-c`` script frame, ``"<string>"``).
+    Under a mutant the name stays: the child runs the mutant, and a test can kill it there."""
+    out = dict(env)
+    if out.get("MUTANT_UNDER_TEST") == "stats":
+        del out["MUTANT_UNDER_TEST"]
+    return out

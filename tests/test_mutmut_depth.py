@@ -97,3 +97,10 @@ def test_install_replaces_mutmuts_recorder_only_where_the_trampoline_uses_mutmut
     other = SimpleNamespace(record_trampoline_hit=lambda name, caller=None: None)
     assert not D.install(stats, other) and other.record_trampoline_hit is not D.record_trampoline_hit
     assert not D.install(stats, SimpleNamespace())
+
+
+def test_a_childs_environment_drops_the_stats_pass_and_keeps_a_mutant() -> None:
+    assert D.child_environ({"MUTANT_UNDER_TEST": "stats", "A": "1"}) == {"A": "1"}
+    mutant = {"MUTANT_UNDER_TEST": "qins.codec.x_decode__mutmut_3", "A": "1"}
+    assert D.child_environ(mutant) == mutant and D.child_environ(mutant) is not mutant
+    assert D.child_environ({}) == {}

@@ -22,6 +22,7 @@ from packaging.version import Version
 
 import qins
 from qins import ProjectiveLinear, QinsConfig, compat, convert_model_to_projective
+from tests.mutmut_depth import child_environ
 from tests.strategies import load_legacy_model, tiny_phi3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def round_trip(patched, tmp_path_factory: pytest.TempPathFactory):
             tokens = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         references[name] = (model, logits, tokens)
         jobs.append((name, str(base / name), kind, dtype))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = child_environ(dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT)))
     proc = subprocess.run([sys.executable, "-c", CHILD, repr(jobs), str(base / "out.pt"), str(base / "ids.pt")],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

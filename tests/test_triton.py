@@ -40,6 +40,7 @@ from qins.formats import level_table  # noqa: E402
 from qins.kernels import reference  # noqa: E402
 from qins.kernels import triton_kernel as tk  # noqa: E402
 from tests.strategies import LinearCase, default_dtype, qins_codes, qins_log_pairs, triton_cases  # noqa: E402
+from tests.mutmut_depth import child_environ  # noqa: E402
 from tests.test_kernels import check_close, env  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -289,7 +290,7 @@ def test_table_kernel_compiles_for_a_gpu_to_ieee_round_to_nearest_float32_ops_on
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    env = child_environ({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # compile, do not interpret
     run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
