@@ -11,6 +11,7 @@ import inspect
 import itertools
 import logging
 import sys
+import types
 
 import pytest
 import torch
@@ -130,6 +131,20 @@ def test_patch_and_unpatch_log_exactly_what_they_did(unpatched, caplog):
         compat.patch_transformers()
         assert sys.modules[MASK_MODULE].__doc__ == "qins.compat stand-in for the module removed in 5.0."
         assert sys.modules[MASK_MODULE].__name__ == MASK_MODULE
+
+
+def test_without_the_mask_module_the_patch_adds_a_named_stand_in_and_unpatch_removes_it(unpatched, monkeypatch):
+    """The branch for a transformers without ``modeling_attn_mask_utils`` (gone in some 5.x), run on
+    any version: the module hidden from imports, as a removed one is."""
+    monkeypatch.setitem(sys.modules, MASK_MODULE, None)  # importing it now raises ImportError
+    added = compat.patch_transformers()
+    stand_in = sys.modules[MASK_MODULE]
+    assert MASK_MODULE in added and isinstance(stand_in, types.ModuleType)
+    assert stand_in.__name__ == MASK_MODULE
+    assert stand_in.__doc__ == "qins.compat stand-in for the module removed in 5.0."
+    assert stand_in._prepare_4d_causal_attention_mask is compat._prepare_4d_causal_attention_mask
+    compat.unpatch_transformers()
+    assert MASK_MODULE not in sys.modules  # the stand-in is gone; monkeypatch puts the module back
 
 
 def test_patch_logs_each_addition_at_debug_level(unpatched, caplog):

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from qins.encode import _log_histogram, _model_errors
+from qins.codec import SMALLEST_NORMAL
+from qins.encode import _level_step, _log_histogram, _model_errors
 
 ENCODE = sys.modules["qins.encode"]  # the module: ``qins.encode`` is also the name of the function
 
@@ -226,3 +227,16 @@ def test_histogram_codes_errors_and_the_search_do_not_depend_on_the_block_size(m
     assert torch.equal(hist, hist1) and torch.equal(codes, codes1) and torch.equal(rcodes, rcodes1)
     assert torch.allclose(err, err1, rtol=1e-12, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(enc, enc1) if a is not None)
+
+
+def test_level_step_is_the_span_over_k_minus_1_and_the_smallest_normal_for_an_empty_span() -> None:
+    """``δ = (hi - lo)/(K - 1)`` in float32, steps under 1 nat included; ``SMALLEST_NORMAL`` where the
+    span is 0 (every backend of the final codes divides by exactly this)."""
+    lo = torch.tensor([[-3.0], [-0.5], [2.0], [-40.0]])
+    hi = torch.tensor([[1.0], [0.25], [2.0], [-1.0]])
+    for k in (128, 256):
+        got = _level_step(lo, hi, k)
+        want = (hi - lo) / float(k - 1)
+        want[2] = SMALLEST_NORMAL
+        assert got.dtype == torch.float32 and torch.equal(got, want), (k, got, want)
+    assert 0 < _level_step(lo, hi, 128)[1].item() < 1e-2  # a step far under 1 nat is kept as it is
