@@ -133,11 +133,13 @@ def test_patch_and_unpatch_log_exactly_what_they_did(unpatched, caplog):
         assert sys.modules[MASK_MODULE].__name__ == MASK_MODULE
 
 
-def test_without_the_mask_module_the_patch_adds_a_named_stand_in_and_unpatch_removes_it(unpatched, monkeypatch):
+def test_without_the_mask_module_the_patch_adds_a_named_stand_in_and_unpatch_removes_it(unpatched, monkeypatch, caplog):
     """The branch for a transformers without ``modeling_attn_mask_utils`` (gone in some 5.x), run on
     any version: the module hidden from imports, as a removed one is."""
     monkeypatch.setitem(sys.modules, MASK_MODULE, None)  # importing it now raises ImportError
-    added = compat.patch_transformers()
+    with caplog.at_level(logging.DEBUG, logger="qins.compat"):
+        added = compat.patch_transformers()
+    assert f"qins.compat: added module {MASK_MODULE}" in [r.getMessage() for r in caplog.records if r.name == "qins.compat"]
     stand_in = sys.modules[MASK_MODULE]
     assert MASK_MODULE in added and isinstance(stand_in, types.ModuleType)
     assert stand_in.__name__ == MASK_MODULE
@@ -145,6 +147,12 @@ def test_without_the_mask_module_the_patch_adds_a_named_stand_in_and_unpatch_rem
     assert stand_in._prepare_4d_causal_attention_mask is compat._prepare_4d_causal_attention_mask
     compat.unpatch_transformers()
     assert MASK_MODULE not in sys.modules  # the stand-in is gone; monkeypatch puts the module back
+    monkeypatch.setitem(sys.modules, MASK_MODULE, None)
+    assert MASK_MODULE in compat.patch_transformers()
+    other = types.ModuleType(MASK_MODULE)
+    monkeypatch.setitem(sys.modules, MASK_MODULE, other)  # replaced after the patch, by someone else
+    compat.unpatch_transformers()
+    assert sys.modules[MASK_MODULE] is other  # unpatch removes only its own stand-in
 
 
 def test_patch_logs_each_addition_at_debug_level(unpatched, caplog):
