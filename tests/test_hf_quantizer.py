@@ -249,6 +249,15 @@ def test_after_loading_a_log_of_the_wrong_shape_is_named_as_a_shape_error(major:
         _quantizer(major)._process_model_after_weight_loading(model)
 
 
+@pytest.mark.parametrize("major", [4, 5])
+def test_the_quantizer_says_serializable_compileable_and_not_trainable(major: int) -> None:
+    """What ``save_pretrained``, ``torch.compile`` and the trainer ask the quantizer, asked directly
+    (``is_serializable`` is a method, with or without ``safe_serialization``)."""
+    quantizer = _quantizer(major)
+    assert quantizer.is_serializable() is True and quantizer.is_serializable(safe_serialization=True) is True
+    assert quantizer.is_compileable is True and quantizer.is_trainable is False
+
+
 def test_a_model_loaded_from_a_qins_checkpoint_saves_again_unchanged(tmp_path) -> None:
     """``from_pretrained`` attaches the quantizer to the model; ``save_pretrained`` asks it whether
     the model can be saved (``is_serializable``): a loaded QINS model re-saves, buffers unchanged."""
