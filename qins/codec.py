@@ -18,7 +18,7 @@ The encoder applies the formula above in float32 (element-wise work is float32 w
 input dtype); the range scalars are float64.
 
 Rounding ties and sub-normals: weights with ``|w| < 2**-126`` (float32 sub-normals) are below the
-range and go to whichever of {0, ``levels[255]``} is nearer.
+range and go to whichever of {0, ``levels[255]``} is nearer (exactly halfway: ``levels[255]``).
 
 Invariant (see :func:`qins_error_bound` and :func:`qins_log_slack`): every weight with
 ``|w|`` in ``[exp(log_min), exp(log_max)]`` decodes to ``ŵ`` with the same sign and
@@ -92,8 +92,9 @@ def qins_levels(log_min: Scalar, log_max: Scalar, *, device: Optional[torch.devi
     tensors: the table is computed in float64 on the CPU and rounded once to float32, so every level
     is the float32 nearest to ``exp(log_min + n_k·D)``. Float32 0-d tensors (the layer's buffers):
     computed in float32 on their device, traceable by torch.compile (no ``.item()``, no
-    data-dependent control flow), as ``exp(log_min)·exp(a)·exp(n·D - a)`` with ``a = min(n·D, 80)``
-    so that no factor overflows.
+    data-dependent control flow), as ``exp(log_min)·exp(a)·exp(b)·exp(n·D - a - b)`` with
+    ``a = min(n·D, 80)`` and ``b = min(n·D - a, 80)``, so that no factor overflows over float32's whole
+    normal range (``n·D`` up to 176.1 nats; below 160 nats ``exp(n·D - a - b) = 1`` exactly).
     """
     as_tensor = [isinstance(v, torch.Tensor) for v in (log_min, log_max)]
     if device is None:
@@ -111,7 +112,8 @@ def qins_levels(log_min: Scalar, log_max: Scalar, *, device: Optional[torch.devi
     k = torch.arange(256, device=device, dtype=torch.float32)
     nd = (255.0 - k) / float(_STEPS) * (hi_t - lo_t)
     a = torch.clamp(nd, max=80.0)
-    levels = torch.exp(lo_t) * torch.exp(a) * torch.exp(nd - a)
+    b = torch.clamp(nd - a, max=80.0)
+    levels = torch.exp(lo_t) * torch.exp(a) * torch.exp(b) * torch.exp(nd - a - b)
     levels = torch.clamp(levels, max=_FLOAT32_MAX)
     return torch.where(k == 0, torch.zeros_like(levels), levels)
 

@@ -10,6 +10,7 @@ import math
 from typing import Any, Iterator
 
 import torch
+from hypothesis import example
 from hypothesis import strategies as st
 
 # ----------------------------------------------------------------------------------------------
@@ -25,8 +26,17 @@ EXTREME_SPANS = [
     torch.tensor([3.4028234663852886e38, 1.1754943508222875e-38]),
     torch.tensor([-3.4028234663852886e38, 1e-30, 2.5, -1.1754943508222875e-38]),
     torch.tensor([[1e30, -1e-30], [0.0, 7e-36]]),
+    # interior magnitudes more than 160 nats above the smallest: the top levels of the float32 table
+    torch.tensor([3.4028234663852886e38, 1e37, -1e36, 3e35, 1.1754943508222875e-38]),
     torch.tensor([[3.4028234663852886e38, -1.1754943508222875e-38, 2.5], [1e30, -1e-30, 0.0]]),
 ]
+
+
+def extreme_span_examples(test):
+    """``@example(w)`` for every tensor of :data:`EXTREME_SPANS` (a test of one argument, ``w``)."""
+    for w in EXTREME_SPANS:
+        test = example(w)(test)
+    return test
 
 
 @st.composite

@@ -20,7 +20,7 @@ from qins import (
     qins_log_slack,
     reconstruct_from_qins,
 )
-from tests.strategies import EXTREME_SPANS, default_dtype, float32_weights
+from tests.strategies import EXTREME_SPANS, default_dtype, extreme_span_examples, float32_weights
 
 F64 = torch.float64
 
@@ -45,10 +45,7 @@ def _boundary_distance(w: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 @given(float32_weights())
-@example(EXTREME_SPANS[0])
-@example(EXTREME_SPANS[1])
-@example(EXTREME_SPANS[2])
-@example(EXTREME_SPANS[3])
+@extreme_span_examples
 def test_log_error_within_half_step_plus_float32_slack(w: torch.Tensor) -> None:
     stored, sign, lo, hi, w_hat = _roundtrip(w)
     in_range = w.abs() >= SMALLEST_NORMAL
@@ -194,6 +191,15 @@ def test_subnormal_weight_goes_to_the_nearer_of_zero_and_smallest_level() -> Non
     assert w_hat[2].item() == smallest.item() and w_hat[3].item() == 0.0 and w_hat[4].item() == -smallest.item()
 
 
+def test_a_subnormal_exactly_halfway_to_the_smallest_level_goes_to_the_level() -> None:
+    tiny = SMALLEST_NORMAL
+    w = torch.tensor([tiny, 1.0, tiny / 2, -tiny / 2], dtype=torch.float32)  # 2**-127 is a subnormal
+    stored, sign, lo, hi, w_hat = _roundtrip(w)
+    assert float(qins_levels(lo, hi)[255]) == tiny  # so tiny / 2 is exactly halfway to 0
+    assert stored.tolist() == [255, 1, 255, 255]
+    assert w_hat[2:].tolist() == [tiny, -tiny]
+
+
 def test_only_subnormal_weights_encode_to_zero() -> None:
     w = torch.tensor([1e-40, -3e-42], dtype=torch.float32)
     stored, sign, lo, hi, w_hat = _roundtrip(w)
@@ -214,7 +220,7 @@ def test_seed_mapping_code_formula_matches_for_typical_weights() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_encoding_computes_in_float32_for_every_input_dtype(dtype: torch.dtype) -> None:
-    w = torch.randn(16, 8).to(dtype)
+    w = torch.randn(16, 8, dtype=F64).to(dtype)  # in float64, most values lie between two float32s
     stored, sign, lo, hi = convert_to_qins(w)
     ref = convert_to_qins(w.to(torch.float32))
     assert torch.equal(stored, ref[0]) and torch.equal(sign, ref[1]) and (lo, hi) == ref[2:]
@@ -240,6 +246,7 @@ def test_decode_accepts_0d_tensors_and_writes_into_out() -> None:
 
 
 @given(float32_weights(allow_subnormal=False))
+@extreme_span_examples
 def test_float32_log_buffers_decode_within_the_same_bound(w: torch.Tensor) -> None:
     """The layer path (0-d float32 logs, float32 table on device) also meets Δ/2 + ε."""
     stored, sign, lo, hi = convert_to_qins(w)
@@ -252,7 +259,7 @@ def test_float32_log_buffers_decode_within_the_same_bound(w: torch.Tensor) -> No
     assert float(err.max()) <= bound
 
 
-@pytest.mark.parametrize("w", EXTREME_SPANS, ids=["whole-range", "mixed", "2d", "2d-max"])
+@pytest.mark.parametrize("w", EXTREME_SPANS, ids=["whole-range", "mixed", "2d", "near-top", "2d-max"])
 def test_extreme_log_spans_decode_finite_nonzero_with_the_extremes_exact_in_order(w: torch.Tensor) -> None:
     stored, sign, lo, hi, w_hat = _roundtrip(w)
     nonzero = w != 0
@@ -272,6 +279,35 @@ def test_two_adjacent_float32_magnitudes_get_codes_1_and_255(x: float) -> None:
     assert stored.tolist() == [255, 1, 1, 255]
     assert torch.equal(w_hat.abs().to(torch.float32), w.abs())  # both decode exactly
     assert sign.tolist() == [1, -1, 1, -1]
+
+
+def _float32_band(x: float, count: int = 64) -> torch.Tensor:
+    """``count`` consecutive float32 values from the float32 nearest ``x`` upwards."""
+    first = int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
+    return torch.arange(first, first + count, dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("x", [1e-30, 1e-20, 1e-3, 3.0, 1e20, 1e30, 1e38])
+def test_a_band_of_consecutive_float32_magnitudes_gets_monotone_codes_from_1_to_255(x: float) -> None:
+    # 64 neighbours span far less than one float32 rounding step of their logs, so the element-wise
+    # float32 logs of the interior jump past [log_min, log_max] (float64, from the extremes); their
+    # codes must be clamped to the ends of 1..255, not wrapped through uint8.
+    w = _float32_band(x)
+    stored, *_ = _roundtrip(w)
+    codes = stored.to(torch.int32)
+    assert bool((codes >= 1).all()) and int(codes[0]) == 255 and int(codes[-1]) == 1
+    assert bool((codes[1:] <= codes[:-1]).all())
+
+
+def test_codes_of_magnitudes_whose_logs_fall_outside_the_range_are_clamped_not_wrapped() -> None:
+    # What float32 rounding of the logs does to interior magnitudes, exaggerated: a range narrower
+    # than the interior puts 2.0 below log_min (ideal code > 255) and 3.0 above log_max (< 1).
+    from qins.codec import _codes
+
+    mag = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    lo, hi = math.log(2.5), math.log(2.6)
+    codes = _codes(mag, mag[0], mag[-1], lo, hi, qins_levels(lo, hi)[255])
+    assert codes.dtype == torch.uint8 and codes.tolist() == [255, 255, 1, 1]
 
 
 def test_log_slack_is_2_pow_minus_20_times_one_plus_both_magnitudes() -> None:
@@ -377,6 +413,30 @@ def test_logs_must_be_0d_tensors() -> None:
     stored, sign = torch.ones(3, dtype=torch.uint8), torch.ones(3, dtype=torch.int8)
     with pytest.raises(ValueError, match="0-d"):
         reconstruct_from_qins(stored, sign, torch.tensor(-1.0), torch.zeros(1, 1))
+
+
+@pytest.mark.parametrize("lo, hi", [(-87.3365, 88.7228), (-87.0, 80.0), (-60.0, 88.0), (-3.0, 0.5)])
+def test_the_float32_table_is_the_float64_table_within_the_log_slack(lo: float, hi: float) -> None:
+    # The float32 path (0-d float32 logs) over float32's whole normal range: no level saturates.
+    lo32, hi32 = torch.tensor(lo), torch.tensor(hi)
+    narrow, wide = qins_levels(lo32, hi32), qins_levels(float(lo32), float(hi32))
+    err = (narrow[1:].to(F64).log() - wide[1:].to(F64).log()).abs().max()
+    assert float(err) <= qins_log_slack(float(lo32), float(hi32))
+
+
+def test_the_table_is_made_on_the_logs_device_when_no_device_is_asked() -> None:
+    lo, hi = torch.tensor(-3.0, device="meta"), torch.tensor(0.5, device="meta")
+    assert qins_levels(lo, hi).is_meta and qins_levels(lo, 0.5).is_meta
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, F64])  # None: Python floats
+def test_the_table_has_256_float32_levels_zero_then_exp_log_max_down_to_exp_log_min(dtype) -> None:
+    lo, hi = (-3.0, 0.5) if dtype is None else (torch.tensor(-3.0, dtype=dtype), torch.tensor(0.5, dtype=dtype))
+    table = qins_levels(lo, hi)
+    assert table.shape == (256,) and table.dtype == torch.float32 and float(table[0]) == 0.0
+    assert math.isclose(float(table[1]), math.exp(0.5), rel_tol=1e-6)
+    assert math.isclose(float(table[255]), math.exp(-3.0), rel_tol=1e-6)
+    assert bool((table[1:-1] >= table[2:]).all())
 
 
 def test_the_table_and_the_decode_land_on_the_requested_device() -> None:
