@@ -83,6 +83,13 @@ def test_packed_table_upper_half_is_the_exact_negation_of_the_lower_half() -> No
     assert torch.signbit(table[:, 128]).all() and bool((table[:, 128] == 0).all())
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_level_table_is_made_on_the_logs_device(packed: bool) -> None:
+    for lo, hi in [(torch.tensor(-3.0), torch.tensor(0.5)), (torch.tensor([-9.0, -3.5]), torch.tensor([-1.0, 2.0]))]:
+        table = level_table(lo.to("meta"), hi.to("meta"), packed)
+        assert table.is_meta and table.shape == (lo.numel(), 256)
+
+
 def test_config_validates_and_seed_is_split_minmax_per_tensor() -> None:
     assert QinsConfig.seed() == QinsConfig(packed=False, log_range="minmax", per_row=False)
     assert QinsConfig().levels == 127 and QinsConfig.seed().levels == 255

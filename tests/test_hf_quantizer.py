@@ -150,6 +150,7 @@ def test_before_loading_the_model_gets_qins_layers_of_the_configs_format(cache_w
     model = _model()
     config = QinsConfig(packed=False, log_range="minmax", per_row=False)
     quantizer = _quantizer(5, skip=("lm_head", "*.o_proj"), cache_weight=cache_weight, config=config)
+    qins.hf.register_with_transformers()  # the first registration in a process logs a record of its own
     with caplog.at_level(logging.DEBUG, logger="qins.hf"):
         quantizer._process_model_before_weight_loading(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ProjectiveLinear)}
