@@ -41,6 +41,7 @@ restore() { ( cd "$clone" && git checkout -q -- .benchmarks ); }
 for ((i = 1; i <= n; i++)); do
   for sc in "$@"; do
     log="$out/$sc-$i.log"
+    k=2; while [ -e "$log" ]; do log="$out/$sc-$i-$k.log"; k=$((k + 1)); done  # same scenario twice in a round
     env_inject=""
     case $sc in *slow15) env_inject=1.5 ;; *slow12) env_inject=1.2 ;; esac
     restore
