@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Gate campaign: repeated `pytest perf --benchmark-compare` runs of one or more scenarios, from a
-# clean clone of a branch with its committed baselines. One line per run in $OUT/results.tsv.
+# clean clone of a branch with its committed baselines. One line per run in $OUT/results.tsv
+# (failed_figures: the count on the gate's `GATE FAILED ...: N figure(s) regressed` line; 0 when it passed).
 #
 #   perf/campaign/run.sh OUT_DIR REPO BRANCH N SCENARIO [SCENARIO ...]
 #
@@ -57,7 +58,8 @@ for ((i = 1; i <= n; i++)); do
     wall=$(( $(date +%s) - start ))
     for pid in "${pids[@]}"; do kill "$pid"; wait "$pid" 2>/dev/null; done
     mode=$(grep -m1 '^mode: ' "$log" | cut -c7-60)
-    nfail=$(grep -cE 'REGRESSED' "$log")
+    nfail=$(grep -m1 -oE '^GATE FAILED[^:]*: [0-9]+' "$log" | grep -oE '[0-9]+$')  # the gate's own count
+    nfail=${nfail:-0}
     printf "%s\t%d\t%d\t%d\t%s\t%d\t%s\n" "$sc" "$i" "$rc" "$wall" "$mode" "$nfail" "$log" >> "$out/results.tsv"
   done
 done
