@@ -11,8 +11,8 @@ Figures (ratios against FP32 from the same probe run): ``tokens_per_s_vs_fp32``,
 ``linear_bytes_vs_fp32``, ``peak_generate_vs_fp32``. Gated against the baseline (tokens/s ratio with
 --perf-e2e-tol, memory ratios with --perf-memory-tol) and against issue 8's targets: tokens/s and
 linear bytes and peak memory asserted (a miss is measured once more before it fails); the tokens/s
-target, a speed target set for the AVX-512 kernel path, is reported but not asserted on other
-paths unless ``--perf-targets=on`` (``perf.gate.speed_targets_asserted``).
+target, a speed target, is stated met or missed in the summary and asserted only under
+``--perf-targets=on`` (``perf.gate.speed_targets_asserted``).
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ MODES = ["fp32", "qins-packed-memsave", "qins-split-memsave"]
 #: it measures (perf/memprobe.py), so the page cache no longer moves it (it put this ratio at 0.51
 #: in fresh venvs and 0.44 in old ones before).
 TARGETS = {"tokens_per_s_vs_fp32": (">=", 1.5), "linear_bytes_vs_fp32": ("<=", 0.27), "peak_generate_vs_fp32": ("<=", 0.5)}
-#: the speed target among them: asserted where the kernel path it was set for runs (--perf-targets);
-#: the memory targets hold on every path and are always asserted
+#: the speed target among them: reported met or missed, asserted under --perf-targets=on; the memory
+#: targets hold on every path and are always asserted
 SPEED_TARGETS = frozenset({"tokens_per_s_vs_fp32"})
 
 
@@ -86,7 +86,9 @@ def test_generate_large_model(benchmark, perf_gate, perf_state, probes, mode):
     assert not memory, f"issue 8 targets missed (after a re-measurement): {memory}"
     speed = {k: v for k, v in missed.items() if k in SPEED_TARGETS}
     kernel = qins.kernels.backend_name("cpu")  # what the probes' memory-saving layers ran
-    perf_gate.speed_target(benchmark, kernel, f"issue 8 targets missed (after a re-measurement): {speed}" if speed else None)
+    perf_gate.speed_target(benchmark, kernel, f"tokens/s vs FP32 {figures['tokens_per_s_vs_fp32']:.3f}, target "
+                           f"{' '.join(map(str, TARGETS['tokens_per_s_vs_fp32']))}",
+                           f"speed target missed (after a re-measurement): {speed}" if speed else None)
 
 
 def _missed(figures: dict) -> dict:

@@ -16,11 +16,10 @@ same bytes measured in the same test (``floor_gbps``, ``ratio_vs_floor``, ``floo
 Gated against the baseline: at batch 1 ``ratio_vs_floor`` (the kernel and the floor are both
 streams of the same bytes: like work) with ``--perf-codec-tol``; at batches 32/512
 ``ratio_vs_linear`` (both GEMM-bound: like work) with ``--perf-ratio-tol``. The issue's absolute
-ratio targets are asserted too, after one confirming re-measurement (``TARGETS``), and so is the
-bandwidth target for packed layers at batch 1, cold: at least 60% of the floor
-(``FLOOR_FRACTION_TARGET``), a miss likewise re-measured once before it fails. Both are speed
-targets, set for the AVX-512 path: on other kernel paths they are measured and reported, not
-asserted, unless ``--perf-targets=on`` (``perf.gate.speed_targets_asserted``).
+ratio targets (``TARGETS``) and the bandwidth target for packed layers at batch 1, cold (at least
+60% of the floor, ``FLOOR_FRACTION_TARGET``) are judged too, a miss re-measured once before it
+counts: the summary states each met or missed per CPU; ``--perf-targets=on`` asserts them
+(``perf.gate.speed_targets_asserted``).
 """
 from __future__ import annotations
 
@@ -165,26 +164,31 @@ def test_memory_saving_layer(benchmark, perf_gate, device, stacks, inject_factor
 
 
 def _assert_targets(perf_gate, benchmark, fmt, case, shape, figures, target, reference, p, floor) -> None:
-    """The issue's absolute targets; a miss is measured once more before it counts. Asserted where
-    the kernel path they were set for runs (``perf_gate.speed_target``, ``--perf-targets``)."""
+    """The absolute targets; a miss is measured once more before it counts. Reported met or missed,
+    asserted under ``--perf-targets=on`` (``perf_gate.speed_target``)."""
     limit = _target(fmt, case, shape)
     benchmark.extra_info["target_ratio_vs_linear"] = limit
+    if limit is None:
+        return
     missed = None
-    if limit is not None and figures["ratio_vs_linear"] > limit:
+    if figures["ratio_vs_linear"] > limit:
         again = paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio
         benchmark.extra_info["target_recheck_ratio_vs_linear"] = again
         if again > limit:
             missed = f"{fmt} {case} {shape}: ratio vs nn.Linear {figures['ratio_vs_linear']:.3f}, re-measured {again:.3f}, target <= {limit}"
-    perf_gate.speed_target(benchmark, figures["kernel"], missed)
+    perf_gate.speed_target(benchmark, figures["kernel"], f"{fmt} {case} {shape}: ratio vs nn.Linear "
+                           f"{figures['ratio_vs_linear']:.3f}, target <= {limit}", missed)
     if floor is not None and fmt == "packed":
         # Issue 8's bandwidth target. Missed until 2026-11-28 (56-64% at 3072x3072 on the AMD EPYC
         # here); met since the per-row tables are built 2 rows at a time and layers skip the
         # dispatcher (67-69% quiet, 63-64% beside two busy loops; 3072x8192 73-76%).
         benchmark.extra_info["target_floor_fraction"] = FLOOR_FRACTION_TARGET
+        what = (f"{fmt} {case} {shape}: weight bandwidth {figures['floor_fraction']:.1%} of the streaming floor, "
+                f"target >= {FLOOR_FRACTION_TARGET:.0%}")
+        missed = None
         if figures["floor_fraction"] < FLOOR_FRACTION_TARGET:
             again = 1.0 / paired_again(target, floor, repeat=1, pairs=len(p.target)).ratio
             benchmark.extra_info["target_recheck_floor_fraction"] = again
             if again < FLOOR_FRACTION_TARGET:
-                perf_gate.speed_target(benchmark, figures["kernel"], (
-                    f"{fmt} {case} {shape}: weight bandwidth {figures['floor_fraction']:.1%} of the streaming floor, "
-                    f"re-measured {again:.1%}, target >= {FLOOR_FRACTION_TARGET:.0%}"))
+                missed = what.replace(", target", f", re-measured {again:.1%}, target")
+        perf_gate.speed_target(benchmark, figures["kernel"], what, missed)
