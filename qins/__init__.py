@@ -6,6 +6,8 @@ Public API:
   :func:`qins_log_slack`, :func:`qins_levels`
 * formats — :class:`QinsConfig`, :func:`level_table`, :func:`decode_codes`, :func:`qins_exp`
 * layer — :class:`ProjectiveLinear`
+* calibration — :func:`calibrate`, :class:`Calibration` (input statistics for the activation-aware
+  encoder, :mod:`qins.calibrated`)
 * model surgery and accounting — :func:`convert_model_to_projective`, :class:`ConversionReport`,
   :func:`model_memory`, :class:`MemoryReport`
 * transformers compatibility — :func:`patch_transformers` (alias :func:`patch_dynamic_cache`),
@@ -22,6 +24,7 @@ from .codec import (
     reconstruct_from_qins,
 )
 from .compat import UnsupportedTransformersError, patch_dynamic_cache, patch_transformers, unpatch_transformers
+from .calibration import Calibration, calibrate
 from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
 from .encode import encode
 from .formats import QinsConfig, decode_codes, level_table, qins_exp
@@ -33,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SMALLEST_NORMAL",
+    "Calibration",
     "ConversionReport",
     "UnsupportedTransformersError",
     "MemoryReport",
@@ -42,6 +46,7 @@ __all__ = [
     "encode",
     "level_table",
     "qins_exp",
+    "calibrate",
     "convert_model_to_projective",
     "convert_to_qins",
     "model_memory",

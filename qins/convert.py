@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from .calibration import Calibration
 from .formats import QinsConfig
 from .layer import ProjectiveLinear
 
@@ -162,12 +163,18 @@ def convert_model_to_projective(
     *,
     skip: SkipPatterns = ("lm_head",),
     cache_weight: bool = True,
+    calibration: Optional[Calibration] = None,
 ) -> ConversionReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` with :class:`ProjectiveLinear`.
 
     Each layer is encoded in ``config``'s format (default ``QinsConfig()``: packed, mse, per row).
     On a meta-device model it builds meta QINS layers of that format, to be filled by
     ``to_empty`` and ``load_state_dict``.
+
+    With ``calibration`` (from :func:`qins.calibrate` on real inputs of this model), every layer it
+    has statistics for is encoded to minimise its output error instead of its weight error
+    (:func:`qins.calibrated.encode_calibrated`: weighted range search and GPTQ-style error feedback;
+    same format and decode); a layer it never reached raises ``ValueError`` (nothing is converted).
 
     A layer is left alone if its qualified name (as in ``model.named_modules()``) equals one of
     ``skip`` or matches it as a glob (``fnmatch``, e.g. ``"*.mlp.*"``), or if its weight is tied to
@@ -201,10 +208,20 @@ def convert_model_to_projective(
             else:
                 todo.append((name, module))
 
+        if calibration is not None:
+            if not isinstance(calibration, Calibration):
+                raise TypeError(f"calibration must be a qins.Calibration, got {type(calibration).__name__}")
+            missing = [name for name, _ in todo if calibration.moment(name) is None]
+            if missing:
+                raise ValueError(f"the calibration has no input statistics for {missing[:3]}"
+                                 f"{' …' if len(missing) > 3 else ''} ({len(missing)} layers); run qins.calibrate on "
+                                 "this model with the same skip list; the model was left unchanged")
         replacements: list[tuple[str, ProjectiveLinear]] = []
         for name, linear in _progress(todo):
+            moment = calibration.moment(name) if calibration is not None else None
             try:
-                replacements.append((name, ProjectiveLinear.from_linear(linear, config, cache_weight=cache_weight)))
+                replacements.append((name, ProjectiveLinear.from_linear(linear, config, cache_weight=cache_weight,
+                                                                        input_moment=moment)))
             except ValueError as exc:
                 raise ValueError(f"cannot convert layer {name!r}: {exc}; the model was left unchanged") from exc
 

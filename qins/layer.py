@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .calibrated import encode_calibrated
 from .encode import encode
 from .formats import QinsConfig, decode_codes
 from .state import check_qins_state, format_metadata
@@ -86,11 +87,15 @@ class ProjectiveLinear(nn.Module):
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, config: Optional[QinsConfig] = None, *, cache_weight: bool = True
+        cls, linear: nn.Linear, config: Optional[QinsConfig] = None, *, cache_weight: bool = True,
+        input_moment: Optional[torch.Tensor] = None,
     ) -> "ProjectiveLinear":
         """Encode an ``nn.Linear`` (any float dtype, any device) in ``config``'s format.
 
-        ``config`` defaults to ``QinsConfig()`` (packed, mse, per row). The source module is not
+        ``config`` defaults to ``QinsConfig()`` (packed, mse, per row). With ``input_moment`` (the
+        layer's ``E[x xᵀ]``, ``[in, in]``, from :func:`qins.calibrate`) the ranges and codes are
+        chosen to minimise the output error (:func:`qins.calibrated.encode_calibrated`; per-row
+        configs only); the format is the same. The source module is not
         modified. The new layer is on ``linear``'s device, computes in ``linear.weight.dtype`` and
         copies the bias. A weight on the meta device gives a meta layer (to be filled by a load).
         Raises ``ValueError`` for NaN/±Inf weights or values that overflow float32.
@@ -110,7 +115,10 @@ class ProjectiveLinear(nn.Module):
             )
             if weight.is_meta:
                 return layer
-            stored, sign, log_min, log_max = encode(weight, layer.config)
+            if input_moment is None:
+                stored, sign, log_min, log_max = encode(weight, layer.config)
+            else:
+                stored, sign, log_min, log_max = encode_calibrated(weight, input_moment, layer.config)
             layer.stored.copy_(stored)
             if sign is not None:
                 layer.sign.copy_(sign)

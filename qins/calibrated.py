@@ -1,0 +1,168 @@
+"""Activation-aware encoding: ranges and codes that minimise a layer's output error.
+
+Given the layer's input second moment ``H = E[x xᵀ]`` (:func:`qins.calibrate`), the expected
+squared output error of a quantized weight is ``tr(E H Eᵀ)`` with ``E = W - Ŵ``. The data-free
+encoder (:func:`qins.encode`) minimises ``‖E‖²`` instead, which spends the log grid's precision
+where the weights are, not where the activations make errors expensive. Two steps, both per row:
+
+1. **Ranges** (``log_min``, ``log_max``): searched to minimise ``Σ_j H_jj·(w_j - ŵ_j)²``, the
+   output error of independent rounding errors. Candidates are a grid of top clips (``log_max`` may
+   sit below ``ln max|w|``: the largest weights then take level 1) by spans, refined around each
+   row's best; the data-free range is always a candidate and wins ties, so the weighted error is
+   never larger than the data-free encoding's (with the same rounding).
+2. **Codes** (``error_feedback=True``): GPTQ-style (Frantar et al., 2022) error feedback. Columns are
+   taken in decreasing ``H_jj``; each is rounded to its row's nearest level (log rounding, as the
+   data-free encoder) and its error is spread over the columns not yet rounded through the
+   Cholesky factor of ``H⁻¹`` (damped by 1% of the mean diagonal), in blocks of 128 columns.
+
+The stored format and the decode are unchanged: any decoder, kernel and ``qins.load`` reads these
+codes. The guarantee ``|log|ŵ| - log|w|| <= δ/2 + ε`` of the data-free encoder does not hold here,
+by design (error feedback moves weights to absorb their neighbours' errors).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .codec import _validate
+from .encode import Encoded, _mag_codes, encode
+from .formats import QinsConfig, level_table, num_levels
+
+__all__ = ["encode_calibrated", "weighted_error", "output_error"]
+
+#: top clips (``log_max = ln(c·max|w|)``) and spans (nats, ``log_max - log_min``) of the first grid
+_CLIPS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85)
+_SPANS = {True: tuple(1.5 + 0.5 * i for i in range(18)), False: tuple(3.0 + 0.75 * i for i in range(18))}
+#: per-row refinement around the best: relative steps of the clip and of the span
+_REFINE = ((0.015, 0.125), (0.005, 0.04))
+_BLOCK = 128  # columns per error-feedback block
+_DAMP = 0.01  # damping of H, as a fraction of its mean diagonal
+
+
+def _round(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitude codes (float, 0..K) and signed decoded values of ``w`` ``[R, N]`` for ranges ``[R, 1]``."""
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed) if table is None else table
+    mag = w.abs()
+    codes = _mag_codes(mag, hi - torch.log(mag), lo, hi, packed, table)
+    dec = torch.gather(table, 1, codes.long())
+    return codes, torch.where(torch.signbit(w), -dec, dec)
+
+
+def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per row ``Σ_j h_j·(w_j - ŵ_j)²`` (float64, ``[R]``) for column weights ``h`` ``[N]``."""
+    return ((w.double() - w_hat.double()).square() * h.double()).sum(1)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, moment: torch.Tensor) -> float:
+    """``tr((W - Ŵ) H (W - Ŵ)ᵀ)``: the expected squared output error summed over rows (float64)."""
+    e = w.double() - w_hat.double()
+    return float(torch.einsum("ij,jk,ik->", e, moment.double(), e))
+
+
+def _search_ranges(w: torch.Tensor, h: torch.Tensor, lo0: torch.Tensor, hi0: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranges ``[R, 1]`` (float32) with the least weighted error; ``(lo0, hi0)`` on ties."""
+    best_lo, best_hi = lo0, hi0
+    best = weighted_error(w, _round(w, lo0, hi0, packed)[1], h)
+    top = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    log_top = torch.log(top)
+
+    def consider(lo: torch.Tensor, hi: torch.Tensor) -> None:
+        nonlocal best, best_lo, best_hi
+        hi = hi.clamp(max=hi0)
+        lo = torch.minimum(lo, hi)
+        err = weighted_error(w, _round(w, lo, hi, packed)[1], h)
+        better = (err < best).unsqueeze(1)
+        best = torch.where(better.squeeze(1), err, best)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+
+    for clip in _CLIPS:
+        hi = (log_top + torch.log(torch.tensor(clip))).to(torch.float32)
+        for span in _SPANS[packed]:
+            consider(hi - span, hi)
+    for dc, ds in _REFINE:
+        clip = torch.exp(best_hi - log_top)
+        span = best_hi - best_lo
+        for a in (-1, 0, 1):
+            hi = (log_top + torch.log((clip * (1 + a * dc)).clamp(max=1.0))).to(torch.float32)
+            for b in (-1, 0, 1):
+                if a or b:
+                    consider(hi - span * (1 + b * ds), hi)
+    return best_lo, best_hi
+
+
+def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ-style codes: magnitude codes (uint8 ``[R, N]``) and the negative mask of the values rounded."""
+    rows, n = w.shape
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
+    H = moment.to(torch.float64).clone()
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    H = H[perm][:, perm]
+    damp = _DAMP * torch.diagonal(H).mean()
+    eye = torch.eye(n, dtype=torch.float64, device=H.device)
+    for _ in range(6):  # a singular H (too few calibration rows) gets more damping
+        chol, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            break
+        damp = damp * 10
+    else:
+        raise ValueError("encode_calibrated: the input moment is not positive definite even after damping")
+    U = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).to(torch.float32)
+    W = w[:, perm].to(torch.float32).clone()
+    codes = torch.empty(rows, n, dtype=torch.uint8, device=w.device)
+    neg = torch.empty(rows, n, dtype=torch.bool, device=w.device)
+    for i1 in range(0, n, _BLOCK):
+        i2 = min(i1 + _BLOCK, n)
+        W1 = W[:, i1:i2]
+        err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            col = W1[:, i : i + 1]
+            c, q = _round(col, lo, hi, packed, table)
+            codes[:, i1 + i] = c.squeeze(1).to(torch.uint8)
+            neg[:, i1 + i] = torch.signbit(col).squeeze(1)
+            e = (col - q) / U[i1 + i, i1 + i]
+            W1[:, i:] -= e * U[i1 + i, i1 + i : i2].unsqueeze(0)
+            err1[:, i : i + 1] = e
+        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return codes[:, inv], neg[:, inv]
+
+
+def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: Optional[QinsConfig] = None, *, error_feedback: bool = True) -> Encoded:
+    """Encode a 2-d ``weight`` ``[out, in]`` for inputs of second moment ``moment`` ``[in, in]``.
+
+    Returns ``(codes, sign, log_min, log_max)`` exactly as :func:`qins.encode` (same format, same
+    decode). ``config`` must be per row (the default ``QinsConfig()``); its ``log_range`` is not used.
+    With ``error_feedback=False`` only the ranges change and the codes round each weight to its
+    nearest level. Deterministic. Raises ``ValueError`` for a per-tensor config, a moment of the
+    wrong shape or with NaN/Inf, and the inputs :func:`qins.encode` refuses.
+    """
+    config = config or QinsConfig()
+    if not config.per_row:
+        raise ValueError("encode_calibrated needs a per_row config (its ranges are chosen per output row)")
+    _validate(weight)
+    if weight.dim() != 2:
+        raise ValueError(f"encode_calibrated needs a 2-d [out, in] weight, got shape {tuple(weight.shape)}")
+    if moment.shape != (weight.shape[1], weight.shape[1]) or not bool(torch.isfinite(moment).all()):
+        raise ValueError(f"moment must be a finite [{weight.shape[1]}, {weight.shape[1]}] tensor, got {tuple(moment.shape)}")
+    with torch.no_grad():
+        moment = moment.to(weight.device)
+        w = weight.detach().to(torch.float32)
+        _, _, lo0, hi0 = encode(w, QinsConfig(packed=config.packed, log_range="mse", per_row=True))
+        h = torch.diagonal(moment).to(torch.float64).clamp_min(0)
+        h = h / h.mean().clamp_min(1e-300)
+        lo, hi = _search_ranges(w, h, lo0.reshape(-1, 1), hi0.reshape(-1, 1), config.packed)
+        if error_feedback:
+            mags, negative = _feedback_codes(w, moment, lo, hi, config.packed)
+        else:
+            mags = _round(w, lo, hi, config.packed)[0].to(torch.uint8)
+            negative = torch.signbit(w)
+        if config.packed:
+            codes, sign = mags | (negative.to(torch.uint8) << 7), None
+        else:
+            codes, sign = mags, torch.where(negative, -1, 1).to(torch.int8)
+        assert int(mags.max()) <= num_levels(config.packed)
+        return codes, sign, lo.reshape(-1), hi.reshape(-1)
