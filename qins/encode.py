@@ -25,7 +25,7 @@ import torch
 
 from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
 from . import kernels
-from .formats import LOG_FLOAT32_MAX, QinsConfig, level_table, num_levels
+from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
 
 __all__ = ["encode"]
 
@@ -193,10 +193,13 @@ def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.T
 
 
 def _capped(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``(log_min, log_max)`` with ``log_max <= LOG_FLOAT32_MAX`` (a finite top level: ``ln`` of
-    float32's maximum rounds up in float32) and ``log_min <= log_max`` (a range entirely above the cap)."""
-    hi = hi.clamp(max=LOG_FLOAT32_MAX)
-    return torch.minimum(lo, hi), hi
+    """float32 ``(log_min, log_max)`` inside ``[LOG_FLOAT32_MIN, LOG_FLOAT32_MAX]`` with ``log_min <=
+    log_max``: the range :func:`qins.state.check_qins_state` accepts, whose levels are all finite and
+    normal. ``ln`` of float32's maximum rounds up in float32 (an infinite top level), and ``ln`` of its
+    smallest normal rounds to a log whose level is subnormal: magnitudes within 4.3e-5 nats above
+    2**-126 fall just below the range and round to the nearer of 0 and the smallest level."""
+    hi = hi.clamp(LOG_FLOAT32_MIN, LOG_FLOAT32_MAX)
+    return torch.minimum(lo.clamp(min=LOG_FLOAT32_MIN), hi), hi
 
 
 def _chunks(mag: torch.Tensor) -> list[tuple[slice, slice]]:

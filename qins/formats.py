@@ -35,6 +35,15 @@ LogRange = Literal["minmax", "mse"]
 #: encoder storing that rounding would decode the largest weights to ``inf``. Encoders cap ``log_max``
 #: here; the capped level is 7.3e-6 nats below float32's maximum, inside the float32 slack ε.
 LOG_FLOAT32_MAX = 88.72283172607422
+#: The smallest float32 ``log_min`` accepted, chosen so that every level of every table with
+#: ``LOG_FLOAT32_MIN <= log_min <= log_max <= LOG_FLOAT32_MAX`` is a normal float32 (>= 2**-126): it
+#: is 4.27e-5 nats above ``ln(2**-126) = -87.3365447...`` (whose float32 rounding, -87.3365478515625,
+#: decodes to a subnormal). The margin covers the rounding of a level's argument
+#: ``log_max - j·δ``, which can land below ``log_min`` by at most ``3u·D + u·|arg| <= 3.7e-5`` nats
+#: (``u = 2**-24``, span ``D <= 176.06``), plus ``qins_exp``'s error (< 3 ulp, 3.6e-7). Below the
+#: bound, ``qins_exp`` leaves the normal range, and past ``n = -252`` its power-of-two factors no
+#: longer fit a float32 exponent (-200 gave inf/NaN tables). Encoders clamp ``log_min`` here.
+LOG_FLOAT32_MIN = -87.33650207519531
 _LOG2E = 1.44269504088896341
 _LN2_HI = 0.693359375  # 9 significant bits: n * _LN2_HI is exact for |n| <= 2**15
 _LN2_LO = -2.12194440e-4

@@ -11,12 +11,11 @@ key and the problem, so a bad state never leaves a half-loaded layer.
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from .formats import QinsConfig
+from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import ProjectiveLinear
@@ -42,7 +41,9 @@ def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], p
     split only, ``sign`` — or none of them, which leaves the layer's codes alone, as a partial
     ``strict=False`` load of other modules expects); the format (recorded metadata, else keys and
     shapes) matches the layer's; dtypes (``stored`` uint8, ``sign`` int8, logs float32); shapes;
-    ``sign`` values in {-1, +1}; finite logs with ``log_min <= log_max``. Nothing is modified.
+    ``sign`` values in {-1, +1}; finite logs with ``log_min <= log_max``; ``log_max <=
+    LOG_FLOAT32_MAX`` and ``log_min >= LOG_FLOAT32_MIN`` (:mod:`qins.formats`), so that every level of
+    the decode table is a finite, normal float32. Nothing is modified.
     """
     cfg = layer.config
     where = prefix.rstrip(".") or type(layer).__name__
@@ -97,6 +98,11 @@ def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], p
     if bool(bad.any()):
         where = "" if lo.dim() == 0 else f" at row {int(torch.nonzero(bad)[0])}"
         raise ValueError(f"{prefix}log_min > log_max{where} ({float(lo.max()):.6g} > {float(hi.min()):.6g}): swapped or corrupt range")
-    top = math.log(torch.finfo(torch.float32).max)
-    if bool((hi > top).any()):
-        raise ValueError(f"{prefix}log_max: above ln(float32 max) = {top:.4f}; the decoded weights would overflow")
+    # Both bounds are float32 values (see qins.formats), so the edges themselves are exact: a log on
+    # the bound is accepted, the next float32 past it refused.
+    if bool((hi > LOG_FLOAT32_MAX).any()):
+        raise ValueError(f"{prefix}log_max: above ln(float32 max) rounded down to float32, {LOG_FLOAT32_MAX!r}; "
+                         "the largest decoded weights would overflow to inf")
+    if bool((lo < LOG_FLOAT32_MIN).any()):
+        raise ValueError(f"{prefix}log_min: below {LOG_FLOAT32_MIN!r} (ln of float32's smallest normal, plus the "
+                         "table's rounding margin); the smallest decoded weights would be subnormal, 0 or NaN")

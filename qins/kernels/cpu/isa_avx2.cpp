@@ -10,7 +10,10 @@
 namespace qins {
 namespace {
 
+// 2**n for integral n, clamped to [-126, 127] as pow2_bits does (max/min return their second
+// operand for a NaN first one: NaN -> -126, like the scalar path).
 inline __m256 pow2_8(__m256 n) {
+  n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(127.0f));
   __m256i i = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_castsi256_ps(i);
 }

@@ -31,7 +31,10 @@ inline void qins_exp_n(const __m512* t, __m512* out) {
   QINS_EACH p[v] = _mm512_add_ps(_mm512_mul_ps(p[v], f[v]), _mm512_set1_ps(kP5));
   QINS_EACH p[v] = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p[v], f[v]), f[v]), f[v]), _mm512_set1_ps(1.0f));
   QINS_EACH {
-    const __m512i ni = _mm512_cvttps_epi32(n[v]), bias = _mm512_set1_epi32(127);
+    // n clamped to [-252, 254] (NaN: -252) so that both halves are normal exponents, as pow2_bits
+    // clamps each half to [-126, 127]: the same factors as the scalar path for any n.
+    const __m512 nc = _mm512_min_ps(_mm512_max_ps(n[v], _mm512_set1_ps(-252.0f)), _mm512_set1_ps(254.0f));
+    const __m512i ni = _mm512_cvttps_epi32(nc), bias = _mm512_set1_epi32(127);
     const __m512i a = _mm512_srai_epi32(ni, 1), b = _mm512_sub_epi32(ni, a);
     out[v] = _mm512_mul_ps(_mm512_mul_ps(p[v], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(a, bias), 23))),
                            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(b, bias), 23)));

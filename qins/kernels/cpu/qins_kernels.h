@@ -19,7 +19,13 @@ constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.33345190
                 kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
 
 // Scalar qins_exp: the reference operation sequence, one correctly rounded op at a time.
+// 2**n for integral n in [-126, 127] (the normal exponents), exact. n is clamped into that range
+// before the cast: casting an out-of-range float (or NaN) to int is undefined behaviour, and the
+// vector paths clamp the same way, so every ISA computes the same table for any logs (validated
+// logs never reach the clamp). The comparisons send NaN to -126.
 inline float pow2_bits(float n) {
+  n = n > -126.0f ? n : -126.0f;
+  n = n < 127.0f ? n : 127.0f;
   int32_t i = (static_cast<int32_t>(n) + 127) << 23;
   float r;
   std::memcpy(&r, &i, 4);

@@ -1,0 +1,214 @@
+"""Hardening: every accepted state decodes to finite, normal levels; the native code never casts out of
+range.
+
+The log bounds are float32 values (:data:`qins.formats.LOG_FLOAT32_MIN`,
+:data:`qins.formats.LOG_FLOAT32_MAX`), so each edge is pinned exactly: the bound itself is accepted
+and decodes to finite, normal levels, and the next float32 past it (``torch.nextafter``) is refused.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qins.kernels as qk
+from qins import ProjectiveLinear, QinsConfig, encode
+from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, level_table, num_levels, qins_exp
+
+TINY = torch.finfo(torch.float32).tiny
+CONFIGS = [QinsConfig(), QinsConfig.seed(), QinsConfig(packed=False, per_row=True), QinsConfig(packed=True, per_row=False)]
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _next(x: float, toward: float) -> float:
+    return float(torch.nextafter(_f32(x), _f32(toward)))
+
+
+def _state_with_logs(config: QinsConfig, lo: float, hi: float) -> tuple[ProjectiveLinear, "OrderedDict[str, torch.Tensor]"]:
+    """A layer and a valid state of another layer whose logs are all set to ``(lo, hi)``."""
+    torch.manual_seed(0)
+    layer = ProjectiveLinear.from_linear(nn.Linear(8, 4), config)
+    good = ProjectiveLinear.from_linear(nn.Linear(8, 4), config).state_dict()
+    state = OrderedDict((k, v.clone()) for k, v in good.items())
+    state._metadata = copy.deepcopy(good._metadata)  # type: ignore[attr-defined]
+    state["log_min"] = torch.full_like(state["log_min"], lo)
+    state["log_max"] = torch.full_like(state["log_max"], hi)
+    return layer, state
+
+
+def _levels(lo: float, hi: float, packed: bool) -> torch.Tensor:
+    k = num_levels(packed)
+    return level_table(_f32(lo), _f32(hi), packed)[0, 1 : k + 1]
+
+
+def _float32_run(start: float, count: int, step: int) -> torch.Tensor:
+    """``count`` consecutive float32 values from ``start``, walking the bit pattern by ``step`` (±1)."""
+    bits = np.int64(np.float32(start).view(np.int32))
+    return torch.from_numpy(np.arange(bits, bits + step * count, step, dtype=np.int64).astype(np.int32).view(np.float32).copy())
+
+
+# ------------------------------------------------------------------------------------------------
+# The bounds themselves
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_log_bounds_are_float32_values() -> None:
+    assert float(_f32(LOG_FLOAT32_MAX)) == LOG_FLOAT32_MAX and float(_f32(LOG_FLOAT32_MIN)) == LOG_FLOAT32_MIN
+    # ln(float32 max) rounds up in float32: the float32 above the cap is that rounding, and overflows.
+    assert _next(LOG_FLOAT32_MAX, 100.0) == 88.72283935546875 == float(_f32(math.log(torch.finfo(torch.float32).max)))
+    assert LOG_FLOAT32_MIN > math.log(TINY)
+
+
+def test_every_float32_log_in_the_top_nat_below_the_cap_decodes_finite() -> None:
+    t = _float32_run(LOG_FLOAT32_MAX, 140_000, -1)  # 88.72 down to below 87.7 (ulp 2**-17)
+    assert float(t.min()) < LOG_FLOAT32_MAX - 1.0
+    assert bool(torch.isfinite(qins_exp(t)).all())
+    assert not bool(torch.isfinite(qins_exp(_f32(_next(LOG_FLOAT32_MAX, 100.0)).reshape(1))).all())
+
+
+def test_every_float32_log_in_the_bottom_nat_above_the_floor_decodes_normal() -> None:
+    t = _float32_run(LOG_FLOAT32_MIN, 140_000, -1)  # negative floats: smaller bits, larger values
+    assert float(t.max()) > LOG_FLOAT32_MIN + 1.0
+    assert bool((qins_exp(t) >= TINY).all())
+    # float32's own rounding of ln(2**-126) decodes to a subnormal: the reason for the margin
+    assert float(qins_exp(_f32(math.log(TINY)).reshape(1))) < TINY
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+def test_every_level_of_a_table_inside_the_bounds_is_finite_and_normal(packed: bool) -> None:
+    # The floor with spans from 0 to the whole range: the rounding of log_max - j·δ lands at most
+    # a few ulp below log_min, which the floor's margin absorbs.
+    gen = torch.Generator().manual_seed(3)
+    span = LOG_FLOAT32_MAX - LOG_FLOAT32_MIN
+    his = torch.cat([
+        torch.rand(100_000, generator=gen, dtype=torch.float64) * span + LOG_FLOAT32_MIN,
+        LOG_FLOAT32_MIN + torch.logspace(-7, math.log10(span), 20_000, dtype=torch.float64),
+        torch.tensor([LOG_FLOAT32_MIN, LOG_FLOAT32_MAX], dtype=torch.float64),
+    ]).float().clamp(LOG_FLOAT32_MIN, LOG_FLOAT32_MAX)
+    for lo, hi in ((torch.full_like(his, LOG_FLOAT32_MIN), his), (his, torch.full_like(his, LOG_FLOAT32_MAX))):
+        k = num_levels(packed)
+        levels = level_table(lo, hi, packed)[:, 1 : k + 1]
+        assert bool(torch.isfinite(levels).all()) and float(levels.min()) >= TINY
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation at the exact edges
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_the_largest_accepted_log_max_loads_and_decodes_finite(config: QinsConfig) -> None:
+    layer, state = _state_with_logs(config, 0.0, LOG_FLOAT32_MAX)
+    layer.load_state_dict(state)
+    assert bool(torch.isfinite(layer.weight).all())
+    assert bool(torch.isfinite(_levels(0.0, LOG_FLOAT32_MAX, config.packed)).all())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_the_float32_above_the_largest_log_max_is_refused_and_leaves_the_layer_unchanged(config: QinsConfig) -> None:
+    above = _next(LOG_FLOAT32_MAX, 100.0)
+    assert not bool(torch.isfinite(_levels(0.0, above, config.packed)).all())  # what the check prevents
+    layer, state = _state_with_logs(config, 0.0, above)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"log_max: above ln\(float32 max\)"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("hi", [LOG_FLOAT32_MIN, -80.0, 0.0, LOG_FLOAT32_MAX], ids=["single-level", "narrow", "to-1", "whole-range"])
+def test_the_smallest_accepted_log_min_loads_and_every_level_is_normal(config: QinsConfig, hi: float) -> None:
+    layer, state = _state_with_logs(config, LOG_FLOAT32_MIN, hi)
+    layer.load_state_dict(state)
+    levels = _levels(LOG_FLOAT32_MIN, hi, config.packed)
+    assert bool(torch.isfinite(levels).all()) and float(levels.min()) >= TINY
+    mags = layer.weight.abs()
+    assert bool(torch.isfinite(mags).all()) and bool(((mags == 0) | (mags >= TINY)).all())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("lo", [_next(LOG_FLOAT32_MIN, -100.0), -200.0, -1000.0], ids=["next-float32-down", "-200", "-1000"])
+def test_a_log_min_below_the_floor_is_refused_and_leaves_the_layer_unchanged(config: QinsConfig, lo: float) -> None:
+    layer, state = _state_with_logs(config, lo, 0.0)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="log_min: below"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def test_a_per_row_state_with_one_row_past_a_bound_is_refused() -> None:
+    layer, state = _state_with_logs(QinsConfig(), -5.0, 1.0)
+    state["log_min"][2] = _next(LOG_FLOAT32_MIN, -100.0)
+    with pytest.raises(ValueError, match="log_min: below"):
+        layer.load_state_dict(state)
+    layer, state = _state_with_logs(QinsConfig(), -5.0, 1.0)
+    state["log_max"][3] = _next(LOG_FLOAT32_MAX, 100.0)
+    with pytest.raises(ValueError, match="log_max: above"):
+        layer.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoders stay inside the bounds (so everything they produce loads)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_weights_at_float32_extremes_encode_inside_the_bounds_and_reload(config: QinsConfig) -> None:
+    fmax = torch.finfo(torch.float32).max
+    w = torch.tensor([[TINY, -fmax, 0.5, TINY / 4], [TINY * 1.00001, TINY, -TINY, 0.0], [1.0, 2.0, -3.0, 4.0], [fmax, fmax, -TINY, 1e-30]])
+    codes, sign, lo, hi = encode(w, config)
+    assert float(lo.min()) >= LOG_FLOAT32_MIN and float(hi.max()) <= LOG_FLOAT32_MAX and bool((lo <= hi).all())
+    src = nn.Linear(4, 4)
+    with torch.no_grad():
+        src.weight.copy_(w)
+    layer = ProjectiveLinear.from_linear(src, config)
+    fresh = ProjectiveLinear.from_linear(nn.Linear(4, 4), config)
+    fresh.load_state_dict(layer.state_dict())
+    decoded = fresh.weight
+    assert bool(torch.isfinite(decoded).all())
+    # 2**-126 sits 4.3e-5 nats below the floor: it rounds to the smallest level (within 5e-5), never 0
+    normal = w.abs() >= TINY
+    assert bool((decoded.abs()[normal] > 0).all())
+
+
+# ------------------------------------------------------------------------------------------------
+# Native kernels: no out-of-range cast, the same table on every ISA for any logs
+# ------------------------------------------------------------------------------------------------
+
+
+def _native():
+    mod = qk.native_module()
+    if mod is None:
+        pytest.skip("native CPU kernels unavailable")
+    return mod
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+def test_native_tables_agree_on_every_isa_for_logs_past_the_bounds(packed: bool) -> None:
+    mod = _native()
+    # n = rint(t·log2e) far outside [-252, 254]: the scalar path used to cast these to int unchecked
+    lo = torch.tensor([-1000.0, -200.0, -175.0, LOG_FLOAT32_MIN, -3e38, 0.0, float("nan")])
+    hi = torch.tensor([0.0, 100.0, 200.0, 1000.0, 3e38, float("inf"), 1.0])
+    isas = [i for name, i in qk.ISAS.items() if mod.supported(i)]
+    tables = [mod.table(lo, hi, packed, isa) for isa in isas]
+    for t in tables[1:]:
+        assert torch.equal(t.view(torch.int32), tables[0].view(torch.int32))
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+def test_native_tables_match_the_reference_at_the_bounds(packed: bool) -> None:
+    mod = _native()
+    lo = torch.tensor([LOG_FLOAT32_MIN, LOG_FLOAT32_MIN, 0.0, LOG_FLOAT32_MIN])
+    hi = torch.tensor([LOG_FLOAT32_MIN, 0.0, LOG_FLOAT32_MAX, LOG_FLOAT32_MAX])
+    ref = level_table(lo, hi, packed)
+    for name, isa in qk.ISAS.items():
+        if mod.supported(isa):
+            assert torch.equal(mod.table(lo, hi, packed, isa).view(torch.int32), ref.view(torch.int32)), name
