@@ -1,7 +1,8 @@
 """Plain safetensors files of QINS models: :func:`save` and :func:`load` (tensors only, never pickle).
 
 The file holds the model's ``state_dict`` tensors (a tensor shared by several names, e.g. tied
-embeddings, is written once; the other names are listed under ``qins.aliases``) and string
+embeddings, is written once and the other names are listed under ``qins.aliases``; only names for the
+same view count: identical storage, storage offset, shape, stride and dtype) and string
 metadata: ``qins.format_version`` (``"1"``) and ``qins.layers``, a JSON object mapping every QINS
 layer's qualified name to its format ``{"packed", "per_row", "log_range", "cache_weight"}``.
 
@@ -42,16 +43,24 @@ def save(model: nn.Module, path: PathLike) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    owners: dict[tuple[str, int, int, tuple[int, ...]], str] = {}
+    owners: dict[tuple, str] = {}
+    written: set[int] = set()  # storages of the tensors in `tensors`
     for name, t in model.state_dict().items():
         if t.is_meta:
             raise ValueError(f"cannot save {name!r}: it is on the meta device (no data)")
-        key = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        # An alias reloads as the very tensor of its owner, so it is written only for the same view of
+        # the same memory: same storage, offset, shape, stride and dtype. Any other sharing (a
+        # transpose, a slice, a reinterpreting view) is saved as its own tensor.
+        key = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and key in owners:
             aliases[name] = owners[key]
             continue
         owners[key] = name
-        tensors[name] = t.detach().to("cpu").contiguous()
+        out = t.detach().to("cpu").contiguous()
+        if out.numel() and out.untyped_storage().data_ptr() in written:
+            out = out.clone()  # another view of memory already written: safetensors refuses shared memory
+        written.add(out.untyped_storage().data_ptr())
+        tensors[name] = out
     layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, ProjectiveLinear)}
     metadata = {
         "format": "pt",

@@ -212,3 +212,59 @@ def test_native_tables_match_the_reference_at_the_bounds(packed: bool) -> None:
     for name, isa in qk.ISAS.items():
         if mod.supported(isa):
             assert torch.equal(mod.table(lo, hi, packed, isa).view(torch.int32), ref.view(torch.int32)), name
+
+
+# ------------------------------------------------------------------------------------------------
+# qins.save: aliases only for the same view of the same memory
+# ------------------------------------------------------------------------------------------------
+
+
+class _Views(nn.Module):
+    """A square parameter ``a`` and buffers sharing its storage: ``t = a.t()`` (other stride),
+    ``bits = a.view(int32)`` (other dtype), ``row = a[1]`` (other offset and shape) and ``same = a``."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)))
+        self.register_buffer("t", self.a.detach().t())
+        self.register_buffer("bits", self.a.detach().view(torch.int32))
+        self.register_buffer("row", self.a.detach()[1])
+        self.register_buffer("same", self.a.detach())
+
+
+def test_a_transposed_buffer_of_a_square_parameter_is_saved_as_its_own_tensor_and_reloads_transposed(tmp_path) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    import qins
+
+    source = _Views(0)
+    qins.save(source, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["qins.aliases"]) == {"same": "a"}
+        assert set(f.keys()) == {"a", "t", "bits", "row"}
+        assert torch.equal(f.get_tensor("t"), source.a.detach().t())
+    target = _Views(1)
+    qins.load(target, tmp_path / "m.safetensors")
+    for key, value in source.state_dict().items():
+        got = target.state_dict()[key]
+        assert got.dtype == value.dtype and torch.equal(got, value), key
+    assert torch.equal(target.t, target.a.detach().t())  # still a view of the reloaded parameter
+
+
+def test_tensors_sharing_storage_with_another_dtype_are_not_aliased(tmp_path) -> None:
+    import qins
+
+    class Bits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("f", torch.tensor([1.0, -2.0, 0.5]))
+            self.register_buffer("i", self.f.view(torch.int32))
+
+    source = Bits()
+    qins.save(source, tmp_path / "m.safetensors")
+    target = Bits()
+    target.f.zero_()
+    qins.load(target, tmp_path / "m.safetensors")
+    assert torch.equal(target.i, source.i) and torch.equal(target.f, source.f)
