@@ -9,7 +9,10 @@ layer's qualified name to its format ``{"packed", "per_row", "log_range", "cache
 :func:`load` checks everything before it changes anything: the metadata, every listed layer (its
 module exists and is a ``ProjectiveLinear`` of that format, or an ``nn.Linear`` of the right size
 to convert), every QINS group with :func:`qins.state.check_qins_state`, and the keys and shapes of
-all other tensors. A bad file raises ``ValueError`` and leaves the model exactly as it was.
+all other tensors (a floating point tensor may be stored in another floating point dtype; any other
+dtype must match). A bad file (empty, truncated, extended, random bytes, a corrupt header or
+metadata, a state that does not fit the model) raises ``ValueError`` and leaves the model exactly as
+it was; only a file that cannot be opened at all raises ``OSError``.
 """
 from __future__ import annotations
 
@@ -73,6 +76,17 @@ def save(model: nn.Module, path: PathLike) -> None:
 
 
 def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
+    """The file's tensors (aliases resolved), its ``qins.layers`` and ``qins.aliases``; ``ValueError``
+    for anything but a well-formed qins file (``OSError`` when it cannot be opened at all)."""
+    from safetensors import SafetensorError
+
+    try:
+        return _read_file(path)
+    except SafetensorError as exc:  # empty, truncated, extended or random bytes, a corrupt header
+        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+
+def _read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
@@ -91,9 +105,15 @@ def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dic
         if not isinstance(layers, dict) or not isinstance(aliases, dict):
             raise ValueError(f"{path}: corrupt qins metadata ('qins.layers'/'qins.aliases' must be JSON objects)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    stored = set(tensors)
     for alias, owner in aliases.items():
-        if owner not in tensors:
+        # JSON may hold any value: check the type before using it as a key (a list is unhashable).
+        if not isinstance(owner, str):
+            raise ValueError(f"{path}: corrupt qins metadata (alias {alias!r} must name a tensor, got {owner!r})")
+        if owner not in stored:
             raise ValueError(f"{path}: alias {alias!r} points to missing tensor {owner!r}")
+        if alias in stored:
+            raise ValueError(f"{path}: {alias!r} is both a stored tensor and an alias of {owner!r}")
         tensors[alias] = tensors[owner]
     return tensors, layers, aliases
 
@@ -150,8 +170,14 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{path}: keys do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise ValueError(f"{path}: {key}: shape must be {tuple(ref.shape)}, got {tuple(tensors[key].shape)}")
+        got = tensors[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: {key}: shape must be {tuple(ref.shape)}, got {tuple(got.shape)}")
+        # load_state_dict would cast silently: between floating point dtypes that is a precision
+        # choice (a float32 file into a bfloat16 model), but integers read as floats (or the reverse)
+        # are other values altogether.
+        if got.dtype != ref.dtype and not (got.dtype.is_floating_point and ref.dtype.is_floating_point):
+            raise ValueError(f"{path}: {key}: dtype must be {ref.dtype}, got {got.dtype}")
     stuck = [f"{n}.{b}" for n, m in model.named_modules() if not isinstance(m, ProjectiveLinear)
              for b, t in m._buffers.items() if t is not None and t.is_meta and b in m._non_persistent_buffers_set]
     if stuck:

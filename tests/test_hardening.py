@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -268,3 +269,179 @@ def test_tensors_sharing_storage_with_another_dtype_are_not_aliased(tmp_path) ->
     target.f.zero_()
     qins.load(target, tmp_path / "m.safetensors")
     assert torch.equal(target.i, source.i) and torch.equal(target.f, source.f)
+
+
+# ------------------------------------------------------------------------------------------------
+# qins.load: every bad file raises the documented ValueError and leaves the model unchanged
+# ------------------------------------------------------------------------------------------------
+
+
+class _Small(nn.Module):
+    """A few hundred bytes of state covering every kind of tensor a qins file holds: packed per-row
+    and split per-tensor QINS layers (with a bias), a plain Linear, a LayerNorm, an int64 buffer
+    and a tied alias."""
+
+    def __init__(self, seed: int, converted: bool) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.packed, self.split, self.plain, self.norm = nn.Linear(6, 5, bias=False), nn.Linear(5, 4), nn.Linear(4, 3), nn.LayerNorm(3)
+        self.register_buffer("ids", torch.arange(4) * (seed + 1))
+        # the same view as plain.weight: written once (buffers come first, so "tied" is the owner)
+        self.register_buffer("tied", self.plain.weight.detach())
+        if converted:
+            self.packed = ProjectiveLinear.from_linear(self.packed, QinsConfig())
+            self.split = ProjectiveLinear.from_linear(self.split, QinsConfig.seed(), cache_weight=False)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory) -> bytes:
+    import qins
+
+    path = tmp_path_factory.mktemp("small") / "small.safetensors"
+    qins.save(_Small(0, converted=True), path)
+    return path.read_bytes()
+
+
+def _load_into_fresh(data: bytes, converted: bool, tmp_dir) -> tuple[nn.Module, dict, Exception | None]:
+    import qins
+
+    path = tmp_dir / "bad.safetensors"
+    path.write_bytes(data)
+    model = _Small(1, converted)
+    before = _state(model)
+    try:
+        qins.load(model, path)
+    except Exception as exc:  # noqa: BLE001 - the test asserts which
+        return model, before, exc
+    return model, before, None
+
+
+@pytest.mark.parametrize("converted", [True, False], ids=["into-converted", "into-skeleton"])
+@pytest.mark.parametrize("edit", [
+    lambda d: b"", lambda d: d[:7], lambda d: d[:8], lambda d: d[: len(d) // 2], lambda d: d[:-1], lambda d: d + b"\0",
+    lambda d: bytes(np.random.default_rng(0).integers(0, 256, len(d), dtype=np.uint8)),
+    lambda d: bytes(np.random.default_rng(1).integers(0, 256, 64, dtype=np.uint8)),
+], ids=["empty", "7-bytes", "header-length-only", "half", "last-byte-cut", "one-byte-more", "random-same-length", "random-64"])
+def test_an_empty_truncated_extended_or_random_file_raises_value_error_and_leaves_the_model_unchanged(small_file, edit, converted, tmp_path) -> None:
+    model, before, exc = _load_into_fresh(edit(small_file), converted, tmp_path)
+    assert isinstance(exc, ValueError), repr(exc)
+    assert "not a valid safetensors file" in str(exc)
+    assert _same(_state(model), before)
+
+
+def _with_metadata(data: bytes, tmp_path, **meta: str) -> bytes:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(data)
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        m = dict(f.metadata()) | meta
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=m)
+    return (tmp_path / "edited.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("aliases, message", [
+    ('{"plain.weight": ["tied"]}', r"alias 'plain.weight' must name a tensor, got \['tied'\]"),
+    ('{"plain.weight": {"a": 1}}', "alias 'plain.weight' must name a tensor"),
+    ('{"plain.weight": 3}', "alias 'plain.weight' must name a tensor"),
+    ('{"plain.weight": "tied", "plain.bias": "tied"}', "'plain.bias' is both a stored tensor and an alias"),
+], ids=["owner-a-list", "owner-an-object", "owner-a-number", "alias-shadows-a-stored-tensor"])
+def test_a_malformed_alias_raises_value_error_and_leaves_the_model_unchanged(small_file, tmp_path, aliases: str, message: str) -> None:
+    model, before, exc = _load_into_fresh(_with_metadata(small_file, tmp_path, **{"qins.aliases": aliases}), True, tmp_path)
+    assert isinstance(exc, ValueError), repr(exc)
+    assert re.search(message, str(exc)), str(exc)
+    assert _same(_state(model), before)
+
+
+def test_an_integer_tensor_stored_as_float_is_refused_not_cast(small_file, tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(small_file)
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    tensors["ids"] = tensors["ids"].view(torch.float64)  # same bytes, read as floats
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
+    model, before, exc = _load_into_fresh((tmp_path / "edited.safetensors").read_bytes(), True, tmp_path)
+    assert isinstance(exc, ValueError) and "ids: dtype must be torch.int64, got torch.float64" in str(exc), repr(exc)
+    assert _same(_state(model), before)
+
+
+def _file_state(data: bytes, tmp_dir) -> dict[str, torch.Tensor]:
+    """What the file says, read independently of qins.load: its tensors, aliases resolved."""
+    import json
+
+    from safetensors import safe_open
+
+    path = tmp_dir / "oracle.safetensors"
+    path.write_bytes(data)
+    with safe_open(str(path), framework="pt") as f:
+        out = {k: f.get_tensor(k) for k in f.keys()}
+        aliases = json.loads(f.metadata().get("qins.aliases", "{}"))
+    return out | {a: out[o] for a, o in aliases.items()}
+
+
+_FUZZ_EXAMPLES = 500  # about 5 s; 3000 found nothing more (all refused or loaded exactly)
+
+
+def _mutations(size: int):
+    """1-4 byte flips (position, xor mask), then at most one cut (keep the first n bytes) or extension
+    (n copies of a byte): any cut or extension is refused, so most examples only flip."""
+    from hypothesis import strategies as st
+
+    flip = st.tuples(st.integers(0, size - 1), st.integers(1, 255))
+    cut = st.tuples(st.just("truncate"), st.integers(0, size - 1), st.just(0))
+    extend = st.tuples(st.just("extend"), st.integers(1, 64), st.integers(0, 255))
+    return st.tuples(st.lists(flip, min_size=1, max_size=4), st.one_of(st.none(), st.none(), st.none(), cut, extend))
+
+
+def _apply(data: bytes, mutation) -> bytes:
+    flips, end = mutation
+    buf = bytearray(data)
+    for pos, mask in flips:
+        buf[pos] ^= mask
+    if end is not None:
+        op, n, byte = end
+        buf = buf[:n] if op == "truncate" else buf + bytes([byte]) * n
+    return bytes(buf)
+
+
+def test_fuzzed_files_either_raise_value_error_leaving_the_model_unchanged_or_load_exactly_what_they_hold(small_file, tmp_path_factory) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tmp_dir = tmp_path_factory.mktemp("fuzz")
+    outcomes = {"refused": 0, "loaded": 0}
+
+    @settings(max_examples=_FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_mutations(len(small_file)), st.booleans())
+    def check(ops, converted: bool) -> None:
+        data = _apply(small_file, ops)
+        model, before, exc = _load_into_fresh(data, converted, tmp_dir)
+        if exc is not None:
+            assert isinstance(exc, ValueError), f"{type(exc).__name__}: {exc}"
+            assert _same(_state(model), before)
+            outcomes["refused"] += 1
+            return
+        expected, got = _file_state(data, tmp_dir), _state(model)
+        assert got.keys() == expected.keys()
+        for key, value in got.items():
+            assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
+        outcomes["loaded"] += 1
+
+    check()
+    # Both outcomes occur: flips in the tensor data load (the format has no checksum), flips in the
+    # header or metadata and any truncation or extension are refused.
+    assert outcomes["refused"] > 0 and outcomes["loaded"] > 0, outcomes
