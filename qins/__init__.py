@@ -28,11 +28,15 @@ from .calibration import Calibration, calibrate
 from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
 from .encode import encode
 from .formats import QinsConfig, decode_codes, level_table, qins_exp
-from .hf import register_with_transformers
+from .hf import register_on_import, register_with_transformers
 from .layer import ProjectiveLinear
 from .serialization import load, save
 
 __version__ = "0.1.0"
+
+# transformers users need nothing more than `import qins` to load a QINS checkpoint (nothing is
+# imported here: the registration runs when transformers' model loader is first imported)
+register_on_import()
 
 __all__ = [
     "SMALLEST_NORMAL",

@@ -19,8 +19,11 @@ on 5.x the loader keeps the meta model's float32 logs. Tested: transformers 4.44
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging
+import sys
 from typing import Any, Iterable, Optional
 
 import torch
@@ -28,7 +31,7 @@ import torch
 from .compat import UnsupportedTransformersError
 from .formats import QinsConfig
 
-__all__ = ["QUANT_METHOD", "quantization_config_dict", "register_with_transformers"]
+__all__ = ["QUANT_METHOD", "quantization_config_dict", "register_with_transformers", "register_on_import"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,63 @@ def register_with_transformers() -> tuple[type, type]:
     log.debug("registered quant_method %r with transformers %s", QUANT_METHOD, version)
     _registered = (config_cls, quantizer_cls)
     return _registered
+
+
+#: registration happens once this transformers module (the one ``from_pretrained`` lives in) exists
+_LOADER_MODULE = "transformers.modeling_utils"
+
+
+def _register_quietly() -> None:
+    """Register, logging (not raising) why it could not: a transformers outside the supported
+    range keeps its own behaviour, as it does for a process that never imports qins."""
+    try:
+        register_with_transformers()
+    except UnsupportedTransformersError as exc:
+        log.debug("qins not registered with transformers: %s", exc)
+    except Exception as exc:  # never break the user's import of transformers
+        log.warning("qins could not register its quantization method with transformers: %r", exc)
+
+
+class _RegisterWhenLoaded(importlib.abc.MetaPathFinder):
+    """A ``sys.meta_path`` finder that only watches for :data:`_LOADER_MODULE`: it finds that module
+    with the regular path finder and wraps its loader so that the ``"qins"`` method is registered
+    right after the module has executed. It stays in ``sys.meta_path`` (removing a finder while the
+    import system iterates the list would skip the next one) and does nothing after it fired."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def find_spec(self, fullname, path, target=None):
+        if self.fired or fullname != _LOADER_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        self.fired = True
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _register_quietly()
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+def register_on_import() -> None:
+    """Make ``from_pretrained`` of QINS checkpoints work after a bare ``import qins``: register now
+    when transformers' model loader is already imported, else as soon as it is. Imports nothing
+    (transformers is not loaded by it); idempotent; a no-op where transformers is not installed."""
+    if _registered is not None:
+        return
+    if _LOADER_MODULE in sys.modules:
+        _register_quietly()
+        return
+    if any(isinstance(f, _RegisterWhenLoaded) for f in sys.meta_path):
+        return
+    if importlib.util.find_spec("transformers") is None:
+        return
+    sys.meta_path.insert(0, _RegisterWhenLoaded())
 
 
 def _qins_layers(model: torch.nn.Module):
