@@ -19,7 +19,7 @@ from torch import nn
 
 import qins.kernels as qk
 from qins import ProjectiveLinear, QinsConfig, encode
-from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, level_table, num_levels, qins_exp
+from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, decode_codes, level_table, num_levels, qins_exp
 
 TINY = torch.finfo(torch.float32).tiny
 CONFIGS = [QinsConfig(), QinsConfig.seed(), QinsConfig(packed=False, per_row=True), QinsConfig(packed=True, per_row=False)]
@@ -445,3 +445,150 @@ def test_fuzzed_files_either_raise_value_error_leaving_the_model_unchanged_or_lo
     # Both outcomes occur: flips in the tensor data load (the format has no checksum), flips in the
     # header or metadata and any truncation or extension are refused.
     assert outcomes["refused"] > 0 and outcomes["loaded"] > 0, outcomes
+
+
+# ------------------------------------------------------------------------------------------------
+# Native entry points check every tensor argument and every tuning value
+# ------------------------------------------------------------------------------------------------
+
+_OUT, _IN = 16, 24
+
+
+def _linear_args(packed: bool = False, per_row: bool = True) -> dict:
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (_OUT, _IN), generator=gen, dtype=torch.uint8)
+    sign = None if packed else torch.where(torch.rand(_OUT, _IN, generator=gen) < 0.5, -1, 1).to(torch.int8)
+    shape = (_OUT,) if per_row else ()
+    lo = torch.full(shape, -6.0)
+    return {"x": torch.randn(3, _IN, generator=gen), "codes": codes, "sign": sign, "log_min": lo, "log_max": lo + 5,
+            "bias": torch.randn(_OUT, generator=gen)}
+
+
+def _call_linear(mod, args: dict) -> torch.Tensor:
+    return mod.linear(args["x"], args["codes"], args["sign"], args["log_min"], args["log_max"], args["bias"], 0)
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return t.to("meta")  # another device without a GPU: its data pointer is no host memory
+
+
+# (argument, replacement, message): each must raise before any pointer is read
+_BAD_LINEAR_ARGS = [
+    ("x", _meta, "x is on meta"),
+    ("codes", _meta, "codes is on meta"),
+    ("sign", _meta, "sign is on meta"),
+    ("log_min", _meta, "log_min/log_max are on meta/cpu"),
+    ("log_max", _meta, "log_min/log_max are on cpu/meta"),
+    ("bias", _meta, "bias is on meta"),
+    ("x", lambda t: t.to(torch.int32), "x must be floating point"),
+    ("x", lambda t: t[:, :-1], r"x.shape\[-1\] must equal in_features"),
+    ("x", lambda t: t[0, 0], r"x.shape\[-1\] must equal in_features"),
+    ("codes", lambda t: t.to(torch.int8), "codes must be a contiguous uint8"),
+    ("codes", lambda t: t.reshape(-1), "codes must be a contiguous uint8"),
+    ("codes", lambda t: torch.cat([t, t], 1)[:, ::2], "codes must be a contiguous uint8"),
+    ("sign", lambda t: t.to(torch.int16), "sign must be a contiguous int8"),
+    ("sign", lambda t: t[:1], "sign must be a contiguous int8"),
+    ("sign", lambda t: torch.cat([t, t], 1)[:, ::2], "sign must be a contiguous int8"),
+    ("log_min", lambda t: t.double(), "log_min/log_max must be float32"),
+    ("log_max", lambda t: t.half(), "log_min/log_max must be float32"),
+    ("log_min", lambda t: t[:1], "log_min and log_max must have the same shape"),
+    ("log_max", lambda t: t[:1], "log_min and log_max must have the same shape"),
+    ("bias", lambda t: t[:-1], r"bias must be a \[out_features\] tensor"),
+    ("bias", lambda t: t.reshape(_OUT, 1), r"bias must be a \[out_features\] tensor"),
+    ("bias", lambda t: t.to(torch.int64), "bias must be floating point"),
+]
+
+
+@pytest.mark.parametrize("arg, edit, message", _BAD_LINEAR_ARGS,
+                         ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(_BAD_LINEAR_ARGS)])
+def test_native_linear_refuses_each_bad_tensor_argument(arg: str, edit, message: str) -> None:
+    mod = _native()
+    args = _linear_args()
+    args[arg] = edit(args[arg])
+    with pytest.raises(RuntimeError, match=message):
+        _call_linear(mod, args)
+
+
+def test_native_linear_refuses_row_logs_of_another_length_in_both() -> None:
+    mod = _native()
+    args = _linear_args()
+    args["log_min"], args["log_max"] = args["log_min"][:1], args["log_max"][:1]
+    with pytest.raises(RuntimeError, match=r"log_min/log_max must be 0-d or \[out\]"):
+        _call_linear(mod, args)
+
+
+def test_native_linear_copies_strided_x_logs_and_bias_instead_of_reading_them_raw() -> None:
+    mod = _native()
+    args = _linear_args()
+    expected = _call_linear(mod, args)
+    strided = dict(args)
+    strided["x"] = torch.stack([args["x"], args["x"]], 2)[:, :, 0]  # the same values, every other float
+    strided["log_min"] = torch.stack([args["log_min"], args["log_min"]], 1)[:, 0]
+    strided["log_max"] = torch.stack([args["log_max"], args["log_max"]], 1)[:, 0]
+    strided["bias"] = torch.stack([args["bias"], args["bias"]], 1)[:, 0]
+    assert not any(strided[k].is_contiguous() for k in ("x", "log_min", "log_max", "bias"))
+    assert torch.equal(_call_linear(mod, strided), expected)
+
+
+@pytest.mark.parametrize("arg, rows", [("sign", 1), ("log_min", 1), ("log_max", 1), ("codes", None)], ids=["sign", "log_min", "log_max", "x-width"])
+def test_native_decode_debug_refuses_buffers_shorter_than_the_layer(arg: str, rows: int | None) -> None:
+    mod = _native()
+    args = _linear_args()
+    if arg == "codes":
+        args["x"] = args["x"][:, :-1]
+    elif arg == "sign":
+        args["sign"] = args["sign"][:rows]
+    else:
+        args["log_min"], args["log_max"] = args["log_min"][:rows], args["log_max"][:rows]
+    with pytest.raises(RuntimeError, match="qins"):
+        mod.decode_debug(args["codes"], args["sign"], args["log_min"], args["log_max"], args["x"], 0)
+
+
+def test_native_decode_debug_refuses_a_one_row_sign_and_logs_for_a_sixteen_row_layer() -> None:
+    mod = _native()
+    args = _linear_args()
+    with pytest.raises(RuntimeError, match="sign must be a contiguous int8 tensor shaped like codes"):
+        mod.decode_debug(args["codes"], args["sign"][:1], args["log_min"][:1], args["log_max"][:1], args["x"], 0)
+
+
+@pytest.mark.parametrize("lo, hi, message", [
+    (torch.zeros(4), torch.ones(3), "as many values"),
+    (torch.zeros(4, device="meta"), torch.ones(4), "CPU tensors"),
+    (torch.zeros(4, dtype=torch.int32), torch.ones(4, dtype=torch.int32), "floating point"),
+], ids=["fewer-log-max", "meta", "integer"])
+def test_native_table_refuses_mismatched_or_foreign_logs(lo: torch.Tensor, hi: torch.Tensor, message: str) -> None:
+    mod = _native()
+    with pytest.raises(RuntimeError, match=message):
+        mod.table(lo, hi, True, 0)
+
+
+_TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk")
+_TUNING_BAD = [(f, v) for f in _TUNING_FIELDS for v in (2**63 - 1, -1)] + [
+    ("col_block", 0), ("gemm_rows", 0), ("gemm_cols", 0), ("pipeline", 3), ("own_gemm", 2), ("row_chunk", 0), ("row_chunk", 17)]
+
+
+@pytest.mark.parametrize("field, value", _TUNING_BAD, ids=[f"{f}={v}" for f, v in _TUNING_BAD])
+def test_native_set_tuning_refuses_a_value_out_of_range_and_changes_nothing(field: str, value: int) -> None:
+    mod = _native()
+    before = list(mod.get_tuning())
+    new = dict(zip(_TUNING_FIELDS, before), **{field: value})
+    with pytest.raises(RuntimeError, match=rf"{field} must be in \["):
+        mod.set_tuning(*(new[f] for f in _TUNING_FIELDS))
+    assert list(mod.get_tuning()) == before
+
+
+def test_native_set_tuning_accepts_the_edges_of_each_range_and_linear_runs_with_them() -> None:
+    mod = _native()
+    before = list(mod.get_tuning())
+    args = _linear_args()
+    w = decode_codes(args["codes"], args["sign"], args["log_min"], args["log_max"])
+    try:
+        for values in ((1, 1, 1, 0, 0, 0, 1), (2**40, 2**20, 2**24, 2**20, 2, 1, 16)):
+            mod.set_tuning(*values)
+            assert list(mod.get_tuning()) == list(values)
+            for batch in (3, 40, 70):  # gemv, decoded blocks, decoded blocks of twice the rows
+                args["x"] = torch.randn(batch, _IN, generator=torch.Generator().manual_seed(batch))
+                expected = args["x"] @ w.t() + args["bias"]
+                torch.testing.assert_close(_call_linear(mod, args), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        mod.set_tuning(*before)

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 
 #include "qins_kernels.h"
 
@@ -87,25 +88,62 @@ struct Tuning {
   // cold, % of the streaming floor, same runs): 16 rows 61-69%, 4 rows 71-75%, 2 rows 73-77%, 1 row 70-75%.
   int64_t row_chunk = 2;
 };
+// Written by set_tuning, read by every call: each call takes one snapshot under the lock, so a call
+// never sees half of a set_tuning (and the kernels read their own copy, not the global).
+std::mutex g_tuning_mutex;
 Tuning g_tuning;
 
+Tuning tuning_snapshot() {
+  std::lock_guard<std::mutex> lock(g_tuning_mutex);
+  return g_tuning;
+}
+
+// The range each knob is accepted in: wide enough for any experiment, narrow enough that no product
+// or sum of knobs in linear() can overflow int64 (gemm_rows * gemm_cols <= 2**44) nor any divisor
+// become 0.
+void check_tuning(const Tuning& t) {
+  auto in = [](const char* name, int64_t v, int64_t lo, int64_t hi) {
+    TORCH_CHECK(v >= lo && v <= hi, "qins: ", name, " must be in [", lo, ", ", hi, "], got ", v);
+  };
+  in("col_block", t.gemv_col_block, 1, int64_t{1} << 40);
+  in("gemm_rows", t.gemm_rows, 1, int64_t{1} << 20);
+  in("gemm_cols", t.gemm_cols, 1, int64_t{1} << 24);
+  in("prefetch", t.prefetch, 0, int64_t{1} << 20);
+  in("pipeline", t.pipeline, 0, 2);
+  in("own_gemm", t.own_gemm, 0, 1);
+  in("row_chunk", t.row_chunk, 1, kMaxRowChunk);
+}
+
+// Every tensor the kernels read through a raw pointer is checked for device, dtype, shape and
+// contiguity: a CUDA or meta tensor's pointer read as host memory, or a short buffer read past its
+// end, would be garbage or a crash rather than an error. x, the logs and the bias are converted to
+// contiguous float32 copies by the callers (so any strides and, for x and the bias, any floating
+// dtype are fine); codes and sign are read in place.
 void check_args(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
                 const at::Tensor& log_min, const at::Tensor& log_max, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu(), "qins native linear: CPU tensors only");
+  TORCH_CHECK(codes.device().is_cpu(), "qins native linear: CPU tensors only, codes is on ", codes.device());
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
               "qins: codes must be a contiguous uint8 [out, in] tensor");
+  TORCH_CHECK(x.device().is_cpu(), "qins native linear: CPU tensors only, x is on ", x.device());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == codes.size(1), "qins: x.shape[-1] must equal in_features");
   TORCH_CHECK(x.is_floating_point(), "qins: x must be floating point");
   if (sign.has_value()) {
+    TORCH_CHECK(sign->device().is_cpu(), "qins native linear: CPU tensors only, sign is on ", sign->device());
     TORCH_CHECK(sign->scalar_type() == at::kChar && sign->sizes() == codes.sizes() && sign->is_contiguous(),
                 "qins: sign must be a contiguous int8 tensor shaped like codes");
   }
+  TORCH_CHECK(log_min.device().is_cpu() && log_max.device().is_cpu(), "qins native linear: CPU tensors only, log_min/log_max are on ",
+              log_min.device(), "/", log_max.device());
   TORCH_CHECK(log_min.scalar_type() == at::kFloat && log_max.scalar_type() == at::kFloat,
               "qins: log_min/log_max must be float32");
   TORCH_CHECK(log_min.sizes() == log_max.sizes(), "qins: log_min and log_max must have the same shape");
   TORCH_CHECK(log_min.dim() == 0 || (log_min.dim() == 1 && log_min.size(0) == codes.size(0)),
               "qins: log_min/log_max must be 0-d or [out]");
-  if (bias.has_value()) TORCH_CHECK(bias->numel() == codes.size(0), "qins: bias must have out_features elements");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu(), "qins native linear: CPU tensors only, bias is on ", bias->device());
+    TORCH_CHECK(bias->is_floating_point(), "qins: bias must be floating point");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == codes.size(0), "qins: bias must be a [out_features] tensor");
+  }
 }
 
 }  // namespace
@@ -115,6 +153,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
                   int64_t isa) {
   check_args(x, codes, sign, log_min, log_max, bias);
   const IsaKernels& K = kernels(isa);
+  const Tuning tune = tuning_snapshot();
   const int64_t out = codes.size(0), in = codes.size(1);
   const int64_t B = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   const at::Tensor x2 = x.reshape({B, in}).to(at::kFloat).contiguous();
@@ -127,8 +166,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
     if (!K.xprep_identity) K.xprep(x2.data_ptr<float>(), B, in, kpad, xp.data_ptr<float>());
     Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr,
            lmin.data_ptr<float>(), lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad,
-           xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, g_tuning.gemv_col_block / 64 * 64),
-           g_tuning.prefetch, g_tuning.pipeline, g_tuning.own_gemm, g_tuning.row_chunk};
+           xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, tune.gemv_col_block / 64 * 64),
+           tune.prefetch, tune.pipeline, tune.own_gemm, tune.row_chunk};
     if (B <= kMaxGemvBatch) {
       const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
       // x rows in groups of <= 4 (measured at 3072x3072: B = 4 0.8 ms, B = 8 in one pass 3.0 ms,
@@ -146,9 +185,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
       // Blocks of rb rows x kb columns: rb = gemm_rows (2x for batches > 64), kb such that the
       // scratch stays within gemm_rows x gemm_cols floats and the columns split evenly. Small
       // layers are spread over the threads (blocks of >= 16 rows).
-      const int64_t budget = g_tuning.gemm_rows * g_tuning.gemm_cols;
+      const int64_t budget = tune.gemm_rows * tune.gemm_cols;
       const int64_t per_thread = (out + at::get_num_threads() - 1) / at::get_num_threads();
-      const int64_t rows = B > 64 ? 2 * g_tuning.gemm_rows : g_tuning.gemm_rows;
+      const int64_t rows = B > 64 ? 2 * tune.gemm_rows : tune.gemm_rows;
       const int64_t rb = std::max<int64_t>(16, std::min(rows, (per_thread + 15) / 16 * 16));
       const int64_t max_kb = std::max<int64_t>(64, budget / rb / 64 * 64);
       const int64_t nk = (kpad + max_kb - 1) / max_kb;
@@ -162,7 +201,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
           for (int64_t k0 = 0; k0 < kpad; k0 += kb) {
             const int64_t k1 = std::min(kpad, k0 + kb);
             K.decode(a, r0, r1, k0, k1, w);
-            if (K.gemm && g_tuning.own_gemm) {
+            if (K.gemm && tune.own_gemm) {
               K.gemm(xp.data_ptr<float>() + k0, kpad, B, w, r1 - r0, k1 - k0, y.data_ptr<float>() + r0, out, k0 > 0);
               continue;
             }
@@ -229,6 +268,9 @@ std::vector<at::Tensor> range_codes(const at::Tensor& mag, const at::Tensor& gap
 // Debug: the [R, 256] tables exactly as the chosen ISA computes them.
 at::Tensor table(const at::Tensor& log_min, const at::Tensor& log_max, bool packed, int64_t isa) {
   const IsaKernels& K = kernels(isa);
+  TORCH_CHECK(log_min.device().is_cpu() && log_max.device().is_cpu(), "qins: table takes CPU tensors");
+  TORCH_CHECK(log_min.is_floating_point() && log_max.is_floating_point(), "qins: table takes floating point logs");
+  TORCH_CHECK(log_min.numel() == log_max.numel(), "qins: log_min and log_max must have as many values");
   at::Tensor lo = log_min.to(at::kFloat).reshape({-1}).contiguous(), hi = log_max.to(at::kFloat).reshape({-1}).contiguous();
   at::Tensor t = at::empty({lo.size(0), 256}, lo.options());
   for (int64_t r = 0; r < lo.size(0); ++r) K.table(lo.data_ptr<float>()[r], hi.data_ptr<float>()[r], packed, t.data_ptr<float>() + r * 256);
@@ -239,6 +281,7 @@ at::Tensor table(const at::Tensor& log_min, const at::Tensor& log_max, bool pack
 std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
                                      const at::Tensor& log_min, const at::Tensor& log_max, const at::Tensor& x,
                                      int64_t isa) {
+  check_args(x, codes, sign, log_min, log_max, c10::nullopt);
   const IsaKernels& K = kernels(isa);
   const int64_t out = codes.size(0), in = codes.size(1), kpad = K.kpad(in);
   at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
@@ -263,13 +306,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &qins::best_isa, "the ISA path chosen by default");
   m.def("set_tuning", [](int64_t col_block, int64_t gemm_rows, int64_t gemm_cols, int64_t prefetch, int64_t pipeline,
                          int64_t own_gemm, int64_t row_chunk) {
-    TORCH_CHECK(row_chunk >= 1 && row_chunk <= qins::kMaxRowChunk, "qins: row_chunk must be in [1, ", qins::kMaxRowChunk, "]");
-    qins::g_tuning = {col_block, gemm_rows, gemm_cols, prefetch, pipeline, own_gemm, row_chunk};
-  }, "tuning knobs (the Tuning struct's fields, in order)");
+    const qins::Tuning t{col_block, gemm_rows, gemm_cols, prefetch, pipeline, own_gemm, row_chunk};
+    qins::check_tuning(t);  // all checked before any is set: a refused call changes nothing
+    std::lock_guard<std::mutex> lock(qins::g_tuning_mutex);
+    qins::g_tuning = t;
+  }, "tuning knobs (the Tuning struct's fields, in order; each range-checked)");
   m.def("get_tuning", []() {
-    return std::vector<int64_t>{qins::g_tuning.gemv_col_block, qins::g_tuning.gemm_rows, qins::g_tuning.gemm_cols,
-                                qins::g_tuning.prefetch, qins::g_tuning.pipeline, qins::g_tuning.own_gemm,
-                                qins::g_tuning.row_chunk};
+    const qins::Tuning t = qins::tuning_snapshot();
+    return std::vector<int64_t>{t.gemv_col_block, t.gemm_rows, t.gemm_cols, t.prefetch, t.pipeline, t.own_gemm, t.row_chunk};
   });
   m.def("scratch_bytes_max", []() { return qins::g_scratch_max.load(); }, "largest per-thread scratch");
 }
