@@ -106,44 +106,9 @@ configs = st.sampled_from(ALL_CONFIGS)
 # ----------------------------------------------------------------------------------------------
 
 
-def tiny_phi3_config(
-    *,
-    hidden_size: int = 64,
-    num_hidden_layers: int = 2,
-    vocab_size: int = 1000,
-    num_attention_heads: int = 4,
-    intermediate_size: int | None = None,
-    tie_word_embeddings: bool = False,
-    **overrides: Any,
-):
-    """A small `Phi3Config` (no download). intermediate_size defaults to 2*hidden_size."""
-    from transformers import Phi3Config
-
-    kwargs: dict[str, Any] = dict(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        vocab_size=vocab_size,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    kwargs.update(overrides)
-    return Phi3Config(**kwargs)
-
-
-def tiny_phi3(*, seed: int = 0, **config_kwargs: Any):
-    """A seeded, randomly initialised `Phi3ForCausalLM` in eval mode, built from `tiny_phi3_config`."""
-    from transformers import Phi3ForCausalLM
-
-    config = tiny_phi3_config(**config_kwargs)
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config)
-    return model.eval()
+# The factories live in the package (qins.testing.models) so that the README's examples, perf/
+# and tests/ share them; re-exported here for every existing import.
+from qins.testing.models import tiny_phi3, tiny_phi3_config  # noqa: E402,F401
 
 
 @contextlib.contextmanager
