@@ -592,3 +592,51 @@ def test_native_set_tuning_accepts_the_edges_of_each_range_and_linear_runs_with_
                 torch.testing.assert_close(_call_linear(mod, args), expected, rtol=1e-4, atol=1e-4)
     finally:
         mod.set_tuning(*before)
+
+
+# ------------------------------------------------------------------------------------------------
+# A killed build never blocks a later process
+# ------------------------------------------------------------------------------------------------
+
+_LOAD = "import qins.kernels as k; m = k.native_module(); assert m is not None; print('loaded', m.__name__)"
+
+
+@pytest.mark.slow
+def test_a_build_killed_while_compiling_ops_does_not_block_the_next_process(tmp_path) -> None:
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    marker = tmp_path / "compiling-ops"
+    wrapper = tmp_path / "slow-c++"
+    # Compiles the ISA units at once; when torch's ninja build reaches ops.cpp (torch's lock file
+    # held by then), it leaves a marker and sleeps, to be killed there.
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *ops.cpp*) touch "{marker}"; sleep 600;; esac\nexec "{cxx}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), QINS_KERNEL="native")
+    env.pop("MAX_JOBS", None)
+    first = subprocess.Popen([sys.executable, "-c", _LOAD], env=dict(env, CXX=str(wrapper)), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert first.poll() is None, "the first build ended before reaching ops.cpp"
+            assert time.monotonic() < deadline, "the first build never reached ops.cpp"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the process, ninja and the sleeping compiler
+        first.wait()
+    (build_dir,) = (tmp_path / "ext").iterdir()
+    assert (build_dir / "lock").exists()  # what used to block every later process forever
+    start = time.monotonic()
+    second = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "loaded" in second.stdout
+    assert time.monotonic() - start < 400
+    assert not (build_dir / "lock").exists()

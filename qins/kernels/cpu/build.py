@@ -8,9 +8,17 @@ to :func:`qins.formats.level_table`). The build directory name carries a hash of
 the flags, the torch version and the source directory, so an edit or a torch upgrade rebuilds, a
 repeat call loads the cached module, and checkouts in different directories never share (and
 rebuild) one build directory.
+
+A build never waits on a dead process: the whole build (the ISA units and torch's ``load``) runs
+under an ``fcntl.flock`` on ``qins.lock`` in the build directory, which the kernel releases when its
+holder exits however it exits (SIGKILL and OOM included). torch's own lock file (``lock``) has no
+such release: a build killed while holding it left it behind, and every later process waited on it
+forever. Under the flock no other process of this module is inside torch's ``load`` for this
+directory, so a ``lock`` file found then is a dead build's, and is removed before loading.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,6 +27,12 @@ import subprocess
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; torch's own lock only
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -72,6 +86,37 @@ def _compile_unit(cxx: str, src: str, flags: list[str], out_dir: Path) -> Path:
     return obj
 
 
+#: How long a process waits for another live process's build (seconds) before giving up with
+#: ``TimeoutError`` (the caller then falls back to the reference). An undisturbed build takes 30-60 s.
+LOCK_TIMEOUT_S = 1800.0
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the exclusive flock on ``out_dir / "qins.lock"``; remove a dead build's torch ``lock``."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(out_dir / "qins.lock", "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"qins: another process has been building in {out_dir} for over {timeout_s:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            stale = out_dir / "lock"
+            if stale.exists():
+                logger.warning("qins: removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def load_native() -> ModuleType:
     """Build (first call) or load (cached) the native module; raises on any failure."""
     from torch.utils.cpp_extension import load
@@ -80,15 +125,16 @@ def load_native() -> ModuleType:
     out_dir = build_directory()
     out_dir.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "c++")
-    objs = [_compile_unit(cxx, src, flags, out_dir) for src, flags in ISA_UNITS]
-    module = load(
-        name=out_dir.name,
-        sources=[str(SOURCE_DIR / "ops.cpp")],
-        extra_cflags=[*COMMON_FLAGS, *DEFINES],
-        extra_ldflags=[str(o) for o in objs],
-        extra_include_paths=[str(SOURCE_DIR)],
-        build_directory=str(out_dir),
-        verbose=False,
-    )
+    with _build_lock(out_dir):
+        objs = [_compile_unit(cxx, src, flags, out_dir) for src, flags in ISA_UNITS]
+        module = load(
+            name=out_dir.name,
+            sources=[str(SOURCE_DIR / "ops.cpp")],
+            extra_cflags=[*COMMON_FLAGS, *DEFINES],
+            extra_ldflags=[str(o) for o in objs],
+            extra_include_paths=[str(SOURCE_DIR)],
+            build_directory=str(out_dir),
+            verbose=False,
+        )
     logger.info("qins: native CPU kernels ready in %.1f s (%s)", time.perf_counter() - start, out_dir)
     return module
