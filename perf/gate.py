@@ -668,7 +668,9 @@ def ab_table(outcomes: Iterable[ABOutcome]) -> list[list[str]]:
 
 #: ``benchmark.extra_info[ACCURACY_KEY] = {"<figure>": {"value": float, "kind": "sqnr_db" | "cosine", ...}}``
 ACCURACY_KEY = "accuracy"
-ACCURACY_KINDS = ("sqnr_db", "cosine")
+ACCURACY_KINDS = ("sqnr_db", "cosine", "ppl_increase_pct")
+#: accuracy kinds where a larger value is worse (the others: a smaller value is worse)
+ACCURACY_HIGHER_IS_WORSE = frozenset({"ppl_increase_pct"})
 
 
 @dataclass
@@ -689,16 +691,19 @@ class AccuracyOutcome:
 
     @property
     def drop(self) -> Optional[float]:
-        return None if self.baseline is None else self.baseline - self.value
+        """How much worse than the baseline (positive = worse), in the figure's unit."""
+        if self.baseline is None:
+            return None
+        return self.value - self.baseline if self.kind in ACCURACY_HIGHER_IS_WORSE else self.baseline - self.value
 
     def message(self) -> str:
-        unit = " dB" if self.kind == "sqnr_db" else ""
+        unit = {"sqnr_db": " dB", "ppl_increase_pct": " points"}.get(self.kind, "")
         if self.status in ("new", "not-compared", "invalid"):
             return f"{self.test}: accuracy {self.figure} ({self.kind}) = {self.value!r}{unit}: {self.status} ({self.note})"
         head = "REGRESSED" if self.status == "regressed" else "ok"
         return (
             f"{self.test}: accuracy {self.figure} ({self.kind}) {head}: {self.value:.6g}{unit} vs baseline "
-            f"{self.baseline:.6g}{unit} (drop {self.drop:.3g}{unit}; allowed {self.tolerance:.3g}{unit}) "
+            f"{self.baseline:.6g}{unit} (worse by {self.drop:.3g}{unit}; allowed {self.tolerance:.3g}{unit}) "
             f"[baseline: {self.baseline_source}]"
         )
 
@@ -710,11 +715,13 @@ def accuracy_decide(
     baseline_source: Optional[str],
     sqnr_tol_db: float = 0.5,
     cosine_tol: float = 1e-4,
+    ppl_tol_pct: float = 0.05,
 ) -> list[AccuracyOutcome]:
     """Gate the accuracy figures of one benchmark against the baseline's same figures.
 
-    Fails when an ``sqnr_db`` figure is more than ``sqnr_tol_db`` dB below the baseline's, or a
-    ``cosine`` figure more than ``cosine_tol`` (absolute) below it. Accuracy is deterministic, so
+    Fails when an ``sqnr_db`` figure is more than ``sqnr_tol_db`` dB below the baseline's, a
+    ``cosine`` figure more than ``cosine_tol`` (absolute) below it, or a ``ppl_increase_pct`` figure
+    (perplexity increase over fp32, percent) more than ``ppl_tol_pct`` points above it. Accuracy is deterministic, so
     there is no re-measuring and no CPU-model restriction. A figure the baseline lacks (or whose
     kind differs there) is new and not gated; a malformed current figure fails.
     """
@@ -740,9 +747,10 @@ def accuracy_decide(
             o.status, o.note = "new", f"the baseline has no {kind} figure {name!r}; refresh it with: {SAVE_COMMAND}"
             continue
         o.baseline = float(bval)
-        o.tolerance = sqnr_tol_db if kind == "sqnr_db" else cosine_tol
+        o.tolerance = {"sqnr_db": sqnr_tol_db, "cosine": cosine_tol, "ppl_increase_pct": ppl_tol_pct}[kind]
+        worse_by = float(value) - o.baseline if kind in ACCURACY_HIGHER_IS_WORSE else o.baseline - float(value)
         # a figure that was infinite (exact) in the baseline must stay infinite
-        o.status = "regressed" if (o.baseline - float(value) > o.tolerance or (math.isinf(o.baseline) and not math.isinf(value))) else "pass"
+        o.status = "regressed" if (worse_by > o.tolerance or (math.isinf(o.baseline) and not math.isinf(value))) else "pass"
     return out
 
 

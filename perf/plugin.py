@@ -43,6 +43,7 @@ DEFAULTS = {
     "backstop": "min:900%",
     "sqnr_tol_db": 0.5,
     "cosine_tol": 1e-4,
+    "ppl_tol_pct": 0.05,
 }
 
 
@@ -83,6 +84,8 @@ class PerfState:
         self.targets = "report"  # --perf-targets
         #: every absolute speed target judged: (test, kernel path, "met" or "missed", what was measured)
         self.target_results: list[tuple[str, str, str, str]] = []
+        #: every absolute accuracy target judged (CPU-independent): (test, "met" or "missed", what)
+        self.accuracy_target_results: list[tuple[str, str, str]] = []
 
 
 def _state(config) -> PerfState:
@@ -114,6 +117,7 @@ def pytest_addoption(parser):
         help="Allowed rise of a decode/encode-dominated ratio (decode, encode, memory-saving forward at batch 1 "
         "and memory-saving generation vs FP32). Default: %(default)s",
     )
+    g.addoption("--perf-ppl-windows", type=int, default=98, help="perf/test_perplexity.py: windows of 512 scored tokens of the news text (98: 50,176 tokens). Default: %(default)s")
     g.addoption("--perf-e2e-tol", type=float, default=DEFAULTS["e2e_tol"], help="Allowed rise of an end-to-end ratio vs FP32. Default: %(default)s")
     g.addoption(
         "--perf-cache-gain-tol",
@@ -170,6 +174,7 @@ def pytest_addoption(parser):
         help="Do not add the per-CPU sub-directory to --benchmark-storage (baselines of every CPU then share one folder).",
     )
     g.addoption("--perf-sqnr-tol-db", type=float, default=DEFAULTS["sqnr_tol_db"], help="Accuracy gate: allowed drop of an sqnr_db figure (dB). Default: %(default)s")
+    g.addoption("--perf-ppl-tol-pct", type=float, default=DEFAULTS["ppl_tol_pct"], help="Accuracy gate: allowed rise of a ppl_increase_pct figure (perplexity increase over fp32, percentage points). Default: %(default)s")
     g.addoption("--perf-cosine-tol", type=float, default=DEFAULTS["cosine_tol"], help="Accuracy gate: allowed drop of a cosine figure (absolute). Default: %(default)s")
     g.addoption("--perf-plot", metavar="PNG", default=None, help="Write a chart of this run vs the baseline to PNG.")
     g.addoption("--perf-table", metavar="MD", default=None, help="Write the figures of this run as a markdown table.")
@@ -500,6 +505,7 @@ def pytest_runtest_call(item):
         base.label if base is not None else None,
         sqnr_tol_db=item.config.getoption("perf_sqnr_tol_db"),
         cosine_tol=item.config.getoption("perf_cosine_tol"),
+        ppl_tol_pct=item.config.getoption("perf_ppl_tol_pct"),
     )
     state.accuracy_outcomes.extend(outcomes)
     bad = [o for o in outcomes if o.failed]
@@ -658,6 +664,16 @@ class GateHandle:
                                                                        "kernel": kernel, "missed": missed})
         if missed is not None and G.speed_targets_asserted(self.state.targets):
             pytest.fail(missed, pytrace=False)
+
+    def accuracy_target(self, benchmark, what: str, met: bool) -> None:
+        """An absolute accuracy target of ``benchmark`` (e.g. a perplexity increase against int8's),
+        stated met or missed in the summary and ``extra_info``; a miss fails the test only under
+        ``--perf-targets=on``. Regressions against the baseline are gated separately (accuracy gate)."""
+        status = "met" if met else "missed"
+        self.state.accuracy_target_results.append((benchmark.fullname, status, what))
+        benchmark.extra_info.setdefault("accuracy_targets", []).append({"target": what, "status": status})
+        if not met and G.speed_targets_asserted(self.state.targets):
+            pytest.fail(f"accuracy target missed: {what}", pytrace=False)
 
     def check(
         self,
@@ -841,7 +857,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def _report(tr, state: PerfState) -> None:
-    if not state.records and not state.outcomes and not state.ab_error and not state.target_results:
+    if not state.records and not state.outcomes and not state.ab_error and not state.target_results \
+            and not state.accuracy_target_results:
         return
     tr.section("QINS perf gate", sep="-", bold=True)
     if state.factor != 1.0:
@@ -902,7 +919,15 @@ def _report(tr, state: PerfState) -> None:
 
 
 def _report_targets(tr, state: PerfState) -> None:
-    """State every absolute speed target judged in this run, met or missed, with its kernel path."""
+    """State every absolute target judged in this run, met or missed: speed (with its kernel path)
+    and accuracy."""
+    if state.accuracy_target_results:
+        missed = sum(r[1] == "missed" for r in state.accuracy_target_results)
+        tr.write_line(f"accuracy targets: {len(state.accuracy_target_results) - missed} met, {missed} missed "
+                      f"({'asserted' if G.speed_targets_asserted(state.targets) else 'reported, not asserted'}):",
+                      yellow=bool(missed), green=not missed)
+        for test, status, what in state.accuracy_target_results:
+            tr.write_line(f"  {status.upper():6} {test}: {what}", yellow=status == "missed")
     if not state.target_results:
         return
     missed = [r for r in state.target_results if r[2] == "missed"]

@@ -27,15 +27,15 @@ import torch
 
 from .codec import _validate
 from .encode import Encoded, _mag_codes, encode
-from .formats import QinsConfig, level_table, num_levels
+from .formats import LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
 
 __all__ = ["encode_calibrated", "weighted_error", "output_error"]
 
 #: top clips (``log_max = ln(c·max|w|)``) and spans (nats, ``log_max - log_min``) of the first grid
-_CLIPS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85)
-_SPANS = {True: tuple(1.5 + 0.5 * i for i in range(18)), False: tuple(3.0 + 0.75 * i for i in range(18))}
+_CLIPS = (1.0, 0.95, 0.9, 0.85)
+_SPANS = {True: tuple(2.0 + 0.6 * i for i in range(12)), False: tuple(3.5 + 0.9 * i for i in range(12))}
 #: per-row refinement around the best: relative steps of the clip and of the span
-_REFINE = ((0.015, 0.125), (0.005, 0.04))
+_REFINE = ((0.02, 0.1), (0.007, 0.035))
 _BLOCK = 128  # columns per error-feedback block
 _DAMP = 0.01  # damping of H, as a fraction of its mean diagonal
 
@@ -60,35 +60,56 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, moment: torch.Tensor) -> 
     return float(torch.einsum("ij,jk,ik->", e, moment.double(), e))
 
 
+def _approx_error(mag: torch.Tensor, logw: torch.Tensor, h: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
+    """``Σ_j h_j·(|w_j| - ŵ_j)²`` per row (float32, ``[R]``) for ranges ``[R, 1]``, with the levels
+    computed by ``torch.exp`` rather than the bit-exact table: a ranking score for the search, which
+    ends with an exact comparison."""
+    steps = num_levels(packed) - 1
+    delta = ((hi - lo) / steps).clamp_min(torch.finfo(torch.float32).tiny)
+    j = torch.round((hi - logw) / delta).clamp_(min=0)
+    bottom = torch.exp(lo)
+    flush = torch.where(mag >= 0.5 * bottom, bottom, torch.zeros_like(bottom))
+    dec = torch.where(j <= steps, torch.exp(hi - j * delta), flush)
+    return (mag - dec).square_() @ h
+
+
 def _search_ranges(w: torch.Tensor, h: torch.Tensor, lo0: torch.Tensor, hi0: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ranges ``[R, 1]`` (float32) with the least weighted error; ``(lo0, hi0)`` on ties."""
+    """The ranges ``[R, 1]`` (float32) with the least weighted error; ``(lo0, hi0)`` on ties.
+
+    Candidates are scored by :func:`_approx_error`; the best is then compared exactly (decoded
+    through the table) with the data-free range ``(lo0, hi0)`` and kept only where it is better."""
+    mag = w.abs()
+    logw = torch.log(mag)
+    h32 = h.to(torch.float32)
+    log_top = logw.amax(1, keepdim=True).clamp(min=-87.0)
     best_lo, best_hi = lo0, hi0
-    best = weighted_error(w, _round(w, lo0, hi0, packed)[1], h)
-    top = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    log_top = torch.log(top)
+    best = _approx_error(mag, logw, h32, lo0, hi0, packed)
 
     def consider(lo: torch.Tensor, hi: torch.Tensor) -> None:
         nonlocal best, best_lo, best_hi
         hi = hi.clamp(max=hi0)
-        lo = torch.minimum(lo, hi)
-        err = weighted_error(w, _round(w, lo, hi, packed)[1], h)
-        better = (err < best).unsqueeze(1)
-        best = torch.where(better.squeeze(1), err, best)
-        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        lo = torch.minimum(lo.clamp(min=LOG_FLOAT32_MIN), hi)  # every level a normal float32
+        err = _approx_error(mag, logw, h32, lo, hi, packed)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_lo, best_hi = torch.where(better.unsqueeze(1), lo, best_lo), torch.where(better.unsqueeze(1), hi, best_hi)
 
     for clip in _CLIPS:
-        hi = (log_top + torch.log(torch.tensor(clip))).to(torch.float32)
+        hi = log_top + float(torch.log(torch.tensor(clip)))
         for span in _SPANS[packed]:
             consider(hi - span, hi)
     for dc, ds in _REFINE:
         clip = torch.exp(best_hi - log_top)
         span = best_hi - best_lo
         for a in (-1, 0, 1):
-            hi = (log_top + torch.log((clip * (1 + a * dc)).clamp(max=1.0))).to(torch.float32)
+            hi = log_top + torch.log((clip * (1 + a * dc)).clamp(max=1.0))
             for b in (-1, 0, 1):
                 if a or b:
                     consider(hi - span * (1 + b * ds), hi)
-    return best_lo, best_hi
+    exact_new = weighted_error(w, _round(w, best_lo, best_hi, packed)[1], h)
+    exact_old = weighted_error(w, _round(w, lo0, hi0, packed)[1], h)
+    keep = (exact_new < exact_old).unsqueeze(1)
+    return torch.where(keep, best_lo, lo0), torch.where(keep, best_hi, hi0)
 
 
 def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:

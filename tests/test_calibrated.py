@@ -147,3 +147,18 @@ def test_converting_with_a_calibration_uses_it_and_refuses_one_that_misses_a_lay
     report = qins.convert_model_to_projective(model, calibration=cal, skip=())
     assert report.converted == ["0", "2"]
     assert torch.equal(model[0].stored, reference.stored)
+
+
+def test_calibrated_ranges_of_tiny_rows_stay_inside_the_loadable_log_bounds(tmp_path):
+    from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN
+
+    w = torch.tensor([[1e-30, -3e-31, 2e-33, 0.0], [1e30, -1.0, 1e-20, 5.0]])
+    linear = nn.Linear(4, 2, bias=False)
+    linear.weight.data.copy_(w)
+    layer = qins.ProjectiveLinear.from_linear(linear, input_moment=torch.eye(4, dtype=torch.float64))
+    assert torch.all(layer.log_min >= LOG_FLOAT32_MIN) and torch.all(layer.log_max <= LOG_FLOAT32_MAX)
+    assert torch.isfinite(layer.decode_weight()).all()
+    qins.save(nn.Sequential(layer), tmp_path / "tiny.safetensors")
+    fresh = nn.Sequential(qins.ProjectiveLinear(4, 2, bias=False))
+    qins.load(fresh, tmp_path / "tiny.safetensors")  # validation refuses any level that is not a finite normal float32
+    assert torch.equal(fresh[0].stored, layer.stored)

@@ -514,6 +514,19 @@ def test_accuracy_cosine_drop():
     assert o.status == "pass"
 
 
+def test_a_perplexity_increase_regresses_when_it_rises_past_its_tolerance_not_when_it_falls():
+    base = {G.ACCURACY_KEY: acc(ppl=(0.30, "ppl_increase_pct"))}
+    (o,) = G.accuracy_decide("t", acc(ppl=(0.34, "ppl_increase_pct")), base, "b.json")
+    assert o.status == "pass"
+    (o,) = G.accuracy_decide("t", acc(ppl=(-0.50, "ppl_increase_pct")), base, "b.json")
+    assert o.status == "pass" and o.drop == pytest.approx(-0.80)  # lower is better
+    (o,) = G.accuracy_decide("t", acc(ppl=(0.36, "ppl_increase_pct")), base, "b.json")
+    assert o.status == "regressed" and o.failed and o.drop == pytest.approx(0.06)
+    assert "REGRESSED" in o.message() and "points" in o.message()
+    (o,) = G.accuracy_decide("t", acc(ppl=(0.36, "ppl_increase_pct")), base, "b.json", ppl_tol_pct=0.1)
+    assert o.status == "pass"
+
+
 def test_accuracy_new_invalid_and_uncompared():
     base = {G.ACCURACY_KEY: acc(layer=(40.0, "sqnr_db"))}
     outs = G.accuracy_decide("t", acc(other=(10.0, "sqnr_db"), layer=(0.5, "cosine")), base, "b.json")
