@@ -157,6 +157,30 @@ def register_on_import() -> None:
     sys.meta_path.insert(0, _RegisterWhenLoaded())
 
 
+def _check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any, cache_weight: Any,
+                         format_version: Any, extra: dict) -> None:
+    """Refuse a ``quantization_config`` that is not exactly what :func:`quantization_config_dict`
+    writes, before any weight loads: each error names the field and the fix (a JSON ``"false"`` is a
+    string, and ``bool("false")`` would be True)."""
+    for name, value in (("packed", packed), ("per_row", per_row), ("cache_weight", cache_weight)):
+        if not isinstance(value, bool):
+            raise ValueError(f"quantization_config field {name!r} must be a JSON boolean (true or false), "
+                             f"got {value!r} ({type(value).__name__}); fix config.json")
+    if log_range not in ("minmax", "mse"):
+        raise ValueError(f"quantization_config field 'log_range' must be \"minmax\" or \"mse\", got {log_range!r}; fix config.json")
+    if isinstance(skip, str) or not isinstance(skip, (list, tuple)) or not all(isinstance(p, str) for p in skip):
+        raise ValueError(f"quantization_config field 'skip' must be a list of layer names or globs, got {skip!r}; fix config.json")
+    if isinstance(format_version, bool) or format_version != 2 or not isinstance(format_version, int):
+        raise ValueError(f"quantization_config: QINS format_version {format_version!r} is not supported (this qins "
+                         "reads 2); upgrade qins or re-convert the checkpoint")
+    method = extra.pop("quant_method", QUANT_METHOD)
+    if getattr(method, "value", method) != QUANT_METHOD:
+        raise ValueError(f"quantization_config field 'quant_method' must be {QUANT_METHOD!r}, got {method!r}")
+    if extra:
+        raise ValueError(f"quantization_config has unknown fields {sorted(extra)} (QINS knows packed, log_range, "
+                         "per_row, skip, cache_weight, format_version); remove them from config.json")
+
+
 def _qins_layers(model: torch.nn.Module):
     from .layer import ProjectiveLinear
 
@@ -200,12 +224,12 @@ def _build_classes(major: int) -> tuple[type, type]:
         def __init__(self, packed: bool = True, log_range: str = "mse", per_row: bool = True,
                      skip: Iterable[str] = ("lm_head",), cache_weight: bool = True, format_version: int = 2,
                      **kwargs: Any) -> None:
+            _check_config_fields(packed=packed, log_range=log_range, per_row=per_row, skip=skip,
+                                 cache_weight=cache_weight, format_version=format_version, extra=kwargs)
             self.quant_method = QinsMethod.QINS
-            self.qins_config = QinsConfig(bool(packed), log_range, bool(per_row))  # validates
-            self.packed, self.log_range, self.per_row = bool(packed), log_range, bool(per_row)
-            self.skip, self.cache_weight = list(skip), bool(cache_weight)
-            if int(format_version) != 2:
-                raise ValueError(f"quantization_config: QINS format_version {format_version} is not supported (2)")
+            self.qins_config = QinsConfig(packed, log_range, per_row)
+            self.packed, self.log_range, self.per_row = packed, log_range, per_row
+            self.skip, self.cache_weight = list(skip), cache_weight
             self.format_version = 2
 
         def to_dict(self) -> dict[str, Any]:

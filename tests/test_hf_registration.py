@@ -7,7 +7,8 @@ import logging
 import pytest
 
 import qins.hf
-from qins.hf import QUANT_METHOD, register_with_transformers
+from qins import QinsConfig
+from qins.hf import QUANT_METHOD, quantization_config_dict, register_with_transformers
 
 
 @pytest.fixture
@@ -88,9 +89,28 @@ def test_the_config_class_defaults_are_the_library_defaults() -> None:
 
 def test_a_format_version_other_than_2_is_refused_by_name() -> None:
     config_cls, _ = register_with_transformers()
-    with pytest.raises(ValueError, match=r"^quantization_config: QINS format_version 3 is not supported \(2\)$"):
-        config_cls(format_version=3)
-    assert config_cls(format_version="2").format_version == 2
+    for bad in (3, "2", 2.0, True):
+        with pytest.raises(ValueError, match=r"^quantization_config: QINS format_version .* is not supported \(this qins reads 2\)"):
+            config_cls(format_version=bad)
+    assert config_cls(format_version=2).format_version == 2
+
+
+@pytest.mark.parametrize("field, value", [("packed", "false"), ("packed", 0), ("per_row", "true"), ("cache_weight", None),
+                                          ("log_range", "max"), ("skip", "lm_head"), ("skip", ["lm_head", 3])])
+def test_a_config_field_of_the_wrong_type_or_value_is_refused_naming_the_field(field: str, value) -> None:
+    config_cls, _ = register_with_transformers()
+    with pytest.raises(ValueError, match=rf"quantization_config field '{field}' must be .*fix config.json"):
+        config_cls(**{field: value})
+
+
+def test_unknown_config_fields_and_another_quant_method_are_refused() -> None:
+    config_cls, _ = register_with_transformers()
+    with pytest.raises(ValueError, match=r"unknown fields \['bits', 'group_size'\].*remove them"):
+        config_cls(bits=8, group_size=128)
+    with pytest.raises(ValueError, match="'quant_method' must be 'qins'"):
+        config_cls(quant_method="gptq")
+    saved = quantization_config_dict(QinsConfig(packed=False), ["lm_head"], False)
+    assert config_cls(**saved).to_dict() == saved  # what a conversion writes reads back
 
 
 @pytest.mark.parametrize("pre_quantized", [True, False])
