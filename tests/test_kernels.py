@@ -152,6 +152,24 @@ def test_wide_and_tall_layers(packed, batch):
             check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("batch", [9, 33])
+def test_large_batch_gemm_sums_every_column_block_of_a_long_row(packed, batch):
+    """A Llama down-projection at prefill: in_features 11008 is several of the GEMM's column blocks
+    (scratch of gemm_rows x gemm_cols floats, 128 x 3072 by default) for 300 rows, so each output
+    sums partial products of every block; every ISA path against the reference."""
+    native()
+    gen = torch.Generator().manual_seed(batch + packed)
+    out, inn = 300, 11008
+    codes, sign = qins_codes(gen, out, inn, packed, 0.05)
+    lo = torch.rand(out, generator=gen) * -8 - 4
+    case = LinearCase(torch.randn(batch, inn, generator=gen), codes, sign, lo, lo + 6, torch.randn(out, generator=gen))
+    y_ref = reference.linear(*case.args())
+    for isa in native_isas():
+        with env(QINS_CPU_ISA=isa):
+            check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
+
+
 TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk")
 
 
