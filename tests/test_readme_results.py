@@ -93,3 +93,26 @@ def test_regenerating_after_a_newer_baseline_makes_both_current(tmp_path: Path) 
     assert results.main(["--root", str(root)]) == 0
     assert results.main(["--check", "--root", str(root)]) == 0
     assert (root / results.CHART).stat().st_size > 10_000
+
+
+def _ppl_bench(fmt: str, increase: float) -> dict:
+    return {"name": f"test_perplexity_smollm2[{fmt}]", "extra_info": {
+        "bytes_per_weight": 1, "tokens": 50176, "ppl": 30.0 * (1 + increase / 100), "ppl_increase_pct_value": increase,
+        "minus_int8_points": {"value": increase - 0.1, "low": increase - 0.3, "high": increase + 0.1},
+        "convert_cpu_s": 12.5, "accuracy_targets": [{"status": "met", "target": f"{fmt} target"}]}}
+
+
+def test_the_accuracy_block_follows_the_newest_baseline_with_perplexity_figures(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    root = _copy_tree(tmp_path)
+    new = _add_newer_baseline(root, 1.0)
+    data = json.loads((root / new).read_text())
+    data["datetime"] = "2999-01-01T00:00:00"
+    data["benchmarks"] = [b for b in data["benchmarks"] if not b["name"].startswith("test_perplexity_smollm2[")]
+    data["benchmarks"] += [_ppl_bench("fp32", 0.0), _ppl_bench("qins-packed-calibrated", 0.123)]
+    (root / new).write_text(json.dumps(data))
+    assert any("accuracy block" in p for p in results.check_readme(root))
+    assert results.main(["--root", str(root)]) == 0 and results.check(root) == []
+    block = results.readme_block((root / results.README).read_text(), results.ACC_BEGIN, results.ACC_END)
+    assert "| qins-packed-calibrated | 1 | +0.123% | +0.023 [-0.177, +0.223] | 12.5 |" in block
+    assert new.split("/", 1)[1] in block and "- met: qins-packed-calibrated target" in block
