@@ -152,3 +152,49 @@ def test_load_native_builds_the_isa_units_then_links_them_into_ops(tmp_path, mon
     units.clear()
     build.load_native()
     assert {u[0] for u in units} == {"c++"}
+
+
+def test_digest_depends_on_the_python_the_torch_install_and_the_compiler(monkeypatch):
+    import sys
+
+    import torch
+
+    d0 = build._digest()
+    for patch in (lambda m: m.setattr(sys, "version", sys.version + " other"),
+                  lambda m: m.setattr(torch, "__file__", "/elsewhere/torch/__init__.py"),
+                  lambda m: m.setenv("CXX", "clang++")):
+        with monkeypatch.context() as m:
+            patch(m)
+            assert build._digest() != d0
+    assert build._digest() == d0
+
+
+def test_a_compiler_launcher_in_cxx_is_split_into_its_words(sources, tmp_path):
+    (sources / "unit.cpp").write_text("int qins_unit_answer() { return 42; }\n")
+    cxx = os.environ.get("CXX", "c++")
+    obj = build._compile_unit(f"env {cxx}", "unit.cpp", [], tmp_path)  # as "ccache c++" would be
+    assert obj.stat().st_size > 0
+
+
+def test_concurrent_first_use_in_two_threads_builds_once(monkeypatch):
+    import threading
+    import time
+
+    import qins.kernels as qk
+
+    calls = []
+
+    def slow_build():
+        calls.append(threading.get_ident())
+        time.sleep(0.3)
+        return "module"
+
+    monkeypatch.setattr(qk, "_native", qk._UNSET)
+    monkeypatch.setattr(qk._build, "load_native", slow_build)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(qk.native_module())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == ["module", "module"] and len(calls) == 1

@@ -640,3 +640,21 @@ def test_a_build_killed_while_compiling_ops_does_not_block_the_next_process(tmp_
     assert "loaded" in second.stdout
     assert time.monotonic() - start < 400
     assert not (build_dir / "lock").exists()
+
+
+def test_one_meta_input_among_cpu_inputs_is_refused_not_answered_with_uninitialised_memory():
+    import qins.kernels  # noqa: F401 - registers qins::linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, generator=gen)
+    codes = torch.randint(0, 256, (4, 8), dtype=torch.uint8, generator=gen)
+    lo, hi = torch.full((4,), -3.0), torch.zeros(4)
+    y = torch.ops.qins.linear(x, codes, None, lo, hi, None)  # all on CPU: fine
+    assert y.shape == (2, 4) and torch.isfinite(y).all()
+    for i, meta in enumerate([x, codes, lo, hi]):
+        args = [x, codes, None, lo, hi, None]
+        args[[0, 1, 3, 4][i]] = meta.to("meta")
+        with pytest.raises(RuntimeError, match="every tensor must be on one device"):
+            torch.ops.qins.linear(*args)
+    all_meta = torch.ops.qins.linear(x.to("meta"), codes.to("meta"), None, lo.to("meta"), hi.to("meta"), None)
+    assert all_meta.device.type == "meta" and all_meta.shape == (2, 4)

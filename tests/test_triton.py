@@ -86,6 +86,9 @@ def test_empty_and_bad_inputs():
         tk.linear(torch.randn(2, 6), codes, None, lo, hi, None)
     with pytest.raises(RuntimeError):
         tk.linear(torch.randn(2, 5), codes, None, torch.zeros(3), torch.zeros(3), None)
+    for bad in (torch.randn(3), torch.randn(4, 1)):  # the kernel would read 4 values
+        with pytest.raises(RuntimeError, match=r"bias must be \[4\]"):
+            tk.linear(torch.randn(2, 5), codes, None, lo, hi, bad)
 
 
 def test_cuda_defaults_to_triton_and_cpu_only_when_interpreted():

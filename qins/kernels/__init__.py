@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from types import ModuleType
 from typing import Optional
@@ -61,26 +62,40 @@ def _kernel_env() -> str:
     return kind
 
 
+_native_lock = threading.Lock()  # one first build per process, whichever thread gets there first
+
+
 def native_module() -> Optional[ModuleType]:
-    """The native CPU module, built on first use; ``None`` if the build failed (warned once)."""
+    """The native CPU module, built on first use; ``None`` if the build failed (warned once).
+
+    Thread-safe: concurrent first calls build once and all see the same result."""
     global _native
     if _native is _UNSET:
-        try:
-            _native = _build.load_native()
-        except Exception as exc:  # noqa: BLE001 - any build failure means: fall back
-            _native = None
-            if _kernel_env() == "native":
-                raise RuntimeError("QINS_KERNEL=native but the native CPU kernels failed to build") from exc
+        with _native_lock:
+            if _native is _UNSET:
+                _native, error = _load_native()
+                if error is not None and _kernel_env() == "native":
+                    raise RuntimeError("QINS_KERNEL=native but the native CPU kernels failed to build") from error
+    if _native is None and _kernel_env() == "native":
+        raise RuntimeError("QINS_KERNEL=native but the native CPU kernels are unavailable")
+    return _native  # type: ignore[return-value]
+
+
+def _load_native() -> tuple[Optional[ModuleType], Optional[Exception]]:
+    """``(module, None)``, or ``(None, the build's exception)`` with one warning (none under
+    ``QINS_KERNEL=native``, where the caller raises)."""
+    try:
+        return _build.load_native(), None
+    except Exception as exc:  # noqa: BLE001 - any build failure means: fall back
+        if _kernel_env() != "native":
             logger.debug("qins native build failed", exc_info=True)
             warnings.warn(
                 f"qins: the native CPU kernels failed to build ({type(exc).__name__}: {str(exc)[:300]}); "
                 "qins::linear falls back to the (slow) reference implementation",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
-    if _native is None and _kernel_env() == "native":
-        raise RuntimeError("QINS_KERNEL=native but the native CPU kernels are unavailable")
-    return _native  # type: ignore[return-value]
+        return None, exc
 
 
 def cpu_isa() -> int:
@@ -246,7 +261,12 @@ def range_codes(
 
 
 def _linear_fake(x, codes, sign, log_min, log_max, bias):
-    """The op's fake (meta) implementation: shape checks and an empty ``[..., out]`` in ``x.dtype``."""
+    """The op's fake (meta) implementation: shape checks and an empty ``[..., out]`` in ``x.dtype``.
+
+    It is also what the dispatcher picks when only some inputs are on the meta device: then it must
+    refuse (an empty tensor on ``x``'s real device would be uninitialised memory), not compute."""
+    devices = {t.device for t in (x, codes, sign, log_min, log_max, bias) if t is not None}
+    torch._check(len(devices) == 1, lambda: f"qins::linear: every tensor must be on one device, got {sorted(map(str, devices))}")
     torch._check(x.shape[-1] == codes.shape[1])
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 

@@ -267,6 +267,8 @@ def linear(
     per_row = log_min.dim() == 1
     torch._check(log_min.shape == log_max.shape, lambda: "log_min and log_max must have the same shape")
     torch._check(log_min.dim() == 0 or tuple(log_min.shape) == (out_f,), lambda: "logs must be 0-d or [out]")
+    # the kernel reads out_f bias values: a shorter bias would be read out of bounds
+    torch._check(bias is None or tuple(bias.shape) == (out_f,), lambda: f"bias must be [{out_f}], got {tuple(bias.shape)}")
     lead = x.shape[:-1]
     m = math.prod(lead)
     x2 = x.reshape(m, in_f)

@@ -5,7 +5,8 @@ the C++ compiler directly, each with its own ``-m`` flags, into object files; th
 (``ops.cpp``) is then built with ``torch.utils.cpp_extension.load`` and linked with them. Every
 unit gets ``-O3 -ffp-contract=off`` (no FMA contraction: the level tables must be bit-identical
 to :func:`qins.formats.level_table`). The build directory name carries a hash of the sources,
-the flags, the torch version and the source directory, so an edit or a torch upgrade rebuilds, a
+the flags, the torch version and install path, the Python version, the compiler (``CXX``) and the
+source directory, so an edit, a torch upgrade or another venv or compiler rebuilds, a
 repeat call loads the cached module, and checkouts in different directories never share (and
 rebuild) one build directory.
 
@@ -23,7 +24,9 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -56,6 +59,9 @@ def _digest() -> str:
     for name in sorted(p.name for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h")):
         h.update(name.encode() + (SOURCE_DIR / name).read_bytes())
     h.update(repr((COMMON_FLAGS, ISA_UNITS, DEFINES, torch.__version__)).encode())
+    # The interpreter, the torch install and the compiler too: venvs that share one checkout (the nox
+    # environments) must not share, and relink, one build directory; a changed CXX recompiles.
+    h.update(repr((sys.version, sys.implementation.cache_tag, torch.__file__, os.environ.get("CXX", "c++"))).encode())
     # The source directory too: cpp_extension writes absolute source paths into build.ninja, so two
     # checkouts of the same sources sharing one directory rebuild ops.o at every alternation, and a
     # process loading the module during the other's rebuild can fail (and fall back to the reference).
@@ -77,7 +83,7 @@ def _compile_unit(cxx: str, src: str, flags: list[str], out_dir: Path) -> Path:
     if obj.exists():
         return obj
     tmp = out_dir / f"{obj.name}.{os.getpid()}.tmp"
-    cmd = [cxx, *COMMON_FLAGS, *DEFINES, *flags, "-c", str(SOURCE_DIR / src), "-o", str(tmp)]
+    cmd = [*shlex.split(cxx), *COMMON_FLAGS, *DEFINES, *flags, "-c", str(SOURCE_DIR / src), "-o", str(tmp)]  # "ccache c++" too
     logger.debug("qins: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
