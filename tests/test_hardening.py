@@ -614,14 +614,18 @@ def test_a_build_killed_while_compiling_ops_does_not_block_the_next_process(tmp_
     if cxx is None:
         pytest.skip("no C++ compiler")
     marker = tmp_path / "compiling-ops"
+    stall = tmp_path / "stall"  # while it exists, the wrapper stalls on ops.cpp
     wrapper = tmp_path / "slow-c++"
     # Compiles the ISA units at once; when torch's ninja build reaches ops.cpp (torch's lock file
-    # held by then), it leaves a marker and sleeps, to be killed there.
-    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *ops.cpp*) touch "{marker}"; sleep 600;; esac\nexec "{cxx}" "$@"\n')
+    # held by then), it leaves a marker and sleeps, to be killed there. Both processes use the same
+    # CXX (it is part of the build directory's identity); only the first one stalls.
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *ops.cpp*) if [ -e "{stall}" ]; then touch "{marker}"; sleep 600; fi;; esac\n'
+                       f'exec "{cxx}" "$@"\n')
     wrapper.chmod(0o755)
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), QINS_KERNEL="native")
+    stall.touch()
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), QINS_KERNEL="native", CXX=str(wrapper))
     env.pop("MAX_JOBS", None)
-    first = subprocess.Popen([sys.executable, "-c", _LOAD], env=dict(env, CXX=str(wrapper)), start_new_session=True,
+    first = subprocess.Popen([sys.executable, "-c", _LOAD], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -634,12 +638,46 @@ def test_a_build_killed_while_compiling_ops_does_not_block_the_next_process(tmp_
         first.wait()
     (build_dir,) = (tmp_path / "ext").iterdir()
     assert (build_dir / "lock").exists()  # what used to block every later process forever
+    stall.unlink()
     start = time.monotonic()
     second = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "loaded" in second.stdout
     assert time.monotonic() - start < 400
     assert not (build_dir / "lock").exists()
+    assert [p.name for p in (tmp_path / "ext").iterdir()] == [build_dir.name]  # the same build directory
+
+
+@pytest.mark.slow
+def test_two_processes_using_the_kernels_first_at_once_build_once_and_both_load(tmp_path) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    log = tmp_path / "compiles"
+    wrapper = tmp_path / "counting-c++"
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *" -c "*) echo "$$" >> "{log}";; esac\nexec "{cxx}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), QINS_KERNEL="native", CXX=str(wrapper))
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "loaded" in out, err[-3000:]
+    # every translation unit compiled once: the ISA units and ops.cpp (ninja's compile of ops.cpp
+    # goes through CXX too), not once per process
+    compiles = log.read_text().split()
+    assert len(compiles) == len(build_units()) + 1, compiles
+
+
+def build_units():
+    from qins.kernels.cpu import build
+
+    return build.ISA_UNITS
 
 
 def test_one_meta_input_among_cpu_inputs_is_refused_not_answered_with_uninitialised_memory():
