@@ -619,8 +619,10 @@ def test_a_build_killed_while_compiling_ops_does_not_block_the_next_process(tmp_
     # Compiles the ISA units at once; when torch's ninja build reaches ops.cpp (torch's lock file
     # held by then), it leaves a marker and sleeps, to be killed there. Both processes use the same
     # CXX (it is part of the build directory's identity); only the first one stalls.
-    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *ops.cpp*) if [ -e "{stall}" ]; then touch "{marker}"; sleep 600; fi;; esac\n'
-                       f'exec "{cxx}" "$@"\n')
+    # ninja runs each command in a process group of its own, so the kill below does not reach the
+    # stalled compiler: it waits for the stall file to go, then exits without compiling anything.
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *ops.cpp*) if [ -e "{stall}" ]; then touch "{marker}"; '
+                       f'while [ -e "{stall}" ]; do sleep 0.2; done; exit 1; fi;; esac\nexec "{cxx}" "$@"\n')
     wrapper.chmod(0o755)
     stall.touch()
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), QINS_KERNEL="native", CXX=str(wrapper))
