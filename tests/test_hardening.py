@@ -601,32 +601,41 @@ def test_native_set_tuning_accepts_the_edges_of_each_range_and_linear_runs_with_
 _LOAD = "import qins.kernels as k; m = k.native_module(); assert m is not None; print('loaded', m.__name__)"
 
 
+def _build_env(tmp_path, name: str, case: str) -> dict:
+    """The environment of a first build in ``tmp_path / "ext"`` whose CXX is a shell wrapper: ``case``
+    (a ``case "$*" in ... esac`` body) runs first, then the real compiler."""
+    import os
+    import shutil
+
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    wrapper = tmp_path / name
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in {case} esac\nexec "{cxx}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), QINS_KERNEL="native", CXX=str(wrapper))
+    env.pop("MAX_JOBS", None)
+    return env
+
+
 @pytest.mark.slow
 def test_a_build_killed_while_compiling_ops_does_not_block_the_next_process(tmp_path) -> None:
     import os
-    import shutil
     import signal
     import subprocess
     import sys
     import time
 
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
-    if cxx is None:
-        pytest.skip("no C++ compiler")
     marker = tmp_path / "compiling-ops"
     stall = tmp_path / "stall"  # while it exists, the wrapper stalls on ops.cpp
-    wrapper = tmp_path / "slow-c++"
     # Compiles the ISA units at once; when torch's ninja build reaches ops.cpp (torch's lock file
     # held by then), it leaves a marker and sleeps, to be killed there. Both processes use the same
     # CXX (it is part of the build directory's identity); only the first one stalls.
     # ninja runs each command in a process group of its own, so the kill below does not reach the
     # stalled compiler: it waits for the stall file to go, then exits without compiling anything.
-    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *ops.cpp*) if [ -e "{stall}" ]; then touch "{marker}"; '
-                       f'while [ -e "{stall}" ]; do sleep 0.2; done; exit 1; fi;; esac\nexec "{cxx}" "$@"\n')
-    wrapper.chmod(0o755)
+    env = _build_env(tmp_path, "slow-c++", f'*ops.cpp*) if [ -e "{stall}" ]; then touch "{marker}"; '
+                     f'while [ -e "{stall}" ]; do sleep 0.2; done; exit 1; fi;;')
     stall.touch()
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), QINS_KERNEL="native", CXX=str(wrapper))
-    env.pop("MAX_JOBS", None)
     first = subprocess.Popen([sys.executable, "-c", _LOAD], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -652,19 +661,11 @@ def test_a_build_killed_while_compiling_ops_does_not_block_the_next_process(tmp_
 
 @pytest.mark.slow
 def test_two_processes_using_the_kernels_first_at_once_build_once_and_both_load(tmp_path) -> None:
-    import os
-    import shutil
     import subprocess
     import sys
 
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
-    if cxx is None:
-        pytest.skip("no C++ compiler")
     log = tmp_path / "compiles"
-    wrapper = tmp_path / "counting-c++"
-    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *" -c "*) echo "$$" >> "{log}";; esac\nexec "{cxx}" "$@"\n')
-    wrapper.chmod(0o755)
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), QINS_KERNEL="native", CXX=str(wrapper))
+    env = _build_env(tmp_path, "counting-c++", f'*" -c "*) echo "$$" >> "{log}";;')
     procs = [subprocess.Popen([sys.executable, "-c", _LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -673,13 +674,9 @@ def test_two_processes_using_the_kernels_first_at_once_build_once_and_both_load(
     # every translation unit compiled once: the ISA units and ops.cpp (ninja's compile of ops.cpp
     # goes through CXX too), not once per process
     compiles = log.read_text().split()
-    assert len(compiles) == len(build_units()) + 1, compiles
-
-
-def build_units():
     from qins.kernels.cpu import build
 
-    return build.ISA_UNITS
+    assert len(compiles) == len(build.ISA_UNITS) + 1, compiles
 
 
 def test_one_meta_input_among_cpu_inputs_is_refused_not_answered_with_uninitialised_memory():
