@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .codec import _validate
-from .encode import Encoded, _mag_codes, encode
+from .encode import Encoded, _level_step, _mag_codes, encode
 from .formats import LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
 
 __all__ = ["encode_calibrated", "weighted_error", "output_error"]
@@ -65,7 +65,7 @@ def _approx_error(mag: torch.Tensor, logw: torch.Tensor, h: torch.Tensor, lo: to
     computed by ``torch.exp`` rather than the bit-exact table: a ranking score for the search, which
     ends with an exact comparison."""
     steps = num_levels(packed) - 1
-    delta = ((hi - lo) / steps).clamp_min(torch.finfo(torch.float32).tiny)
+    delta = _level_step(lo, hi, steps + 1)
     j = torch.round((hi - logw) / delta).clamp_(min=0)
     bottom = torch.exp(lo)
     flush = torch.where(mag >= 0.5 * bottom, bottom, torch.zeros_like(bottom))
@@ -81,7 +81,7 @@ def _search_ranges(w: torch.Tensor, h: torch.Tensor, lo0: torch.Tensor, hi0: tor
     mag = w.abs()
     logw = torch.log(mag)
     h32 = h.to(torch.float32)
-    log_top = logw.amax(1, keepdim=True).clamp(min=-87.0)
+    log_top = logw.amax(1, keepdim=True).clamp(min=LOG_FLOAT32_MIN)  # an all-zero row: -inf
     best_lo, best_hi = lo0, hi0
     best = _approx_error(mag, logw, h32, lo0, hi0, packed)
 
