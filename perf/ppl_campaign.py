@@ -50,18 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         batches = [torch.cat([torch.full((b.shape[0], 1), bos, dtype=b.dtype), b[:, :-1]], 1) for b in batches]
     print(f"[ppl] {args.model} loaded, {len(wins)} windows ({len(wins) * CTX} tokens), {time.time() - t0:.0f} s",
           file=sys.stderr, flush=True)
-    nll, seconds, calibration, cal_s = {}, {}, None, 0.0
+    run = F.FormatRun(model, wins, batches, bos=bos)
     for fmt in formats:
-        t = time.process_time()
-        if fmt.endswith("-calibrated") and calibration is None:
-            calibration = F.calibration_for(model, batches)
-            cal_s = time.process_time() - t
-            t = time.process_time()
-        q = F.quantized_copy(model, fmt, calibration)
-        seconds[fmt] = time.process_time() - t + (cal_s if fmt.endswith("-calibrated") else 0.0)
-        nll[fmt] = P.token_nll(q, wins, bos=bos)
-        del q
-        print(f"[ppl] {fmt}: ppl {P.perplexity(nll[fmt]):.4f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        run.measure(fmt)
+        print(f"[ppl] {fmt}: ppl {P.perplexity(run.nll[fmt]):.4f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    nll, seconds = run.nll, run.convert_s
     ref, int8 = nll["fp32"], nll["int8-row"]
     rows = []
     for fmt in formats:

@@ -20,7 +20,6 @@ are stated met or missed in the summary (``perf_gate.accuracy_target``):
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -36,42 +35,25 @@ CALIBRATION_SEQUENCES = 32
 ORDER = ("fp32", "int8-row", "bf16", "qins-packed", "qins-packed-calibrated", "qins-split", "qins-split-calibrated")
 
 
-class _Run:
-    """The model, the text and every format's per-token NLLs, measured once per session."""
-
-    def __init__(self, windows: int):
-        try:
-            self.tok, self.model = load_smollm2()
-            news, wiki = news_text(), wiki_text()
-        except MissingRealAsset as exc:
-            if in_ci():
-                pytest.fail(f"CI is set and a real asset is missing: {exc}", pytrace=False)
-            pytest.skip(str(exc))
-        self.wins = P.windows(self.tok(news, return_tensors="pt", add_special_tokens=False).input_ids[0], CTX, windows)
-        self.cal_batches = F.token_batches(self.tok(wiki, return_tensors="pt", add_special_tokens=False).input_ids[0], CALIBRATION_SEQUENCES, CTX)
-        self.calibration = None
-        self.calibrate_s = 0.0
-        self.nll: dict[str, torch.Tensor] = {}
-        self.convert_s: dict[str, float] = {}
-
-    def measure(self, fmt: str) -> torch.Tensor:
-        if fmt not in self.nll:
-            if fmt.endswith("-calibrated") and self.calibration is None:
-                t = time.process_time()
-                self.calibration = F.calibration_for(self.model, self.cal_batches)
-                self.calibrate_s = time.process_time() - t
-            t = time.process_time()
-            q = F.quantized_copy(self.model, fmt, self.calibration)
-            self.convert_s[fmt] = time.process_time() - t
-            self.nll[fmt] = P.token_nll(q, self.wins)
-        return self.nll[fmt]
+def _run(windows: int) -> F.FormatRun:
+    """SmolLM2, the news windows and the calibration batches (fails under CI when an asset is missing)."""
+    try:
+        tok, model = load_smollm2()
+        news, wiki = news_text(), wiki_text()
+    except MissingRealAsset as exc:
+        if in_ci():
+            pytest.fail(f"CI is set and a real asset is missing: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    wins = P.windows(tok(news, return_tensors="pt", add_special_tokens=False).input_ids[0], CTX, windows)
+    batches = F.token_batches(tok(wiki, return_tensors="pt", add_special_tokens=False).input_ids[0], CALIBRATION_SEQUENCES, CTX)
+    return F.FormatRun(model, wins, batches)
 
 
 @pytest.fixture(scope="module")
-def run(request) -> _Run:
+def run(request) -> F.FormatRun:
     threads = torch.get_num_threads()  # the perf suite runs at --perf-threads (1 by default); perplexity is not timed
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-    yield _Run(request.config.getoption("perf_ppl_windows"))
+    yield _run(request.config.getoption("perf_ppl_windows"))
     torch.set_num_threads(threads)
 
 
@@ -91,7 +73,7 @@ def test_perplexity_smollm2(benchmark, perf_gate, run, fmt):
         "fp32_ppl": P.perplexity(ref),
         "ppl_increase_pct_value": increase,
         "minus_int8_points": {"value": vs_int8.value, "low": vs_int8.low, "high": vs_int8.high},
-        "convert_cpu_s": run.convert_s[fmt] + (run.calibrate_s if fmt.endswith("-calibrated") else 0.0),
+        "convert_cpu_s": run.convert_s[fmt],
         "threads": torch.get_num_threads(),
     }
     if fmt != "fp32":

@@ -17,7 +17,8 @@ and ``qins-split`` are the data-free defaults (``QinsConfig()``, ``QinsConfig(pa
 from __future__ import annotations
 
 import copy
-from typing import Optional
+import time
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from ..calibration import Calibration, calibrate
 from ..convert import convert_model_to_projective
 from ..formats import QinsConfig
 
-__all__ = ["FORMATS", "BYTES_PER_WEIGHT", "SKIP", "int8_per_row", "quantized_copy", "calibration_for", "token_batches"]
+__all__ = ["FORMATS", "BYTES_PER_WEIGHT", "SKIP", "int8_per_row", "quantized_copy", "calibration_for", "token_batches",
+           "FormatRun"]
 
 SKIP = ("lm_head",)
 FORMATS = ("fp32", "bf16", "int8-row", "qins-packed", "qins-packed-calibrated", "qins-split", "qins-split-calibrated")
@@ -77,3 +79,34 @@ def quantized_copy(model: nn.Module, fmt: str, calibration: Optional[Calibration
     config = _QINS[fmt.removesuffix("-calibrated")]
     convert_model_to_projective(out, config, skip=SKIP, cache_weight=True, calibration=calibration if calibrated else None)
     return out
+
+
+class FormatRun:
+    """Per-token NLLs of ``model`` in each format on the windows ``wins``, each format measured once.
+
+    The calibration (on ``calibration_batches``) runs once, at the first calibrated format.
+    ``convert_s[fmt]``: CPU seconds of the conversion, the calibration included for the calibrated
+    formats. ``bos``: as :func:`qins.testing.perplexity.token_nll`."""
+
+    def __init__(self, model: nn.Module, wins: Sequence[torch.Tensor], calibration_batches: list[torch.Tensor],
+                 bos: Optional[int] = None):
+        self.model, self.wins, self.batches, self.bos = model, wins, calibration_batches, bos
+        self.calibration: Optional[Calibration] = None
+        self.calibrate_s = 0.0
+        self.nll: dict[str, torch.Tensor] = {}
+        self.convert_s: dict[str, float] = {}
+
+    def measure(self, fmt: str) -> torch.Tensor:
+        from .perplexity import token_nll
+
+        if fmt not in self.nll:
+            calibrated = fmt.endswith("-calibrated")
+            if calibrated and self.calibration is None:
+                t = time.process_time()
+                self.calibration = calibration_for(self.model, self.batches)
+                self.calibrate_s = time.process_time() - t
+            t = time.process_time()
+            q = quantized_copy(self.model, fmt, self.calibration)
+            self.convert_s[fmt] = time.process_time() - t + (self.calibrate_s if calibrated else 0.0)
+            self.nll[fmt] = token_nll(q, self.wins, bos=self.bos)
+        return self.nll[fmt]
