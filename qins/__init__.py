@@ -13,7 +13,9 @@ Public API:
 * transformers compatibility — :func:`patch_transformers` (alias :func:`patch_dynamic_cache`),
   :func:`unpatch_transformers`, :class:`UnsupportedTransformersError`
 * persistence — :func:`save`/:func:`load` (plain safetensors), :func:`register_with_transformers`
-  (``save_pretrained``/``from_pretrained``)
+  (``save_pretrained``/``from_pretrained``), ``QinsHfConfig`` (``from_pretrained(src,
+  quantization_config=qins.QinsHfConfig(...))`` quantizes a full-precision checkpoint while it loads)
+* command line — ``python -m qins quantize SRC DST`` / ``qins quantize`` (:mod:`qins.cli`)
 """
 from .codec import (
     SMALLEST_NORMAL,
@@ -38,8 +40,19 @@ __version__ = "0.1.0"
 # imported here: the registration runs when transformers' model loader is first imported)
 register_on_import()
 
+
+
+def __getattr__(name: str):
+    """``qins.QinsHfConfig``: the transformers ``quantization_config`` class of QINS (fields: the
+    :class:`QinsConfig` ones, ``skip``, ``cache_weight``), built on first use (imports transformers)."""
+    if name == "QinsHfConfig":
+        return register_with_transformers()[0]
+    raise AttributeError(f"module 'qins' has no attribute {name!r}")
+
+
 __all__ = [
     "SMALLEST_NORMAL",
+    "QinsHfConfig",
     "Calibration",
     "ConversionReport",
     "UnsupportedTransformersError",

@@ -14,7 +14,7 @@ from .calibration import Calibration
 from .formats import QinsConfig
 from .layer import ProjectiveLinear
 
-__all__ = ["ConversionReport", "MemoryReport", "convert_model_to_projective", "model_memory"]
+__all__ = ["ConversionReport", "MemoryReport", "convert_model_to_projective", "model_memory", "select_linears"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,30 @@ def _shared_weight_ids(model: nn.Module) -> set[int]:
     return {pid for pid, n in counts.items() if n > 1}
 
 
+def select_linears(model: nn.Module, skip: SkipPatterns = ("lm_head",)) -> tuple[list[tuple[str, nn.Linear]], dict[str, str]]:
+    """The ``nn.Linear`` s :func:`convert_model_to_projective` converts, in module order, and the
+    ones it leaves alone (name -> reason): a name equal to or matching (``fnmatch``) an entry of
+    ``skip``, a weight tied to another parameter, or the model itself. Changes nothing; works on a
+    meta-device model (the quantize-on-load path of :mod:`qins.hf_load` decides with it)."""
+    patterns = (skip,) if isinstance(skip, str) else tuple(skip)
+    shared = _shared_weight_ids(model)
+    todo: list[tuple[str, nn.Linear]] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        pattern = _matches(name, patterns)
+        if name == "":
+            skipped[name] = "the model itself is an nn.Linear; use ProjectiveLinear.from_linear"
+        elif pattern is not None:
+            skipped[name] = f"matches skip pattern {pattern!r}"
+        elif id(module.weight) in shared:
+            skipped[name] = "weight is tied to another parameter"
+        else:
+            todo.append((name, module))
+    return todo, skipped
+
+
 def _progress(items: list[tuple[str, nn.Linear]]) -> Iterator[tuple[str, nn.Linear]]:
     if len(items) >= _TQDM_MIN_LAYERS and sys.stderr.isatty():
         try:
@@ -192,21 +216,7 @@ def convert_model_to_projective(
             raise TypeError(f"config must be a QinsConfig, got {type(config).__name__}")
         patterns = (skip,) if isinstance(skip, str) else tuple(skip)
         before = model_memory(model)
-        shared = _shared_weight_ids(model)
-        todo: list[tuple[str, nn.Linear]] = []
-        skipped: dict[str, str] = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            pattern = _matches(name, patterns)
-            if name == "":
-                skipped[name] = "the model itself is an nn.Linear; use ProjectiveLinear.from_linear"
-            elif pattern is not None:
-                skipped[name] = f"matches skip pattern {pattern!r}"
-            elif id(module.weight) in shared:
-                skipped[name] = "weight is tied to another parameter"
-            else:
-                todo.append((name, module))
+        todo, skipped = select_linears(model, patterns)
 
         if calibration is not None:
             if not isinstance(calibration, Calibration):

@@ -12,6 +12,14 @@ no registration API). ``AutoModelForCausalLM.from_pretrained(dir)`` then rebuild
 on the meta model before the weights load, loads the codes and logs as they are in the file (the
 float32 logs are never cast), validates every layer, and decodes the caches.
 
+Quantize on load: ``from_pretrained(src, quantization_config=qins.QinsHfConfig(...))`` on a
+full-precision checkpoint encodes each Linear as its weight arrives (:mod:`qins.hf_load`), with the
+codes and logs of load-then-convert. Before any weight loads, the checkpoint's tensor names are
+checked against the ``skip`` list (:func:`qins.hf_load.check_against_checkpoint`). transformers
+refuses ``gguf_file=`` together with any ``quantization_config`` (every version in the matrix):
+load the GGUF, then :func:`qins.convert_model_to_projective` (the GGUF loader dequantizes every
+tensor in memory first anyway).
+
 With ``torch_dtype`` other than float32 on 4.x, the model loads in float32 and is cast after the
 load (transformers 4.x casts every floating checkpoint tensor, the logs included, to that dtype);
 on 5.x the loader keeps the meta model's float32 logs. Tested: transformers 4.44.2, 4.53.3,
@@ -28,6 +36,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from . import hf_load
 from .compat import UnsupportedTransformersError
 from .formats import QinsConfig
 
@@ -245,15 +254,14 @@ def _build_classes(major: int) -> tuple[type, type]:
             super().__init__(quantization_config, **kwargs)
             self._target_dtype: Optional[torch.dtype] = None
             self._seen: set[str] = set()
+            self._targets: set[str] = set()  # quantize on load: the Linears to encode as they arrive
+            self._load_errors: list[ValueError] = []
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
             version = _transformers_version()
             if major < 5 and importlib.util.find_spec("accelerate") is None:
                 raise ImportError(f"transformers {version} loads quantized (QINS) checkpoints through accelerate: "
                                   "pip install accelerate")
-            if not self.pre_quantized:
-                raise ValueError("quant_method 'qins' loads QINS checkpoints only; convert a loaded model with "
-                                 "qins.convert_model_to_projective instead of passing a QINS quantization_config")
 
         def update_torch_dtype(self, dtype: Any) -> Any:  # 4.44-4.53 name
             return self.update_dtype(dtype)
@@ -261,15 +269,28 @@ def _build_classes(major: int) -> tuple[type, type]:
         def update_dtype(self, dtype: Any) -> Any:
             if isinstance(dtype, str) and dtype != "auto" and isinstance(getattr(torch, dtype, None), torch.dtype):
                 dtype = getattr(torch, dtype)
-            if major < 5 and isinstance(dtype, torch.dtype) and dtype != torch.float32:
+            if major < 5 and self.pre_quantized and isinstance(dtype, torch.dtype) and dtype != torch.float32:
                 self._target_dtype = dtype  # 4.x would cast the float32 logs: load in float32, cast after
                 return torch.float32
             return dtype
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
             qc = self.quantization_config
-            report = convert_model_to_projective(model, qc.qins_config, skip=tuple(qc.skip), cache_weight=qc.cache_weight)
-            log.debug("qins: rebuilt %d QINS layers before loading", len(report.converted))
+            if self.pre_quantized:
+                report = convert_model_to_projective(model, qc.qins_config, skip=tuple(qc.skip), cache_weight=qc.cache_weight)
+                log.debug("qins: rebuilt %d QINS layers before loading", len(report.converted))
+            else:
+                self._targets = hf_load.conversion_targets(model, qc.skip)
+                log.debug("qins: %d layers to quantize while loading", len(self._targets))
+            keys = hf_load.checkpoint_keys(kwargs.get("checkpoint_files") or hf_load.local_checkpoint_files(model))
+            if keys is not None:
+                self.update_expected_keys(model, [], keys)
+
+        def update_expected_keys(self, model: Any, expected_keys: list, loaded_keys: Iterable[str]) -> list:
+            """4.53+ (and the files' headers on other versions): the checkpoint's names against ``skip``."""
+            hf_load.check_against_checkpoint(model, self.quantization_config.skip, set(loaded_keys),
+                                             pre_quantized=self.pre_quantized, targets=self._targets)
+            return expected_keys
 
         def _qins_buffer(self, model: Any, param_name: str) -> bool:
             module_name, _, tensor_name = param_name.rpartition(".")
@@ -281,12 +302,23 @@ def _build_classes(major: int) -> tuple[type, type]:
                 return False
 
         def check_quantized_param(self, model: Any, param_value: Any = None, param_name: str = "", *args: Any, **kwargs: Any) -> bool:
+            if not self.pre_quantized:
+                return hf_load.weight_target(model, self._targets, param_name)
             return self._qins_buffer(model, param_name)
 
         def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+            if not self.pre_quantized:
+                return hf_load.weight_target(model, self._targets, param_name)
             return major < 5 and self._qins_buffer(model, param_name)
 
+        def get_quantize_ops(self) -> Any:  # 5.x: the op that encodes a target weight as it arrives
+            return hf_load.quantize_op(self)
+
         def create_quantized_param(self, model: Any, param_value: torch.Tensor, param_name: str, target_device: Any = "cpu", *args: Any, **kwargs: Any) -> None:
+            if not self.pre_quantized:  # 4.x quantize on load: the weight, cast to the load dtype
+                qc = self.quantization_config
+                hf_load.install_encoded(model, param_name, param_value, qc.qins_config, qc.cache_weight, target_device)
+                return
             module_name, _, tensor_name = param_name.rpartition(".")
             module = model.get_submodule(module_name)
             if tensor_name.startswith("log_") and param_value.dtype != torch.float32:
@@ -296,6 +328,11 @@ def _build_classes(major: int) -> tuple[type, type]:
             self._seen.add(param_name)
 
         def update_missing_keys(self, model: Any, missing_keys: list, prefix: str = "") -> list:
+            if not self.pre_quantized:
+                weights = {k.removeprefix(prefix).lstrip(".") for k in missing_keys} | set(missing_keys)
+                hf_load.check_against_checkpoint(model, (), {f"{t}.weight" for t in self._targets} - weights,
+                                                 pre_quantized=False, targets=self._targets)
+                return missing_keys
             missing = [k for k in missing_keys if self._qins_buffer(model, k.removeprefix(prefix).lstrip("."))
                        or self._qins_buffer(model, k)]
             if missing:
@@ -304,6 +341,12 @@ def _build_classes(major: int) -> tuple[type, type]:
             return missing_keys
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            if self._load_errors:
+                raise self._load_errors[0]
+            left = sorted(t for t in self._targets if not isinstance(model.get_submodule(t), ProjectiveLinear))
+            if left:
+                raise ValueError(f"layers {left[:4]} were not quantized while loading: their weights never arrived "
+                                 "(add them to the QINS config's 'skip' list to leave them as they are)")
             for name, layer in _qins_layers(model):
                 names = [n for n in _QINS_BUFFERS if getattr(layer, n) is not None]
                 device = layer.stored.device

@@ -114,19 +114,14 @@ def test_unknown_config_fields_and_another_quant_method_are_refused() -> None:
 
 
 @pytest.mark.parametrize("pre_quantized", [True, False])
-def test_a_qins_quantization_config_loads_only_pre_quantized_checkpoints(pre_quantized: bool) -> None:
-    """Passing a QINS ``quantization_config`` to load an unconverted model is refused by
-    ``validate_environment`` with the way out; a QINS checkpoint (pre-quantized) passes."""
+def test_a_qins_quantization_config_loads_qins_and_full_precision_checkpoints(pre_quantized: bool) -> None:
+    """A QINS checkpoint (pre-quantized) loads as saved; a full-precision one is quantized while it
+    loads (issue 26, which retired the refusal "loads QINS checkpoints only"): ``validate_environment``
+    passes both."""
     config_cls, quantizer_cls = register_with_transformers()
-    quantizer = quantizer_cls(config_cls(), pre_quantized=pre_quantized)  # constructing never refuses
+    quantizer = quantizer_cls(config_cls(), pre_quantized=pre_quantized)
     assert quantizer.pre_quantized is pre_quantized
-    if pre_quantized:
-        assert quantizer.validate_environment() is None
-    else:
-        with pytest.raises(ValueError, match=r"^quant_method 'qins' loads QINS checkpoints only; convert a loaded "
-                                             r"model with qins\.convert_model_to_projective instead of passing a QINS "
-                                             r"quantization_config$"):
-            quantizer.validate_environment()
+    assert quantizer.validate_environment() is None
 
 
 @pytest.mark.parametrize("major", [4, 5])
