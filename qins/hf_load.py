@@ -5,11 +5,12 @@ full-precision checkpoint (fp32, bf16 or fp16 safetensors, sharded or not): befo
 load, :func:`conversion_targets` picks the ``nn.Linear`` s that :func:`qins.convert_model_to_projective`
 would convert (same ``skip`` list, tied weights left alone); the meta model keeps them as
 ``nn.Linear``. When a target's ``weight`` arrives, :func:`install_encoded` casts it to the dtype the
-plain load gives that weight (the meta weight's dtype), encodes it with
-:meth:`ProjectiveLinear.from_linear` and swaps the layer in; the full-precision tensor is dropped
-at once. Codes and logs are therefore those of load-then-convert, bit for bit. Peak memory: the
-model built so far plus about one weight in the load dtype and its encoding temporaries (on
-transformers 4.44, which reads a whole shard at a time, plus that shard).
+plain load gives that weight (the meta weight's dtype), encodes it (:func:`qins.streaming.encoded_layer`:
+block by block of rows for a per-row format) and swaps the layer in; the full-precision tensor is
+dropped at once. Codes and logs are therefore those of load-then-convert, bit for bit. Peak memory:
+the model built so far plus about one weight as the loader hands it over, in the load dtype, and
+one block's encoding temporaries (on transformers 4.44, which reads a whole shard at a time, plus
+that shard).
 
 Hooks, by transformers version: 5.x asks ``param_needs_quantization`` for every checkpoint tensor
 and runs the op of ``get_quantize_ops()`` (:func:`quantize_op`) on those it claims; 4.44-4.53 ask
@@ -35,6 +36,7 @@ from torch import nn
 from .convert import _matches, select_linears
 from .formats import QinsConfig
 from .layer import ProjectiveLinear
+from .streaming import encoded_layer
 
 __all__ = ["check_against_checkpoint", "checkpoint_keys", "conversion_targets", "install_encoded",
            "local_checkpoint_files", "quantize_op"]
@@ -65,8 +67,8 @@ def install_encoded(model: nn.Module, param_name: str, value: torch.Tensor, conf
     """Encode ``value`` (the checkpoint's ``<layer>.weight``, ``[out, in]``, any float dtype) into a
     :class:`ProjectiveLinear` of ``config`` and put it in place of the ``nn.Linear`` ``<layer>``.
 
-    ``value`` is first cast to the layer's (meta) weight dtype, which is what a plain load would
-    give that weight, so the codes equal those of load-then-convert. The layer keeps the
+    ``value`` is encoded as cast to the layer's (meta) weight dtype, which is what a plain load
+    would give that weight, so the codes equal those of load-then-convert. The layer keeps the
     ``nn.Linear``'s bias Parameter (loaded already, or still meta and loaded next). On ``device``
     (default: ``value``'s). Raises ``ValueError`` naming the layer (shape, or a NaN/±Inf weight);
     the model is then unchanged.
@@ -79,15 +81,11 @@ def install_encoded(model: nn.Module, param_name: str, value: torch.Tensor, conf
     if tuple(value.shape) != expected:
         raise ValueError(f"{param_name}: the checkpoint's weight has shape {tuple(value.shape)}, the layer "
                          f"{module_name!r} needs {expected}; the checkpoint does not match this model's config")
-    with torch.no_grad():
-        weight = value.detach().to(device=device if device is not None else value.device, dtype=linear.weight.dtype)
-        source = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
-        source.weight = nn.Parameter(weight, requires_grad=False)
-        try:
-            layer = ProjectiveLinear.from_linear(source, config, cache_weight=cache_weight)
-        except ValueError as exc:
-            raise ValueError(f"cannot quantize layer {module_name!r} while loading: {exc}") from exc
-        del source, weight
+    try:
+        layer = encoded_layer(value.detach(), config, cache_weight=cache_weight, dtype=linear.weight.dtype,
+                              device=device)
+    except ValueError as exc:
+        raise ValueError(f"cannot quantize layer {module_name!r} while loading: {exc}") from exc
     if linear.bias is not None:
         layer.bias = linear.bias
     for name in _QINS_BUFFERS:
@@ -102,8 +100,8 @@ def install_encoded(model: nn.Module, param_name: str, value: torch.Tensor, conf
 def quantize_op(quantizer: Any) -> Any:
     """The transformers 5.x ``ConversionOps`` that encodes a target weight as it arrives: it installs
     the QINS layer (:func:`install_encoded`) and returns no tensor for the loader to set. An
-    encoding error is kept on ``quantizer._load_errors`` (the 5.x loader turns exceptions raised
-    here into a log line) and raised once the load ends."""
+    encoding error is kept on ``quantizer._load_errors`` and raised as it is once the load ends
+    (the 5.x loader would turn an exception raised here into a report line and a RuntimeError)."""
     from transformers.core_model_loading import ConversionOps
 
     class QinsQuantize(ConversionOps):
@@ -119,9 +117,8 @@ def quantize_op(quantizer: Any) -> Any:
             qc = self.hf_quantizer.quantization_config
             try:
                 install_encoded(model, name, value, qc.qins_config, qc.cache_weight)
-            except ValueError as exc:
+            except ValueError as exc:  # raised by the quantizer once the load ends, as on 4.x
                 self.hf_quantizer._load_errors.append(exc)
-                raise
             if missing_keys is not None:
                 missing_keys.discard(name)
             return {}
