@@ -1,0 +1,224 @@
+"""Quantize a transformers safetensors checkpoint on disk, one tensor at a time: :func:`quantize_checkpoint`.
+
+The library side of ``qins quantize SRC DST`` (:mod:`qins.cli`). ``SRC`` is a directory written by
+``save_pretrained`` (config.json, ``model.safetensors`` or shards with their index). The Linears to
+quantize are those :func:`qins.convert_model_to_projective` would convert (same ``skip`` list; the
+model is built on the meta device from config.json, no weight is read for that). Each output shard
+is written with its header first (every output tensor's dtype and shape is known from the input
+headers) and then tensor by tensor: each input tensor is read on its own (the shard is opened with
+``safe_open``, memory-mapped, for that tensor only, so no more than one tensor's pages stay mapped)
+and a Linear weight is encoded block by block of rows (:func:`qins.streaming.encode_rows`). Peak
+memory is therefore about the largest tensor as stored, plus its codes, plus one block's encoding
+temporaries (a per-tensor format: plus the whole tensor's), whatever the model's size.
+
+``DST`` gets the QINS shards, their index, config.json with the ``quantization_config`` (loads with
+``from_pretrained`` after ``import qins``) and SRC's other files (tokenizer, generation config).
+It is written under a temporary name and renamed at the end: an error leaves no ``DST``. The codes
+equal those of ``from_pretrained(SRC, torch_dtype=dtype)`` followed by the conversion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from .convert import select_linears
+from .formats import QinsConfig
+from .streaming import encode_rows
+
+__all__ = ["QuantizeSummary", "quantize_checkpoint"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+INDEX = "model.safetensors.index.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class QuantizeSummary:
+    """What :func:`quantize_checkpoint` wrote. ``layers``: Linears quantized; ``tensors``: input
+    tensors read; ``bytes_before``/``bytes_after``: tensor bytes of the input and output shards
+    (headers excluded); ``seconds``: wall time; ``files``: output shard names."""
+
+    layers: int
+    tensors: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    files: tuple[str, ...]
+
+
+def _source_files(src: Path) -> list[str]:
+    if (src / INDEX).is_file():
+        with open(src / INDEX) as fh:
+            return sorted(set(json.load(fh)["weight_map"].values()))
+    if (src / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    found = sorted(p.name for p in src.iterdir()) if src.is_dir() else []
+    raise ValueError(f"{src}: no model.safetensors or {INDEX} (found {found[:8]}); qins quantize reads safetensors "
+                     "checkpoints: re-save the model with save_pretrained(..., safe_serialization=True)")
+
+
+def _targets(src: Path, skip: tuple[str, ...]) -> tuple[set[str], str, dict]:
+    """(Linear names to quantize, base_model_prefix, config.json as a dict) from SRC's config alone."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src}: no config.json; SRC must be a directory written by save_pretrained")
+    raw = json.loads((src / "config.json").read_text())
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method")
+        raise ValueError(f"{src}: the checkpoint is already quantized (quant_method {method!r}); "
+                         "qins quantize reads full-precision checkpoints")
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # not a causal LM: the base model
+            model = AutoModel.from_config(config)
+    todo, _ = select_linears(model, skip)
+    shapes = {name: (m.out_features, m.in_features) for name, m in todo}
+    return set(shapes), getattr(model, "base_model_prefix", "") or "", {"raw": raw, "shapes": shapes}
+
+
+def _layer_of(key: str, targets: set[str], prefix: str) -> Optional[str]:
+    if not key.endswith(".weight"):
+        return None
+    name = key[: -len(".weight")]
+    if name in targets:
+        return name
+    return name if prefix and f"{prefix}.{name}" in targets else None
+
+
+def _plan(path: Path, targets: set[str], prefix: str, config: QinsConfig) -> list[tuple[str, Optional[str], list]]:
+    """Per input tensor: (key, layer name or None, [(output key, torch dtype, shape)])."""
+    from safetensors import safe_open
+
+    plan = []
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            piece = fh.get_slice(key)
+            dtype, shape = _DTYPES[piece.get_dtype()], tuple(piece.get_shape())
+            layer = _layer_of(key, targets, prefix)
+            if layer is None:
+                plan.append((key, None, [(key, dtype, shape)]))
+                continue
+            if len(shape) != 2 or not dtype.is_floating_point:
+                raise ValueError(f"{path.name}: {key}: a Linear weight must be a 2-D float tensor, got {piece.get_dtype()} {list(shape)}")
+            logs = (shape[0],) if config.per_row else ()
+            outs = [(f"{layer}.stored", torch.uint8, shape)]
+            if not config.packed:
+                outs.append((f"{layer}.sign", torch.int8, shape))
+            outs += [(f"{layer}.log_min", torch.float32, logs), (f"{layer}.log_max", torch.float32, logs)]
+            plan.append((key, layer, outs))
+    return plan
+
+
+def _header(plan: list, metadata: dict) -> tuple[bytes, int]:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for _, _, outs in plan:
+        for key, dtype, shape in outs:
+            size = torch.Size(shape).numel() * dtype.itemsize
+            header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, offset
+
+
+def _write(fh, t: torch.Tensor) -> int:
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    fh.write(memoryview(data))
+    return data.nbytes
+
+
+def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfig] = None, *,
+                        skip: Iterable[str] = ("lm_head",), cache_weight: bool = True,
+                        dtype: torch.dtype = torch.float32,
+                        progress: Optional[Callable[[int, int, str], None]] = None) -> QuantizeSummary:
+    """Write a QINS copy of the safetensors checkpoint ``src`` to the new directory ``dst``.
+
+    ``config`` (default ``QinsConfig()``), ``skip`` and ``cache_weight`` as for
+    :func:`qins.convert_model_to_projective`; they are recorded in ``dst``'s config.json. Each
+    Linear weight is cast to ``dtype`` before encoding (what ``from_pretrained(src,
+    torch_dtype=dtype)`` would hold); other tensors are copied as stored. ``progress(done, total,
+    key)`` is called after each input tensor. Raises ``ValueError`` (nothing is left at ``dst``)
+    for a missing config.json or safetensors weights, an already-quantized checkpoint, a ``dst``
+    that exists, a Linear weight missing or of the wrong shape, or a NaN/±Inf weight (naming it).
+    """
+    from safetensors import safe_open
+
+    from .hf import quantization_config_dict
+
+    start = time.perf_counter()
+    config = config or QinsConfig()
+    src, dst = Path(src), Path(dst)
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if dst.exists():
+        raise ValueError(f"{dst} exists; give qins quantize a new directory")
+    files = _source_files(src)
+    targets, prefix, info = _targets(src, skip)
+    plans = {f: _plan(src / f, targets, prefix, config) for f in files}
+    found = {layer for plan in plans.values() for _, layer, _ in plan if layer}
+    missing = sorted(targets - found - {f"{prefix}.{n}" for n in found})
+    if missing:
+        raise ValueError(f"{src}: no weight for the Linears {missing[:4]}{' ...' if len(missing) > 4 else ''}; add them "
+                         "to --skip to leave them out, or check that config.json belongs to these weights")
+    total = sum(len(p) for p in plans.values())
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))  # renamed to dst at the end
+    done = before = after = 0
+    weight_map: dict[str, str] = {}
+    try:
+        for name in files:
+            header, size = _header(plans[name], {"format": "pt"})
+            with open(work / name, "wb") as out:
+                out.write(header)
+                for key, layer, outs in plans[name]:
+                    with safe_open(str(src / name), framework="pt") as fh:  # mapped for this tensor only
+                        tensor = fh.get_tensor(key)
+                    before += tensor.numel() * tensor.element_size()
+                    if layer is None:
+                        after += _write(out, tensor)
+                    else:
+                        shape = info["shapes"].get(layer) or info["shapes"].get(f"{prefix}.{layer}")
+                        if tuple(tensor.shape) != shape:
+                            raise ValueError(f"{key}: shape {list(tensor.shape)}, but config.json makes {layer} {list(shape)}")
+                        try:
+                            codes = encode_rows(tensor, config, dtype)
+                        except ValueError as exc:
+                            raise ValueError(f"cannot quantize {key}: {exc}") from exc
+                        del tensor
+                        after += sum(_write(out, c) for c in codes if c is not None)
+                        del codes
+                    weight_map.update({k: name for k, _, _ in outs})
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, key)
+            if (work / name).stat().st_size != len(header) + size:  # the header promised these offsets
+                raise OSError(f"{work / name}: wrote {(work / name).stat().st_size} bytes, expected {len(header) + size}")
+        if len(files) > 1:
+            (work / INDEX).write_text(json.dumps({"metadata": {"total_size": after}, "weight_map": weight_map}, indent=2))
+        raw = dict(info["raw"])
+        raw["quantization_config"] = quantization_config_dict(config, skip, cache_weight)
+        (work / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        for extra in sorted(src.iterdir()):
+            if extra.is_file() and extra.name not in ("config.json", INDEX) and not extra.name.endswith(
+                    (".safetensors", ".bin", ".pt", ".pth", ".gguf")):
+                shutil.copy2(extra, work / extra.name)
+        os.replace(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return QuantizeSummary(layers=len(found), tensors=done, bytes_before=before, bytes_after=after,
+                           seconds=time.perf_counter() - start, files=tuple(files))
