@@ -5,9 +5,9 @@ The library side of ``qins quantize SRC DST`` (:mod:`qins.cli`). ``SRC`` is a di
 quantize are those :func:`qins.convert_model_to_projective` would convert (same ``skip`` list; the
 model is built on the meta device from config.json, no weight is read for that). Each output shard
 is written with its header first (every output tensor's dtype and shape is known from the input
-headers) and then tensor by tensor: each input tensor is read on its own (the shard is opened with
-``safe_open``, memory-mapped, for that tensor only, so no more than one tensor's pages stay mapped)
-and a Linear weight is encoded block by block of rows (:func:`qins.streaming.encode_rows`). Peak
+headers) and then tensor by tensor: each input tensor is read on its own (its bytes alone are
+memory-mapped, read-only, copied and unmapped: no more than one tensor's pages are ever mapped, and
+no mapping of a whole shard counts against a data-size limit) and a Linear weight is encoded block by block of rows (:func:`qins.streaming.encode_rows`). Peak
 memory is therefore about the largest tensor as stored, plus its codes, plus one block's encoding
 temporaries (a per-tensor format: plus the whole tensor's), whatever the model's size.
 
@@ -99,28 +99,72 @@ def _layer_of(key: str, targets: set[str], prefix: str) -> Optional[str]:
     return name if prefix and f"{prefix}.{name}" in targets else None
 
 
-def _plan(path: Path, targets: set[str], prefix: str, config: QinsConfig) -> list[tuple[str, Optional[str], list]]:
-    """Per input tensor: (key, layer name or None, [(output key, torch dtype, shape)])."""
-    from safetensors import safe_open
+def _read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data
+    starts. Read with plain file reads: no mapping of the whole file (which a data-size limit such
+    as ``ulimit -d`` would count). ``ValueError`` for a file that is not a well-formed safetensors."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: corrupt safetensors header ({exc})") from None
+    header.pop("__metadata__", None)
+    for key, entry in header.items():
+        begin, end = entry.get("data_offsets", (0, -1))
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None or end - begin != torch.Size(entry.get("shape", ())).numel() * dtype.itemsize \
+                or 8 + n + end > size:
+            raise ValueError(f"{path}: bad safetensors entry {key!r}: {entry}")
+    return header, 8 + n
 
+
+def _read_tensor(path: Path, entry: dict, data_start: int) -> torch.Tensor:
+    """One tensor of a safetensors file: its bytes alone are memory-mapped (read-only), copied into
+    a tensor, and unmapped, so only one tensor's pages are ever mapped."""
+    import mmap
+
+    begin, end = entry["data_offsets"]
+    dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    start = data_start + begin
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), start + (end - begin) - aligned, offset=aligned,
+                                           access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)[start - aligned:]
+        try:
+            out = torch.empty(end - begin, dtype=torch.uint8)
+            out.numpy()[:] = view  # the one copy
+        finally:
+            view.release()
+    return out.view(dtype).reshape(shape)
+
+
+def _plan(path: Path, targets: set[str], prefix: str, config: QinsConfig) -> tuple[list[tuple[str, Optional[str], list]], dict, int]:
+    """Per input tensor: (key, layer name or None, [(output key, torch dtype, shape)]), in file
+    order; and the file's header and data start (:func:`_read_header`)."""
+    header, data_start = _read_header(path)
     plan = []
-    with safe_open(str(path), framework="pt") as fh:
-        for key in fh.keys():
-            piece = fh.get_slice(key)
-            dtype, shape = _DTYPES[piece.get_dtype()], tuple(piece.get_shape())
-            layer = _layer_of(key, targets, prefix)
-            if layer is None:
-                plan.append((key, None, [(key, dtype, shape)]))
-                continue
-            if len(shape) != 2 or not dtype.is_floating_point:
-                raise ValueError(f"{path.name}: {key}: a Linear weight must be a 2-D float tensor, got {piece.get_dtype()} {list(shape)}")
-            logs = (shape[0],) if config.per_row else ()
-            outs = [(f"{layer}.stored", torch.uint8, shape)]
-            if not config.packed:
-                outs.append((f"{layer}.sign", torch.int8, shape))
-            outs += [(f"{layer}.log_min", torch.float32, logs), (f"{layer}.log_max", torch.float32, logs)]
-            plan.append((key, layer, outs))
-    return plan
+    for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
+        layer = _layer_of(key, targets, prefix)
+        if layer is None:
+            plan.append((key, None, [(key, dtype, shape)]))
+            continue
+        if len(shape) != 2 or not dtype.is_floating_point:
+            raise ValueError(f"{path.name}: {key}: a Linear weight must be a 2-D float tensor, got {entry['dtype']} {list(shape)}")
+        logs = (shape[0],) if config.per_row else ()
+        outs = [(f"{layer}.stored", torch.uint8, shape)]
+        if not config.packed:
+            outs.append((f"{layer}.sign", torch.int8, shape))
+        outs += [(f"{layer}.log_min", torch.float32, logs), (f"{layer}.log_max", torch.float32, logs)]
+        plan.append((key, layer, outs))
+    return plan, header, data_start
 
 
 def _header(plan: list, metadata: dict) -> tuple[bytes, int]:
@@ -156,8 +200,6 @@ def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfi
     for a missing config.json or safetensors weights, an already-quantized checkpoint, a ``dst``
     that exists, a Linear weight missing or of the wrong shape, or a NaN/±Inf weight (naming it).
     """
-    from safetensors import safe_open
-
     from .hf import quantization_config_dict
 
     start = time.perf_counter()
@@ -168,7 +210,8 @@ def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfi
         raise ValueError(f"{dst} exists; give qins quantize a new directory")
     files = _source_files(src)
     targets, prefix, info = _targets(src, skip)
-    plans = {f: _plan(src / f, targets, prefix, config) for f in files}
+    read = {f: _plan(src / f, targets, prefix, config) for f in files}
+    plans = {f: r[0] for f, r in read.items()}
     found = {layer for plan in plans.values() for _, layer, _ in plan if layer}
     missing = sorted(targets - found - {f"{prefix}.{n}" for n in found})
     if missing:
@@ -185,8 +228,8 @@ def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfi
             with open(work / name, "wb") as out:
                 out.write(header)
                 for key, layer, outs in plans[name]:
-                    with safe_open(str(src / name), framework="pt") as fh:  # mapped for this tensor only
-                        tensor = fh.get_tensor(key)
+                    _, header_map, data_start = read[name]
+                    tensor = _read_tensor(src / name, header_map[key], data_start)
                     before += tensor.numel() * tensor.element_size()
                     if layer is None:
                         after += _write(out, tensor)

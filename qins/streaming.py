@@ -5,7 +5,7 @@ per-row format encodes each row on its own (its range and codes depend on that r
 weight is encoded in blocks of rows of about :data:`ROW_BLOCK_ELEMENTS` elements (at least two rows
 each), each cast to the
 compute dtype just before it is encoded: besides the source tensor and the codes, only one block's
-temporaries exist at a time (about 4.5x the block in float32, 72 MiB at the default), whatever the
+temporaries exist at a time (a few times the block, tens of MiB at the default), whatever the
 weight's size. The result equals :func:`qins.encode` of the whole weight cast to that dtype, bit for
 bit (``tests/test_streaming.py`` pins it). A per-tensor format needs the whole tensor's range: it
 is encoded in one piece (peak about 4.5x the weight in float32).
@@ -22,8 +22,8 @@ from .layer import ProjectiveLinear
 
 __all__ = ["ROW_BLOCK_ELEMENTS", "encode_rows", "encoded_layer"]
 
-#: elements per encoded block of rows (4 Mi: 16 MiB in float32)
-ROW_BLOCK_ELEMENTS = 1 << 22
+#: elements per encoded block of rows (1 Mi: 4 MiB in float32)
+ROW_BLOCK_ELEMENTS = 1 << 20
 
 
 def encode_rows(weight: torch.Tensor, config: QinsConfig, dtype: Optional[torch.dtype] = None,
