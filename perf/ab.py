@@ -86,10 +86,12 @@ class OldSide:
             self.cleanup()
             raise RevisionError(f"QINS perf gate: revision {rev[:12]} has none of {', '.join(selection) or 'the selected tests'} to measure.")
         self.keyword, self.marker = keyword, marker
-        # the plugin the old run will import: its tree's, else the first on PYTHONPATH (as Python resolves it)
+        # the plugin the old run will import: its tree's, else the first on PYTHONPATH (as Python resolves it);
+        # its options are declared in perf/plugin.py, or in perf/options.py in a plugin split by concern
         roots = [self.tree] + [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        plugin = next((r / "perf" / "plugin.py" for r in roots if (r / "perf" / "plugin.py").exists()), None)
-        known = plugin.read_text(errors="replace") if plugin is not None else ""
+        perf_dir = next((r / "perf" for r in roots if (r / "perf" / "plugin.py").exists()), None)
+        sources = [perf_dir / "plugin.py", perf_dir / "options.py"] if perf_dir is not None else []
+        known = "".join(p.read_text(errors="replace") for p in sources if p.exists())
         self.options = [o for o in options if f'"{o.split("=", 1)[0]}"' in known]
         self.dropped_options = [o for o in options if o not in self.options]
         self.runs: list[dict] = []  # per round: fullname -> extra_info
@@ -119,8 +121,8 @@ CONFIRM_ROUNDS = 3
 
 class Confirmation(NamedTuple):
     """What :func:`confirm` measured, one item a run: ``{fullname: extra_info}`` (for
-    :func:`perf.gate.ab_decide`) and ``{fullname: minimum time in s}`` (for
-    :func:`perf.gate.backstop_decide`), of this revision and of the old one."""
+    :func:`perf.ab_verdicts.ab_decide`) and ``{fullname: minimum time in s}`` (for
+    :func:`perf.ab_verdicts.backstop_decide`), of this revision and of the old one."""
 
     new_runs: list
     old_runs: list
@@ -201,7 +203,7 @@ def run_suite(tree: Path, selection: Sequence[str], options: Sequence[str], tmp:
 
 def confirm_backstop(old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = 2) -> tuple[list, list]:
     """:func:`confirm` of one benchmark's absolute time (``rounds`` rounds, old side first in round 1).
-    Returns ``(new_mins, old_mins)`` in seconds for :func:`perf.gate.backstop_decide`. Raises
+    Returns ``(new_mins, old_mins)`` in seconds for :func:`perf.ab_verdicts.backstop_decide`. Raises
     :class:`RevisionError` when either suite fails to run or does not report the benchmark."""
     measured = confirm(old, root, nodeid, options, rounds)
 

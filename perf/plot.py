@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     if base_path is None:
         from pytest_benchmark.utils import get_machine_id
 
-        from perf.gate import BaselineError, locate_baseline
+        from perf.baseline import BaselineError, locate_baseline
 
         try:
             base_path = locate_baseline(args.storage, get_machine_id(), True)

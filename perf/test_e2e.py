@@ -12,7 +12,7 @@ Figures (ratios against FP32 from the same probe run): ``tokens_per_s_vs_fp32``,
 --perf-e2e-tol, memory ratios with --perf-memory-tol) and against issue 8's targets: tokens/s and
 linear bytes and peak memory asserted (a miss is measured once more before it fails); the tokens/s
 target, a speed target, is stated met or missed in the summary and asserted only under
-``--perf-targets=on`` (``perf.gate.speed_targets_asserted``).
+``--perf-targets=on`` (``perf.targets.speed_targets_asserted``).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _figures(probes: dict, mode: str) -> dict:
 def probes(perf_state):
     if not sys.platform.startswith("linux"):
         pytest.skip("process memory figures read /proc (Linux only)")
-    return run_probe(MODES, perf_state.threads, NEW_TOKENS, "large")
+    return run_probe(MODES, perf_state.settings.threads, NEW_TOKENS, "large")
 
 
 @pytest.mark.parametrize("mode", MODES[1:])
@@ -71,7 +71,7 @@ def test_generate_large_model(benchmark, perf_gate, perf_state, probes, mode):
     }
 
     def remeasure():
-        return _figures(run_probe(MODES, perf_state.threads, NEW_TOKENS, "large"), mode)
+        return _figures(run_probe(MODES, perf_state.settings.threads, NEW_TOKENS, "large"), mode)
 
     perf_gate.check(benchmark, figures, rules, remeasure, key=f"e2e-large/{mode}")
     if mode != "qins-packed-memsave":

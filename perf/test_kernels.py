@@ -19,7 +19,7 @@ streams of the same bytes: like work) with ``--perf-codec-tol``; at batches 32/5
 ratio targets (``TARGETS``) and the bandwidth target for packed layers at batch 1, cold (at least
 60% of the floor, ``FLOOR_FRACTION_TARGET``) are judged too, a miss re-measured once before it
 counts: the summary states each met or missed per CPU; ``--perf-targets=on`` asserts them
-(``perf.gate.speed_targets_asserted``).
+(``perf.targets.speed_targets_asserted``).
 """
 from __future__ import annotations
 

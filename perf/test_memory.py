@@ -78,7 +78,7 @@ def figures_from(r: dict) -> dict:
 def probes(perf_state):
     if not sys.platform.startswith("linux"):
         pytest.skip("process memory figures read /proc (Linux only)")
-    return run_probe(MODES, perf_state.threads)
+    return run_probe(MODES, perf_state.settings.threads)
 
 
 def ratios_from(r: dict, fp32: dict) -> dict:
@@ -114,7 +114,7 @@ def test_memory(benchmark, perf_gate, perf_state, e2e_models, probes, mode):
         rules["peak_load_vs_fp32"] = Rule(HIGHER, perf_gate.tol["memory"])
 
     def remeasure():
-        again = run_probe(["fp32", mode] if mode != "fp32" else [mode], perf_state.threads)
+        again = run_probe(["fp32", mode] if mode != "fp32" else [mode], perf_state.settings.threads)
         out = figures_from(again[mode])
         if mode != "fp32":
             out.update(ratios_from(again[mode], again["fp32"]))
