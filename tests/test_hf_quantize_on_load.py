@@ -23,7 +23,7 @@ def _load(path, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
 
-def _hf_config(config: QinsConfig = QinsConfig(log_range="minmax"), **kwargs):
+def _hf_config(config: QinsConfig = QinsConfig(), **kwargs):
     return qins.QinsHfConfig(packed=config.packed, log_range=config.log_range, per_row=config.per_row, **kwargs)
 
 
@@ -49,7 +49,7 @@ def test_quantize_on_load_gives_the_codes_and_logs_of_load_then_convert(tmp_path
         assert (path / "model.safetensors.index.json").is_file()
     quantized = _load(path, quantization_config=_hf_config())
     reference = _load(path)
-    convert_model_to_projective(reference, QinsConfig(log_range="minmax"))
+    convert_model_to_projective(reference, QinsConfig())
     assert isinstance(quantized.model.layers[1].mlp.down_proj, ProjectiveLinear)
     assert type(quantized.lm_head) is torch.nn.Linear  # skipped by default, as by the conversion
     _assert_same_state(quantized, reference)
@@ -58,8 +58,8 @@ def test_quantize_on_load_gives_the_codes_and_logs_of_load_then_convert(tmp_path
         assert torch.equal(quantized(ids).logits, reference(ids).logits)
 
 
-@pytest.mark.parametrize("config", [QinsConfig(), QinsConfig(packed=False, log_range="minmax", per_row=False)],
-                         ids=["packed-mse-row", "split-minmax-tensor"])
+@pytest.mark.parametrize("config", [QinsConfig(), QinsConfig(packed=False, per_row=False)],
+                         ids=["packed-row", "split-tensor"])
 @pytest.mark.parametrize("cache_weight", [True, False])
 def test_quantize_on_load_follows_the_config_skip_list_and_cache_mode(tmp_path, config, cache_weight) -> None:
     path = _checkpoint(tmp_path, torch.bfloat16, factory=tiny_phi3)
@@ -79,7 +79,7 @@ def test_a_model_quantized_on_load_saves_and_reloads_like_any_qins_model(tmp_pat
     quantized = _load(path, quantization_config=_hf_config(cache_weight=False))
     quantized.save_pretrained(tmp_path / "qins")
     saved = json.loads((tmp_path / "qins" / "config.json").read_text())["quantization_config"]
-    assert saved == qins.hf.quantization_config_dict(QinsConfig(log_range="minmax"), ["lm_head"], False)
+    assert saved == qins.hf.quantization_config_dict(QinsConfig(), ["lm_head"], False)
     again = _load(tmp_path / "qins")
     _assert_same_state(again, quantized)
 
@@ -87,8 +87,8 @@ def test_a_model_quantized_on_load_saves_and_reloads_like_any_qins_model(tmp_pat
 def test_the_config_class_is_exported_from_qins_with_the_qins_fields() -> None:
     config_cls, _ = qins.register_with_transformers()
     assert qins.QinsHfConfig is config_cls
-    c = qins.QinsHfConfig(packed=False, log_range="minmax", per_row=False, skip=["lm_head", "*.o_proj"], cache_weight=False)
-    assert c.qins_config == QinsConfig(packed=False, log_range="minmax", per_row=False)
+    c = qins.QinsHfConfig(packed=False, per_row=False, skip=["lm_head", "*.o_proj"], cache_weight=False)
+    assert c.qins_config == QinsConfig(packed=False, per_row=False)
     assert c.skip == ["lm_head", "*.o_proj"] and c.cache_weight is False
     with pytest.raises(AttributeError, match="no attribute 'NotThere'"):
         qins.NotThere  # noqa: B018

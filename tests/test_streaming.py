@@ -7,8 +7,15 @@ import torch
 from qins import ProjectiveLinear, QinsConfig, encode
 from qins.streaming import encode_rows, encoded_layer
 
-CONFIGS = [QinsConfig(), QinsConfig(log_range="minmax"), QinsConfig(packed=False),
-           QinsConfig(packed=False, log_range="minmax", per_row=False), QinsConfig(per_row=False)]
+
+def _configs() -> list[QinsConfig]:
+    """The default formats, and the minmax ones of the log spacing where that is a separate field."""
+    log = {"spacing": "log"} if "spacing" in QinsConfig.__dataclass_fields__ else {}
+    return [QinsConfig(), QinsConfig(packed=False), QinsConfig(per_row=False), QinsConfig(packed=False, per_row=False),
+            QinsConfig(log_range="minmax", **log), QinsConfig(packed=False, log_range="minmax", per_row=False, **log)]
+
+
+CONFIGS = _configs()
 
 
 def _weight(dtype=torch.float32) -> torch.Tensor:
