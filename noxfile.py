@@ -31,8 +31,16 @@ import nox
 
 TORCH = "torch==2.13.0"
 TRANSFORMERS_VERSIONS = ("4.44.0", "4.53.3", "4.57.6", "5.24.0")
-TESTS = ("tests/test_compat.py", "tests/test_generation.py", "tests/test_persistence.py", "tests/test_hf_quantizer.py",
-         "tests/test_hf_registration.py", "tests/test_hf_import.py", "tests/test_hf_quantize_on_load.py", "tests/test_cli.py")
+TESTS = (
+    "tests/test_compat.py",
+    "tests/test_generation.py",
+    "tests/test_persistence.py",
+    "tests/test_hf_quantizer.py",
+    "tests/test_hf_registration.py",
+    "tests/test_hf_import.py",
+    "tests/test_hf_quantize_on_load.py",
+    "tests/test_cli.py",
+)
 TRITON = "triton==3.9.0"
 
 nox.options.reuse_venv = "yes"

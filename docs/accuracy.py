@@ -10,4 +10,7 @@ w_hat = reconstruct_from_qins(stored, sign, lo, hi)
 log_err = (w_hat.double().abs().log() - w.double().abs().log()).abs().max().item()
 rel = ((w_hat - w).abs() / w.abs()).double()
 print("| log_min | log_max | Δ/2 (nats) | max measured log error | max relative weight error | median |")
-print(f"| {lo:.2f} | {hi:.2f} | {qins_error_bound(lo, hi):.5f} | {log_err:.5f} | {100 * rel.max().item():.2f} % | {100 * rel.median().item():.2f} % |")
+print(
+    f"| {lo:.2f} | {hi:.2f} | {qins_error_bound(lo, hi):.5f} | {log_err:.5f} | {100 * rel.max().item():.2f} % | "
+    f"{100 * rel.median().item():.2f} % |"
+)

@@ -21,7 +21,11 @@ def main(path: str) -> None:
         if "accuracy" in info:
             q = ", ".join(f"{k} {v['value']:.6g}" for k, v in info["accuracy"].items())
             ref = info.get("reference_int8", {})
-            r = ", ".join(f"{k} {v['value'] if isinstance(v, dict) else v:.6g}" for k, v in ref.items()) if isinstance(ref, dict) else str(ref)
+            r = (
+                ", ".join(f"{k} {v['value'] if isinstance(v, dict) else v:.6g}" for k, v in ref.items())
+                if isinstance(ref, dict)
+                else str(ref)
+            )
             print(f"| `{name.split('::')[-1]}` | {q} | {r} |")
     print()
     print("| kernel case | ratio vs nn.Linear | weight GB/s | floor GB/s | of floor |\n|---|---|---|---|---|")
@@ -33,11 +37,18 @@ def main(path: str) -> None:
     print()
     for name, info in by.items():
         if "test_e2e.py" in name:
-            print(f"- `{name.split('[')[-1].rstrip(']')}`: tokens/s {info['tokens_per_s']:.1f} vs FP32 {info['fp32_tokens_per_s']:.1f} "
-                  f"({info['tokens_per_s_vs_fp32']:.2f}x); decoder linear bytes {info['linear_bytes_vs_fp32']:.3f}x; "
-                  f"peak RSS while generating {info['peak_generate_vs_fp32']:.3f}x ({info['peak_generate_delta']/2**20:.0f} vs {info['fp32_peak_generate_delta']/2**20:.0f} MiB)")
+            print(
+                f"- `{name.split('[')[-1].rstrip(']')}`: tokens/s {info['tokens_per_s']:.1f} vs FP32 "
+                f"{info['fp32_tokens_per_s']:.1f} "
+                f"({info['tokens_per_s_vs_fp32']:.2f}x); decoder linear bytes {info['linear_bytes_vs_fp32']:.3f}x; "
+                f"peak RSS while generating {info['peak_generate_vs_fp32']:.3f}x "
+                f"({info['peak_generate_delta'] / 2**20:.0f} vs {info['fp32_peak_generate_delta'] / 2**20:.0f} MiB)"
+            )
         if "encode_speed" in name or "mse_encode" in name:
-            print(f"- `{name.split('::')[-1]}`: " + ", ".join(f"{k} {v:.3g}" for k, v in info.items() if isinstance(v, float)))
+            print(
+                f"- `{name.split('::')[-1]}`: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in info.items() if isinstance(v, float))
+            )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ parametrisations do); they are shown as ``gpu_only`` and count as undetected her
 "needs transformers 4.x" (``tf4_only``): code that runs only under transformers 4.x, which the
 version matrix (``nox``) tests and mutmut's venv (5.x) does not. So do entries whose
 reason starts with "untestable under mutmut" (``untestable``): a test could tell them apart, but not
-through mutmut's trampolines (e.g. a warning's ``stacklevel``, which the trampoline's frame shifts). ``--check`` exits 1 when the score is below
-95%, when any mutant is left unchecked, or when the equivalents list has stale entries.
+through mutmut's trampolines (e.g. a warning's ``stacklevel``, which the trampoline's frame shifts).
+``--check`` exits 1 when the score is below 95%, when any mutant is left unchecked, or when the
+equivalents list has stale entries.
 Prints Markdown; no other side effects.
 
 **The ledger** (``docs/mutation-ledger/qins/**.py.meta``, committed): mutmut's own per-module result
@@ -186,8 +187,19 @@ def main(argv: list[str]) -> int:
                 c[status.replace(" ", "_")] += 1
         total.update(c)
         rows.append((module, c))
-    cols = ["generated", "detected", "equivalent", "gpu_only", "tf4_only", "untestable", "survived", "no_tests", "not_checked", "suspicious",
-            "skipped"]
+    cols = [
+        "generated",
+        "detected",
+        "equivalent",
+        "gpu_only",
+        "tf4_only",
+        "untestable",
+        "survived",
+        "no_tests",
+        "not_checked",
+        "suspicious",
+        "skipped",
+    ]
     print("| module | " + " | ".join(cols) + " | score |")
     print("|---" * (len(cols) + 2) + "|")
 

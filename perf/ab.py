@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 from perf.gate import INJECT_ENV, SAVE_COMMAND
 
@@ -29,7 +30,7 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=check, timeout=120)
 
 
-def resolve_revision(repo: Path, rev: Optional[str], baseline_label: str) -> str:
+def resolve_revision(repo: Path, rev: str | None, baseline_label: str) -> str:
     """The full commit id of ``rev`` if this checkout has it; RevisionError (with what to do) otherwise."""
     todo = (
         f"Either make the revision available (in a shallow clone: git fetch --unshallow, or "
@@ -37,18 +38,31 @@ def resolve_revision(repo: Path, rev: Optional[str], baseline_label: str) -> str
         f"or measure a baseline for this CPU: {SAVE_COMMAND} (then commit it)."
     )
     if not rev:
-        raise RevisionError(f"QINS perf gate: baseline {baseline_label} records no git revision (commit_info.id), so it cannot be re-measured here.\n{todo}")
+        raise RevisionError(
+            f"QINS perf gate: baseline {baseline_label} records no git revision (commit_info.id), so it cannot be "
+            f"re-measured here.\n{todo}"
+        )
     try:
         top = _git(repo, "rev-parse", "--show-toplevel", check=False)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise RevisionError(f"QINS perf gate: cannot run git to check out the baseline's revision {rev[:12]} ({exc}).\n{todo}") from None
+        raise RevisionError(
+            f"QINS perf gate: cannot run git to check out the baseline's revision {rev[:12]} ({exc}).\n{todo}"
+        ) from None
     if top.returncode != 0:
-        raise RevisionError(f"QINS perf gate: {repo} is not a git checkout, so the baseline's revision {rev[:12]} cannot be checked out.\n{todo}")
+        raise RevisionError(
+            f"QINS perf gate: {repo} is not a git checkout, so the baseline's revision {rev[:12]} cannot be checked "
+            f"out.\n{todo}"
+        )
     got = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
     if got.returncode != 0:
         shallow = _git(repo, "rev-parse", "--is-shallow-repository", check=False).stdout.strip() == "true"
-        why = "this is a shallow clone and the revision is not in it" if shallow else "the revision is not in this clone"
-        raise RevisionError(f"QINS perf gate: the baseline {baseline_label} was measured at revision {rev[:12]}, which cannot be checked out here: {why}.\n{todo}")
+        why = (
+            "this is a shallow clone and the revision is not in it" if shallow else "the revision is not in this clone"
+        )
+        raise RevisionError(
+            f"QINS perf gate: the baseline {baseline_label} was measured at revision {rev[:12]}, which cannot be "
+            f"checked out here: {why}.\n{todo}"
+        )
     return got.stdout.strip()
 
 
@@ -57,7 +71,9 @@ def export_revision(repo: Path, rev: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev], capture_output=True, timeout=300)
     if archive.returncode != 0:
-        raise RevisionError(f"QINS perf gate: git archive {rev[:12]} failed: {archive.stderr.decode(errors='replace').strip()}")
+        raise RevisionError(
+            f"QINS perf gate: git archive {rev[:12]} failed: {archive.stderr.decode(errors='replace').strip()}"
+        )
     import io
     import tarfile
 
@@ -69,7 +85,7 @@ def export_revision(repo: Path, rev: str, dest: Path) -> Path:
 class OldSide:
     """The exported old revision, and its suite run in a subprocess (one call per round)."""
 
-    def __init__(self, repo: Path, rev: str, selection: Sequence[str], keyword: Optional[str], marker: Optional[str],
+    def __init__(self, repo: Path, rev: str, selection: Sequence[str], keyword: str | None, marker: str | None,
                  options: Sequence[str] = ()):
         """``options``: ``--perf-x=value`` measurement settings of this run (clock, threads, budget),
         passed on to the old suite so that both sides measure alike; those the old revision's plugin
@@ -84,7 +100,10 @@ class OldSide:
         self.selection = [s for s in selection if (self.tree / s.split("::")[0]).exists()]
         if not self.selection:
             self.cleanup()
-            raise RevisionError(f"QINS perf gate: revision {rev[:12]} has none of {', '.join(selection) or 'the selected tests'} to measure.")
+            raise RevisionError(
+                f"QINS perf gate: revision {rev[:12]} has none of {', '.join(selection) or 'the selected tests'} to "
+                "measure."
+            )
         self.keyword, self.marker = keyword, marker
         # the plugin the old run will import: its tree's, else the first on PYTHONPATH (as Python resolves it);
         # its options are declared in perf/plugin.py, or in perf/options.py in a plugin split by concern
@@ -102,8 +121,17 @@ class OldSide:
         """One run of the old suite's selection: ``{fullname: extra_info}``; each benchmark's minimum
         time (s) goes to ``self.mins`` (one dict per run)."""
         entries, mins, returncode, seconds = run_suite(
-            self.tree, self.selection, self.options, self.tmp, f"round{round_no}", label=f"the old revision's suite ({self.rev[:12]})",
-            keyword=self.keyword, marker=self.marker, drop_inject=True, timeout_s=timeout_s)
+            self.tree,
+            self.selection,
+            self.options,
+            self.tmp,
+            f"round{round_no}",
+            label=f"the old revision's suite ({self.rev[:12]})",
+            keyword=self.keyword,
+            marker=self.marker,
+            drop_inject=True,
+            timeout_s=timeout_s,
+        )
         self.seconds.append(seconds)
         self.runs.append(entries)
         self.mins.append(mins)
@@ -130,7 +158,9 @@ class Confirmation(NamedTuple):
     old_mins: list
 
 
-def confirm(old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = CONFIRM_ROUNDS) -> Confirmation:
+def confirm(
+    old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = CONFIRM_ROUNDS
+) -> Confirmation:
     """A same-work A/B of one benchmark: ``rounds`` rounds alternating which side goes first (the
     old revision first in round 1), **each side a run of** ``nodeid`` **in a fresh subprocess**: the
     old revision's suite, and this revision's (from ``root``, with this run's ``options``, injected
@@ -165,7 +195,7 @@ def _alternate(rounds: int, old_side: Callable[[], object], new_side: Callable[[
 
 
 def run_suite(tree: Path, selection: Sequence[str], options: Sequence[str], tmp: Path, tag: str, *, label: str,
-              keyword: Optional[str] = None, marker: Optional[str] = None, drop_inject: bool = False,
+              keyword: str | None = None, marker: str | None = None, drop_inject: bool = False,
               timeout_s: float = 1200) -> tuple[dict, dict, int, float]:
     """Run ``pytest selection`` in ``tree`` in a subprocess (``tree`` first on ``PYTHONPATH``, so its
     ``qins`` and ``perf`` are the ones imported), with pytest-benchmark's ``--benchmark-json``.
@@ -194,14 +224,22 @@ def run_suite(tree: Path, selection: Sequence[str], options: Sequence[str], tmp:
         data = json.loads(out_json.read_text())
     except (OSError, ValueError):
         tail = log.read_text(errors="replace")[-2000:]
-        raise RevisionError(f"QINS perf gate: {label} produced no results (exit {proc.returncode}; log {log}):\n{tail}") from None
+        raise RevisionError(
+            f"QINS perf gate: {label} produced no results (exit {proc.returncode}; log {log}):\n{tail}"
+        ) from None
     benches = [b for b in data.get("benchmarks", []) if isinstance(b, dict) and "fullname" in b]
     entries = {b["fullname"]: dict(b.get("extra_info") or {}) for b in benches}
-    mins = {b["fullname"]: float(b["stats"]["min"]) for b in benches if isinstance(b.get("stats"), dict) and "min" in b["stats"]}
+    mins = {
+        b["fullname"]: float(b["stats"]["min"])
+        for b in benches
+        if isinstance(b.get("stats"), dict) and "min" in b["stats"]
+    }
     return entries, mins, proc.returncode, seconds
 
 
-def confirm_backstop(old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = 2) -> tuple[list, list]:
+def confirm_backstop(
+    old: OldSide, root: Path, nodeid: str, options: Sequence[str], rounds: int = 2
+) -> tuple[list, list]:
     """:func:`confirm` of one benchmark's absolute time (``rounds`` rounds, old side first in round 1).
     Returns ``(new_mins, old_mins)`` in seconds for :func:`perf.ab_verdicts.backstop_decide`. Raises
     :class:`RevisionError` when either suite fails to run or does not report the benchmark."""

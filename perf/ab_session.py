@@ -37,7 +37,9 @@ def ab_options(config: pytest.Config, state: PerfState) -> list[str]:
 def new_side_options(config: pytest.Config, state: PerfState) -> list[str]:
     """The options of a run of this revision's suite in a subprocess (confirmations): this run's
     measurement options and its injected slowdown (which slows this revision only)."""
-    return ab_options(config, state) + ([f"--perf-inject-slowdown={state.settings.factor}"] if state.settings.factor != 1.0 else [])
+    return ab_options(config, state) + (
+        [f"--perf-inject-slowdown={state.settings.factor}"] if state.settings.factor != 1.0 else []
+    )
 
 
 def ab_selection(config: pytest.Config) -> list[str]:
@@ -71,13 +73,26 @@ def start(session: pytest.Session) -> None:
         return
     from perf import ab
 
-    say(config, f"qins-perf: A/B: measuring revision {state.ab.rev[:12]} on this machine (round 1 of 2, old side first) ...")
+    say(
+        config,
+        f"qins-perf: A/B: measuring revision {state.ab.rev[:12]} on this machine (round 1 of 2, old side first) ...",
+    )
     try:
-        state.ab.old = ab.OldSide(config.rootpath, state.ab.rev, ab_selection(config), config.getoption("keyword") or None,
-                                  config.getoption("markexpr") or None, ab_options(config, state))
+        state.ab.old = ab.OldSide(
+            config.rootpath,
+            state.ab.rev,
+            ab_selection(config),
+            config.getoption("keyword") or None,
+            config.getoption("markexpr") or None,
+            ab_options(config, state),
+        )
         if state.ab.old.dropped_options:
-            say(config, f"qins-perf: A/B: revision {state.ab.rev[:12]} does not know {' '.join(state.ab.old.dropped_options)}; "
-                         "it measures with its own defaults there", red=True)
+            say(
+                config,
+                f"qins-perf: A/B: revision {state.ab.rev[:12]} does not know {' '.join(state.ab.old.dropped_options)}; "
+                "it measures with its own defaults there",
+                red=True,
+            )
         old1 = state.ab.old.run(1)
     except ab.RevisionError as exc:
         state.ab.error = str(exc)
@@ -108,7 +123,10 @@ def finish(session: pytest.Session, exitstatus: int) -> None:
     from perf import ab
 
     say(config, "")
-    say(config, f"qins-perf: A/B: measuring revision {state.ab.rev[:12]} again (round 2 of 2, this revision went first) ...")
+    say(
+        config,
+        f"qins-perf: A/B: measuring revision {state.ab.rev[:12]} again (round 2 of 2, this revision went first) ...",
+    )
     try:
         state.ab.old.run(2)
         state.ab.seconds = list(state.ab.old.seconds)
@@ -176,11 +194,21 @@ def confirm_by_ab(state: PerfState, request: pytest.FixtureRequest, benchmark, f
     state.confirm.count += 1
     capture = config.pluginmanager.getplugin("capturemanager")  # shown while the test runs (it takes a while)
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
-        say(config, f"\nqins-perf: {benchmark.fullname}: beyond the stored baseline twice; A/B against {rev[:12]} measured here ...")
+        say(
+            config,
+            f"\nqins-perf: {benchmark.fullname}: beyond the stored baseline twice; A/B against {rev[:12]} measured "
+            "here ...",
+        )
     try:
         if state.confirm.old is None:
-            state.confirm.old = ab.OldSide(config.rootpath, ab.resolve_revision(config.rootpath, rev, state.compare.baseline.label),
-                                           [request.node.nodeid.split("::")[0]], None, None, ab_options(config, state))
+            state.confirm.old = ab.OldSide(
+                config.rootpath,
+                ab.resolve_revision(config.rootpath, rev, state.compare.baseline.label),
+                [request.node.nodeid.split("::")[0]],
+                None,
+                None,
+                ab_options(config, state),
+            )
         options = new_side_options(config, state)
         measured = ab.confirm(state.confirm.old, config.rootpath, request.node.nodeid, options)
     except ab.RevisionError as exc:
@@ -225,12 +253,22 @@ def confirm_backstop(config: pytest.Config, state: PerfState) -> tuple[bool, lis
     factor = 1.0 + min(float(c.threshold) for c in checks) / 100.0
     measure = ab_options(config, state)
     options = new_side_options(config, state)
-    say(config, f"\nqins-perf: absolute backstop tripped by {len(nodes)} benchmark(s); A/B against {rev[:12]} measured here ...")
+    say(
+        config,
+        f"\nqins-perf: absolute backstop tripped by {len(nodes)} benchmark(s); A/B against {rev[:12]} measured here "
+        "...",
+    )
     lines, confirmed = [], False
     try:
         if state.confirm.old is None:
-            state.confirm.old = ab.OldSide(config.rootpath, ab.resolve_revision(config.rootpath, rev, state.compare.baseline.label),
-                                           [nodes[0].split("::")[0]], None, None, measure)
+            state.confirm.old = ab.OldSide(
+                config.rootpath,
+                ab.resolve_revision(config.rootpath, rev, state.compare.baseline.label),
+                [nodes[0].split("::")[0]],
+                None,
+                None,
+                measure,
+            )
         for node in nodes:
             new_mins, old_mins = ab.confirm_backstop(state.confirm.old, config.rootpath, node, options)
             bad, how = backstop_decide(new_mins, old_mins, factor)

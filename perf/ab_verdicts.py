@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
 
 from perf.gate import GATE_KEY, RULES_KEY, Outcome, Rule, fmt, rule_from_json
 
+
 @dataclass
 class ABOutcome:
-    """The A/B verdict on one figure of one benchmark: this revision (new) vs the baseline's (old), both measured here."""
+    """The A/B verdict on one figure of one benchmark: this revision (new) vs the baseline's (old), both
+    measured here."""
 
     test: str
     figure: str
-    rule: Optional[Rule]
+    rule: Rule | None
     new: list  # the figure per round, this revision
     old: list  # the figure per round, the old revision (paired with new[i])
     status: str = "pass"  # pass | regressed | new | ungated | refuted (regressed, then passed in fresh processes)
@@ -36,7 +38,7 @@ class ABOutcome:
         return [n / o for n, o in zip(self.new, self.old) if o]
 
     @property
-    def ratio(self) -> Optional[float]:
+    def ratio(self) -> float | None:
         r = self.ratios
         return float(statistics.median(r)) if r else None
 
@@ -44,7 +46,9 @@ class ABOutcome:
         if self.status == "new":
             return f"{self.test}: {self.figure} not gated: {self.note}"
         pairs = ", ".join(f"{fmt(n)}/{fmt(o)}" for n, o in zip(self.new, self.old))
-        head = {"regressed": "REGRESSED", "pass": "ok", "ungated": "not gated", "refuted": "beyond, then REFUTED"}[self.status]
+        head = {"regressed": "REGRESSED", "pass": "ok", "ungated": "not gated", "refuted": "beyond, then REFUTED"}[
+            self.status
+        ]
         return (
             f"{self.test}: {self.figure} {head} in A/B against {rev[:12]} measured here: new/old per round {pairs} "
             f"(median ratio {fmt(self.ratio)}; rule {self.rule.describe() if self.rule else '-'}, "
@@ -92,7 +96,10 @@ def ab_decide(new_runs: Sequence[Mapping[str, Mapping]], old_runs: Sequence[Mapp
                 o.status, o.note = "ungated", "no rule stored for this figure"
                 continue
             if rule.min_baseline is not None and statistics.median(o.old) < rule.min_baseline:
-                o.status, o.note = "ungated", f"old value below {fmt(rule.min_baseline)}, too close to be told from noise"
+                o.status, o.note = (
+                    "ungated",
+                    f"old value below {fmt(rule.min_baseline)}, too close to be told from noise",
+                )
                 continue
             beyond = sum(rule.exceeds(n, b) for n, b in pairs)
             o.status = "regressed" if beyond * 2 > len(pairs) else "pass"
@@ -123,10 +130,17 @@ def ab_table(outcomes: Iterable[ABOutcome]) -> list[list[str]]:
         lim = "-"
         if o.rule is not None and o.status in ("pass", "regressed", "refuted"):
             lim = o.rule.describe()
-        rows.append([
-            o.test.split("::", 1)[-1], o.figure, " ".join(fmt(v) for v in o.new) or "-", " ".join(fmt(v) for v in o.old) or "-",
-            fmt(o.ratio), lim, o.status.upper() if o.failed else o.status,
-        ])
+        rows.append(
+            [
+                o.test.split("::", 1)[-1],
+                o.figure,
+                " ".join(fmt(v) for v in o.new) or "-",
+                " ".join(fmt(v) for v in o.old) or "-",
+                fmt(o.ratio),
+                lim,
+                o.status.upper() if o.failed else o.status,
+            ]
+        )
     return rows
 
 
@@ -144,7 +158,7 @@ def apply_ab_confirmation(failed: Sequence[Outcome], verdicts: Sequence[ABOutcom
     return [o for o in failed if rejudge(o, by_figure.get((o.test, o.figure)), rev, no_verdict=no_verdict)]
 
 
-def rejudge(o, verdict: Optional[ABOutcome], rev: str, *, prefix: str = "", kept: str = "", no_verdict: str) -> bool:
+def rejudge(o, verdict: ABOutcome | None, rev: str, *, prefix: str = "", kept: str = "", no_verdict: str) -> bool:
     """One failed figure ``o`` (an :class:`Outcome` or :class:`ABOutcome`) judged again by a
     confirmation's ``verdict`` for it: "refuted" (not failed; note ``prefix`` + the verdict) when the
     confirmation passed it, else left failed with note ``kept`` + the verdict (or ``no_verdict``).

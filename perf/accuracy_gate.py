@@ -6,8 +6,8 @@ same figures of any baseline (accuracy does not depend on the CPU), without re-m
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 from perf.gate import SAVE_COMMAND
 
@@ -24,9 +24,9 @@ class AccuracyOutcome:
     figure: str
     kind: str
     value: float
-    baseline: Optional[float] = None
-    tolerance: Optional[float] = None
-    baseline_source: Optional[str] = None
+    baseline: float | None = None
+    tolerance: float | None = None
+    baseline_source: str | None = None
     status: str = "pass"  # pass | regressed | new | not-compared | invalid
     note: str = ""
 
@@ -35,7 +35,7 @@ class AccuracyOutcome:
         return self.status in ("regressed", "invalid")
 
     @property
-    def drop(self) -> Optional[float]:
+    def drop(self) -> float | None:
         """How much worse than the baseline (positive = worse), in the figure's unit."""
         if self.baseline is None:
             return None
@@ -44,7 +44,9 @@ class AccuracyOutcome:
     def message(self) -> str:
         unit = {"sqnr_db": " dB", "ppl_increase_pct": " points"}.get(self.kind, "")
         if self.status in ("new", "not-compared", "invalid"):
-            return f"{self.test}: accuracy {self.figure} ({self.kind}) = {self.value!r}{unit}: {self.status} ({self.note})"
+            return (
+                f"{self.test}: accuracy {self.figure} ({self.kind}) = {self.value!r}{unit}: {self.status} ({self.note})"
+            )
         head = "REGRESSED" if self.status == "regressed" else "ok"
         return (
             f"{self.test}: accuracy {self.figure} ({self.kind}) {head}: {self.value:.6g}{unit} vs baseline "
@@ -55,9 +57,9 @@ class AccuracyOutcome:
 
 def accuracy_decide(
     test: str,
-    current: Optional[Mapping],
-    baseline_entry: Optional[Mapping],
-    baseline_source: Optional[str],
+    current: Mapping | None,
+    baseline_entry: Mapping | None,
+    baseline_source: str | None,
     sqnr_tol_db: float = 0.5,
     cosine_tol: float = 1e-4,
     ppl_tol_pct: float = 0.05,
@@ -77,10 +79,20 @@ def accuracy_decide(
     for name, fig in current.items():
         kind = fig.get("kind") if isinstance(fig, Mapping) else None
         value = fig.get("value") if isinstance(fig, Mapping) else None
-        o = AccuracyOutcome(test=test, figure=str(name), kind=str(kind), value=value if isinstance(value, (int, float)) else float("nan"),
-                            baseline_source=baseline_source)
+        o = AccuracyOutcome(
+            test=test,
+            figure=str(name),
+            kind=str(kind),
+            value=value if isinstance(value, (int, float)) else float("nan"),
+            baseline_source=baseline_source,
+        )
         out.append(o)
-        if kind not in ACCURACY_KINDS or not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        if (
+            kind not in ACCURACY_KINDS
+            or not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or math.isnan(value)
+        ):
             o.status, o.note = "invalid", f"expected {{'value': float, 'kind': one of {ACCURACY_KINDS}}}, got {fig!r}"
             continue
         if baseline_entry is None:
@@ -95,5 +107,7 @@ def accuracy_decide(
         o.tolerance = {"sqnr_db": sqnr_tol_db, "cosine": cosine_tol, "ppl_increase_pct": ppl_tol_pct}[kind]
         worse_by = float(value) - o.baseline if kind in ACCURACY_HIGHER_IS_WORSE else o.baseline - float(value)
         # a figure that was infinite (exact) in the baseline must stay infinite
-        o.status = "regressed" if (worse_by > o.tolerance or (math.isinf(o.baseline) and not math.isinf(value))) else "pass"
+        o.status = (
+            "regressed" if (worse_by > o.tolerance or (math.isinf(o.baseline) and not math.isinf(value))) else "pass"
+        )
     return out

@@ -79,7 +79,9 @@ def locate_baseline(storage: Path, machine_id: str, compare) -> Path:
     others = sorted(
         {p.parent.name for p in storage.glob("*/" + SAVED_RUN_GLOB) if p.parent.name != machine_id}
     ) if storage.is_dir() else []
-    msg = [f"QINS perf gate: no baseline to compare against: nothing matches {wanted} (this machine id is {machine_id!r})."]
+    msg = [
+        f"QINS perf gate: no baseline to compare against: nothing matches {wanted} (this machine id is {machine_id!r})."
+    ]
     if others:
         msg.append(
             f"Baselines exist only for other machine ids: {', '.join(others)}. They were measured on a "
@@ -98,7 +100,9 @@ def load_baseline(path: Path) -> Baseline:
     try:
         text = path.read_text(encoding="utf8")
     except OSError as exc:
-        raise BaselineError(f"QINS perf gate: cannot read baseline {where}: {exc.strerror or exc}.\n{_create_hint(storage)}") from None
+        raise BaselineError(
+            f"QINS perf gate: cannot read baseline {where}: {exc.strerror or exc}.\n{_create_hint(storage)}"
+        ) from None
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -166,5 +170,7 @@ def all_saved_runs(storage: Path, machine_id: str) -> list[Path]:
     storage = Path(storage)
     if not storage.is_dir():
         return []
-    found = list(storage.glob(f"*/{machine_id}/{SAVED_RUN_GLOB}")) + list(storage.glob(f"{machine_id}/{SAVED_RUN_GLOB}"))
+    found = list(storage.glob(f"*/{machine_id}/{SAVED_RUN_GLOB}")) + list(
+        storage.glob(f"{machine_id}/{SAVED_RUN_GLOB}")
+    )
     return sorted(set(found), key=lambda p: (p.name, str(p)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 #: ISA extensions that change which kernels torch (and the QINS decode) run, so a baseline
 #: measured without one of them (or with one this CPU lacks) is other hardware. Compared after
@@ -19,7 +19,7 @@ ISA_FLAGS = (
 )
 
 
-def cpu_identity(cpu: Optional[Mapping]) -> dict:
+def cpu_identity(cpu: Mapping | None) -> dict:
     """The part of py-cpuinfo's record (pytest-benchmark's ``machine_info["cpu"]``) that defines "same CPU".
 
     Same CPU = same vendor id, same brand string, same family and model number, and the same
@@ -37,13 +37,13 @@ def cpu_identity(cpu: Optional[Mapping]) -> dict:
     }
 
 
-def cpu_label(cpu: Optional[Mapping]) -> str:
+def cpu_label(cpu: Mapping | None) -> str:
     """Human-readable: ``AMD EPYC (AuthenticAMD family 26 model 2; avx2 avx512f ...)``."""
     i = cpu_identity(cpu)
     return f"{i['brand']} ({i['vendor']} family {i['family']} model {i['model']}; {' '.join(i['isa']) or 'no AVX2'})"
 
 
-def cpu_key(cpu: Optional[Mapping]) -> str:
+def cpu_key(cpu: Mapping | None) -> str:
     """A directory name for the per-CPU baseline storage: readable brand/family/model + a hash of the identity."""
     i = cpu_identity(cpu)
     digest = hashlib.sha1(json.dumps(i, sort_keys=True).encode()).hexdigest()[:8]
@@ -51,11 +51,11 @@ def cpu_key(cpu: Optional[Mapping]) -> str:
     return f"{brand}-f{i['family']}m{i['model']}-{digest}"
 
 
-def same_cpu(a: Optional[Mapping], b: Optional[Mapping]) -> bool:
+def same_cpu(a: Mapping | None, b: Mapping | None) -> bool:
     return cpu_identity(a) == cpu_identity(b)
 
 
-def baseline_cpu(machine_info: Optional[Mapping]) -> dict:
+def baseline_cpu(machine_info: Mapping | None) -> dict:
     return (machine_info or {}).get("cpu") or {} if isinstance(machine_info, Mapping) else {}
 
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import gc
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -74,10 +74,10 @@ class GateHandle:
     def budget(self) -> float:
         return self.state.settings.budget
 
-    def lookup(self, key: str) -> Optional[dict]:
+    def lookup(self, key: str) -> dict | None:
         return self.state.results.by_key.get(key)
 
-    def record(self, benchmark, figures: Mapping[str, object], key: Optional[str] = None) -> None:
+    def record(self, benchmark, figures: Mapping[str, object], key: str | None = None) -> None:
         info = benchmark.extra_info
         info.update(figures)
         if self.state.settings.factor != 1.0:
@@ -96,12 +96,14 @@ class GateHandle:
             "median": median,
         }
 
-    def speed_target(self, benchmark, kernel: str, target: str, missed: Optional[str]) -> None:
+    def speed_target(self, benchmark, kernel: str, target: str, missed: str | None) -> None:
         """An absolute speed target of ``benchmark``, run on ``kernel``: ``target`` says what it is,
         ``missed`` is the message when it was missed after its re-measure, else None. Recorded for the
         summary (met or missed) and ``extra_info``; a miss fails the test only under ``--perf-targets=on``."""
         status = "met" if missed is None else "missed"
-        self.state.results.target_results.append((benchmark.fullname, kernel, status, target if missed is None else missed))
+        self.state.results.target_results.append(
+            (benchmark.fullname, kernel, status, target if missed is None else missed)
+        )
         benchmark.extra_info.setdefault("speed_targets", []).append({"target": target, "status": status,
                                                                        "kernel": kernel, "missed": missed})
         if missed is not None and speed_targets_asserted(self.state.settings.targets):
@@ -122,8 +124,8 @@ class GateHandle:
         benchmark,
         figures: Mapping[str, float],
         rules: Mapping[str, Rule],
-        remeasure: Optional[Callable[[], Mapping[str, float]]] = None,
-        key: Optional[str] = None,
+        remeasure: Callable[[], Mapping[str, float]] | None = None,
+        key: str | None = None,
     ) -> list[Outcome]:
         """Record ``figures``, gate those named in ``rules``; fail the test on a confirmed regression."""
         self.record(benchmark, figures, key=key)
@@ -154,10 +156,17 @@ class GateHandle:
             benchmark.extra_info["confirmation"] = confirmations
         if self.state.compare.mode == "ab":
             # judged at the end of the session, paired with both rounds of the old revision
-            benchmark.extra_info["qins_ab_decisive"] = {o.figure: o.decisive for o in outcomes if o.confirmation is not None}
+            benchmark.extra_info["qins_ab_decisive"] = {
+                o.figure: o.decisive for o in outcomes if o.confirmation is not None
+            }
             return outcomes
         failed = [o for o in outcomes if o.failed]
-        if failed and remeasure is not None and self.state.compare.mode == "stored" and self.request.config.getoption("perf_ab_confirm") == "on":
+        if (
+            failed
+            and remeasure is not None
+            and self.state.compare.mode == "stored"
+            and self.request.config.getoption("perf_ab_confirm") == "on"
+        ):
             failed = confirm_by_ab(self.state, self.request, benchmark, failed)
         if failed:
             pytest.fail("\n".join(o.message() for o in failed), pytrace=False)

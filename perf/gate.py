@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 #: The key in ``extra_info`` that lists the gated figures of one benchmark.
 GATE_KEY = "qins_gate"
@@ -32,7 +32,7 @@ HIGHER = "higher"  # a larger value is worse (time ratios, bytes)
 LOWER = "lower"  # a smaller value is worse (speedups, tokens/s)
 
 
-def parse_factor(text: Optional[str]) -> float:
+def parse_factor(text: str | None) -> float:
     """The injected slowdown factor from an option/env value (None or "" = 1.0, no injection)."""
     if text is None or str(text).strip() == "":
         return 1.0
@@ -93,7 +93,7 @@ class Rule:
     gain: bool = False
     #: gate only when the baseline value is at least this (a speedup too close to 1 in the
     #: baseline cannot be told apart from noise); below it the figure is recorded, not gated
-    min_baseline: Optional[float] = None
+    min_baseline: float | None = None
 
     def __post_init__(self) -> None:
         if self.worse not in (HIGHER, LOWER):
@@ -132,9 +132,9 @@ class Outcome:
     figure: str
     value: float
     rule: Rule
-    baseline: Optional[float] = None
-    baseline_source: Optional[str] = None
-    confirmation: Optional[float] = None
+    baseline: float | None = None
+    baseline_source: str | None = None
+    confirmation: float | None = None
     status: str = "pass"  # pass | unconfirmed | regressed | refuted | missing | not-compared | ungated
     note: str = ""
 
@@ -143,7 +143,7 @@ class Outcome:
         return self.status in ("regressed", "missing")
 
     @property
-    def change(self) -> Optional[float]:
+    def change(self) -> float | None:
         """Relative change of the figure against the baseline (0.1 = +10%)."""
         if self.baseline is None or not self.baseline:
             return None
@@ -159,7 +159,7 @@ class Outcome:
         return max(self.value, self.confirmation)
 
     @property
-    def limit(self) -> Optional[float]:
+    def limit(self) -> float | None:
         return None if self.baseline is None else self.rule.limit(self.baseline)
 
     def message(self) -> str:
@@ -171,7 +171,8 @@ class Outcome:
         if self.status == "not-compared":
             return f"{self.test}: {self.figure} = {fmt(self.value)} (not compared: {self.note})"
         if self.status == "ungated":
-            return f"{self.test}: {self.figure} = {fmt(self.value)} vs baseline {fmt(self.baseline)} (not gated: {self.note})"
+            return (f"{self.test}: {self.figure} = {fmt(self.value)} vs baseline {fmt(self.baseline)} "
+                    f"(not gated: {self.note})")
         assert self.baseline is not None
         head = {
             "regressed": "REGRESSED",
@@ -190,7 +191,7 @@ class Outcome:
 
 
 
-def fmt(x: Optional[float]) -> str:
+def fmt(x: float | None) -> str:
     if x is None:
         return "-"
     if not math.isfinite(x):
@@ -200,7 +201,7 @@ def fmt(x: Optional[float]) -> str:
     return f"{x:.4g}" if abs(x) < 100 else f"{x:.1f}"
 
 
-def pct(change: Optional[float]) -> str:
+def pct(change: float | None) -> str:
     return "-" if change is None else f"{change:+.1%}"
 
 
@@ -208,9 +209,9 @@ def decide(
     test: str,
     figures: Mapping[str, float],
     rules: Mapping[str, Rule],
-    baseline_entry: Optional[Mapping],
-    baseline_source: Optional[str],
-    remeasure: Optional[Callable[[], Mapping[str, float]]] = None,
+    baseline_entry: Mapping | None,
+    baseline_source: str | None,
+    remeasure: Callable[[], Mapping[str, float]] | None = None,
 ) -> list[Outcome]:
     """Judge every gated figure of one benchmark; re-measure once before declaring a regression.
 
@@ -234,7 +235,11 @@ def decide(
         base = baseline_entry.get(name) if isinstance(baseline_entry, Mapping) else None
         if not isinstance(base, (int, float)) or isinstance(base, bool) or not math.isfinite(base) or base <= 0:
             out.status = "missing"
-            out.note = "the baseline has no benchmark of this name" if not baseline_entry else "the figure is absent or invalid"
+            out.note = (
+                "the baseline has no benchmark of this name"
+                if not baseline_entry
+                else "the figure is absent or invalid"
+            )
             continue
         out.baseline = float(base)
         if rule.min_baseline is not None and out.baseline < rule.min_baseline:
@@ -295,7 +300,9 @@ def rule_to_json(rule: Rule) -> dict:
 
 
 def rule_from_json(d: Mapping) -> Rule:
-    return Rule(d.get("worse", HIGHER), float(d.get("tolerance", 0.15)), bool(d.get("gain", False)), d.get("min_baseline"))
+    return Rule(
+        d.get("worse", HIGHER), float(d.get("tolerance", 0.15)), bool(d.get("gain", False)), d.get("min_baseline")
+    )
 
 
 #: extra_info key where a benchmark stores its gated figures' rules (for A/B, which has no baseline file).

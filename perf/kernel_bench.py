@@ -62,8 +62,14 @@ def paired(fa, fb, pairs: int, clock) -> tuple[float, float, float]:
     fa(), fb()
     ta, tb, ratios = [], [], []
     for _ in range(pairs):
-        t0 = clock(); fa(); t1 = clock(); fb(); t2 = clock()
-        ta.append(t1 - t0); tb.append(t2 - t1); ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
+        t0 = clock()
+        fa()
+        t1 = clock()
+        fb()
+        t2 = clock()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
@@ -78,18 +84,21 @@ def bench_case(out, inn, packed, batch, cold, pairs, clock, gen):
     state = {"i": 0, "j": 0}
 
     def qins_call():
-        L = layers[state["i"] % nlayers]; state["i"] += 1
+        L = layers[state["i"] % nlayers]
+        state["i"] += 1
         torch.ops.qins.linear(x, L["codes"], L["sign"], L["lo"], L["hi"], L["bias"])
 
     def fp32_call():
-        L = layers[state["j"] % nlayers]; state["j"] += 1
+        L = layers[state["j"] % nlayers]
+        state["j"] += 1
         F.linear(x, L["weight"], L["bias"])
 
     reps = max(1, nlayers)  # time one full rotation per sample when cold
     fa = (lambda: [qins_call() for _ in range(reps)]) if cold else qins_call
     fb = (lambda: [fp32_call() for _ in range(reps)]) if cold else fp32_call
     tq, tf, ratio = paired(fa, fb, pairs, clock)
-    tq /= reps; tf /= reps
+    tq /= reps
+    tf /= reps
     return dict(out=out, inn=inn, fmt="packed" if packed else "split", batch=batch, cold=cold, layers=nlayers,
                 qins_ms=tq * 1e3, fp32_ms=tf * 1e3, ratio=ratio, weight_GBps=wbytes / tq / 1e9)
 
@@ -102,7 +111,9 @@ def streaming_floor(out, inn, packed, pairs, clock, gen):
     words = [b.view(torch.int64) for b in bufs]
     times = []
     for i in range(pairs * n):
-        t0 = clock(); words[i % n].sum(); times.append(clock() - t0)
+        t0 = clock()
+        words[i % n].sum()
+        times.append(clock() - t0)
     t = statistics.median(times)
     return dict(out=out, inn=inn, fmt="packed" if packed else "split", floor_ms=t * 1e3, floor_GBps=wbytes / t / 1e9)
 

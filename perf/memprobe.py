@@ -83,7 +83,9 @@ def _linear_bytes(model) -> int:
 
     from qins import ProjectiveLinear, model_memory
 
-    return sum(model_memory(m).total for m in model.model.layers.modules() if isinstance(m, (nn.Linear, ProjectiveLinear)))
+    return sum(
+        model_memory(m).total for m in model.model.layers.modules() if isinstance(m, (nn.Linear, ProjectiveLinear))
+    )
 
 
 def probe(mode: str, new_tokens: int = 32, threads: int = 1, model_name: str = "tiny") -> dict:
@@ -92,7 +94,6 @@ def probe(mode: str, new_tokens: int = 32, threads: int = 1, model_name: str = "
     import torch
 
     from qins import model_memory
-
     from tests.strategies import tiny_phi3
 
     spec = MODELS[model_name]

@@ -26,7 +26,6 @@ def e2e_models(device, inject_factor):
     fp32). With an injected slowdown, every ProjectiveLinear forward is slowed by that factor.
     """
     from qins import ProjectiveLinear, convert_model_to_projective
-
     from tests.strategies import tiny_phi3
 
     fp32 = tiny_phi3(**MODEL_CONFIG).to(device).eval()

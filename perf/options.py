@@ -31,14 +31,24 @@ DEFAULTS = {
 def add_options(parser: pytest.Parser) -> None:
     """The ``--perf-*`` options (``pytest --help``, group "qins-perf"); defaults from :data:`DEFAULTS`."""
     g = parser.getgroup("qins-perf", "QINS perf gate (perf/README.md)")
-    g.addoption("--perf-threads", type=int, default=DEFAULTS["threads"], help="torch.set_num_threads for the perf suite. Default: %(default)s")
+    g.addoption(
+        "--perf-threads",
+        type=int,
+        default=DEFAULTS["threads"],
+        help="torch.set_num_threads for the perf suite. Default: %(default)s",
+    )
     g.addoption(
         "--perf-inject-slowdown",
         metavar="FACTOR",
         default=None,
         help=f"Self-check: make every QINS forward FACTOR times slower (busy-wait). Same as env {INJECT_ENV}=FACTOR.",
     )
-    g.addoption("--perf-ratio-tol", type=float, default=DEFAULTS["ratio_tol"], help="Allowed rise of a layer ratio vs its baseline. Default: %(default)s")
+    g.addoption(
+        "--perf-ratio-tol",
+        type=float,
+        default=DEFAULTS["ratio_tol"],
+        help="Allowed rise of a layer ratio vs its baseline. Default: %(default)s",
+    )
     g.addoption(
         "--perf-codec-tol",
         type=float,
@@ -46,15 +56,31 @@ def add_options(parser: pytest.Parser) -> None:
         help="Allowed rise of a decode/encode-dominated ratio (decode, encode, memory-saving forward at batch 1 "
         "and memory-saving generation vs FP32). Default: %(default)s",
     )
-    g.addoption("--perf-ppl-windows", type=int, default=98, help="perf/test_perplexity.py: windows of 512 scored tokens of the news text (98: 50,176 tokens). Default: %(default)s")
-    g.addoption("--perf-e2e-tol", type=float, default=DEFAULTS["e2e_tol"], help="Allowed rise of an end-to-end ratio vs FP32. Default: %(default)s")
+    g.addoption(
+        "--perf-ppl-windows",
+        type=int,
+        default=98,
+        help="perf/test_perplexity.py: windows of 512 scored tokens of the news text (98: 50,176 tokens). Default: "
+             "%(default)s",
+    )
+    g.addoption(
+        "--perf-e2e-tol",
+        type=float,
+        default=DEFAULTS["e2e_tol"],
+        help="Allowed rise of an end-to-end ratio vs FP32. Default: %(default)s",
+    )
     g.addoption(
         "--perf-cache-gain-tol",
         type=float,
         default=DEFAULTS["cache_gain_tol"],
         help="Allowed loss of the KV-cache gain (no-cache/cache time - 1) vs the baseline. Default: %(default)s",
     )
-    g.addoption("--perf-memory-tol", type=float, default=DEFAULTS["memory_tol"], help="Allowed rise of memory figures. Default: %(default)s")
+    g.addoption(
+        "--perf-memory-tol",
+        type=float,
+        default=DEFAULTS["memory_tol"],
+        help="Allowed rise of memory figures. Default: %(default)s",
+    )
     g.addoption(
         "--perf-backstop",
         default=DEFAULTS["backstop"],
@@ -100,11 +126,28 @@ def add_options(parser: pytest.Parser) -> None:
         "--perf-flat-storage",
         action="store_true",
         default=False,
-        help="Do not add the per-CPU sub-directory to --benchmark-storage (baselines of every CPU then share one folder).",
+        help="Do not add the per-CPU sub-directory to --benchmark-storage (baselines of every CPU then share one "
+             "folder).",
     )
-    g.addoption("--perf-sqnr-tol-db", type=float, default=DEFAULTS["sqnr_tol_db"], help="Accuracy gate: allowed drop of an sqnr_db figure (dB). Default: %(default)s")
-    g.addoption("--perf-ppl-tol-pct", type=float, default=DEFAULTS["ppl_tol_pct"], help="Accuracy gate: allowed rise of a ppl_increase_pct figure (perplexity increase over fp32, percentage points). Default: %(default)s")
-    g.addoption("--perf-cosine-tol", type=float, default=DEFAULTS["cosine_tol"], help="Accuracy gate: allowed drop of a cosine figure (absolute). Default: %(default)s")
+    g.addoption(
+        "--perf-sqnr-tol-db",
+        type=float,
+        default=DEFAULTS["sqnr_tol_db"],
+        help="Accuracy gate: allowed drop of an sqnr_db figure (dB). Default: %(default)s",
+    )
+    g.addoption(
+        "--perf-ppl-tol-pct",
+        type=float,
+        default=DEFAULTS["ppl_tol_pct"],
+        help="Accuracy gate: allowed rise of a ppl_increase_pct figure (perplexity increase over fp32, percentage "
+             "points). Default: %(default)s",
+    )
+    g.addoption(
+        "--perf-cosine-tol",
+        type=float,
+        default=DEFAULTS["cosine_tol"],
+        help="Accuracy gate: allowed drop of a cosine figure (absolute). Default: %(default)s",
+    )
     g.addoption("--perf-plot", metavar="PNG", default=None, help="Write a chart of this run vs the baseline to PNG.")
     g.addoption("--perf-table", metavar="MD", default=None, help="Write the figures of this run as a markdown table.")
 

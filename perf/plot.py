@@ -16,8 +16,8 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 RATIO_KEYS = ("ratio_vs_linear", "ratio_same_kind", "ratio_vs_fp32", "cache_speedup")
 GATE_KEY = "qins_gate"
@@ -34,10 +34,10 @@ def _gate_limits(info: Mapping) -> dict:
 
 def make_chart(
     current: Mapping[str, Mapping],
-    baseline: Optional[Mapping[str, Mapping]],
+    baseline: Mapping[str, Mapping] | None,
     out_path,
     *,
-    baseline_label: Optional[str] = None,
+    baseline_label: str | None = None,
     title: str = "QINS perf: this run vs baseline",
 ) -> Path:
     import matplotlib
@@ -110,8 +110,11 @@ def make_chart(
     ax_change.set_yticks(ys2)
     ax_change.set_yticklabels([g[0] for g in gated], fontsize=7)
     ax_change.axvline(0, color="k", lw=0.6)
-    ax_change.set_xlabel("change vs baseline, %  (black tick: limit; green pass, orange exceeded once,\n"
-                         "red regressed, grey not gated; time ratios/bytes: + is worse, speedups: - is worse)", fontsize=8)
+    ax_change.set_xlabel(
+        "change vs baseline, %  (black tick: limit; green pass, orange exceeded once,\n"
+        "red regressed, grey not gated; time ratios/bytes: + is worse, speedups: - is worse)",
+        fontsize=8,
+    )
     ax_change.set_title("gated figures: change vs baseline" if gated else "gated figures: no baseline to compare")
 
     # (3) tokens/s vs length
@@ -127,7 +130,9 @@ def make_chart(
         color = palette.get(model, None)
         marker = "o" if cache else "s"
         label = f"{model} {'cache' if cache else 'no cache'}"
-        ax_tok.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, ls="-" if cache else ":", label=label)
+        ax_tok.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, ls="-" if cache else ":", label=label
+        )
         if all(p[2] for p in pts):
             ax_tok.plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, color=color, ls="--", alpha=0.35, lw=1)
     ax_tok.set_xlabel("new tokens (greedy)")
@@ -137,7 +142,9 @@ def make_chart(
     ax_tok.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     # (4) memory
-    mem = [(info.get("key", fullname).split("/")[-1], info) for fullname, info in current.items() if "model_bytes" in info]
+    mem = [
+        (info.get("key", fullname).split("/")[-1], info) for fullname, info in current.items() if "model_bytes" in info
+    ]
     if mem:
         names = [m[0] for m in mem]
         x = list(range(len(mem)))
@@ -145,8 +152,10 @@ def make_chart(
         model_now = [m[1]["model_bytes"] / mib for m in mem]
         peak_now = [m[1]["peak_generate_delta"] / mib for m in mem]
         ax_mem.bar([i - 0.2 for i in x], model_now, width=0.4, label="model_memory (MiB)", color="#9467bd")
-        ax_mem.bar([i + 0.2 for i in x], peak_now, width=0.4, label="peak RSS above start, generating (MiB)", color="#8c564b")
-        for i, (fullname, info) in enumerate((f, i2) for f, i2 in current.items() if "model_bytes" in i2):
+        ax_mem.bar(
+            [i + 0.2 for i in x], peak_now, width=0.4, label="peak RSS above start, generating (MiB)", color="#8c564b"
+        )
+        for i, fullname in enumerate(f for f, i2 in current.items() if "model_bytes" in i2):
             b = baseline.get(fullname, {})
             if "model_bytes" in b:
                 ax_mem.plot([i - 0.4, i], [b["model_bytes"] / mib] * 2, color="k", lw=2)
@@ -177,7 +186,9 @@ def _entries(path: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="pytest-benchmark JSON of the run to chart")
-    ap.add_argument("--baseline", type=Path, default=None, help="baseline JSON (default: latest saved run for this machine)")
+    ap.add_argument(
+        "--baseline", type=Path, default=None, help="baseline JSON (default: latest saved run for this machine)"
+    )
     ap.add_argument("--storage", type=Path, default=Path(".benchmarks"))
     ap.add_argument("-o", "--output", type=Path, default=Path("docs/perf.png"))
     args = ap.parse_args(argv)

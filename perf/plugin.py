@@ -115,7 +115,14 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "mode_line": state.compare.mode_line,
         "cpu_key": state.machine.key,
         "accuracy": [
-            {"test": o.test, "figure": o.figure, "kind": o.kind, "value": o.value, "baseline": o.baseline, "status": o.status}
+            {
+                "test": o.test,
+                "figure": o.figure,
+                "kind": o.kind,
+                "value": o.value,
+                "baseline": o.baseline,
+                "status": o.status,
+            }
             for o in state.results.accuracy_outcomes
         ],
         "gate": [
@@ -139,7 +146,8 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
     for key in ("torch", "qins_perf_threads", "qins_perf_clock"):
         if key in saved and saved.get(key) != machine_info.get(key):
             benchmarksession.logger.warning(
-                f"QINS perf: baseline was measured with {key}={saved.get(key)!r}, this run has {machine_info.get(key)!r}; ratios may shift."
+                f"QINS perf: baseline was measured with {key}={saved.get(key)!r}, this run has "
+                f"{machine_info.get(key)!r}; ratios may shift."
             )
 
 

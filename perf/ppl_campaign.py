@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     run = F.FormatRun(model, wins, batches, bos=bos)
     for fmt in formats:
         run.measure(fmt)
-        print(f"[ppl] {fmt}: ppl {P.perplexity(run.nll[fmt]):.4f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"[ppl] {fmt}: ppl {P.perplexity(run.nll[fmt]):.4f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True
+        )
     nll, seconds = run.nll, run.convert_s
     ref, int8 = nll["fp32"], nll["int8-row"]
     rows = []

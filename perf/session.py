@@ -46,7 +46,8 @@ def configure(config: pytest.Config) -> PerfState:
         raise pytest.UsageError(str(exc)) from None
     if state.settings.factor != 1.0 and (config.getoption("benchmark_save") or config.getoption("benchmark_autosave")):
         raise pytest.UsageError(
-            f"QINS perf gate: refusing to save a baseline with an injected slowdown ({state.settings.factor}x); unset {INJECT_ENV} / --perf-inject-slowdown."
+            f"QINS perf gate: refusing to save a baseline with an injected slowdown ({state.settings.factor}x); unset "
+            f"{INJECT_ENV} / --perf-inject-slowdown."
         )
     config.option.benchmark_disable_gc = True
     state.settings.clock = choose_clock(config)
@@ -120,7 +121,8 @@ def choose_mode(config: pytest.Config, state: PerfState, storage: Path, compare)
         raise pytest.UsageError(
             f"QINS perf gate: --perf-mode=stored, but baseline {base.label} was measured on {cpu_label(base_cpu)}, "
             f"not on this CPU, {state.machine.label}. Its speed figures are never used here.\n"
-            f"Create a baseline for this CPU with:\n    {SAVE_COMMAND}\n(then commit it), or use --perf-mode=auto (A/B)."
+            f"Create a baseline for this CPU with:\n    {SAVE_COMMAND}\n(then commit it), or use --perf-mode=auto "
+            "(A/B)."
         )
     try:
         rev = ab.resolve_revision(config.rootpath, (base.commit_info or {}).get("id"), base.label)
@@ -132,8 +134,16 @@ def choose_mode(config: pytest.Config, state: PerfState, storage: Path, compare)
     state.compare.mode = "ab"
     state.ab.base = base
     state.ab.rev = rev
-    why = "--perf-mode=ab" if same_cpu(base_cpu, state.machine.cpu) else f"no baseline for {state.machine.label}; {base.label} is from {cpu_label(base_cpu)}"
-    dirty = " (that baseline was saved from a dirty tree: the revision may not be exactly what it measured)" if (base.commit_info or {}).get("dirty") else ""
+    why = (
+        "--perf-mode=ab"
+        if same_cpu(base_cpu, state.machine.cpu)
+        else f"no baseline for {state.machine.label}; {base.label} is from {cpu_label(base_cpu)}"
+    )
+    dirty = (
+        " (that baseline was saved from a dirty tree: the revision may not be exactly what it measured)"
+        if (base.commit_info or {}).get("dirty")
+        else ""
+    )
     state.compare.mode_line = f"A/B against {rev[:12]} measured here ({why}){dirty}"
     # nothing stored is compared in A/B: no pytest-benchmark comparison, no absolute backstop
     config.option.benchmark_compare = None
@@ -169,7 +179,8 @@ def benchmarks_off(config: pytest.Config) -> bool:
 def report_header(state: PerfState) -> list[str]:
     """The lines ``pytest_report_header`` prints: settings, CPU and mode."""
     return [
-        f"qins-perf: threads={state.settings.threads} clock={state.settings.clock} tolerances={state.settings.tol} budget={state.settings.budget}"
+        f"qins-perf: threads={state.settings.threads} clock={state.settings.clock} tolerances={state.settings.tol} "
+        f"budget={state.settings.budget}"
         + (f" INJECTED SLOWDOWN x{state.settings.factor}" if state.settings.factor != 1.0 else ""),
         f"qins-perf: CPU {state.machine.label} (baselines under <storage>/{state.machine.key}/)",
         f"qins-perf: mode: {state.compare.mode_line}",

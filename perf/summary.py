@@ -43,17 +43,27 @@ def backstop_tripped(terminalreporter, config: pytest.Config, state: PerfState) 
 def report(tr, state: PerfState) -> None:
     """The "QINS perf gate" section of the terminal summary (nothing when nothing was measured),
     and the ``--perf-table`` / ``--perf-plot`` files."""
-    if not state.results.records and not state.results.outcomes and not state.ab.error and not state.results.target_results \
-            and not state.results.accuracy_target_results:
+    if (
+        not state.results.records
+        and not state.results.outcomes
+        and not state.ab.error
+        and not state.results.target_results
+        and not state.results.accuracy_target_results
+    ):
         return
     tr.section("QINS perf gate", sep="-", bold=True)
     if state.settings.factor != 1.0:
-        tr.write_line(f"INJECTED SLOWDOWN: every QINS forward x{state.settings.factor} ({INJECT_ENV} / --perf-inject-slowdown)", yellow=True)
+        tr.write_line(
+            f"INJECTED SLOWDOWN: every QINS forward x{state.settings.factor} ({INJECT_ENV} / --perf-inject-slowdown)",
+            yellow=True,
+        )
     tr.write_line(f"CPU: {state.machine.label}")
     tr.write_line(f"mode: {state.compare.mode_line}")
     if state.compare.mode == "ab":
         _report_ab(tr, state)
-    compared = [o for o in state.results.outcomes if o.status != "not-compared"] if state.compare.mode == "stored" else []
+    compared = (
+        [o for o in state.results.outcomes if o.status != "not-compared"] if state.compare.mode == "stored" else []
+    )
     if compared:
         tr.write_line(render_table(outcome_table(compared)))
         bad = [o for o in compared if o.failed]
@@ -98,7 +108,12 @@ def report(tr, state: PerfState) -> None:
 
             current = {k: v["extra_info"] for k, v in state.results.records.items()}
             base = state.compare.baseline.entries if state.compare.baseline is not None else None
-            make_chart(current, base, plot_path, baseline_label=state.compare.baseline.label if state.compare.baseline else None)
+            make_chart(
+                current,
+                base,
+                plot_path,
+                baseline_label=state.compare.baseline.label if state.compare.baseline else None,
+            )
             tr.write_line(f"wrote chart: {plot_path}")
         except Exception as exc:  # a chart must never turn a passing gate into a crash
             tr.write_line(f"could not write chart {plot_path}: {type(exc).__name__}: {exc}", red=True)
@@ -116,7 +131,9 @@ def _report_ab(tr, state: PerfState) -> None:
     tr.write_line(render_table(ab_table(state.ab.outcomes)))
     new = [o for o in state.ab.outcomes if o.status == "new"]
     if new:
-        tr.write_line(f"{len(new)} figure(s) new in this revision (the old one does not measure them): reported, not gated.")
+        tr.write_line(
+            f"{len(new)} figure(s) new in this revision (the old one does not measure them): reported, not gated."
+        )
     bad = [o for o in state.ab.outcomes if o.failed]
     judged = [o for o in state.ab.outcomes if o.status in ("pass", "regressed", "refuted")]
     refuted = [o for o in state.ab.outcomes if o.status == "refuted"]
@@ -126,11 +143,18 @@ def _report_ab(tr, state: PerfState) -> None:
         for o in refuted:
             tr.write_line("  " + o.message(state.ab.rev), yellow=True)
     if bad:
-        tr.write_line(f"GATE FAILED (A/B against {state.ab.rev[:12]} measured here): {len(bad)} figure(s) regressed:", red=True, bold=True)
+        tr.write_line(
+            f"GATE FAILED (A/B against {state.ab.rev[:12]} measured here): {len(bad)} figure(s) regressed:",
+            red=True,
+            bold=True,
+        )
         for o in bad:
             tr.write_line("  " + o.message(state.ab.rev), red=True)
     else:
-        tr.write_line(f"gate passed (A/B against {state.ab.rev[:12]} measured here): {len(judged)} figure(s) within limits.", green=True)
+        tr.write_line(
+            f"gate passed (A/B against {state.ab.rev[:12]} measured here): {len(judged)} figure(s) within limits.",
+            green=True,
+        )
 
 
 def _report_accuracy(tr, state: PerfState) -> None:

@@ -29,9 +29,12 @@ def report_targets(tr, state: PerfState) -> None:
     and accuracy."""
     if state.results.accuracy_target_results:
         missed = sum(r[1] == "missed" for r in state.results.accuracy_target_results)
-        tr.write_line(f"accuracy targets: {len(state.results.accuracy_target_results) - missed} met, {missed} missed "
-                      f"({'asserted' if speed_targets_asserted(state.settings.targets) else 'reported, not asserted'}):",
-                      yellow=bool(missed), green=not missed)
+        tr.write_line(
+            f"accuracy targets: {len(state.results.accuracy_target_results) - missed} met, {missed} missed "
+            f"({'asserted' if speed_targets_asserted(state.settings.targets) else 'reported, not asserted'}):",
+            yellow=bool(missed),
+            green=not missed,
+        )
         for test, status, what in state.results.accuracy_target_results:
             tr.write_line(f"  {status.upper():6} {test}: {what}", yellow=status == "missed")
     if not state.results.target_results:

@@ -98,7 +98,10 @@ def test_generate(benchmark, perf_gate, e2e_models, e2e_prompt, warm, device, ne
         pairs = PAIRS_MEMSAVE[new_tokens] if model == "qins-memsave" else PAIRS[new_tokens]
     else:  # any model without cache, paired with itself with cache
         reference = _generate_fn(models[model], prompt, new_tokens, True, device)
-        figure, rule = "cache_speedup", Rule(LOWER, perf_gate.tol["cache_gain"], gain=True, min_baseline=CACHE_SPEEDUP_MIN)
+        figure, rule = (
+            "cache_speedup",
+            Rule(LOWER, perf_gate.tol["cache_gain"], gain=True, min_baseline=CACHE_SPEEDUP_MIN),
+        )
         pairs = PAIRS_MEMSAVE_NO_CACHE[new_tokens] if model == "qins-memsave" else PAIRS_NO_CACHE[new_tokens]
 
     p = paired_benchmark(benchmark, target, reference, match=False, pairs=scaled(pairs))

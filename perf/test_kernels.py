@@ -141,7 +141,12 @@ def test_memory_saving_layer(benchmark, perf_gate, device, stacks, inject_factor
     rules = {"ratio_vs_linear": Rule(HIGHER, perf_gate.tol["ratio"])}
     if CASES[case] == 1:
         # The streaming floor: read the same code (and sign) bytes, as int64 words, from the same stack.
-        words = [torch.cat([m.stored.reshape(-1)] + ([m.sign.reshape(-1).view(torch.uint8)] if m.sign is not None else [])).view(torch.int64) for m in qins_layers]
+        words = [
+            torch.cat(
+                [m.stored.reshape(-1)] + ([m.sign.reshape(-1).view(torch.uint8)] if m.sign is not None else [])
+            ).view(torch.int64)
+            for m in qins_layers
+        ]
         floor = synced(_round_robin(words, lambda w: w.sum()), device)
         pf = paired_again(target, floor, repeat=1, pairs=max(5, len(p.target)))
         nbytes = _weight_bytes(qins_layers[0])
@@ -175,7 +180,8 @@ def _assert_targets(perf_gate, benchmark, fmt, case, shape, figures, target, ref
         again = paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio
         benchmark.extra_info["target_recheck_ratio_vs_linear"] = again
         if again > limit:
-            missed = f"{fmt} {case} {shape}: ratio vs nn.Linear {figures['ratio_vs_linear']:.3f}, re-measured {again:.3f}, target <= {limit}"
+            missed = (f"{fmt} {case} {shape}: ratio vs nn.Linear {figures['ratio_vs_linear']:.3f}, re-measured "
+                      f"{again:.3f}, target <= {limit}")
     perf_gate.speed_target(benchmark, figures["kernel"], f"{fmt} {case} {shape}: ratio vs nn.Linear "
                            f"{figures['ratio_vs_linear']:.3f}, target <= {limit}", missed)
     if floor is not None and fmt == "packed":

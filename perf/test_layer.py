@@ -130,7 +130,9 @@ def test_linear_fp32(benchmark, perf_gate, device, layers, inputs, size, batch):
     lin, x = layers[size]["linear"], inputs[(size, batch)]
     times = plain_benchmark(benchmark, synced(lambda: lin(x), device), budget_s=BUDGET_S * perf_gate.budget)
     if times is not None:
-        perf_gate.record(benchmark, {"time_s": benchmark.stats.stats.median, "ratio_vs_linear": 1.0}, key=f"linear/{size}/{batch}")
+        perf_gate.record(
+            benchmark, {"time_s": benchmark.stats.stats.median, "ratio_vs_linear": 1.0}, key=f"linear/{size}/{batch}"
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -159,7 +161,7 @@ def test_decode(benchmark, perf_gate, device, layers, inputs, size):
     from qins import reconstruct_from_qins
 
     benchmark.group = f"codec {size}x{size}"
-    q, lin, x = layers[size]["seed"], layers[size]["linear"], inputs[(size, "b1")]
+    q, lin, _ = layers[size]["seed"], layers[size]["linear"], inputs[(size, "b1")]
     out = torch.empty(q.stored.shape, dtype=torch.float32, device=device)
     out.fill_(0.0)  # fault the pages in once: the benchmark measures decoding, not first-touch
     ref_out = torch.empty_like(out)
@@ -171,7 +173,9 @@ def test_decode(benchmark, perf_gate, device, layers, inputs, size):
     if p is None:
         return
     # effective bandwidth: read 1 byte code + 1 byte sign, write 4 bytes fp32, per weight
-    figures = dict(_same_kind_figures(p, perf_gate, size, SAME_KIND_DECODE), gbps=q.stored.numel() * 6 / p.target_median / 1e9)
+    figures = dict(
+        _same_kind_figures(p, perf_gate, size, SAME_KIND_DECODE), gbps=q.stored.numel() * 6 / p.target_median / 1e9
+    )
 
     def remeasure():
         return {SAME_KIND: paired_again(target, reference, repeat=p.repeat, pairs=len(p.target)).ratio}
@@ -185,7 +189,7 @@ def test_encode(benchmark, perf_gate, device, layers, inputs, size):
     from qins import convert_to_qins
 
     benchmark.group = f"codec {size}x{size}"
-    lin, x = layers[size]["linear"], inputs[(size, "b1")]
+    lin, _ = layers[size]["linear"], inputs[(size, "b1")]
     w = lin.weight.detach()
     buf = torch.empty_like(w)
     buf.fill_(0.0)

@@ -45,7 +45,9 @@ def _run(windows: int) -> F.FormatRun:
             pytest.fail(f"CI is set and a real asset is missing: {exc}", pytrace=False)
         pytest.skip(str(exc))
     wins = P.windows(tok(news, return_tensors="pt", add_special_tokens=False).input_ids[0], CTX, windows)
-    batches = F.token_batches(tok(wiki, return_tensors="pt", add_special_tokens=False).input_ids[0], CALIBRATION_SEQUENCES, CTX)
+    batches = F.token_batches(
+        tok(wiki, return_tensors="pt", add_special_tokens=False).input_ids[0], CALIBRATION_SEQUENCES, CTX
+    )
     return F.FormatRun(model, wins, batches)
 
 
@@ -84,9 +86,16 @@ def test_perplexity_smollm2(benchmark, perf_gate, run, fmt):
         perf_gate.accuracy_target(benchmark, f"1 B/w data-free: {increase:+.3f}% vs int8-row {int8_increase:+.3f}% "
                                   f"(difference {vs_int8} points), target <= int8's", increase <= int8_increase)
     elif fmt == "qins-packed-calibrated":
-        perf_gate.accuracy_target(benchmark, f"1 B/w best: {increase:+.3f}% vs half of int8-row's {int8_increase / 2:+.3f}% "
-                                  f"(difference to int8 {vs_int8} points), target <= half", increase <= int8_increase / 2)
+        perf_gate.accuracy_target(
+            benchmark,
+            f"1 B/w best: {increase:+.3f}% vs half of int8-row's {int8_increase / 2:+.3f}% "
+            f"(difference to int8 {vs_int8} points), target <= half",
+            increase <= int8_increase / 2,
+        )
     elif fmt == "qins-split-calibrated":
         bf16 = P.increase_pct(run.measure("bf16"), ref)
-        perf_gate.accuracy_target(benchmark, f"2 B/w best: {increase:+.3f}% vs bf16 {bf16:+.3f}%, target <= bf16's + 0.05 points",
-                                  increase <= bf16 + 0.05)
+        perf_gate.accuracy_target(
+            benchmark,
+            f"2 B/w best: {increase:+.3f}% vs bf16 {bf16:+.3f}%, target <= bf16's + 0.05 points",
+            increase <= bf16 + 0.05,
+        )

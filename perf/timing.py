@@ -11,9 +11,10 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 from perf.gate import INJECT_ENV, paired_ratios, parse_factor, robust_ratio
 
@@ -68,7 +69,7 @@ def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], objec
 # --------------------------------------------------------------------------------------------
 
 
-def slowed(fn: Callable, factor: float, device: Optional[torch.device] = None) -> Callable:
+def slowed(fn: Callable, factor: float, device: torch.device | None = None) -> Callable:
     """``fn`` made ``factor`` times slower: after each call, busy-wait ``(factor - 1)`` x its duration.
 
     The slowdown is exact relative to the call's own time (noise included), so the self-check
@@ -204,8 +205,8 @@ def paired_benchmark(
     min_pairs: int = 5,
     max_pairs: int = 200,
     warmup: int = 1,
-    pairs: Optional[int] = None,
-) -> Optional[Paired]:
+    pairs: int | None = None,
+) -> Paired | None:
     """Benchmark ``target`` with pytest-benchmark, interleaved with timed ``reference`` calls.
 
     ``match=True`` repeats the reference so that one reference block lasts about as long as one
@@ -263,8 +264,8 @@ def plain_benchmark(
     min_rounds: int = 3,
     max_rounds: int = 200,
     warmup: int = 1,
-    rounds: Optional[int] = None,
-) -> Optional[list]:
+    rounds: int | None = None,
+) -> list | None:
     """Benchmark ``target`` alone (no reference); returns the per-round times."""
     if benchmark.disabled:
         benchmark.pedantic(target, rounds=1)

@@ -18,8 +18,8 @@ import copy
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -164,7 +164,9 @@ def int8_model(model: nn.Module) -> tuple[nn.Module, float]:
 def sentence_embeddings(model: nn.Module, tokenizer, sentences: Sequence[str]) -> torch.Tensor:
     """Mean of the last hidden states over the attention mask, ``[n, hidden]`` float64 (one batch)."""
     enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
-    hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc.get("token_type_ids")).last_hidden_state
+    hidden = model(
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc.get("token_type_ids")
+    ).last_hidden_state
     mask = enc["attention_mask"].unsqueeze(-1).to(torch.float64)
     return (hidden.to(torch.float64) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 

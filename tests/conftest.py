@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
-
 import torch
 
 from tests import isolation, mutmut_depth
@@ -29,7 +28,7 @@ if "mutmut" in sys.modules:  # inside a mutmut run: its max_stack_depth, fixed (
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_SNAPSHOT: Optional[dict[str, dict]] = None
+_SNAPSHOT: dict[str, dict] | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 #: substrings of a test runner's file name: the walk up the stack stops at the first such frame
 RUNNER_MARKERS = ("pytest", "hammett", "unittest")
@@ -56,7 +56,7 @@ def within_depth(frame, depth: int, mutated_roots: Sequence[Path]) -> bool:
     return budget > 0
 
 
-def record_trampoline_hit(name: str, caller: Optional[str] = None) -> None:
+def record_trampoline_hit(name: str, caller: str | None = None) -> None:
     """mutmut's hit recorder (``mutmut.stats.record_trampoline_hit``) with :func:`within_depth`."""
     from mutmut.configuration import config
     from mutmut.state import state

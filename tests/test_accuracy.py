@@ -167,7 +167,9 @@ def test_real_model_sqnr_target(real_figures, name, figure, record_property) -> 
         record_property(f"{f.name}.sqnr_{figure}_db", round(getattr(f, f"sqnr_{figure}_db"), 3))
     target = REAL_TARGETS[name][0 if figure == "median" else 1]
     value = getattr(got, f"sqnr_{figure}_db")
-    assert value >= target, f"{figure} layer SQNR {value:.2f} dB < target {target} dB\n{got.row()}\nreference: {ref.row()}"
+    assert value >= target, (
+        f"{figure} layer SQNR {value:.2f} dB < target {target} dB\n{got.row()}\nreference: {ref.row()}"
+    )
 
 
 @pytest.mark.slow
@@ -194,7 +196,9 @@ def test_packed_row_worst_layer_beats_int8_per_channel(real_figures) -> None:
 def test_seed_format_measured_and_beaten_by_mse(real_figures) -> None:
     """The seed's format (split, minmax, per tensor) has no target; the mse range must improve on it."""
     seed, mse = real_figures("seed-split-minmax-tensor"), real_figures("split-mse-tensor")
-    assert mse.sqnr_median_db > seed.sqnr_median_db and mse.sqnr_worst_db > seed.sqnr_worst_db, f"\n{mse.row()}\n{seed.row()}"
+    assert mse.sqnr_median_db > seed.sqnr_median_db and mse.sqnr_worst_db > seed.sqnr_worst_db, (
+        f"\n{mse.row()}\n{seed.row()}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,8 +99,11 @@ def test_compile_unit_logs_its_command_at_debug_level(sources, tmp_path, caplog)
 def test_compile_error_message_is_the_tail_of_the_compilers_text(sources, tmp_path, monkeypatch):
     """The last 4000 characters of stderr, as text (not a bytes repr)."""
     stderr = "".join(f"line {i}: error\n" for i in range(1000))  # ~14 kB
-    monkeypatch.setattr(build.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr if kw.get("text") else stderr.encode()))
+    monkeypatch.setattr(
+        build.subprocess,
+        "run",
+        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr if kw.get("text") else stderr.encode()),
+    )
     with pytest.raises(RuntimeError) as info:
         build._compile_unit("c++", "broken.cpp", [], tmp_path)
     assert str(info.value) == f"qins: compiling broken.cpp failed:\n{stderr[-4000:]}"

@@ -252,7 +252,9 @@ def test_float32_log_buffers_decode_within_the_same_bound(w: torch.Tensor) -> No
     stored, sign, lo, hi = convert_to_qins(w)
     nz = w != 0
     assume(bool(nz.any()))
-    w_hat = reconstruct_from_qins(stored, sign, torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
+    w_hat = reconstruct_from_qins(
+        stored, sign, torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+    )
     lo32, hi32 = float(torch.tensor(lo, dtype=torch.float32)), float(torch.tensor(hi, dtype=torch.float32))
     bound = qins_error_bound(lo, hi) + qins_log_slack(lo32, hi32)
     err = (w_hat.to(F64).abs().log() - w.to(F64).abs().log())[nz].abs()
@@ -347,7 +349,9 @@ def test_non_finite_weight_raises_with_count_and_first_index(bad: float) -> None
     w[1, 2] = bad
     w[2, 0] = bad
     copy = w.clone()
-    with pytest.raises(ValueError, match=rf"^weight has 2 non-finite value\(s\) \(NaN or ±Inf\); first at index \(1, 2\) = {bad}$"):
+    with pytest.raises(
+        ValueError, match=rf"^weight has 2 non-finite value\(s\) \(NaN or ±Inf\); first at index \(1, 2\) = {bad}$"
+    ):
         convert_to_qins(w)
     assert torch.equal(w.isnan(), copy.isnan()) and torch.equal(w.nan_to_num(), copy.nan_to_num())
 

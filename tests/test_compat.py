@@ -20,7 +20,6 @@ from transformers import GenerationMixin, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 
 from qins import compat
-
 from tests import isolation
 from tests.isolation import MASK_MODULE
 from tests.strategies import forward_input_lengths, legacy_model_dir, load_legacy_model
@@ -139,7 +138,9 @@ def test_without_the_mask_module_the_patch_adds_a_named_stand_in_and_unpatch_rem
     monkeypatch.setitem(sys.modules, MASK_MODULE, None)  # importing it now raises ImportError
     with caplog.at_level(logging.DEBUG, logger="qins.compat"):
         added = compat.patch_transformers()
-    assert f"qins.compat: added module {MASK_MODULE}" in [r.getMessage() for r in caplog.records if r.name == "qins.compat"]
+    assert f"qins.compat: added module {MASK_MODULE}" in [
+        r.getMessage() for r in caplog.records if r.name == "qins.compat"
+    ]
     stand_in = sys.modules[MASK_MODULE]
     assert MASK_MODULE in added and isinstance(stand_in, types.ModuleType)
     assert stand_in.__name__ == MASK_MODULE
@@ -529,13 +530,18 @@ def test_patch_api_is_exported_from_the_package() -> None:
 # ---- found by mutation testing (issue 11): the version guards, simulated on this transformers ----
 
 #: (owner, name) of everything the patch may add to the cache classes: the legacy API and the views
-_CACHE_PIECES = [(o, n) for o, names in LEGACY_CACHE_API.items() for n in names] + [(DynamicCache, "key_cache"), (DynamicCache, "value_cache")]
+_CACHE_PIECES = [(o, n) for o, names in LEGACY_CACHE_API.items() for n in names] + [
+    (DynamicCache, "key_cache"),
+    (DynamicCache, "value_cache"),
+]
 
 
 def test_a_transformers_that_has_the_whole_legacy_api_gets_none_of_it_replaced(unpatched, monkeypatch):
     import types
 
-    mask_module = importlib.import_module(MASK_MODULE) if importlib.util.find_spec(MASK_MODULE) else types.ModuleType(MASK_MODULE)
+    mask_module = (
+        importlib.import_module(MASK_MODULE) if importlib.util.find_spec(MASK_MODULE) else types.ModuleType(MASK_MODULE)
+    )
     monkeypatch.setitem(sys.modules, MASK_MODULE, mask_module)
     native = {}
     for owner, name in [*_CACHE_PIECES, (mask_module, compat._MASK_FN)]:
@@ -563,18 +569,26 @@ def test_a_transformers_that_lacks_the_legacy_api_gets_each_piece_and_loses_it_o
     added = compat.patch_transformers()
     want = [f"{o.__name__}.{n}" for o, n in (_CACHE_PIECES if views else api)] + [f"{MASK_MODULE}.{compat._MASK_FN}"]
     assert [a for a in added if a.startswith(("Cache.", "DynamicCache.", MASK_MODULE))] == want
-    assert vars(Cache)["get_usable_length"] is compat._get_usable_length and vars(Cache)["get_max_length"] is compat._get_max_length
+    assert (
+        vars(Cache)["get_usable_length"] is compat._get_usable_length
+        and vars(Cache)["get_max_length"] is compat._get_max_length
+    )
     assert vars(Cache)["seen_tokens"].fget is compat._seen_tokens
     assert vars(DynamicCache)["from_legacy_cache"].__func__ is compat._from_legacy_cache
     assert vars(DynamicCache)["to_legacy_cache"] is compat._to_legacy_cache
     if views:
         assert [vars(DynamicCache)[n].attr for n in ("key_cache", "value_cache")] == ["keys", "values"]
-    assert sys.modules[MASK_MODULE] is mask_module and vars(mask_module)[compat._MASK_FN] is compat._prepare_4d_causal_attention_mask
+    assert (
+        sys.modules[MASK_MODULE] is mask_module
+        and vars(mask_module)[compat._MASK_FN] is compat._prepare_4d_causal_attention_mask
+    )
     compat.unpatch_transformers()
     assert not any(n in vars(o) for o, n in _CACHE_PIECES) and compat._MASK_FN not in vars(mask_module)
 
 
-def test_the_remote_class_adapter_is_installed_when_generate_passes_cache_even_without_a_rope_property(unpatched, monkeypatch):
+def test_the_remote_class_adapter_is_installed_when_generate_passes_cache_even_without_a_rope_property(
+    unpatched, monkeypatch
+):
     from transformers import dynamic_module_utils
 
     monkeypatch.setattr(PretrainedConfig, "rope_scaling", None, raising=False)  # a plain attribute, as in 4.x
@@ -587,9 +601,13 @@ def test_the_remote_class_adapter_is_installed_when_generate_passes_cache_even_w
     assert dynamic_module_utils.get_class_in_module is loader
 
 
-@pytest.mark.skipif(not GENERATE_PASSES_CACHE_KWARG, reason="4.x generate passes past_key_values itself: nothing to adapt")
+@pytest.mark.skipif(
+    not GENERATE_PASSES_CACHE_KWARG, reason="4.x generate passes past_key_values itself: nothing to adapt"
+)
 @pytest.mark.parametrize("prefix", ["qins_test_remote", None], ids=["custom-prefix", "prefix-attribute-absent"])
-def test_remote_classes_already_imported_under_the_dynamic_module_prefix_are_adapted_and_no_others(unpatched, monkeypatch, prefix):
+def test_remote_classes_already_imported_under_the_dynamic_module_prefix_are_adapted_and_no_others(
+    unpatched, monkeypatch, prefix
+):
     import types
 
     from transformers import dynamic_module_utils
@@ -604,7 +622,9 @@ def test_remote_classes_already_imported_under_the_dynamic_module_prefix_are_ada
     classes = {}
     for name in [f"{prefix or 'transformers_modules'}.legacy_phi", "qins_test_not_remote.legacy_phi"]:
         module = types.ModuleType(name)
-        classes[name] = type("Legacy", (torch.nn.Module,), {"prepare_inputs_for_generation": legacy, "__module__": name})
+        classes[name] = type(
+            "Legacy", (torch.nn.Module,), {"prepare_inputs_for_generation": legacy, "__module__": name}
+        )
         module.Legacy = classes[name]
         monkeypatch.setitem(sys.modules, name, module)
     remote, local = classes.values()

@@ -22,7 +22,9 @@ def _fresh_dynamo() -> None:
     counters.clear()
 
 
-def stack(cache_weight: bool, seed: int = 0, widths: tuple[int, ...] = (16, 32, 24, 8), config: QinsConfig | None = None) -> nn.Sequential:
+def stack(
+    cache_weight: bool, seed: int = 0, widths: tuple[int, ...] = (16, 32, 24, 8), config: QinsConfig | None = None
+) -> nn.Sequential:
     """Several ProjectiveLinear layers; each source weight has its own scale, so its own log range."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
@@ -50,7 +52,9 @@ def test_compiled_layer_compiles_one_frame_without_graph_breaks(cache_weight: bo
 
 @FORMATS
 @MODES
-def test_memory_saving_graph_is_one_opaque_qins_linear_op_and_cached_graph_a_plain_linear(cache_weight: bool, config: QinsConfig) -> None:
+def test_memory_saving_graph_is_one_opaque_qins_linear_op_and_cached_graph_a_plain_linear(
+    cache_weight: bool, config: QinsConfig
+) -> None:
     """The memory-saving graph calls qins::linear once and decodes nothing itself; the cached one only multiplies."""
     layer = ProjectiveLinear.from_linear(nn.Linear(16, 8), config, cache_weight=cache_weight)
     graphs: list[torch.fx.GraphModule] = []
@@ -68,9 +72,15 @@ def test_memory_saving_graph_is_one_opaque_qins_linear_op_and_cached_graph_a_pla
 
 @FORMATS
 @MODES
-def test_no_recompile_across_layers_with_different_log_ranges_or_new_state(cache_weight: bool, config: QinsConfig) -> None:
+def test_no_recompile_across_layers_with_different_log_ranges_or_new_state(
+    cache_weight: bool, config: QinsConfig
+) -> None:
     model = stack(cache_weight, config=config)
-    ranges = {(tuple(m.log_min.reshape(-1).tolist()), tuple(m.log_max.reshape(-1).tolist())) for m in model if isinstance(m, ProjectiveLinear)}
+    ranges = {
+        (tuple(m.log_min.reshape(-1).tolist()), tuple(m.log_max.reshape(-1).tolist()))
+        for m in model
+        if isinstance(m, ProjectiveLinear)
+    }
     assert len(ranges) == 3
     cnt = CompileCounter()
     compiled = torch.compile(model, backend=cnt, fullgraph=True)

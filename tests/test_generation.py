@@ -8,7 +8,7 @@ be used, i.e. the model's forward receives the prompt once and then one token pe
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch

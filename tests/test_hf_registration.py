@@ -30,7 +30,9 @@ def test_registers_through_transformers_api_when_it_has_one(auto, monkeypatch: p
     calls = []
     for name in ("register_quantizer", "register_quantization_config"):
         real = getattr(auto, name)
-        monkeypatch.setattr(auto, name, lambda method, _real=real, _name=name: calls.append((_name, method)) or _real(method))
+        monkeypatch.setattr(
+            auto, name, lambda method, _real=real, _name=name: calls.append((_name, method)) or _real(method)
+        )
     with caplog.at_level(logging.DEBUG, logger="qins.hf"):
         config_cls, quantizer_cls = register_with_transformers()
     version = qins.hf._transformers_version()
@@ -90,13 +92,25 @@ def test_the_config_class_defaults_are_the_library_defaults() -> None:
 def test_a_format_version_other_than_2_is_refused_by_name() -> None:
     config_cls, _ = register_with_transformers()
     for bad in (3, "2", 2.0, True):
-        with pytest.raises(ValueError, match=r"^quantization_config: QINS format_version .* is not supported \(this qins reads 2\)"):
+        with pytest.raises(
+            ValueError, match=r"^quantization_config: QINS format_version .* is not supported \(this qins reads 2\)"
+        ):
             config_cls(format_version=bad)
     assert config_cls(format_version=2).format_version == 2
 
 
-@pytest.mark.parametrize("field, value", [("packed", "false"), ("packed", 0), ("per_row", "true"), ("cache_weight", None),
-                                          ("log_range", "max"), ("skip", "lm_head"), ("skip", ["lm_head", 3])])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("packed", "false"),
+        ("packed", 0),
+        ("per_row", "true"),
+        ("cache_weight", None),
+        ("log_range", "max"),
+        ("skip", "lm_head"),
+        ("skip", ["lm_head", 3]),
+    ],
+)
 def test_a_config_field_of_the_wrong_type_or_value_is_refused_naming_the_field(field: str, value) -> None:
     config_cls, _ = register_with_transformers()
     with pytest.raises(ValueError, match=rf"quantization_config field '{field}' must be .*fix config.json"):
@@ -133,8 +147,11 @@ def test_transformers_4_loads_through_accelerate_and_says_so_when_it_is_missing(
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (real("torch") if accelerate else None) if name == "accelerate" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (real("torch") if accelerate else None) if name == "accelerate" else real(name, *a),
+    )
     config_cls, quantizer_cls = qins.hf._build_classes(major)
     quantizer = quantizer_cls(config_cls(), pre_quantized=True)
     if major == 4 and not accelerate:

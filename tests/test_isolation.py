@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 
 from qins import compat
-
 from tests import isolation
 
 pytest_plugins = ["pytester"]

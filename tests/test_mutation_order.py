@@ -27,7 +27,12 @@ def test_tests_run_cheapest_first_one_by_one_when_no_module_fixture_is_shared() 
 def test_a_module_with_a_shared_fixture_moves_as_one_block_ranked_by_its_total() -> None:
     items = _items("tests/a.py::x", "tests/b.py::y", "tests/a.py::z", "tests/c.py::w")
     seconds = {"tests/a.py::x": 0.1, "tests/a.py::z": 5.0, "tests/b.py::y": 1.0, "tests/c.py::w": 0.5}
-    assert _order(items, seconds, {"tests/a.py"}) == ["tests/c.py::w", "tests/b.py::y", "tests/a.py::x", "tests/a.py::z"]
+    assert _order(items, seconds, {"tests/a.py"}) == [
+        "tests/c.py::w",
+        "tests/b.py::y",
+        "tests/a.py::x",
+        "tests/a.py::z",
+    ]
 
 
 def test_ties_and_the_order_inside_a_block_are_kept() -> None:

@@ -30,7 +30,9 @@ def x_f__mutmut_4(a):
 
 @pytest.fixture
 def module():
-    spec = importlib.util.spec_from_file_location("qins_mutation_report", Path(__file__).parents[1] / "docs" / "mutation.py")
+    spec = importlib.util.spec_from_file_location(
+        "qins_mutation_report", Path(__file__).parents[1] / "docs" / "mutation.py"
+    )
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)  # type: ignore[union-attr]
     return loaded
@@ -44,7 +46,9 @@ def report(module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (tmp_path / "tests").mkdir()
     (tmp_path / "mutants" / "qins" / "m.py").write_text(_MODULE)
 
-    def run(codes: dict[int, object], listed: dict[int, str], capsys: pytest.CaptureFixture) -> tuple[dict[str, str], str, int]:
+    def run(
+        codes: dict[int, object], listed: dict[int, str], capsys: pytest.CaptureFixture
+    ) -> tuple[dict[str, str], str, int]:
         meta = {"exit_code_by_key": {f"qins.m.x_f__mutmut_{k}": v for k, v in codes.items()}}
         (tmp_path / "mutants" / "qins" / "m.py.meta").write_text(json.dumps(meta))
         lines = {1: "return a - 1", 2: "return a + 2", 3: "return a * 1", 4: "return None"}
@@ -60,7 +64,13 @@ def report(module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_a_listed_mutant_counts_as_equivalent_only_once_mutmut_let_it_live(report, capsys) -> None:
     row, out, rc = report({1: 1, 2: 0, 3: None, 4: 0}, {2: "same value", 3: "same value", 4: "needs a GPU: x"}, capsys)
-    assert (row["generated"], row["detected"], row["equivalent"], row["gpu_only"], row["not_checked"]) == ("4", "1", "1", "1", "1")
+    assert (row["generated"], row["detected"], row["equivalent"], row["gpu_only"], row["not_checked"]) == (
+        "4",
+        "1",
+        "1",
+        "1",
+        "1",
+    )
     assert row["score"] == "33.3%" and rc == 1  # 1 detected of 4 - 1 equivalent; one not checked
     assert "1 mutants not checked yet" in out
 
@@ -87,7 +97,9 @@ def _meta(*codes: object) -> dict:
             "estimated_durations_by_key": {k: 1.5 for k in keys}}
 
 
-def test_the_ledger_carries_mutmuts_results_to_a_fresh_clone_and_never_overwrites_a_local_one(module, tmp_path, monkeypatch) -> None:
+def test_the_ledger_carries_mutmuts_results_to_a_fresh_clone_and_never_overwrites_a_local_one(
+    module, tmp_path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     run = {Path("qins/m.py.meta"): _meta(1, 0, None), Path("qins/kernels/k.py.meta"): _meta(1)}
     for rel, meta in run.items():
@@ -107,7 +119,9 @@ def test_the_ledger_carries_mutmuts_results_to_a_fresh_clone_and_never_overwrite
     assert json.loads(Path("mutants/qins/m.py.meta").read_text()) == local
 
 
-def test_saving_drops_modules_the_run_no_longer_has_and_a_run_without_results_leaves_the_ledger_alone(module, tmp_path, monkeypatch) -> None:
+def test_saving_drops_modules_the_run_no_longer_has_and_a_run_without_results_leaves_the_ledger_alone(
+    module, tmp_path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     old = module.LEDGER / "qins" / "gone.py.meta"
     old.parent.mkdir(parents=True)

@@ -47,7 +47,7 @@ def figures() -> dict[str, dict[str, float]]:
     for fmt in MEASURED:
         q = F.quantized_copy(model, fmt, calibration)
         kld: list[torch.Tensor] = []
-        nll = P.token_nll(q, wins, on_logprobs=lambda i, lp: kld.append(P.kl_divergence(ref_logp[i], lp)))
+        nll = P.token_nll(q, wins, on_logprobs=lambda i, lp, kld=kld: kld.append(P.kl_divergence(ref_logp[i], lp)))
         out[fmt] = {"kld": float(torch.cat(kld).mean()), "dppl_pct": P.increase_pct(nll, ref)}
         del q
     return out

@@ -4,8 +4,8 @@ from __future__ import annotations
 import io
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -40,12 +40,18 @@ def _snapshot(model: nn.Module) -> tuple[list, dict]:
 
 def _unchanged(model: nn.Module, before: tuple[list, dict]) -> bool:
     types, state = _snapshot(model)
-    return types == before[0] and state.keys() == before[1].keys() and all(torch.equal(state[k], before[1][k]) for k in state)
+    return (
+        types == before[0]
+        and state.keys() == before[1].keys()
+        and all(torch.equal(state[k], before[1][k]) for k in state)
+    )
 
 
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-def test_save_then_load_into_a_converted_model_is_bit_identical(tmp_path: Path, config: QinsConfig, cache_weight: bool) -> None:
+def test_save_then_load_into_a_converted_model_is_bit_identical(
+    tmp_path: Path, config: QinsConfig, cache_weight: bool
+) -> None:
     source = _converted(config, cache_weight=cache_weight)
     qins.save(source, tmp_path / "m.safetensors")
     target = _converted(config, seed=1, cache_weight=cache_weight)
@@ -57,13 +63,19 @@ def test_save_then_load_into_a_converted_model_is_bit_identical(tmp_path: Path, 
 
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-def test_load_into_a_plain_skeleton_converts_the_listed_layers_to_the_recorded_format(tmp_path: Path, config: QinsConfig, cache_weight: bool) -> None:
+def test_load_into_a_plain_skeleton_converts_the_listed_layers_to_the_recorded_format(
+    tmp_path: Path, config: QinsConfig, cache_weight: bool
+) -> None:
     source = _converted(config, cache_weight=cache_weight)
     qins.save(source, tmp_path / "m.safetensors")
     skeleton = tiny_phi3(seed=7)
     qins.load(skeleton, tmp_path / "m.safetensors")
-    kinds = {n: (type(m), getattr(m, "config", None), getattr(m, "cache_weight", None)) for n, m in skeleton.named_modules()}
-    assert kinds == {n: (type(m), getattr(m, "config", None), getattr(m, "cache_weight", None)) for n, m in source.named_modules()}
+    kinds = {
+        n: (type(m), getattr(m, "config", None), getattr(m, "cache_weight", None)) for n, m in skeleton.named_modules()
+    }
+    assert kinds == {
+        n: (type(m), getattr(m, "config", None), getattr(m, "cache_weight", None)) for n, m in source.named_modules()
+    }
     assert isinstance(skeleton.lm_head, nn.Linear) and not isinstance(skeleton.lm_head, ProjectiveLinear)
     assert torch.equal(_logits(skeleton), _logits(source))
 
@@ -87,13 +99,27 @@ def test_the_file_holds_only_tensors_and_string_metadata(tmp_path: Path) -> None
     assert meta["qins.format_version"] == "1" and all(isinstance(v, str) for v in meta.values())
     assert meta["format"] == "pt"  # what safetensors/transformers readers check for torch tensors
     layers = json.loads(meta["qins.layers"])
-    assert layers["model.layers.0.mlp.down_proj"] == {"packed": False, "per_row": False, "log_range": "minmax", "cache_weight": True}
+    assert layers["model.layers.0.mlp.down_proj"] == {
+        "packed": False,
+        "per_row": False,
+        "log_range": "minmax",
+        "cache_weight": True,
+    }
     assert header["model.layers.0.mlp.down_proj.stored"]["dtype"] == "U8"
     assert header["model.layers.0.mlp.down_proj.sign"]["dtype"] == "I8"
-    assert header["model.layers.0.mlp.down_proj.log_min"] == {**header["model.layers.0.mlp.down_proj.log_min"], "dtype": "F32", "shape": []}
+    assert header["model.layers.0.mlp.down_proj.log_min"] == {
+        **header["model.layers.0.mlp.down_proj.log_min"],
+        "dtype": "F32",
+        "shape": [],
+    }
 
 
-def _rewrite(src: Path, dst: Path, tensors: Callable[[dict], None] = lambda t: None, meta: Callable[[dict], None] = lambda m: None) -> Path:
+def _rewrite(
+    src: Path,
+    dst: Path,
+    tensors: Callable[[dict], None] = lambda t: None,
+    meta: Callable[[dict], None] = lambda m: None,
+) -> Path:
     with safe_open(str(src), framework="pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
         m = dict(f.metadata())
@@ -106,26 +132,85 @@ def _rewrite(src: Path, dst: Path, tensors: Callable[[dict], None] = lambda t: N
 LAST = "model.layers.1.mlp.down_proj"
 # (id, tensor edit, metadata edit, expected message): every bad file leaves the model as it was.
 BAD_FILES = [
-    ("plain-safetensors", None, lambda m: m.clear(),
-     r"not a qins file \(no 'qins.format_version' in the safetensors metadata\); for a plain state_dict use model.load_state_dict"),
+    (
+        "plain-safetensors",
+        None,
+        lambda m: m.clear(),
+        r"not a qins file \(no 'qins.format_version' in the safetensors metadata\); for a plain state_dict use "
+        r"model.load_state_dict",
+    ),
     ("future-version", None, lambda m: m.update({"qins.format_version": "99"}), "format version '99' is not supported"),
     ("corrupt-layers-json", None, lambda m: m.update({"qins.layers": "{oops"}), "corrupt qins metadata"),
     ("layers-missing", None, lambda m: m.pop("qins.layers"), r"corrupt qins metadata \(Expecting value"),
-    ("layers-a-list", None, lambda m: m.update({"qins.layers": "[]"}), r"corrupt qins metadata \('qins.layers'/'qins.aliases' must be JSON objects\)"),
-    ("aliases-a-list", None, lambda m: m.update({"qins.aliases": "[]"}), r"corrupt qins metadata \('qins.layers'/'qins.aliases' must be JSON objects\)"),
-    ("alias-to-nothing", None, lambda m: m.update({"qins.aliases": '{"x.weight": "nope"}'}), r"alias 'x.weight' points to missing tensor 'nope'"),
-    ("bad-log-range", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace('"minmax"', '"median"', 1)}),
-     r"layer 'model.layers.0.mlp.down_proj': bad format entry"),
-    ("cache-weight-a-string", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace('"cache_weight": true', '"cache_weight": "yes"', 1)}),
-     r"bad format entry .*\(cache_weight must be bool, got 'yes'\)"),
-    ("layer-is-a-norm", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace("model.layers.0.mlp.down_proj", "model.norm", 1)}),
-     r"layer 'model.norm' is a Phi3RMSNorm, not nn.Linear or ProjectiveLinear"),
-    ("unknown-layer", None, lambda m: m.update({"qins.layers": m["qins.layers"].replace("model.layers.0.mlp.down_proj", "model.nope", 1)}), "layer 'model.nope' is not in the model"),
-    ("sign-three-in-last-layer", lambda t: t[LAST + ".sign"].index_fill_(1, torch.tensor([0]), 3), None, r"down_proj.*sign: values must be -1 or \+1, got 3"),
-    ("swapped-logs-in-last-layer", lambda t: t.update({LAST + ".log_min": t[LAST + ".log_max"].clone() + 1}), None, "log_min > log_max"),
-    ("float-codes", lambda t: t.update({LAST + ".stored": t[LAST + ".stored"].float()}), None, "stored: dtype must be torch.uint8"),
+    (
+        "layers-a-list",
+        None,
+        lambda m: m.update({"qins.layers": "[]"}),
+        r"corrupt qins metadata \('qins.layers'/'qins.aliases' must be JSON objects\)",
+    ),
+    (
+        "aliases-a-list",
+        None,
+        lambda m: m.update({"qins.aliases": "[]"}),
+        r"corrupt qins metadata \('qins.layers'/'qins.aliases' must be JSON objects\)",
+    ),
+    (
+        "alias-to-nothing",
+        None,
+        lambda m: m.update({"qins.aliases": '{"x.weight": "nope"}'}),
+        r"alias 'x.weight' points to missing tensor 'nope'",
+    ),
+    (
+        "bad-log-range",
+        None,
+        lambda m: m.update({"qins.layers": m["qins.layers"].replace('"minmax"', '"median"', 1)}),
+        r"layer 'model.layers.0.mlp.down_proj': bad format entry",
+    ),
+    (
+        "cache-weight-a-string",
+        None,
+        lambda m: m.update(
+            {"qins.layers": m["qins.layers"].replace('"cache_weight": true', '"cache_weight": "yes"', 1)}
+        ),
+        r"bad format entry .*\(cache_weight must be bool, got 'yes'\)",
+    ),
+    (
+        "layer-is-a-norm",
+        None,
+        lambda m: m.update({"qins.layers": m["qins.layers"].replace("model.layers.0.mlp.down_proj", "model.norm", 1)}),
+        r"layer 'model.norm' is a Phi3RMSNorm, not nn.Linear or ProjectiveLinear",
+    ),
+    (
+        "unknown-layer",
+        None,
+        lambda m: m.update({"qins.layers": m["qins.layers"].replace("model.layers.0.mlp.down_proj", "model.nope", 1)}),
+        "layer 'model.nope' is not in the model",
+    ),
+    (
+        "sign-three-in-last-layer",
+        lambda t: t[LAST + ".sign"].index_fill_(1, torch.tensor([0]), 3),
+        None,
+        r"down_proj.*sign: values must be -1 or \+1, got 3",
+    ),
+    (
+        "swapped-logs-in-last-layer",
+        lambda t: t.update({LAST + ".log_min": t[LAST + ".log_max"].clone() + 1}),
+        None,
+        "log_min > log_max",
+    ),
+    (
+        "float-codes",
+        lambda t: t.update({LAST + ".stored": t[LAST + ".stored"].float()}),
+        None,
+        "stored: dtype must be torch.uint8",
+    ),
     ("missing-sign", lambda t: t.pop(LAST + ".sign"), None, r"missing \['model.layers.1.mlp.down_proj.sign'\]"),
-    ("wrong-embedding-shape", lambda t: t.update({"model.embed_tokens.weight": t["model.embed_tokens.weight"][:-1]}), None, r"model.embed_tokens.weight: shape must be \(1000, 64\)"),
+    (
+        "wrong-embedding-shape",
+        lambda t: t.update({"model.embed_tokens.weight": t["model.embed_tokens.weight"][:-1]}),
+        None,
+        r"model.embed_tokens.weight: shape must be \(1000, 64\)",
+    ),
     ("unexpected-key", lambda t: t.update({"extra.weight": torch.zeros(2)}), None, r"unexpected \['extra.weight'\]"),
     ("missing-norm", lambda t: t.pop("model.norm.weight"), None, r"missing \['model.norm.weight'\]"),
 ]
@@ -133,9 +218,16 @@ BAD_FILES = [
 
 @pytest.mark.parametrize("converted", [True, False], ids=["into-converted", "into-skeleton"])
 @pytest.mark.parametrize("name, edit_tensors, edit_meta, message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
-def test_bad_file_raises_value_error_and_leaves_the_model_exactly_as_it_was(tmp_path: Path, name, edit_tensors, edit_meta, message, converted: bool) -> None:
+def test_bad_file_raises_value_error_and_leaves_the_model_exactly_as_it_was(
+    tmp_path: Path, name, edit_tensors, edit_meta, message, converted: bool
+) -> None:
     qins.save(_converted(QinsConfig.seed()), tmp_path / "good.safetensors")
-    bad = _rewrite(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", edit_tensors or (lambda t: None), edit_meta or (lambda m: None))
+    bad = _rewrite(
+        tmp_path / "good.safetensors",
+        tmp_path / "bad.safetensors",
+        edit_tensors or (lambda t: None),
+        edit_meta or (lambda m: None),
+    )
     model = _converted(QinsConfig.seed(), seed=4) if converted else tiny_phi3(seed=4)
     before = _snapshot(model)
     with pytest.raises(ValueError, match=message):
@@ -190,7 +282,11 @@ def test_torch_save_state_dict_loads_with_weights_only(config: QinsConfig, metad
     target.load_state_dict(state)
     assert torch.equal(_logits(target), _logits(source))
     other = _converted(QinsConfig.seed() if config.packed else QinsConfig(), seed=9)
-    codes = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in other.named_modules() if isinstance(m, ProjectiveLinear)}
+    codes = {
+        n: {k: v.clone() for k, v in m.state_dict().items()}
+        for n, m in other.named_modules()
+        if isinstance(m, ProjectiveLinear)
+    }
     with pytest.raises(ValueError, match="build the layer with QinsConfig"):
         other.load_state_dict(state)
     # Module.load_state_dict is atomic per QINS layer only (modules before the first QINS layer,
@@ -205,7 +301,9 @@ def test_torch_save_state_dict_loads_with_weights_only(config: QinsConfig, metad
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
-def test_meta_skeleton_of_biased_linears_loads_exactly_on_the_cpu_in_its_dtype(tmp_path: Path, cache_weight: bool, dtype: torch.dtype) -> None:
+def test_meta_skeleton_of_biased_linears_loads_exactly_on_the_cpu_in_its_dtype(
+    tmp_path: Path, cache_weight: bool, dtype: torch.dtype
+) -> None:
     source = biased_mlp(seed=1, dtype=dtype)
     convert_model_to_projective(source, QinsConfig(), skip=(), cache_weight=cache_weight)
     qins.save(source, tmp_path / "m.safetensors")
@@ -235,7 +333,9 @@ def test_a_layer_entry_without_cache_weight_loads_cached(tmp_path: Path) -> None
 
     def drop_cache_weight(m: dict) -> None:
         layers = json.loads(m["qins.layers"])
-        m["qins.layers"] = json.dumps({k: {f: v for f, v in e.items() if f != "cache_weight"} for k, e in layers.items()})
+        m["qins.layers"] = json.dumps(
+            {k: {f: v for f, v in e.items() if f != "cache_weight"} for k, e in layers.items()}
+        )
 
     older = _rewrite(tmp_path / "m.safetensors", tmp_path / "older.safetensors", meta=drop_cache_weight)
     model = qins.load(biased_mlp(), older)
@@ -253,7 +353,9 @@ def test_a_file_without_aliases_loads(tmp_path: Path) -> None:
 
 def test_key_mismatch_names_the_first_five_missing_and_the_first_five_unexpected_keys(tmp_path: Path) -> None:
     qins.save(_converted(QinsConfig.seed()), tmp_path / "good.safetensors")
-    plain = sorted(k for k in _converted(QinsConfig.seed()).state_dict() if "norm" in k or "embed" in k or "lm_head" in k)
+    plain = sorted(
+        k for k in _converted(QinsConfig.seed()).state_dict() if "norm" in k or "embed" in k or "lm_head" in k
+    )
     assert len(plain) >= 6
     extra = [f"extra.{i}" for i in range(7)]
 
@@ -316,5 +418,7 @@ def test_meta_skeleton_refusal_lists_the_first_three_stuck_buffers(tmp_path: Pat
         skeleton = nn.Sequential(nn.Linear(4, 4), *[WithBuffer() for _ in range(4)])
     with pytest.raises(ValueError) as info:
         qins.load(skeleton, tmp_path / "m.safetensors")
-    assert str(info.value) == ("cannot load into this meta-device model: non-persistent buffers ['1.table', '2.table', '3.table'] "
-                               "have no data and are not in any file; build the model on a real device")
+    assert str(info.value) == (
+        "cannot load into this meta-device model: non-persistent buffers ['1.table', '2.table', '3.table'] "
+        "have no data and are not in any file; build the model on a real device"
+    )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,11 +30,14 @@ def _unchanged(layer: ProjectiveLinear, before: dict[str, torch.Tensor]) -> bool
     return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def seed_layout_state(linear: nn.Linear) -> "OrderedDict[str, torch.Tensor]":
+def seed_layout_state(linear: nn.Linear) -> OrderedDict[str, torch.Tensor]:
     """What the seed-era ProjectiveLinear saved (version 1): codes, sign, 0-d float32 logs, bias."""
     stored, sign, lo, hi = convert_to_qins(linear.weight)
     sd: OrderedDict[str, torch.Tensor] = OrderedDict(
-        stored=stored, sign=sign, log_min=torch.tensor(lo, dtype=torch.float32), log_max=torch.tensor(hi, dtype=torch.float32),
+        stored=stored,
+        sign=sign,
+        log_min=torch.tensor(lo, dtype=torch.float32),
+        log_max=torch.tensor(hi, dtype=torch.float32),
         bias=linear.bias.detach().clone(),
     )
     sd._metadata = OrderedDict({"": {"version": 1}})  # type: ignore[attr-defined]
@@ -64,7 +67,9 @@ def test_seed_layout_state_dict_loads_into_a_seed_config_layer(metadata: bool) -
         (SEED, QinsConfig(packed=False, per_row=True), "per tensor.*per row"),
     ],
 )
-def test_loading_another_format_fails_clearly_before_anything_changes(source: QinsConfig, target: QinsConfig, message: str) -> None:
+def test_loading_another_format_fails_clearly_before_anything_changes(
+    source: QinsConfig, target: QinsConfig, message: str
+) -> None:
     state = ProjectiveLinear.from_linear(_linear(1), source).state_dict()
     layer = ProjectiveLinear.from_linear(_linear(2), target)
     before = _snapshot(layer)
@@ -102,24 +107,54 @@ def _swap_rows(*rows: int) -> Callable[[dict], None]:
 
 # (name, config, corruption, expected message): every bad state of the issue, on split and packed layers.
 CORRUPTIONS = [
-    ("sign-zero", SEED, _set("sign", lambda t: t.index_fill(1, torch.tensor([3]), 0)), r"sign: values must be -1 or \+1, got 0"),
-    ("sign-five", SEED, _set("sign", lambda t: t.index_fill(1, torch.tensor([0]), 5)), r"sign: values must be -1 or \+1, got 5"),
+    (
+        "sign-zero",
+        SEED,
+        _set("sign", lambda t: t.index_fill(1, torch.tensor([3]), 0)),
+        r"sign: values must be -1 or \+1, got 0",
+    ),
+    (
+        "sign-five",
+        SEED,
+        _set("sign", lambda t: t.index_fill(1, torch.tensor([0]), 5)),
+        r"sign: values must be -1 or \+1, got 5",
+    ),
     ("swapped-logs", SEED, _swap_logs, r"log_min > log_max \("),
     ("rows-2-and-4-swapped", QinsConfig(), _swap_rows(2, 4), r"log_min > log_max at row 2 \("),
     ("log-min-a-float", SEED, _set("log_min", lambda t: t.item()), "log_min: expected a tensor, got float"),
     ("swapped-row-logs", QinsConfig(), _swap_logs, "log_min > log_max at row"),
     ("nan-log-min", SEED, _set("log_min", lambda t: torch.full_like(t, float("nan"))), "log_min: must be finite"),
-    ("inf-log-max", QinsConfig(), _set("log_max", lambda t: torch.full_like(t, float("inf"))), "log_max: must be finite"),
+    (
+        "inf-log-max",
+        QinsConfig(),
+        _set("log_max", lambda t: torch.full_like(t, float("inf"))),
+        "log_max: must be finite",
+    ),
     ("overflowing-log-max", SEED, _set("log_max", lambda t: torch.full_like(t, 95.0)), "above ln"),
-    ("int64-codes", SEED, _set("stored", lambda t: t.long() + 255), "stored: dtype must be torch.uint8, got torch.int64"),
-    ("float-codes", QinsConfig(), _set("stored", lambda t: t.float() + 0.7), "stored: dtype must be torch.uint8, got torch.float32"),
+    (
+        "int64-codes",
+        SEED,
+        _set("stored", lambda t: t.long() + 255),
+        "stored: dtype must be torch.uint8, got torch.int64",
+    ),
+    (
+        "float-codes",
+        QinsConfig(),
+        _set("stored", lambda t: t.float() + 0.7),
+        "stored: dtype must be torch.uint8, got torch.float32",
+    ),
     ("float64-logs", QinsConfig(), _set("log_min", lambda t: t.double()), "log_min: dtype must be torch.float32"),
     ("wrong-shape-codes", SEED, _set("stored", lambda t: t[:, :-1].contiguous()), r"stored: shape must be \(5, 12\)"),
     ("wrong-shape-row-logs", QinsConfig(), _set("log_max", lambda t: t[:-1]), r"log_max: shape must be \(5,\)"),
     ("missing-sign", SEED, _drop("sign"), "ProjectiveLinear: incomplete QINS state, missing \\['sign'\\]"),
     ("missing-log-max", QinsConfig(), _drop("log_max"), "incomplete QINS state, missing \\['log_max'\\]"),
     ("missing-codes", SEED, _drop("stored"), "incomplete QINS state, missing \\['stored'\\]"),
-    ("sign-in-packed", QinsConfig(), lambda sd: sd.__setitem__("sign", torch.ones(5, 12, dtype=torch.int8)), "sign: unexpected in a packed state"),
+    (
+        "sign-in-packed",
+        QinsConfig(),
+        lambda sd: sd.__setitem__("sign", torch.ones(5, 12, dtype=torch.int8)),
+        "sign: unexpected in a packed state",
+    ),
 ]
 
 
@@ -169,8 +204,10 @@ def test_format_mismatch_message_names_the_layer_and_both_formats_in_full() -> N
     state = {"block.proj." + k: v for k, v in src.state_dict().items()}
     with pytest.raises(ValueError) as info:
         check_qins_state(dst, state, "block.proj.", {})
-    assert str(info.value) == ("block.proj: the state is packed (1 byte/weight), per row but the layer is split (2 bytes/weight), "
-                               "per tensor; build the layer with QinsConfig(packed=True, per_row=True) to load it")
+    assert str(info.value) == (
+        "block.proj: the state is packed (1 byte/weight), per row but the layer is split (2 bytes/weight), "
+        "per tensor; build the layer with QinsConfig(packed=True, per_row=True) to load it"
+    )
     with pytest.raises(ValueError, match=r"^mlp\.X: the state is packed"):  # only the trailing dot goes
         check_qins_state(dst, {"mlp.X." + k: v for k, v in src.state_dict().items()}, "mlp.X.", {})
     # no prefix: the layer's class names it; metadata that is not a mapping is ignored

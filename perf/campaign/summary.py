@@ -15,4 +15,7 @@ for sc, rs in rows.items():
     walls = [int(r["wall_s"]) for r in rs]
     ok = sum(r["exit"] == "0" for r in rs)
     bad = sum(r["exit"] == "1" for r in rs)
-    print(f"| {sc} | {len(rs)} | {ok} | {bad} | {len(rs) - ok - bad} | {min(walls)} / {statistics.median(walls):.0f} / {max(walls)} |")
+    print(
+        f"| {sc} | {len(rs)} | {ok} | {bad} | {len(rs) - ok - bad} | {min(walls)} / {statistics.median(walls):.0f} / "
+        f"{max(walls)} |"
+    )

@@ -22,7 +22,6 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin

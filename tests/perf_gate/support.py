@@ -32,7 +32,13 @@ def saved_run(figures_by_test: dict, **extra) -> dict:
             info[G.GATE_KEY] = gated
         benches.append({"fullname": fullname, "name": fullname.split("::")[-1], "group": None, "extra_info": info,
                         "stats": {"min": 0.001, "max": 0.002, "mean": 0.0015, "median": 0.0015, "rounds": 5}})
-    data = {"machine_info": {"node": "x"}, "commit_info": {}, "benchmarks": benches, "datetime": "2026-01-01T00:00:00", "version": "5.3.1"}
+    data = {
+        "machine_info": {"node": "x"},
+        "commit_info": {},
+        "benchmarks": benches,
+        "datetime": "2026-01-01T00:00:00",
+        "version": "5.3.1",
+    }
     data.update(extra)
     return data
 
@@ -78,8 +84,15 @@ def saved_files(tmp_path: Path) -> list:
     return sorted((tmp_path / ".benchmarks").rglob("*.json"))
 
 
-XEON = {"vendor_id_raw": "GenuineIntel", "brand_raw": "Intel(R) Xeon(R) Processor", "family": 6, "model": 207,
-        "stepping": 2, "hz_actual_friendly": "2.1000 GHz", "flags": ["avx2", "avx512f", "avx512_vnni", "avx512vbmi", "amx_tile", "sse2"]}
+XEON = {
+    "vendor_id_raw": "GenuineIntel",
+    "brand_raw": "Intel(R) Xeon(R) Processor",
+    "family": 6,
+    "model": 207,
+    "stepping": 2,
+    "hz_actual_friendly": "2.1000 GHz",
+    "flags": ["avx2", "avx512f", "avx512_vnni", "avx512vbmi", "amx_tile", "sse2"],
+}
 EPYC = {"vendor_id_raw": "AuthenticAMD", "brand_raw": "AMD EPYC", "family": 26, "model": 2, "stepping": 1,
         "flags": ["avx2", "avx512f", "avx512vbmi", "avx512_bf16", "sse2"]}
 
@@ -127,7 +140,8 @@ EXTRA_TEST = textwrap.dedent(
 
     def test_brand_new(benchmark, perf_gate):
         benchmark.pedantic(lambda: None, rounds=3)
-        perf_gate.check(benchmark, {"ratio_vs_linear": 9.0}, {"ratio_vs_linear": Rule(HIGHER, 0.15)}, lambda: {"ratio_vs_linear": 9.0})
+        perf_gate.check(benchmark, {"ratio_vs_linear": 9.0}, {"ratio_vs_linear": Rule(HIGHER, 0.15)},
+                        lambda: {"ratio_vs_linear": 9.0})
     """
 )
 
@@ -143,7 +157,9 @@ def _save_foreign_baseline(run, cpu=XEON) -> Path:
     (path,) = saved_files(run.repo)
     data = json.loads(path.read_text())
     assert data["machine_info"]["qins_cpu_key"] == path.parent.parent.name  # stored per CPU
-    data["machine_info"]["cpu"] = dict(data["machine_info"]["cpu"], **{k: cpu[k] for k in ("vendor_id_raw", "brand_raw", "family", "model", "flags")})
+    data["machine_info"]["cpu"] = dict(
+        data["machine_info"]["cpu"], **{k: cpu[k] for k in ("vendor_id_raw", "brand_raw", "family", "model", "flags")}
+    )
     data["benchmarks"][0]["extra_info"]["ratio_vs_linear"] = 0.5  # a stored figure that would fail if it were used
     path.write_text(json.dumps(data))
     return path

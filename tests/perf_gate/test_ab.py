@@ -32,7 +32,9 @@ def test_ab_fails_only_beyond_in_most_rounds():
     (o,) = ab_decide([{"t::a": ab_info(1.3)}] * 2, [{"t::a": ab_info(1.0)}, {"t::a": ab_info(1.25)}])
     assert o.status == "pass" and "1 of 2" in o.note
     # three rounds: two of three beyond -> regressed
-    (o,) = ab_decide([{"t::a": ab_info(1.3)}] * 3, [{"t::a": ab_info(1.0)}, {"t::a": ab_info(1.25)}, {"t::a": ab_info(1.0)}])
+    (o,) = ab_decide(
+        [{"t::a": ab_info(1.3)}] * 3, [{"t::a": ab_info(1.0)}, {"t::a": ab_info(1.25)}, {"t::a": ab_info(1.0)}]
+    )
     assert o.status == "regressed"
 
 

@@ -67,7 +67,10 @@ def test_unmatched_run_number(tmp_path):
         (json.dumps({"benchmarks": "nope"}), "no 'benchmarks' list"),
         (json.dumps({"benchmarks": []}), "empty"),
         (json.dumps({"benchmarks": [{"fullname": "a", "stats": {}}]}), "stats.min"),
-        (json.dumps({"benchmarks": [{"fullname": "a", "stats": {"min": 1}, "extra_info": {G.GATE_KEY: 3}}]}), "malformed"),
+        (
+            json.dumps({"benchmarks": [{"fullname": "a", "stats": {"min": 1}, "extra_info": {G.GATE_KEY: 3}}]}),
+            "malformed",
+        ),
     ],
 )
 def test_corrupt_baseline_is_reported_clearly(tmp_path, content, expected):

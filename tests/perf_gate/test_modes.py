@@ -76,7 +76,10 @@ def test_ab_regression_seen_only_in_this_runs_process_is_refuted_in_fresh_proces
     (synth_git.repo / "ratio_once.txt").write_text("3.0")
     rc, out = synth_git("--benchmark-compare")
     assert rc == 0, out
-    assert f"test_synth.py::test_layer: regressed in the A/B; confirming in fresh processes of both revisions (3 rounds)" in out
+    assert (
+        "test_synth.py::test_layer: regressed in the A/B; confirming in fresh processes of both revisions (3 rounds)"
+        in out
+    )
     assert "refuted by its confirmation in fresh processes" in out
     assert f"beyond, then REFUTED in A/B against {rev[:12]} measured here: new/old per round 3/2, 3/2" in out
     assert "new/old per round 2/2, 2/2, 2/2" in out and "GATE FAILED" not in out
@@ -124,9 +127,12 @@ TARGET_TEST = textwrap.dedent(
     def test_target(benchmark, perf_gate):
         benchmark.pedantic(lambda: None, rounds=3)
         kernel = Path("kernel.txt").read_text()
-        perf_gate.speed_target(benchmark, kernel, "packed b32 (3072, 3072): ratio vs nn.Linear 0.901, target <= 1.1", None)
-        perf_gate.speed_target(benchmark, kernel, "packed b1-cold (3072, 3072): ratio vs nn.Linear 4.074, target <= 0.35",
-                               "packed b1-cold (3072, 3072): ratio vs nn.Linear 4.074, re-measured 4.105, target <= 0.35")
+        perf_gate.speed_target(benchmark, kernel, "packed b32 (3072, 3072): ratio vs nn.Linear 0.901, target <= 1.1",
+                               None)
+        perf_gate.speed_target(benchmark, kernel,
+                               "packed b1-cold (3072, 3072): ratio vs nn.Linear 4.074, target <= 0.35",
+                               "packed b1-cold (3072, 3072): ratio vs nn.Linear 4.074, re-measured 4.105, "
+                               "target <= 0.35")
     """
 )
 
@@ -138,7 +144,10 @@ def test_a_missed_speed_target_is_reported_on_every_path_and_fails_only_under_pe
         rc, out = synth()
         assert rc == 0, out
         assert f"({kernel}): 1 met, 1 missed (reported, not asserted; --perf-targets=on asserts them)" in out
-        assert "MISSED test_synth.py::test_target: packed b1-cold (3072, 3072): ratio vs nn.Linear 4.074, re-measured" in out
+        assert (
+            "MISSED test_synth.py::test_target: packed b1-cold (3072, 3072): ratio vs nn.Linear 4.074, re-measured"
+            in out
+        )
         assert "MET    test_synth.py::test_target: packed b32 (3072, 3072): ratio vs nn.Linear 0.901" in out
         rc, out = synth("--perf-targets=on")
         assert rc == 1, out

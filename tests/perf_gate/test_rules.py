@@ -73,7 +73,9 @@ def test_within_tolerance_passes_without_remeasuring():
 
 def test_beyond_tolerance_fails_once_confirmed():
     again = Remeasure(1.48)
-    (o,) = G.decide("perf/x.py::t[a]", {"ratio_vs_linear": 1.52}, RULES, BASE, ".benchmarks/M/0001_baseline.json", again)
+    (o,) = G.decide(
+        "perf/x.py::t[a]", {"ratio_vs_linear": 1.52}, RULES, BASE, ".benchmarks/M/0001_baseline.json", again
+    )
     assert again.calls == 1
     assert o.status == "regressed" and o.failed
     msg = o.message()
@@ -104,13 +106,17 @@ def test_remeasure_called_once_for_several_figures():
 
 
 def test_deterministic_figure_without_remeasure_fails_at_once():
-    (o,) = G.decide("t", {"model_bytes": 110.0}, {"model_bytes": Rule(HIGHER, 0.01)}, {"model_bytes": 100.0}, "b.json", None)
+    (o,) = G.decide(
+        "t", {"model_bytes": 110.0}, {"model_bytes": Rule(HIGHER, 0.01)}, {"model_bytes": 100.0}, "b.json", None
+    )
     assert o.status == "regressed"
 
 
 def test_collapsed_kv_cache_speedup_fails():
     rules = {"cache_speedup": Rule(LOWER, 0.5, gain=True, min_baseline=1.5)}
-    (o,) = G.decide("t", {"cache_speedup": 1.02}, rules, {"cache_speedup": 2.8}, "b.json", lambda: {"cache_speedup": 0.99})
+    (o,) = G.decide(
+        "t", {"cache_speedup": 1.02}, rules, {"cache_speedup": 2.8}, "b.json", lambda: {"cache_speedup": 0.99}
+    )
     assert o.status == "regressed"
     assert "-63.6%" in o.message()  # the better of 1.02 and 0.99 decides
 
