@@ -97,7 +97,7 @@ class Timer:
 
 
 def rel_error(y: torch.Tensor, y_ref: torch.Tensor, x: torch.Tensor, L: dict) -> float:
-    w = decode_codes(L["codes"], L["sign"], L["lo"], L["hi"], dtype=torch.float32).double()
+    w = decode_codes(L["codes"], L["sign"], L["lo"], L["hi"], dtype=torch.float32, spacing="log").double()
     scale = x.double().abs() @ w.abs().T + L["bias"].double().abs()
     return ((y.double() - y_ref.double()).abs() / scale.clamp_min(1e-300)).max().item()
 

@@ -44,7 +44,7 @@ class _AnonPeak:
         while not self._stop.wait(interval):
             self.peak = max(self.peak, _kib("RssAnon"))
 
-    def __enter__(self) -> "_AnonPeak":
+    def __enter__(self) -> _AnonPeak:
         self._thread.start()
         return self
 

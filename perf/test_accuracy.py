@@ -155,7 +155,7 @@ def test_encode_speed_mse_vs_minmax(benchmark, perf_gate, device, layout):
     packed = layout == "packed"
     benchmark.group = f"encode {SYNTHETIC_SHAPE[0]}x{SYNTHETIC_SHAPE[1]} mse vs minmax"
     w = gaussian_weight(SYNTHETIC_SHAPE, seed=0).to(device)
-    mse, minmax = QinsConfig(packed, "mse", True), QinsConfig(packed, "minmax", True)
+    mse, minmax = QinsConfig(packed, "mse", True), QinsConfig(packed, "minmax", True, spacing="log")
     target = synced(lambda: encode(w, mse), device)
     reference = synced(lambda: encode(w, minmax), device)
     p = paired_benchmark(benchmark, target, reference, budget_s=ENCODE_BUDGET_S * perf_gate.budget, min_pairs=5)

@@ -28,6 +28,7 @@ import torch
 from .codec import _validate
 from .encode import Encoded, _level_step, _mag_codes, encode
 from .formats import LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
+from .mulaw import mulaw_range, nearest_codes
 
 __all__ = ["encode_calibrated", "weighted_error", "output_error"]
 
@@ -40,11 +41,16 @@ _BLOCK = 128  # columns per error-feedback block
 _DAMP = 0.01  # damping of H, as a fraction of its mean diagonal
 
 
-def _round(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Magnitude codes (float, 0..K) and signed decoded values of ``w`` ``[R, N]`` for ranges ``[R, 1]``."""
-    table = level_table(lo.reshape(-1), hi.reshape(-1), packed) if table is None else table
+def _round(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: Optional[torch.Tensor] = None,
+           spacing: str = "log") -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitude codes (0..K) and signed decoded values of ``w`` ``[R, N]`` for ranges ``[R, 1]``: log
+    rounding (as :func:`qins.encode`) for the log spacing, the nearest level for mulaw."""
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing) if table is None else table
     mag = w.abs()
-    codes = _mag_codes(mag, hi - torch.log(mag), lo, hi, packed, table)
+    if spacing == "mulaw":
+        codes = nearest_codes(mag, lo, hi, table, packed)
+    else:
+        codes = _mag_codes(mag, hi - torch.log(mag), lo, hi, packed, table)
     dec = torch.gather(table, 1, codes.long())
     return codes, torch.where(torch.signbit(w), -dec, dec)
 
@@ -112,10 +118,23 @@ def _search_ranges(w: torch.Tensor, h: torch.Tensor, lo0: torch.Tensor, hi0: tor
     return torch.where(keep, best_lo, lo0), torch.where(keep, best_hi, hi0)
 
 
-def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mulaw_ranges(w: torch.Tensor, h: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mulaw ranges ``[R, 1]`` searched for the least ``Σ_j h_j·(w_j - ŵ_j)²``; the data-free
+    range where it is as good (compared exactly), so the weighted error is never larger."""
+    mag = w.abs()
+    lo0, hi0 = mulaw_range(mag, packed)
+    lo, hi = mulaw_range(mag, packed, column_weight=h)
+    new = weighted_error(w, _round(w, lo, hi, packed, spacing="mulaw")[1], h)
+    old = weighted_error(w, _round(w, lo0, hi0, packed, spacing="mulaw")[1], h)
+    keep = (new < old).unsqueeze(1)
+    return torch.where(keep, lo, lo0), torch.where(keep, hi, hi0)
+
+
+def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool,
+                    spacing: str = "log") -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-style codes: magnitude codes (uint8 ``[R, N]``) and the negative mask of the values rounded."""
     rows, n = w.shape
-    table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing)
     H = moment.to(torch.float64).clone()
     diag = torch.diagonal(H)
     dead = diag <= 0
@@ -141,7 +160,7 @@ def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi:
         err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             col = W1[:, i : i + 1]
-            c, q = _round(col, lo, hi, packed, table)
+            c, q = _round(col, lo, hi, packed, table, spacing)
             codes[:, i1 + i] = c.squeeze(1).to(torch.uint8)
             neg[:, i1 + i] = torch.signbit(col).squeeze(1)
             e = (col - q) / U[i1 + i, i1 + i]
@@ -172,14 +191,18 @@ def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: Option
     with torch.no_grad():
         moment = moment.to(weight.device)
         w = weight.detach().to(torch.float32)
-        _, _, lo0, hi0 = encode(w, QinsConfig(packed=config.packed, log_range="mse", per_row=True))
         h = torch.diagonal(moment).to(torch.float64).clamp_min(0)
         h = h / h.mean().clamp_min(1e-300)
-        lo, hi = _search_ranges(w, h, lo0.reshape(-1, 1), hi0.reshape(-1, 1), config.packed)
-        if error_feedback:
-            mags, negative = _feedback_codes(w, moment, lo, hi, config.packed)
+        spacing = config.spacing
+        if spacing == "mulaw":
+            lo, hi = _mulaw_ranges(w, h, config.packed)
         else:
-            mags = _round(w, lo, hi, config.packed)[0].to(torch.uint8)
+            _, _, lo0, hi0 = encode(w, QinsConfig(packed=config.packed, log_range="mse", per_row=True, spacing="log"))
+            lo, hi = _search_ranges(w, h, lo0.reshape(-1, 1), hi0.reshape(-1, 1), config.packed)
+        if error_feedback:
+            mags, negative = _feedback_codes(w, moment, lo, hi, config.packed, spacing)
+        else:
+            mags = _round(w, lo, hi, config.packed, spacing=spacing)[0].to(torch.uint8)
             negative = torch.signbit(w)
         if config.packed:
             codes, sign = mags | (negative.to(torch.uint8) << 7), None

@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("dst", metavar="DST", help="output directory (must not exist)")
     q.add_argument("--format", choices=("packed", "split"), default="packed",
                    help="packed: 1 byte per weight (default); split: 2 bytes (code + sign)")
-    q.add_argument("--log-range", choices=("mse", "minmax"), default="mse", help="range rule (default mse)")
+    q.add_argument("--spacing", choices=("mulaw", "log"), default="mulaw",
+                   help="level spacing (default mulaw: logarithmic at the top, uniform near zero)")
+    q.add_argument("--log-range", choices=("mse", "minmax"), default="mse",
+                   help="range rule of the log spacing (default mse; minmax needs --spacing log)")
     q.add_argument("--per-tensor", action="store_true", help="one log range per tensor instead of per row")
     q.add_argument("--skip", action="append", metavar="PATTERN",
                    help="leave Linears with this name or glob unconverted (repeatable; default: lm_head)")
@@ -83,7 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .formats import QinsConfig
 
     try:
-        config = QinsConfig(packed=args.format == "packed", log_range=args.log_range, per_row=not args.per_tensor)
+        config = QinsConfig(packed=args.format == "packed", log_range=args.log_range, per_row=not args.per_tensor,
+                            spacing=args.spacing)
     except (TypeError, ValueError) as exc:
         print(f"qins quantize: {exc}", file=sys.stderr)
         return 2
@@ -99,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     close()
     print(f"qins quantize: {args.src} -> {args.dst}")
     print(f"  layers quantized: {summary.layers} ({summary.tensors} tensors read, {len(summary.files)} shard(s))")
-    print(f"  format: {args.format}, {config.log_range}, {'per row' if config.per_row else 'per tensor'}; "
+    rule = config.spacing if config.spacing == "mulaw" else f"log {config.log_range}"
+    print(f"  format: {args.format}, {rule}, {'per row' if config.per_row else 'per tensor'}; "
           f"skip {list(args.skip or ('lm_head',))}; cache_weight {not args.memory_saving}")
     ratio = summary.bytes_after / summary.bytes_before if summary.bytes_before else float("nan")
     print(f"  bytes: {_mib(summary.bytes_before)} -> {_mib(summary.bytes_after)} ({ratio:.3f}x)")

@@ -26,6 +26,7 @@ import torch
 from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
 from . import kernels
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
+from .mulaw import encode_rows, mulaw_range
 
 __all__ = ["encode"]
 
@@ -183,7 +184,7 @@ def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.T
         lo_best = los.gather(1, score.argmin(1, keepdim=True))  # first minimum: the incumbent on a tie
 
     ranges = (lo0, lo_best)
-    tables = torch.stack([level_table(lo.reshape(-1), hi.reshape(-1), packed) for lo in ranges])  # [2, R, 256]
+    tables = torch.stack([level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing="log") for lo in ranges])  # [2, R, 256]
     err, out = kernels.range_codes(mag, gap, torch.cat(ranges, 1), hi, tables, packed, write=1)
     keep = err[:, :1] <= err[:, 1:]  # minmax on a tie (per tensor: the one row is the whole tensor)
     if bool(keep.any()):
@@ -217,7 +218,7 @@ def _chunks(mag: torch.Tensor) -> list[tuple[slice, slice]]:
 def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
     """uint8 magnitude codes for the ranges ``lo``/``hi`` (``[R, 1]``), computed block by block."""
     out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
-    table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing="log")
     for r, c in _chunks(mag):
         out[r, c] = _mag_codes(mag[r, c], gap[r, c], lo[r], hi[r], packed, table[r])  # r: a slice of rows
     return out
@@ -240,6 +241,9 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
             return (codes, sign, *_capped(lo, hi))
         w = _rows(weight, config.per_row)
         mag = w.abs()
+        if config.spacing == "mulaw":
+            lo, hi = mulaw_range(mag, config.packed)
+            return _with_sign(weight, w, encode_rows(mag, lo, hi, config.packed), lo, hi, config)
         logw = torch.log(mag)  # -inf for zeros; sub-normals fall below every range
         lo = torch.where(mag >= SMALLEST_NORMAL, logw, math.inf).amin(1, keepdim=True)
         empty = ~torch.isfinite(lo)  # no normal magnitude in the row: everything flushes
@@ -254,15 +258,22 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
             # The split per-tensor minmax format is the seed's codec (its own rounding of the range and
             # codes); keep "never worse than minmax" against exactly that encoding.
             seed = encode(weight, QinsConfig.seed())
-            table = level_table(lo.reshape(-1), hi.reshape(-1), False)
-            seed_table = level_table(seed[2].reshape(-1), seed[3].reshape(-1), False)
+            table = level_table(lo.reshape(-1), hi.reshape(-1), False, spacing="log")
+            seed_table = level_table(seed[2].reshape(-1), seed[3].reshape(-1), False, spacing="log")
             if _sq_error(mag, seed[0].reshape(1, -1), seed_table) <= _sq_error(mag, codes, table):
                 return seed
-        negative = torch.signbit(w)
-        if config.packed:
-            codes = codes | (negative.to(torch.uint8) << 7)
-            sign = None
-        else:
-            sign = torch.where(negative, -1, 1).to(torch.int8).reshape(weight.shape)
-        shape = (-1,) if config.per_row else ()
-        return codes.reshape(weight.shape), sign, lo.reshape(shape), hi.reshape(shape)
+        return _with_sign(weight, w, codes, lo, hi, config)
+
+
+def _with_sign(weight: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+               config: QinsConfig) -> Encoded:
+    """``(codes, sign, log_min, log_max)`` from magnitude codes ``[R, N]`` and ranges ``[R, 1]``:
+    the sign in bit 7 (packed) or an int8 ±1 tensor (split), shapes as ``weight`` and the config."""
+    negative = torch.signbit(w)
+    if config.packed:
+        codes = codes | (negative.to(torch.uint8) << 7)
+        sign = None
+    else:
+        sign = torch.where(negative, -1, 1).to(torch.int8).reshape(weight.shape)
+    shape = (-1,) if config.per_row else ()
+    return codes.reshape(weight.shape), sign, lo.reshape(shape), hi.reshape(shape)

@@ -13,6 +13,15 @@ With ``K`` levels (255 split, 127 packed), ``S = K - 1`` steps, ``D = log_max - 
 factor ``e^δ`` apart. Invariant for a weight ``w`` with ``|w|`` in ``[exp(log_min), exp(log_max)]``:
 ``|log|ŵ| - log|w|| <= δ/2 + ε`` with ``ε = qins_log_slack(log_min, log_max)``.
 
+**Spacing.** The above is ``spacing="log"``: geometric levels, the log code's relative error
+everywhere. ``spacing="mulaw"`` (the default) is the same code read through a μ-law compander: with
+``δ = D / K`` (one more step) and ``z = qins_exp(log_min)``, code ``k`` decodes to
+``qins_exp(log_max - (k - 1)·δ) - z``. The levels are geometric in ``|w| + z``, so they are
+logarithmic near the top (steps ∝ ``|w| + z``) and uniform near zero (steps ≈ ``z·δ``), and the
+``K + 1``-th step lands on 0: code 0. As ``D → 0`` they become int8's uniform grid; as ``D`` grows,
+the log grid. Invariant: the row's levels are strictly decreasing and positive (checked on load),
+and an encoder rounds ``|w|`` to the nearest of them or 0, so ``|ŵ - w| <= (e^δ - 1)/2·(|w| + z)``.
+
 The tables are computed by :func:`qins_exp`, an ``exp`` built only from correctly rounded float32
 ``+ - * /``, rounding to nearest integer and exact powers of two. The same sequence of operations
 in C++ (compiled without FMA contraction) or Triton gives bit-identical tables, so every kernel
@@ -25,9 +34,12 @@ from typing import Literal, Optional
 
 import torch
 
-__all__ = ["QinsConfig", "qins_exp", "level_table", "decode_codes", "num_levels"]
+__all__ = ["QinsConfig", "qins_exp", "level_table", "decode_codes", "num_levels", "SPACINGS"]
 
 LogRange = Literal["minmax", "mse"]
+Spacing = Literal["log", "mulaw"]
+#: level spacings, in their kernel id order (``spacing_id``): ``"log"`` 0, ``"mulaw"`` 1
+SPACINGS = ("log", "mulaw")
 
 # Cody-Waite split of ln 2 and the Cephes expf polynomial (relative error < 2 ulp on [-ln2/2, ln2/2]).
 #: The largest float32 ``log_max`` whose level ``qins_exp(log_max)`` is finite (and ≤ ``ln`` of
@@ -63,6 +75,9 @@ class QinsConfig:
             the nearer of 0 and the smallest level.
         per_row: one ``log_min``/``log_max`` per output row (``[out]`` buffers) instead of one
             per tensor.
+        spacing: ``"mulaw"`` (levels geometric in ``|w| + exp(log_min)``: logarithmic at the top,
+            uniform near zero; the range is the MSE-best μ per row or tensor, ``log_range`` unused)
+            or ``"log"`` (geometric levels, the seed's spacing). Module docstring.
 
     The default (packed, mse, per row) is the smallest and, per byte, the most accurate format
     measured here (README, "Choosing a format"). ``QinsConfig.seed()`` reproduces the seed's
@@ -72,17 +87,28 @@ class QinsConfig:
     packed: bool = True
     log_range: LogRange = "mse"
     per_row: bool = True
+    spacing: Spacing = "mulaw"
 
     def __post_init__(self) -> None:
         if not isinstance(self.packed, bool) or not isinstance(self.per_row, bool):
             raise TypeError(f"packed and per_row must be bool, got {self.packed!r}, {self.per_row!r}")
         if self.log_range not in ("minmax", "mse"):
             raise ValueError(f"log_range must be 'minmax' or 'mse', got {self.log_range!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        if self.spacing == "mulaw" and self.log_range != "mse":
+            raise ValueError(f"log_range={self.log_range!r} is a rule of the log spacing; pass spacing='log' with it "
+                             "(the mulaw spacing always searches its range for the least squared error)")
 
     @classmethod
     def seed(cls) -> "QinsConfig":
-        """The seed's format: split, minmax, per tensor."""
-        return cls(packed=False, log_range="minmax", per_row=False)
+        """The seed's format: split, minmax, per tensor, log spacing."""
+        return cls(packed=False, log_range="minmax", per_row=False, spacing="log")
+
+    @property
+    def spacing_id(self) -> int:
+        """The kernels' id of :attr:`spacing` (0 log, 1 mulaw)."""
+        return SPACINGS.index(self.spacing)
 
     @property
     def levels(self) -> int:
@@ -123,26 +149,49 @@ def qins_exp(t: torch.Tensor) -> torch.Tensor:
     return (y * _pow2(a)) * _pow2(n - a)
 
 
-def level_table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool) -> torch.Tensor:
+def spacing_steps(packed: bool, spacing: str = "log") -> int:
+    """``S``, the divisor of the log step ``δ = (log_max - log_min)/S``: ``K - 1`` for the log
+    spacing (``log_min`` is the smallest level's log), ``K`` for mulaw (``log_min`` is the offset's)."""
+    k = num_levels(packed)
+    return k - 1 if spacing == "log" else k
+
+
+def level_table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool, spacing: str) -> torch.Tensor:
     """The ``[R, 256]`` float32 decode table for 0-d (``R = 1``) or ``[R]`` float32 log buffers.
 
-    Split: ``table[r, 0] = 0`` and ``table[r, k] = qins_exp(log_max[r] - (k - 1)·δ[r])`` for
+    Split: ``table[r, 0] = 0`` and ``table[r, k] = qins_exp(log_max[r] - (k - 1)·δ[r]) - z[r]`` for
     k = 1..255, unsigned (multiply by ``sign``). Packed: entries 0..127 likewise with 127 levels, and
     ``table[r, 128 + k] = -table[r, k]`` (so byte 128 is -0.0): decoding is one gather, no multiply.
-    ``δ = (log_max - log_min) / S`` in float32 with ``S = 126`` (packed) or ``254`` (split).
-    Traceable: no ``.item()`` and no data-dependent control flow.
+    ``δ = (log_max - log_min) / S`` in float32 (:func:`spacing_steps`: ``S = K - 1`` for
+    ``spacing="log"``, ``K`` for ``"mulaw"``); ``z = 0`` (log) or ``qins_exp(log_min)`` (mulaw).
+    Every backend computes these operations in this order (a subtraction of 0 changes nothing, so the
+    log tables are those of the log-only format). Traceable: no ``.item()``, no data-dependent flow.
     """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     lo = log_min.to(torch.float32).reshape(-1, 1)
     hi = log_max.to(torch.float32).reshape(-1, 1)
     k = num_levels(packed)
-    delta = (hi - lo) / float(k - 1)
+    delta = (hi - lo) / float(spacing_steps(packed, spacing))
     j = torch.arange(k, device=lo.device, dtype=torch.float32)  # j = code - 1
     mags = qins_exp(hi - j * delta)
+    if spacing == "mulaw":
+        mags = mags - qins_exp(lo)
     zero = torch.zeros_like(hi)
     half = torch.cat([zero, mags], dim=1)  # [R, k + 1]
     if packed:
         return torch.cat([half, -half], dim=1)
     return half
+
+
+def valid_levels(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool, spacing: str) -> torch.Tensor:
+    """Per range (shape of ``log_min``): whether its table's levels are finite, strictly decreasing and
+    normal floats (``>= 2**-126``), so that nearest rounding is well defined and every backend
+    decodes the same normal values."""
+    k = num_levels(packed)
+    t = level_table(log_min, log_max, packed, spacing)[:, 1 : k + 1]
+    ok = torch.isfinite(t).all(1) & (t[:, -1] >= 2.0**-126) & (t[:, :-1] > t[:, 1:]).all(1)
+    return ok.reshape(log_min.shape)
 
 
 def decode_codes(
@@ -152,13 +201,15 @@ def decode_codes(
     log_max: torch.Tensor,
     *,
     dtype: torch.dtype = torch.float32,
+    spacing: str,
 ) -> torch.Tensor:
-    """Decode ``[out, in]`` codes to weights in ``dtype``. ``sign is None`` means packed codes.
+    """Decode ``[out, in]`` codes to weights in ``dtype``. ``sign is None`` means packed codes;
+    ``spacing`` (required: ``config.spacing``) as :func:`level_table`.
 
     Per tensor (0-d logs): one gather from the 256-entry table. Per row (``[out]`` logs): a row-wise
     gather. Split codes are multiplied by their ±1 sign (exact; code 0 with sign -1 gives -0.0).
     """
-    table = level_table(log_min, log_max, packed=sign is None)
+    table = level_table(log_min, log_max, packed=sign is None, spacing=spacing)
     idx = codes.to(torch.int64)
     if table.shape[0] == 1:
         w = table[0][idx]

@@ -38,7 +38,7 @@ import torch
 
 from . import hf_load
 from .compat import UnsupportedTransformersError
-from .formats import QinsConfig
+from .formats import SPACINGS, QinsConfig
 
 __all__ = ["QUANT_METHOD", "quantization_config_dict", "register_with_transformers", "register_on_import"]
 
@@ -50,6 +50,11 @@ _QINS_BUFFERS = ("stored", "sign", "log_min", "log_max")
 _registered: Optional[tuple[type, type]] = None
 
 
+#: ``format_version`` written: 3 records the level ``spacing``; 2 (no ``spacing``: log-spaced) is read too
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
+
+
 def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weight: bool) -> dict[str, Any]:
     """The ``quantization_config`` entry written to config.json (plain JSON values)."""
     return {
@@ -57,10 +62,26 @@ def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weig
         "packed": config.packed,
         "log_range": config.log_range,
         "per_row": config.per_row,
+        "spacing": config.spacing,
         "skip": list(skip),
         "cache_weight": bool(cache_weight),
-        "format_version": 2,
+        "format_version": FORMAT_VERSION,
     }
+
+
+def _spacing_for(spacing: Any, format_version: Any) -> str:
+    """The level spacing of a ``quantization_config``: a version 2 config (written before the mulaw
+    spacing) has none and is log-spaced; version 3 names it. Errors name the field and the fix."""
+    if format_version == 2:
+        if spacing not in (None, "log"):
+            raise ValueError(f"quantization_config field 'spacing' {spacing!r} needs format_version 3; fix config.json")
+        return "log"
+    if spacing is None:
+        return "mulaw"
+    if spacing not in SPACINGS:
+        raise ValueError(f"quantization_config field 'spacing' must be one of {list(SPACINGS)}, got {spacing!r}; "
+                         "fix config.json")
+    return spacing
 
 
 def _transformers_version():
@@ -167,7 +188,7 @@ def register_on_import() -> None:
 
 
 def _check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any, cache_weight: Any,
-                         format_version: Any, extra: dict) -> None:
+                         format_version: Any, extra: dict, spacing: Any = "log") -> None:
     """Refuse a ``quantization_config`` that is not exactly what :func:`quantization_config_dict`
     writes, before any weight loads: each error names the field and the fix (a JSON ``"false"`` is a
     string, and ``bool("false")`` would be True)."""
@@ -179,15 +200,18 @@ def _check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any
         raise ValueError(f"quantization_config field 'log_range' must be \"minmax\" or \"mse\", got {log_range!r}; fix config.json")
     if isinstance(skip, str) or not isinstance(skip, (list, tuple)) or not all(isinstance(p, str) for p in skip):
         raise ValueError(f"quantization_config field 'skip' must be a list of layer names or globs, got {skip!r}; fix config.json")
-    if isinstance(format_version, bool) or format_version != 2 or not isinstance(format_version, int):
+    if isinstance(format_version, bool) or format_version not in _READABLE_VERSIONS or not isinstance(format_version, int):
         raise ValueError(f"quantization_config: QINS format_version {format_version!r} is not supported (this qins "
-                         "reads 2); upgrade qins or re-convert the checkpoint")
+                         "reads 2 and 3); upgrade qins or re-convert the checkpoint")
+    if spacing == "mulaw" and log_range != "mse":
+        raise ValueError(f"quantization_config field 'log_range' {log_range!r} is a rule of the log spacing; "
+                         "set \"spacing\": \"log\" with it, or \"log_range\": \"mse\"; fix config.json")
     method = extra.pop("quant_method", QUANT_METHOD)
     if getattr(method, "value", method) != QUANT_METHOD:
         raise ValueError(f"quantization_config field 'quant_method' must be {QUANT_METHOD!r}, got {method!r}")
     if extra:
         raise ValueError(f"quantization_config has unknown fields {sorted(extra)} (QINS knows packed, log_range, "
-                         "per_row, skip, cache_weight, format_version); remove them from config.json")
+                         "per_row, spacing, skip, cache_weight, format_version); remove them from config.json")
 
 
 def _qins_layers(model: torch.nn.Module):
@@ -231,15 +255,16 @@ def _build_classes(major: int) -> tuple[type, type]:
         """``quantization_config`` of a QINS model: the :class:`QinsConfig` fields, skip list, cache mode."""
 
         def __init__(self, packed: bool = True, log_range: str = "mse", per_row: bool = True,
-                     skip: Iterable[str] = ("lm_head",), cache_weight: bool = True, format_version: int = 2,
-                     **kwargs: Any) -> None:
+                     skip: Iterable[str] = ("lm_head",), cache_weight: bool = True, format_version: int = FORMAT_VERSION,
+                     spacing: Optional[str] = None, **kwargs: Any) -> None:
+            spacing = _spacing_for(spacing, format_version)
             _check_config_fields(packed=packed, log_range=log_range, per_row=per_row, skip=skip,
-                                 cache_weight=cache_weight, format_version=format_version, extra=kwargs)
+                                 cache_weight=cache_weight, format_version=format_version, extra=kwargs, spacing=spacing)
             self.quant_method = QinsMethod.QINS
-            self.qins_config = QinsConfig(packed, log_range, per_row)
-            self.packed, self.log_range, self.per_row = packed, log_range, per_row
+            self.qins_config = QinsConfig(packed, log_range, per_row, spacing=spacing)
+            self.packed, self.log_range, self.per_row, self.spacing = packed, log_range, per_row, spacing
             self.skip, self.cache_weight = list(skip), cache_weight
-            self.format_version = 2
+            self.format_version = FORMAT_VERSION
 
         def to_dict(self) -> dict[str, Any]:
             return quantization_config_dict(self.qins_config, self.skip, self.cache_weight)

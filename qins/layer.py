@@ -137,7 +137,8 @@ class ProjectiveLinear(nn.Module):
 
     def decode_weight(self) -> torch.Tensor:
         """Decode the weight now (ignoring the cache), ``[out, in]`` in the compute dtype."""
-        return decode_codes(self.stored, self.sign, self.log_min, self.log_max, dtype=self.compute_dtype)
+        return decode_codes(self.stored, self.sign, self.log_min, self.log_max, dtype=self.compute_dtype,
+                            spacing=self.config.spacing)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -200,7 +201,7 @@ class ProjectiveLinear(nn.Module):
             # Memory-saving mode: one fused op on the codes (no decoded weight is made); it
             # accumulates in float32 and returns x.dtype. Gradients flow through its reference
             # formula, so training code works too. Eager no-grad CPU calls skip the dispatcher.
-            return kernels.fused_linear(x, self.stored, self.sign, self.log_min, self.log_max, bias)
+            return kernels.fused_linear(x, self.stored, self.sign, self.log_min, self.log_max, bias, self.config.spacing_id)
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:
@@ -211,7 +212,9 @@ class ProjectiveLinear(nn.Module):
         c = self.config
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"format={'packed' if c.packed else 'split'}, log_range={c.log_range}, per_row={c.per_row}, "
+            f"format={'packed' if c.packed else 'split'}, spacing={c.spacing}"
+            + (f", log_range={c.log_range}" if c.spacing == "log" else "")
+            + f", per_row={c.per_row}, "
             f"cache_weight={self.cache_weight}"
             + ("" if self.cache_weight else f", kernel={kernels.backend_name(self.stored.device)}")
         )

@@ -3,8 +3,10 @@
 The file holds the model's ``state_dict`` tensors (a tensor shared by several names, e.g. tied
 embeddings, is written once and the other names are listed under ``qins.aliases``; only names for the
 same view count: identical storage, storage offset, shape, stride and dtype) and string
-metadata: ``qins.format_version`` (``"1"``) and ``qins.layers``, a JSON object mapping every QINS
-layer's qualified name to its format ``{"packed", "per_row", "log_range", "cache_weight"}``.
+metadata: ``qins.format_version`` (``"2"``) and ``qins.layers``, a JSON object mapping every QINS
+layer's qualified name to its format ``{"packed", "per_row", "log_range", "spacing", "cache_weight"}``.
+Version ``"1"`` files (no ``spacing``: every layer log-spaced) still load; a qins that reads only
+version 1 refuses version 2 files rather than decode mulaw codes on the log grid.
 
 :func:`load` checks everything before it changes anything: the metadata, every listed layer (its
 module exists and is a ``ProjectiveLinear`` of that format, or an ``nn.Linear`` of the right size
@@ -32,7 +34,8 @@ __all__ = ["FORMAT_VERSION", "load", "save"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+_READABLE = ("1", "2")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -95,8 +98,9 @@ def _read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]
         if version is None:
             raise ValueError(f"{path}: not a qins file (no 'qins.format_version' in the safetensors metadata); "
                              "for a plain state_dict use model.load_state_dict")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path}: qins file format version {version!r} is not supported (this qins reads {FORMAT_VERSION!r})")
+        if version not in _READABLE:
+            raise ValueError(f"{path}: qins file format version {version!r} is not supported (this qins reads "
+                             f"{' and '.join(map(repr, _READABLE))})")
         try:
             layers = json.loads(meta.get("qins.layers", ""))
             aliases = json.loads(meta.get("qins.aliases", "{}"))
@@ -120,7 +124,10 @@ def _read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]
 
 def _config(name: str, entry: Any) -> tuple[QinsConfig, bool]:
     try:
-        cfg = QinsConfig(packed=entry["packed"], log_range=entry["log_range"], per_row=entry["per_row"])
+        # files written before the mulaw spacing have no "spacing": their layers are log-spaced
+        # version 1 entries have no "spacing": every layer of those files is log-spaced
+        cfg = QinsConfig(packed=entry["packed"], log_range=entry["log_range"], per_row=entry["per_row"],
+                         spacing=entry.get("spacing", "log"))
         cache = entry.get("cache_weight", True)
         if not isinstance(cache, bool):
             raise TypeError(f"cache_weight must be bool, got {cache!r}")

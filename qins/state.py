@@ -2,7 +2,8 @@
 
 A layer's ``state_dict`` holds ``stored``, ``sign`` (split only), ``log_min``, ``log_max`` and
 ``bias``; its metadata (``state_dict._metadata[prefix]``) holds ``version`` (2) and ``"qins"``:
-``{"packed": bool, "per_row": bool, "log_range": str}``. Version 1 (or no metadata, e.g. after a
+``{"packed": bool, "per_row": bool, "log_range": str, "spacing": str}`` (no ``spacing``: ``"log"``,
+the only spacing before ``"mulaw"``). Version 1 (or no metadata, e.g. after a
 plain safetensors round trip) is read from the keys and shapes: ``sign`` present means split,
 ``[out]`` logs mean per row; the seed's states are split and per tensor.
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig
+from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, valid_levels
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import ProjectiveLinear
@@ -27,7 +28,7 @@ _QINS_KEYS = ("stored", "sign", "log_min", "log_max")
 
 def format_metadata(config: QinsConfig) -> dict[str, Any]:
     """The ``"qins"`` metadata entry for ``config`` (plain JSON-able values)."""
-    return {"packed": config.packed, "per_row": config.per_row, "log_range": config.log_range}
+    return {"packed": config.packed, "per_row": config.per_row, "log_range": config.log_range, "spacing": config.spacing}
 
 
 def _describe(packed: bool, per_row: bool) -> str:
@@ -63,6 +64,12 @@ def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], p
             f"{where}: the state is {_describe(packed, per_row)} but the layer is {_describe(cfg.packed, cfg.per_row)}; "
             f"build the layer with QinsConfig(packed={packed}, per_row={per_row}) to load it"
         )
+    # states written before the mulaw spacing record none: they are log-spaced; a state without any
+    # metadata (a plain safetensors round trip) cannot tell, and the layer's spacing is trusted
+    spacing = meta.get("spacing", "log") if meta is not None else cfg.spacing
+    if spacing != cfg.spacing:
+        raise ValueError(f"{where}: the state's level spacing is {spacing!r} but the layer's is {cfg.spacing!r}; "
+                         f"build the layer with QinsConfig(spacing={spacing!r}, ...) to load it")
     needed = ["stored", "log_min", "log_max"] + ([] if cfg.packed else ["sign"])
     missing = [prefix + k for k in needed if prefix + k not in state_dict]
     if missing:
@@ -106,3 +113,9 @@ def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], p
     if bool((lo < LOG_FLOAT32_MIN).any()):
         raise ValueError(f"{prefix}log_min: below {LOG_FLOAT32_MIN!r} (ln of float32's smallest normal, plus the "
                          "table's rounding margin); the smallest decoded weights would be subnormal, 0 or NaN")
+    if cfg.spacing == "mulaw":
+        bad = ~valid_levels(lo, hi, cfg.packed, "mulaw")
+        if bool(bad.any()):
+            where = "" if lo.dim() == 0 else f" at row {int(torch.nonzero(bad)[0])}"
+            raise ValueError(f"{prefix}log_min/log_max{where}: the mulaw levels of this range are not strictly decreasing "
+                             "normal floats (span too small or offset subnormal); corrupt range")

@@ -28,10 +28,12 @@ from qins import QinsConfig
 
 #: The configurations the issue states targets for, plus the seed's format (measured, no target).
 CONFIGS: dict[str, QinsConfig] = {
-    "split-mse-tensor": QinsConfig(packed=False, log_range="mse", per_row=False),
-    "split-mse-row": QinsConfig(packed=False, log_range="mse", per_row=True),
-    "packed-mse-row": QinsConfig(packed=True, log_range="mse", per_row=True),
+    "split-mse-tensor": QinsConfig(packed=False, log_range="mse", per_row=False, spacing="log"),
+    "split-mse-row": QinsConfig(packed=False, log_range="mse", per_row=True, spacing="log"),
+    "packed-mse-row": QinsConfig(packed=True, log_range="mse", per_row=True, spacing="log"),
     "seed-split-minmax-tensor": QinsConfig.seed(),
+    "split-mulaw-row": QinsConfig(packed=False),
+    "packed-mulaw-row": QinsConfig(),  # the default
 }
 
 #: The reference quantiser's name in reports.

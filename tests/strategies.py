@@ -87,18 +87,25 @@ def float32_weights(
 
 from qins.formats import QinsConfig  # noqa: E402
 
-#: Every (packed, log_range, per_row) combination, with readable ids for parametrize.
-ALL_CONFIGS = [QinsConfig(p, r, row) for p in (True, False) for r in ("mse", "minmax") for row in (True, False)]
+#: Every format: the mulaw spacing's (packed, per_row) combinations, then the log spacing's
+#: (packed, log_range, per_row) ones, with readable ids for parametrize.
+MULAW_CONFIGS = [QinsConfig(packed=p, per_row=row) for p in (True, False) for row in (True, False)]
+LOG_CONFIGS = [QinsConfig(p, r, row, spacing="log") for p in (True, False) for r in ("mse", "minmax") for row in (True, False)]
+ALL_CONFIGS = MULAW_CONFIGS + LOG_CONFIGS
 
 
 def config_id(config: QinsConfig) -> str:
-    return f"{'packed' if config.packed else 'split'}-{config.log_range}-{'row' if config.per_row else 'tensor'}"
+    rule = "mulaw" if config.spacing == "mulaw" else config.log_range
+    return f"{'packed' if config.packed else 'split'}-{rule}-{'row' if config.per_row else 'tensor'}"
 
 
 #: A representative subset for slower layer-level tests: the default, the seed, and one of each axis.
-LAYER_CONFIGS = [QinsConfig(), QinsConfig.seed(), QinsConfig(False, "mse", True), QinsConfig(True, "minmax", False)]
+LAYER_CONFIGS = [QinsConfig(), QinsConfig.seed(), QinsConfig(packed=False), QinsConfig(False, "mse", True, spacing="log"),
+                 QinsConfig(True, "minmax", False, spacing="log")]
 
 configs = st.sampled_from(ALL_CONFIGS)
+log_configs = st.sampled_from(LOG_CONFIGS)
+mulaw_configs = st.sampled_from(MULAW_CONFIGS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,14 +248,15 @@ class LinearCase:
     log_min: torch.Tensor
     log_max: torch.Tensor
     bias: Optional[torch.Tensor]
+    spacing: int = 0  # QinsConfig.spacing_id: 0 log, 1 mulaw
 
     def args(self) -> tuple:
-        return (self.x, self.codes, self.sign, self.log_min, self.log_max, self.bias)
+        return (self.x, self.codes, self.sign, self.log_min, self.log_max, self.bias, self.spacing)
 
     def to(self, device: torch.device | str) -> "LinearCase":
         """The same case with every tensor on ``device`` (strides kept: ``Tensor.to`` preserves them)."""
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
-        return LinearCase(*(move(t) for t in self.args()))
+        return LinearCase(*(move(t) for t in self.args()[:-1]), spacing=self.spacing)
 
 
 def qins_codes(gen: torch.Generator, out: int, inn: int, packed: bool, zero_frac: float):
@@ -314,7 +322,7 @@ def qins_linear_cases(draw: st.DrawFn, *, max_in: int = 300, max_out: int = 300,
     bias = None
     if draw(st.booleans()):
         bias = torch.randn(out, generator=gen).to(draw(st.sampled_from(LINEAR_X_DTYPES)))
-    return LinearCase(x, codes, sign, lo.float(), hi.float(), bias)
+    return LinearCase(x, codes, sign, lo.float(), hi.float(), bias, draw(st.sampled_from([0, 1])))
 
 
 def odd_size(hi: int):
@@ -344,7 +352,7 @@ def triton_cases(draw: st.DrawFn, *, max_in: int = 100, max_out: int = 70, max_b
     bias = None
     if draw(st.booleans()):
         bias = torch.randn(out, generator=gen).to(draw(st.sampled_from([torch.float32, torch.bfloat16])))
-    return LinearCase(x, codes, sign, lo.float(), hi.float(), bias)
+    return LinearCase(x, codes, sign, lo.float(), hi.float(), bias, draw(st.sampled_from([0, 1])))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,30 +24,32 @@ def _correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
     return (base @ mix) * scale
 
 
-@given(rows=st.integers(1, 9), cols=st.integers(2, 40), seed=st.integers(0, 2**16), packed=st.booleans())
-def test_calibrated_ranges_never_have_a_larger_weighted_error_than_the_data_free_ranges(rows, cols, seed, packed):
+@given(rows=st.integers(1, 9), cols=st.integers(2, 40), seed=st.integers(0, 2**16), packed=st.booleans(),
+       spacing=st.sampled_from(qins.formats.SPACINGS))
+def test_calibrated_ranges_never_have_a_larger_weighted_error_than_the_data_free_ranges(rows, cols, seed, packed, spacing):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * torch.exp(torch.randn(rows, 1, generator=g))
     h_moment = _moment(_correlated_inputs(64, cols, seed))
-    config = qins.QinsConfig(packed=packed)
+    config = qins.QinsConfig(packed=packed, spacing=spacing)
     codes, sign, lo, hi = encode_calibrated(w, h_moment, config, error_feedback=False)
-    calibrated = qins.decode_codes(codes, sign, lo, hi)
-    free = qins.decode_codes(*qins.encode(w, config))
+    calibrated = qins.decode_codes(codes, sign, lo, hi, spacing=spacing)
+    free = qins.decode_codes(*qins.encode(w, config), spacing=spacing)
     h = torch.diagonal(h_moment)
     assert torch.all(weighted_error(w, calibrated, h) <= weighted_error(w, free, h) * (1 + 1e-12))
-    # without feedback every weight sits on its own row's nearest level (log rounding)
-    assert torch.equal(calibrated, _round(w, lo.reshape(-1, 1), hi.reshape(-1, 1), packed)[1])
+    # without feedback every weight sits on its own row's level (log rounding, or the nearest for mulaw)
+    assert torch.equal(calibrated, _round(w, lo.reshape(-1, 1), hi.reshape(-1, 1), packed, spacing=spacing)[1])
 
 
+@pytest.mark.parametrize("spacing", ["mulaw", "log"])
 @pytest.mark.parametrize("packed", [True, False])
-def test_error_feedback_lowers_the_output_error_on_correlated_inputs(packed):
+def test_error_feedback_lowers_the_output_error_on_correlated_inputs(packed, spacing):
     torch.manual_seed(1)
     w = torch.randn(48, 96)
     h_moment = _moment(_correlated_inputs(4000, 96, 2))
-    config = qins.QinsConfig(packed=packed)
-    free = output_error(w, qins.decode_codes(*qins.encode(w, config)), h_moment)
-    ranges_only = output_error(w, qins.decode_codes(*encode_calibrated(w, h_moment, config, error_feedback=False)), h_moment)
-    feedback = output_error(w, qins.decode_codes(*encode_calibrated(w, h_moment, config)), h_moment)
+    config = qins.QinsConfig(packed=packed, spacing=spacing)
+    free = output_error(w, qins.decode_codes(*qins.encode(w, config), spacing=spacing), h_moment)
+    ranges_only = output_error(w, qins.decode_codes(*encode_calibrated(w, h_moment, config, error_feedback=False), spacing=spacing), h_moment)
+    feedback = output_error(w, qins.decode_codes(*encode_calibrated(w, h_moment, config), spacing=spacing), h_moment)
     assert ranges_only < free
     assert feedback < 0.8 * ranges_only, (free, ranges_only, feedback)
 
@@ -61,7 +63,11 @@ def test_calibrated_encoding_is_deterministic_and_in_the_unchanged_format():
     codes, sign, lo, hi = a
     assert codes.dtype == torch.uint8 and sign is None and lo.dtype == hi.dtype == torch.float32
     assert lo.shape == hi.shape == (17,) and torch.all(lo <= hi)
-    assert torch.all(hi <= torch.log(w.abs().amax(1)) + 1e-6)  # log_max is ln max|w| or a clip below it
+    assert bool(qins.formats.valid_levels(lo, hi, True, "mulaw").all())
+    top = qins.level_table(lo, hi, True, "mulaw")[:, 1]  # the top level is max|w| (float32 rounding)
+    assert torch.allclose(top, w.abs().amax(1), rtol=1e-5, atol=0)
+    _, _, lo_log, hi_log = encode_calibrated(w, h_moment, qins.QinsConfig(spacing="log"))
+    assert torch.all(hi_log <= torch.log(w.abs().amax(1)) + 1e-6)  # log: log_max is ln max|w| or a clip below it
     codes2, sign2, *_ = encode_calibrated(w, h_moment, qins.QinsConfig(packed=False))
     assert sign2.dtype == torch.int8 and int(codes2.max()) <= 255
 

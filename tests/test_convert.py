@@ -198,7 +198,7 @@ def test_conversion_records_the_format_replacing_an_earlier_dict() -> None:
 
     model = tiny_phi3(seed=1)
     model.config.quantization_config = {"quant_method": "qins", "packed": False}  # e.g. an earlier record
-    config = QinsConfig(packed=True, log_range="minmax", per_row=False)
+    config = QinsConfig(packed=True, log_range="minmax", per_row=False, spacing="log")
     convert_model_to_projective(model, config, skip=("lm_head",), cache_weight=False)
     assert model.config.quantization_config == quantization_config_dict(config, ("lm_head",), False)
 

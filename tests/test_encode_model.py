@@ -150,7 +150,7 @@ def test_the_mse_search_histogram_has_128_bins_a_row_and_4096_for_a_single_row(m
     real = enc._log_histogram
     monkeypatch.setattr(enc, "_log_histogram", lambda mag, gap, span0, n: seen.append((tuple(mag.shape), n)) or real(mag, gap, span0, n))
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) + 0.01
-    encode(weight, QinsConfig(packed=True, log_range="mse", per_row=per_row))
+    encode(weight, QinsConfig(packed=True, log_range="mse", per_row=per_row, spacing="log"))
     assert seen and {n for _, n in seen} == {nbins}, seen
 
 
@@ -163,7 +163,7 @@ def test_the_mse_search_first_tries_c_over_48_of_the_minmax_span_in_float64(monk
     real = enc._model_errors
     monkeypatch.setattr(enc, "_model_errors", lambda hist, lo0, hi, spans, steps: calls.append((lo0, hi, spans)) or real(hist, lo0, hi, spans, steps))
     weight = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) + 0.01
-    encode(weight, QinsConfig(packed=True, log_range="mse", per_row=True))
+    encode(weight, QinsConfig(packed=True, log_range="mse", per_row=True, spacing="log"))
     lo0, hi, spans = calls[0]
     assert spans.dtype == torch.float64 and spans.shape == (3, 48)
     want = (hi - lo0).double() * (torch.arange(1, 49, dtype=torch.float64) / 48)
@@ -211,13 +211,13 @@ def test_histogram_codes_errors_and_the_search_do_not_depend_on_the_block_size(m
     lo0 = mag.log().where(mag > 0, math.inf).amin(1, keepdim=True)
     gap = hi - mag.log()
     ranges = torch.cat([lo0, lo0 + 0.25 * (hi - lo0)], 1)
-    tables = torch.stack([level_table(ranges[:, s], hi.reshape(-1), packed) for s in range(2)])
+    tables = torch.stack([level_table(ranges[:, s], hi.reshape(-1), packed, spacing="log") for s in range(2)])
 
     def passes():
         return (_log_histogram(mag, gap, (hi - lo0).double(), 128),
                 ENCODE._encode_blocks(mag, gap, lo0, hi, packed),
                 reference.range_codes(mag, gap, ranges, hi, tables, packed, 1),
-                encode(w, QinsConfig(packed=packed, log_range="mse", per_row=True)))
+                encode(w, QinsConfig(packed=packed, log_range="mse", per_row=True, spacing="log")))
 
     monkeypatch.setattr(ENCODE, "_CHUNK", 1 << 30)
     hist1, codes1, (err1, rcodes1), enc1 = passes()

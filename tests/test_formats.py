@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from qins import QinsConfig, convert_to_qins, decode_codes, encode, level_table, qins_exp, qins_log_slack
 from qins.formats import num_levels
-from tests.strategies import ALL_CONFIGS, EXTREME_SPANS, config_id, configs, float32_weights
+from tests.strategies import LOG_CONFIGS, EXTREME_SPANS, config_id, float32_weights, log_configs
 
 F64 = torch.float64
 
@@ -27,7 +27,7 @@ def _as_rows(w: torch.Tensor, config: QinsConfig) -> torch.Tensor:
 def _encode_rows(w: torch.Tensor, config: QinsConfig):
     w2 = _as_rows(w, config) if config.per_row else w
     codes, sign, lo, hi = encode(w2, config)
-    w_hat = decode_codes(codes, sign, lo, hi)
+    w_hat = decode_codes(codes, sign, lo, hi, spacing="log")
     rows = w2.shape[0] if config.per_row else 1
     return w2.reshape(rows, -1), w_hat.reshape(rows, -1), lo.reshape(rows, 1).to(F64), hi.reshape(rows, 1).to(F64), codes, sign
 
@@ -48,7 +48,7 @@ def test_qins_exp_is_within_one_ulp_of_exp_over_the_whole_weight_range() -> None
 @given(st.floats(-87.0, 88.0, width=32), st.floats(0.0, 60.0, width=32), st.booleans())
 def test_table_levels_are_decreasing_from_exp_log_max_to_exp_log_min(hi: float, span: float, packed: bool) -> None:
     lo = max(hi - span, -87.0)
-    table = level_table(torch.tensor(lo), torch.tensor(hi), packed)[0].to(F64)
+    table = level_table(torch.tensor(lo), torch.tensor(hi), packed, spacing="log")[0].to(F64)
     k = 127 if packed else 255
     mags = table[1 : k + 1]
     assert table[0] == 0 and bool((mags[1:] <= mags[:-1]).all()) and bool((mags > 0).all())
@@ -66,9 +66,9 @@ def test_table_and_exp_compute_in_float32_whatever_dtype_they_are_given(dtype: t
     hi32 = torch.tensor([1.2345678, -1.0000001, 0.7777777]).float()
     lo, hi = lo32.to(dtype), hi32.to(dtype)
     for packed in (True, False):
-        got = level_table(lo, hi, packed)
+        got = level_table(lo, hi, packed, spacing="log")
         assert got.dtype == torch.float32
-        assert torch.equal(got.view(torch.int32), level_table(lo.float(), hi.float(), packed).view(torch.int32))
+        assert torch.equal(got.view(torch.int32), level_table(lo.float(), hi.float(), packed, spacing="log").view(torch.int32))
     t = torch.linspace(-80.0, 80.0, 4097, dtype=torch.float64) + 1e-9  # not float32-representable
     y = qins_exp(t.to(dtype))
     assert y.dtype == torch.float32
@@ -76,7 +76,7 @@ def test_table_and_exp_compute_in_float32_whatever_dtype_they_are_given(dtype: t
 
 
 def test_packed_table_upper_half_is_the_exact_negation_of_the_lower_half() -> None:
-    table = level_table(torch.tensor([-9.0, -3.5]), torch.tensor([-1.0, 2.0]), packed=True)
+    table = level_table(torch.tensor([-9.0, -3.5]), torch.tensor([-1.0, 2.0]), packed=True, spacing="log")
     assert table.shape == (2, 256)
     lower, upper = table[:, :128], table[:, 128:]
     assert torch.equal(upper.view(torch.int32), (lower.view(torch.int32) ^ torch.tensor(-(2**31), dtype=torch.int32)))
@@ -86,18 +86,18 @@ def test_packed_table_upper_half_is_the_exact_negation_of_the_lower_half() -> No
 @pytest.mark.parametrize("packed", [True, False])
 def test_the_level_table_is_made_on_the_logs_device(packed: bool) -> None:
     for lo, hi in [(torch.tensor(-3.0), torch.tensor(0.5)), (torch.tensor([-9.0, -3.5]), torch.tensor([-1.0, 2.0]))]:
-        table = level_table(lo.to("meta"), hi.to("meta"), packed)
+        table = level_table(lo.to("meta"), hi.to("meta"), packed, spacing="log")
         assert table.is_meta and table.shape == (lo.numel(), 256)
 
 
 def test_config_validates_and_seed_is_split_minmax_per_tensor() -> None:
-    assert QinsConfig.seed() == QinsConfig(packed=False, log_range="minmax", per_row=False)
-    assert QinsConfig().levels == 127 and QinsConfig.seed().levels == 255
-    assert QinsConfig().bytes_per_weight == 1 and QinsConfig.seed().bytes_per_weight == 2
+    assert QinsConfig.seed() == QinsConfig(packed=False, log_range="minmax", per_row=False, spacing="log")
+    assert QinsConfig(spacing="log").levels == 127 and QinsConfig.seed().levels == 255
+    assert QinsConfig(spacing="log").bytes_per_weight == 1 and QinsConfig.seed().bytes_per_weight == 2
     with pytest.raises(ValueError, match="log_range"):
-        QinsConfig(log_range="absmax")  # type: ignore[arg-type]
+        QinsConfig(log_range="absmax", spacing="log")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="bool"):
-        QinsConfig(packed=1)  # type: ignore[arg-type]
+        QinsConfig(packed=1, spacing="log")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,11 +108,11 @@ def test_config_validates_and_seed_is_split_minmax_per_tensor() -> None:
 EXTREME = EXTREME_SPANS[-1]  # 2-d: a log span near float32's whole range (~175 nats)
 
 
-@given(float32_weights(), configs)
-@example(EXTREME, QinsConfig())
+@given(float32_weights(), log_configs)
+@example(EXTREME, QinsConfig(spacing="log"))
 @example(EXTREME, QinsConfig.seed())
-@example(EXTREME, QinsConfig(False, "mse", False))
-@example(EXTREME, QinsConfig(True, "minmax", True))
+@example(EXTREME, QinsConfig(False, "mse", False, spacing="log"))
+@example(EXTREME, QinsConfig(True, "minmax", True, spacing="log"))
 def test_in_range_weights_decode_within_half_a_log_step_with_their_sign(w: torch.Tensor, config: QinsConfig) -> None:
     w2, w_hat, lo, hi, _, _ = _encode_rows(w, config)
     mag = w2.to(F64).abs()
@@ -127,14 +127,14 @@ def test_in_range_weights_decode_within_half_a_log_step_with_their_sign(w: torch
 _NEAR_TINY = torch.tensor([[1.1754944e-38, 0.7e-38, 1.0], [-0.65e-38, 1.1754944e-38, 2.0]])  # sub-normals that round past the range
 
 
-@given(float32_weights(), configs)
-@example(w=_NEAR_TINY[0], config=QinsConfig(True, "minmax", False))  # past the range, 2|w| >= the smallest level
-@example(w=_NEAR_TINY, config=QinsConfig(True, "minmax", True))
-@example(w=_NEAR_TINY, config=QinsConfig(False, "minmax", True))
+@given(float32_weights(), log_configs)
+@example(w=_NEAR_TINY[0], config=QinsConfig(True, "minmax", False, spacing="log"))  # past the range, 2|w| >= the smallest level
+@example(w=_NEAR_TINY, config=QinsConfig(True, "minmax", True, spacing="log"))
+@example(w=_NEAR_TINY, config=QinsConfig(False, "minmax", True, spacing="log"))
 def test_weights_below_the_range_go_to_the_nearer_of_zero_and_the_smallest_level(w: torch.Tensor, config: QinsConfig) -> None:
     w2, w_hat, lo, hi, _, _ = _encode_rows(w, config)
     k = config.levels
-    smallest = level_table(lo.reshape(-1).float(), hi.reshape(-1).float(), config.packed)[:, k : k + 1]
+    smallest = level_table(lo.reshape(-1).float(), hi.reshape(-1).float(), config.packed, spacing="log")[:, k : k + 1]
     mag = w2.abs()
     below = (mag > 0) & (mag.to(F64).log() < lo)
     expected = torch.where(mag * 2 >= smallest, smallest, torch.zeros_like(mag))
@@ -143,7 +143,7 @@ def test_weights_below_the_range_go_to_the_nearer_of_zero_and_the_smallest_level
     assert bool((torch.signbit(w_hat) == torch.signbit(w2))[nonzero].all())
 
 
-@given(float32_weights(), configs)
+@given(float32_weights(), log_configs)
 def test_exact_zeros_stay_exact_with_their_sign_in_every_format(w: torch.Tensor, config: QinsConfig) -> None:
     w = torch.cat([w.reshape(-1), torch.tensor([0.0, -0.0])]).reshape(1, -1)
     _, w_hat, _, _, _, _ = _encode_rows(w, config)
@@ -155,8 +155,8 @@ def test_exact_zeros_stay_exact_with_their_sign_in_every_format(w: torch.Tensor,
 @example(EXTREME, True, True)
 @example(EXTREME, False, False)
 def test_mse_range_never_has_a_larger_squared_error_than_minmax(w: torch.Tensor, packed: bool, per_row: bool) -> None:
-    mse = _encode_rows(w, QinsConfig(packed, "mse", per_row))
-    minmax = _encode_rows(w, QinsConfig(packed, "minmax", per_row))
+    mse = _encode_rows(w, QinsConfig(packed, "mse", per_row, spacing="log"))
+    minmax = _encode_rows(w, QinsConfig(packed, "minmax", per_row, spacing="log"))
 
     def sq_err(res) -> torch.Tensor:  # noqa: ANN001
         w2, w_hat = res[0].to(F64), res[1].to(F64)
@@ -166,10 +166,10 @@ def test_mse_range_never_has_a_larger_squared_error_than_minmax(w: torch.Tensor,
 
 
 def _sq(w: torch.Tensor, enc) -> float:  # noqa: ANN001
-    return float((w.to(F64) - decode_codes(*enc).to(F64)).square().sum())
+    return float((w.to(F64) - decode_codes(*enc, spacing="log").to(F64)).square().sum())
 
 
-SPLIT_TENSOR_MSE = QinsConfig(packed=False, log_range="mse", per_row=False)
+SPLIT_TENSOR_MSE = QinsConfig(packed=False, log_range="mse", per_row=False, spacing="log")
 
 
 def test_split_per_tensor_mse_beats_the_seed_codec_on_gaussian_weights() -> None:
@@ -207,7 +207,7 @@ def test_split_per_tensor_mse_keeps_the_seed_codec_on_a_tie_of_the_exact_errors(
     assert all(torch.equal(a, b) for a, b in zip(got, seed))
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", LOG_CONFIGS, ids=config_id)
 def test_the_smallest_normal_float32_is_in_range_and_sets_log_min(config: QinsConfig) -> None:
     tiny = torch.finfo(torch.float32).tiny
     w = torch.tensor([[tiny, -1.0, 0.5, tiny / 4]])  # tiny / 4 is sub-normal: below every range
@@ -219,7 +219,7 @@ def test_the_smallest_normal_float32_is_in_range_and_sets_log_min(config: QinsCo
         assert float(lo.reshape(-1)[0]) >= float(torch.tensor(tiny).log())
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", LOG_CONFIGS, ids=config_id)
 def test_logs_are_float32_under_a_float64_default_dtype(config: QinsConfig) -> None:
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -230,7 +230,7 @@ def test_logs_are_float32_under_a_float64_default_dtype(config: QinsConfig) -> N
     assert lo.dtype == hi.dtype == torch.float32 and codes.dtype == torch.uint8
 
 
-@given(float32_weights(), configs)
+@given(float32_weights(), log_configs)
 def test_largest_magnitude_of_each_row_gets_code_one_and_log_max_is_its_log(w: torch.Tensor, config: QinsConfig) -> None:
     w2, _, lo, hi, codes, _ = _encode_rows(w, config)
     mag_codes = codes.reshape(w2.shape[0], -1) & 0x7F if config.packed else codes.reshape(w2.shape[0], -1)
@@ -255,7 +255,7 @@ def test_seed_config_reproduces_convert_to_qins_codes_exactly(w: torch.Tensor) -
 
 @given(float32_weights(), st.booleans(), st.sampled_from(["mse", "minmax"]))
 def test_packed_byte_is_sign_bit_7_and_a_seven_bit_magnitude_code(w: torch.Tensor, per_row: bool, log_range: str) -> None:
-    config = QinsConfig(True, log_range, per_row)  # type: ignore[arg-type]
+    config = QinsConfig(True, log_range, per_row, spacing="log")  # type: ignore[arg-type]
     w2, w_hat, _, _, codes, sign = _encode_rows(w, config)
     codes = codes.reshape(w2.shape)
     assert sign is None and codes.dtype == torch.uint8
@@ -264,7 +264,7 @@ def test_packed_byte_is_sign_bit_7_and_a_seven_bit_magnitude_code(w: torch.Tenso
     assert torch.equal((codes & 0x7F) == 0, w_hat == 0)
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", LOG_CONFIGS, ids=config_id)
 def test_encode_shapes_dtypes_and_bad_input(config: QinsConfig) -> None:
     w = torch.randn(6, 10)
     codes, sign, lo, hi = encode(w, config)
@@ -279,7 +279,7 @@ def test_encode_shapes_dtypes_and_bad_input(config: QinsConfig) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", LOG_CONFIGS, ids=config_id)
 def test_encode_of_any_float_dtype_is_the_encode_of_its_float32_values(config: QinsConfig, dtype: torch.dtype) -> None:
     w = (torch.randn(6, 10, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
     got, want = encode(w, config), encode(w.to(torch.float32), config)
@@ -289,13 +289,13 @@ def test_encode_of_any_float_dtype_is_the_encode_of_its_float32_values(config: Q
 
 def test_all_zero_rows_flush_and_other_rows_keep_their_own_range() -> None:
     w = torch.tensor([[0.0, 0.0, -0.0], [1.0, 0.5, -0.25], [1e-3, 2e-3, 4e-3]])
-    codes, _, lo, hi = encode(w, QinsConfig(packed=True, log_range="minmax", per_row=True))
+    codes, _, lo, hi = encode(w, QinsConfig(packed=True, log_range="minmax", per_row=True, spacing="log"))
     assert torch.equal(codes[0] & 0x7F, torch.zeros(3, dtype=torch.uint8))
     assert torch.allclose(hi, torch.tensor([0.0, 0.0, math.log(4e-3)]))
     assert torch.allclose(lo, torch.tensor([0.0, math.log(0.25), math.log(1e-3)]))
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", LOG_CONFIGS, ids=config_id)
 def test_float32_maximum_weight_decodes_finite_and_its_state_loads(config: QinsConfig) -> None:
     from qins import ProjectiveLinear
     from qins.formats import LOG_FLOAT32_MAX
@@ -303,7 +303,7 @@ def test_float32_maximum_weight_decodes_finite_and_its_state_loads(config: QinsC
     w = torch.tensor([[3.4028234663852886e38, -2.5, 1e-3], [-3.4028234663852886e38, 3.4028234663852886e38, 0.0]])
     codes, sign, lo, hi = encode(w, config)
     assert float(hi.max()) == LOG_FLOAT32_MAX and bool((lo <= hi).all())
-    w_hat = decode_codes(codes, sign, lo, hi)
+    w_hat = decode_codes(codes, sign, lo, hi, spacing="log")
     assert bool(torch.isfinite(w_hat).all())
     top = w.abs() == w.abs().max()
     assert bool(((w_hat[top].to(F64) / w[top].to(F64) - 1).abs() <= 1e-5).all())  # 7.3e-6 below, same sign
@@ -328,7 +328,7 @@ def test_per_row_encode_of_a_weight_larger_than_one_block_equals_encoding_each_r
     weight is searched with the finer per-tensor histogram.)"""
     g = torch.Generator().manual_seed(7)
     w = torch.randn(300, 300, generator=g) * torch.logspace(-3, 1, 300).unsqueeze(1)
-    config = QinsConfig(packed, log_range, True)
+    config = QinsConfig(packed, log_range, True, spacing="log")
     codes, sign, lo, hi = encode(w, config)
     for i in (0, 216, 217, 218, 298):  # both sides of the block boundary (218 rows a block)
         c, s, l, h = encode(w[i : i + 2], config)

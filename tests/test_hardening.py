@@ -19,10 +19,13 @@ from torch import nn
 
 import qins.kernels as qk
 from qins import ProjectiveLinear, QinsConfig, encode
-from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, decode_codes, level_table, num_levels, qins_exp
+from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, SPACINGS, decode_codes, level_table, num_levels, qins_exp
 
 TINY = torch.finfo(torch.float32).tiny
 CONFIGS = [QinsConfig(), QinsConfig.seed(), QinsConfig(packed=False, per_row=True), QinsConfig(packed=True, per_row=False)]
+#: log-spaced formats: their smallest level is exp(log_min), so log_min's floor alone keeps it normal
+LOG_SPACED = [QinsConfig(spacing="log"), QinsConfig.seed(), QinsConfig(packed=False, spacing="log"),
+              QinsConfig(per_row=False, spacing="log")]
 
 
 def _f32(x: float) -> torch.Tensor:
@@ -47,7 +50,7 @@ def _state_with_logs(config: QinsConfig, lo: float, hi: float) -> tuple[Projecti
 
 def _levels(lo: float, hi: float, packed: bool) -> torch.Tensor:
     k = num_levels(packed)
-    return level_table(_f32(lo), _f32(hi), packed)[0, 1 : k + 1]
+    return level_table(_f32(lo), _f32(hi), packed, spacing="log")[0, 1 : k + 1]
 
 
 def _float32_run(start: float, count: int, step: int) -> torch.Tensor:
@@ -96,7 +99,7 @@ def test_every_level_of_a_table_inside_the_bounds_is_finite_and_normal(packed: b
     ]).float().clamp(LOG_FLOAT32_MIN, LOG_FLOAT32_MAX)
     for lo, hi in ((torch.full_like(his, LOG_FLOAT32_MIN), his), (his, torch.full_like(his, LOG_FLOAT32_MAX))):
         k = num_levels(packed)
-        levels = level_table(lo, hi, packed)[:, 1 : k + 1]
+        levels = level_table(lo, hi, packed, spacing="log")[:, 1 : k + 1]
         assert bool(torch.isfinite(levels).all()) and float(levels.min()) >= TINY
 
 
@@ -124,7 +127,7 @@ def test_the_float32_above_the_largest_log_max_is_refused_and_leaves_the_layer_u
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("config", LOG_SPACED, ids=str)
 @pytest.mark.parametrize("hi", [LOG_FLOAT32_MIN, -80.0, 0.0, LOG_FLOAT32_MAX], ids=["single-level", "narrow", "to-1", "whole-range"])
 def test_the_smallest_accepted_log_min_loads_and_every_level_is_normal(config: QinsConfig, hi: float) -> None:
     layer, state = _state_with_logs(config, LOG_FLOAT32_MIN, hi)
@@ -175,9 +178,16 @@ def test_weights_at_float32_extremes_encode_inside_the_bounds_and_reload(config:
     fresh.load_state_dict(layer.state_dict())
     decoded = fresh.weight
     assert bool(torch.isfinite(decoded).all())
-    # 2**-126 sits 4.3e-5 nats below the floor: it rounds to the smallest level (within 5e-5), never 0
-    normal = w.abs() >= TINY
-    assert bool((decoded.abs()[normal] > 0).all())
+    if config.spacing == "log":
+        # 2**-126 sits 4.3e-5 nats below the floor: it rounds to the smallest level (within 5e-5), never 0
+        normal = w.abs() >= TINY
+        assert bool((decoded.abs()[normal] > 0).all())
+    else:
+        # mulaw rounds to the nearest level: 2**-126 beside float32's max is 0; a row of magnitudes all
+        # below K·2**-126 flushes (its levels would be subnormal); an ordinary row keeps every weight
+        assert bool((decoded[1] == 0).all()) and float(decoded[0, 1]) < -3.3e38
+        if config.per_row:
+            assert bool((decoded[2] != 0).all())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,27 +202,30 @@ def _native():
     return mod
 
 
+@pytest.mark.parametrize("spacing", [0, 1], ids=["log", "mulaw"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
-def test_native_tables_agree_on_every_isa_for_logs_past_the_bounds(packed: bool) -> None:
+def test_native_tables_agree_on_every_isa_for_logs_past_the_bounds(packed: bool, spacing: int) -> None:
     mod = _native()
     # n = rint(t·log2e) far outside [-252, 254]: the scalar path used to cast these to int unchecked
     lo = torch.tensor([-1000.0, -200.0, -175.0, LOG_FLOAT32_MIN, -3e38, 0.0, float("nan")])
     hi = torch.tensor([0.0, 100.0, 200.0, 1000.0, 3e38, float("inf"), 1.0])
     isas = [i for name, i in qk.ISAS.items() if mod.supported(i)]
-    tables = [mod.table(lo, hi, packed, isa) for isa in isas]
+    tables = [mod.table(lo, hi, packed, spacing, isa) for isa in isas]
     for t in tables[1:]:
         assert torch.equal(t.view(torch.int32), tables[0].view(torch.int32))
 
 
+@pytest.mark.parametrize("spacing", ["log", "mulaw"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
-def test_native_tables_match_the_reference_at_the_bounds(packed: bool) -> None:
+def test_native_tables_match_the_reference_at_the_bounds(packed: bool, spacing: str) -> None:
     mod = _native()
     lo = torch.tensor([LOG_FLOAT32_MIN, LOG_FLOAT32_MIN, 0.0, LOG_FLOAT32_MIN])
     hi = torch.tensor([LOG_FLOAT32_MIN, 0.0, LOG_FLOAT32_MAX, LOG_FLOAT32_MAX])
-    ref = level_table(lo, hi, packed)
+    ref = level_table(lo, hi, packed, spacing)
     for name, isa in qk.ISAS.items():
         if mod.supported(isa):
-            assert torch.equal(mod.table(lo, hi, packed, isa).view(torch.int32), ref.view(torch.int32)), name
+            got = mod.table(lo, hi, packed, SPACINGS.index(spacing), isa)
+            assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,7 +478,7 @@ def _linear_args(packed: bool = False, per_row: bool = True) -> dict:
 
 
 def _call_linear(mod, args: dict) -> torch.Tensor:
-    return mod.linear(args["x"], args["codes"], args["sign"], args["log_min"], args["log_max"], args["bias"], 0)
+    return mod.linear(args["x"], args["codes"], args["sign"], args["log_min"], args["log_max"], args["bias"], 0, 0)
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
@@ -541,14 +554,14 @@ def test_native_decode_debug_refuses_buffers_shorter_than_the_layer(arg: str, ro
     else:
         args["log_min"], args["log_max"] = args["log_min"][:rows], args["log_max"][:rows]
     with pytest.raises(RuntimeError, match="qins"):
-        mod.decode_debug(args["codes"], args["sign"], args["log_min"], args["log_max"], args["x"], 0)
+        mod.decode_debug(args["codes"], args["sign"], args["log_min"], args["log_max"], args["x"], 0, 0)
 
 
 def test_native_decode_debug_refuses_a_one_row_sign_and_logs_for_a_sixteen_row_layer() -> None:
     mod = _native()
     args = _linear_args()
     with pytest.raises(RuntimeError, match="sign must be a contiguous int8 tensor shaped like codes"):
-        mod.decode_debug(args["codes"], args["sign"][:1], args["log_min"][:1], args["log_max"][:1], args["x"], 0)
+        mod.decode_debug(args["codes"], args["sign"][:1], args["log_min"][:1], args["log_max"][:1], args["x"], 0, 0)
 
 
 @pytest.mark.parametrize("lo, hi, message", [
@@ -559,7 +572,7 @@ def test_native_decode_debug_refuses_a_one_row_sign_and_logs_for_a_sixteen_row_l
 def test_native_table_refuses_mismatched_or_foreign_logs(lo: torch.Tensor, hi: torch.Tensor, message: str) -> None:
     mod = _native()
     with pytest.raises(RuntimeError, match=message):
-        mod.table(lo, hi, True, 0)
+        mod.table(lo, hi, True, 0, 0)
 
 
 _TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk")
@@ -581,7 +594,7 @@ def test_native_set_tuning_accepts_the_edges_of_each_range_and_linear_runs_with_
     mod = _native()
     before = list(mod.get_tuning())
     args = _linear_args()
-    w = decode_codes(args["codes"], args["sign"], args["log_min"], args["log_max"])
+    w = decode_codes(args["codes"], args["sign"], args["log_min"], args["log_max"], spacing="log")
     try:
         for values in ((1, 1, 1, 0, 0, 0, 1), (2**40, 2**20, 2**24, 2**20, 2, 1, 16)):
             mod.set_tuning(*values)

@@ -24,7 +24,8 @@ def _load(path, **kwargs):
 
 
 def _hf_config(config: QinsConfig = QinsConfig(), **kwargs):
-    return qins.QinsHfConfig(packed=config.packed, log_range=config.log_range, per_row=config.per_row, **kwargs)
+    return qins.QinsHfConfig(packed=config.packed, log_range=config.log_range, per_row=config.per_row,
+                             spacing=config.spacing, **kwargs)
 
 
 def _assert_same_state(got, want) -> None:
@@ -41,6 +42,7 @@ def _checkpoint(tmp_path, dtype=torch.float32, shard: str | None = None, factory
     return path
 
 
+@pytest.mark.slow  # six loads of a checkpoint, each checked against a conversion
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shard", [None, "20KB"])
 def test_quantize_on_load_gives_the_codes_and_logs_of_load_then_convert(tmp_path, dtype, shard) -> None:

@@ -20,7 +20,7 @@ from tests.strategies import tiny_phi3
 def _quantizer(major: int, *, skip=("lm_head",), cache_weight: bool = True, config: QinsConfig = QinsConfig()):
     config_cls, quantizer_cls = qins.hf._build_classes(major)
     hf_config = config_cls(packed=config.packed, log_range=config.log_range, per_row=config.per_row,
-                           skip=list(skip), cache_weight=cache_weight)
+                           spacing=config.spacing, skip=list(skip), cache_weight=cache_weight)
     return quantizer_cls(hf_config, pre_quantized=True)
 
 
@@ -148,7 +148,7 @@ def test_a_long_list_of_missing_buffers_names_four_and_says_there_are_more() -> 
 @pytest.mark.parametrize("cache_weight", [True, False])
 def test_before_loading_the_model_gets_qins_layers_of_the_configs_format(cache_weight: bool, caplog) -> None:
     model = _model()
-    config = QinsConfig(packed=False, log_range="minmax", per_row=False)
+    config = QinsConfig(packed=False, log_range="minmax", per_row=False, spacing="log")
     quantizer = _quantizer(5, skip=("lm_head", "*.o_proj"), cache_weight=cache_weight, config=config)
     qins.hf.register_with_transformers()  # the first registration in a process logs a record of its own
     with caplog.at_level(logging.DEBUG, logger="qins.hf"):

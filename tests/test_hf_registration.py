@@ -77,7 +77,7 @@ def test_a_half_registration_is_completed_not_a_key_error(auto, monkeypatch: pyt
 
 def test_the_config_class_defaults_are_the_library_defaults() -> None:
     """``QinsHfConfig()`` (what transformers builds before ``from_dict`` fills it) describes
-    ``QinsConfig()`` in the cached mode with ``lm_head`` skipped, format version 2."""
+    ``QinsConfig()`` in the cached mode with ``lm_head`` skipped, format version 3."""
     from qins import QinsConfig
     from qins.hf import quantization_config_dict
 
@@ -85,18 +85,36 @@ def test_the_config_class_defaults_are_the_library_defaults() -> None:
     config = config_cls()
     assert config.qins_config == QinsConfig()
     assert (config.packed, config.log_range, config.per_row) == (True, "mse", True)
-    assert config.skip == ["lm_head"] and config.cache_weight is True and config.format_version == 2
+    assert config.skip == ["lm_head"] and config.cache_weight is True and config.format_version == 3
+    assert config.spacing == "mulaw"
     assert config.to_dict() == quantization_config_dict(QinsConfig(), ["lm_head"], True)
 
 
-def test_a_format_version_other_than_2_is_refused_by_name() -> None:
+def test_a_format_version_other_than_2_or_3_is_refused_by_name() -> None:
     config_cls, _ = register_with_transformers()
-    for bad in (3, "2", 2.0, True):
+    for bad in (4, 1, "2", 2.0, True):
         with pytest.raises(
-            ValueError, match=r"^quantization_config: QINS format_version .* is not supported \(this qins reads 2\)"
+            ValueError,
+            match=r"^quantization_config: QINS format_version .* is not supported \(this qins reads 2 and 3\)",
         ):
             config_cls(format_version=bad)
-    assert config_cls(format_version=2).format_version == 2
+    assert config_cls(format_version=2).format_version == 3  # read as version 2, written as the current one
+
+
+def test_a_version_2_config_without_spacing_is_log_spaced_and_version_3_names_its_spacing() -> None:
+    from qins import QinsConfig
+
+    config_cls, _ = register_with_transformers()
+    assert config_cls(format_version=2).qins_config == QinsConfig(spacing="log")
+    assert config_cls(format_version=2, log_range="minmax").qins_config == QinsConfig(log_range="minmax", spacing="log")
+    assert config_cls(spacing="log").qins_config == QinsConfig(spacing="log")
+    assert config_cls().to_dict()["spacing"] == "mulaw"
+    with pytest.raises(ValueError, match=r"field 'spacing' 'mulaw' needs format_version 3; fix config.json"):
+        config_cls(format_version=2, spacing="mulaw")
+    with pytest.raises(ValueError, match=r"field 'spacing' must be one of \['log', 'mulaw'\], got 'linear'"):
+        config_cls(spacing="linear")
+    with pytest.raises(ValueError, match=r"field 'log_range' 'minmax' is a rule of the log spacing"):
+        config_cls(log_range="minmax")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qins.kernels as qk
-from qins.formats import decode_codes, level_table
+from qins.formats import SPACINGS, decode_codes, level_table
 from qins.kernels import reference
 from tests.strategies import LinearCase, qins_codes, qins_linear_cases, qins_log_pairs
 
@@ -61,7 +61,7 @@ def env(**values: str | None):
 
 def bound(case: LinearCase, y_ref: torch.Tensor) -> torch.Tensor:
     """The derived |y_k - y_ref| bound (float64, shaped like y)."""
-    w = decode_codes(case.codes, case.sign, case.log_min, case.log_max).double()
+    w = decode_codes(case.codes, case.sign, case.log_min, case.log_max, spacing=SPACINGS[case.spacing]).double()
     s = case.x.double().abs() @ w.abs().T
     if case.bias is not None:
         s = s + case.bias.double().abs()
@@ -89,29 +89,29 @@ def check_close(case: LinearCase, y: torch.Tensor, y_ref: torch.Tensor) -> None:
 
 
 @settings(max_examples=60)
-@given(st.data(), st.booleans(), st.sampled_from([None, 1, 7, 64]))
-def test_tables_bit_identical(data, packed, rows):
+@given(st.data(), st.booleans(), st.sampled_from([None, 1, 7, 64]), st.sampled_from(SPACINGS))
+def test_tables_bit_identical(data, packed, rows, spacing):
     mod = native()
     lo, hi = data.draw(qins_log_pairs(rows=rows))
-    ref = level_table(lo, hi, packed).view(torch.int32)
+    ref = level_table(lo, hi, packed, spacing).view(torch.int32)
     for isa in native_isas():
-        got = mod.table(lo, hi, packed, qk.ISAS[isa]).view(torch.int32)
+        got = mod.table(lo, hi, packed, SPACINGS.index(spacing), qk.ISAS[isa]).view(torch.int32)
         assert torch.equal(got, ref), f"{isa}: {(got != ref).sum().item()} table entries differ"
 
 
 @settings(max_examples=30)
-@given(st.integers(1, 200), st.integers(1, 20), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
-def test_decode_bit_identical(inn, out, packed, per_row, seed):
+@given(st.integers(1, 200), st.integers(1, 20), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1), st.sampled_from(SPACINGS))
+def test_decode_bit_identical(inn, out, packed, per_row, seed, spacing):
     mod = native()
     gen = torch.Generator().manual_seed(seed)
     codes, sign = qins_codes(gen, out, inn, packed, 0.1)
     shape = (out,) if per_row else ()
     lo = torch.rand(shape, generator=gen) * -20
     hi = lo + torch.rand(shape, generator=gen) * 10
-    ref = decode_codes(codes, sign, lo, hi).view(torch.int32)
+    ref = decode_codes(codes, sign, lo, hi, spacing=spacing).view(torch.int32)
     col = torch.arange(1, inn + 1, dtype=torch.float32)
     for isa in native_isas():
-        w, xp = mod.decode_debug(codes, sign, lo, hi, col, qk.ISAS[isa])
+        w, xp = mod.decode_debug(codes, sign, lo, hi, col, SPACINGS.index(spacing), qk.ISAS[isa])
         perm = xp[0].long()  # column (1-based) at each position; 0 = padding
         assert sorted(perm[perm > 0].tolist()) == list(range(1, inn + 1))
         assert (w[:, perm == 0] == 0).all()
@@ -356,7 +356,7 @@ def test_cpu_dispatch_asks_about_triton_only_under_qins_kernel_triton(monkeypatc
     real = qk._use_triton
     monkeypatch.setattr(qk, "_use_triton", lambda device, rows: asked.append(rows) or real(device, rows))
     args = _fused_case()
-    y = mod.linear(*args, 0)
+    y = mod.linear(*args, 0, 0)  # log spacing, the automatic ISA
     for kind in (None, "auto", "native"):
         with env(QINS_KERNEL=kind, QINS_CPU_ISA=None):
             assert torch.equal(qk._dispatch(*args), y)
@@ -412,7 +412,7 @@ def test_autograd_on_3d_input_gives_the_float32_formula_for_each_needed_gradient
     y = torch.ops.qins.linear(x, codes, sign, lo, hi, b)
     g = torch.randn(y.shape, generator=gen).to(dtype)
     y.backward(g)
-    w = decode_codes(codes, sign, lo, hi)
+    w = decode_codes(codes, sign, lo, hi, spacing="log")
     if needs == "bias-only":
         assert x.grad is None
     else:  # float32 math, rounded once to x's dtype

@@ -125,7 +125,7 @@ def test_packed_per_row_state_dict_has_one_byte_codes_no_sign_and_row_logs() -> 
     assert set(sd) == {"stored", "log_min", "log_max", "bias"}
     assert sd["stored"].dtype == torch.uint8 and sd["stored"].shape == (24, 48)
     assert sd["log_min"].shape == (24,) and sd["log_max"].shape == (24,) and sd["log_min"].dtype == torch.float32
-    assert sd._metadata[""] == {"version": 2, "qins": {"packed": True, "per_row": True, "log_range": "mse"}}
+    assert sd._metadata[""] == {"version": 2, "qins": {"packed": True, "per_row": True, "log_range": "mse", "spacing": "mulaw"}}
 
 
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
@@ -241,16 +241,16 @@ def test_weight_property_is_the_cache_itself_in_cached_mode_and_a_fresh_decode_o
 def test_repr_names_sizes_bias_format_and_mode(cache_weight: bool) -> None:
     from qins import kernels
 
-    layer = ProjectiveLinear.from_linear(make_linear(), QinsConfig(False, "minmax", True), cache_weight=cache_weight)
+    layer = ProjectiveLinear.from_linear(make_linear(), QinsConfig(False, "minmax", True, spacing="log"), cache_weight=cache_weight)
     expected = (
-        "ProjectiveLinear(in_features=48, out_features=24, bias=True, format=split, log_range=minmax, "
+        "ProjectiveLinear(in_features=48, out_features=24, bias=True, format=split, spacing=log, log_range=minmax, "
         f"per_row=True, cache_weight={cache_weight}"
         + ("" if cache_weight else f", kernel={kernels.backend_name(torch.device('cpu'))}") + ")"
     )
     assert repr(layer) == expected
     packed = ProjectiveLinear(3, 2, bias=False)
     assert repr(packed) == (
-        "ProjectiveLinear(in_features=3, out_features=2, bias=False, format=packed, log_range=mse, per_row=True, "
+        "ProjectiveLinear(in_features=3, out_features=2, bias=False, format=packed, spacing=mulaw, per_row=True, "
         "cache_weight=True)"
     )
 

@@ -121,16 +121,19 @@ def round_trip(patched, tmp_path_factory: pytest.TempPathFactory):
     return references, torch.load(base / "out.pt", weights_only=True), base
 
 
+@pytest.mark.slow  # round_trip: save_pretrained, then loads in fresh processes
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_save_pretrained_writes_the_qins_quantization_config_and_safetensors(round_trip, case) -> None:
     name, _, config, cache_weight, _ = case
     _, _, base = round_trip
     saved = json.loads((base / name / "config.json").read_text())["quantization_config"]
     assert saved == {"quant_method": "qins", "packed": config.packed, "log_range": config.log_range,
-                     "per_row": config.per_row, "skip": ["lm_head"], "cache_weight": cache_weight, "format_version": 2}
+                     "per_row": config.per_row, "spacing": config.spacing, "skip": ["lm_head"],
+                     "cache_weight": cache_weight, "format_version": 3}
     assert list((base / name).glob("*.safetensors")) and not list((base / name).glob("*.bin"))
 
 
+@pytest.mark.slow  # round_trip
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_from_pretrained_in_a_fresh_process_restores_qins_buffers_bit_for_bit(round_trip, case) -> None:
     name = case[0]
@@ -151,6 +154,7 @@ def test_from_pretrained_in_a_fresh_process_restores_qins_buffers_bit_for_bit(ro
     assert bool(loaded[f"{name}/cached"][0]) == case[3], "cache mode"
 
 
+@pytest.mark.slow  # round_trip
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_from_pretrained_in_a_fresh_process_gives_bit_identical_logits_and_greedy_tokens(round_trip, case) -> None:
     name = case[0]
@@ -161,6 +165,7 @@ def test_from_pretrained_in_a_fresh_process_gives_bit_identical_logits_and_greed
     assert loaded[f"{name}/tokens"].tolist() == tokens.tolist()
 
 
+@pytest.mark.slow  # round_trip
 def test_tampered_checkpoint_raises_naming_the_key(round_trip, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 

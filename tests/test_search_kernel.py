@@ -114,7 +114,7 @@ def _ranges_case(seed: int, rows: int, cols: int, ranges: int, packed: bool, zer
     gap[:, :1] -= 1e-3  # a capped log_max leaves some gaps below 0
     lo = hi - torch.rand(rows, ranges, generator=g) * 10
     lo[:, -1:] = hi  # a degenerate range (delta = 0)
-    tables = torch.stack([level_table(lo[:, s], hi.reshape(-1), packed) for s in range(ranges)])
+    tables = torch.stack([level_table(lo[:, s], hi.reshape(-1), packed, spacing="log") for s in range(ranges)])
     return mag, gap, lo, hi, tables
 
 
@@ -217,7 +217,7 @@ def test_a_magnitude_of_exactly_half_the_smallest_level_goes_to_it_on_every_path
     enc = importlib.import_module("qins.encode")
     k = num_levels(packed)
     lo, hi = torch.tensor([[-4.0]]), torch.tensor([[0.0]])
-    table = level_table(lo.reshape(-1), hi.reshape(-1), packed)
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing="log")
     mag = table[:, k : k + 1] * 0.5  # exact: a power-of-two scaling
     gap = hi - torch.log(mag)  # beyond the range: ln 2 past level K, more than half a step
     assert enc._mag_codes(mag, gap, lo, hi, packed, table).item() == k

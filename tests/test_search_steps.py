@@ -106,7 +106,7 @@ def test_the_mse_search_runs_coarse_fine_and_two_local_rounds_then_keeps_the_bet
     monkeypatch, packed: bool, per_row: bool
 ) -> None:
     trace = _record(monkeypatch)
-    encode(_weight(per_row), QinsConfig(packed=packed, log_range="mse", per_row=per_row))
+    encode(_weight(per_row), QinsConfig(packed=packed, log_range="mse", per_row=per_row, spacing="log"))
     steps = 126 if packed else 254
     assert len(trace.search) == 1 and len(trace.model) == 4 and len(trace.deviation) == 2 and len(trace.final) == 1
     mag, gap, lo0, hi, _, lo_out, codes_out = trace.search[0]
@@ -148,8 +148,8 @@ def test_the_mse_search_runs_coarse_fine_and_two_local_rounds_then_keeps_the_bet
 def test_on_a_tie_of_the_exact_errors_the_search_keeps_minmax(monkeypatch) -> None:
     trace = _record(monkeypatch, tie=True)
     weight = _weight(per_row=True)
-    codes, _, lo, hi = encode(weight, QinsConfig(packed=True, log_range="mse", per_row=True))
-    minmax = encode(weight, QinsConfig(packed=True, log_range="minmax", per_row=True))
+    codes, _, lo, hi = encode(weight, QinsConfig(packed=True, log_range="mse", per_row=True, spacing="log"))
+    minmax = encode(weight, QinsConfig(packed=True, log_range="minmax", per_row=True, spacing="log"))
     ranges = trace.final[0][0]
     assert bool((ranges[:, 1] != ranges[:, 0]).any())  # the search found other ranges, and lost the tie
     assert torch.equal(lo, minmax[2]) and torch.equal(hi, minmax[3]) and torch.equal(codes, minmax[0])

@@ -96,13 +96,14 @@ def test_the_file_holds_only_tensors_and_string_metadata(tmp_path: Path) -> None
     raw = (tmp_path / "m.safetensors").read_bytes()
     header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
     meta = header.pop("__metadata__")
-    assert meta["qins.format_version"] == "1" and all(isinstance(v, str) for v in meta.values())
+    assert meta["qins.format_version"] == "2" and all(isinstance(v, str) for v in meta.values())
     assert meta["format"] == "pt"  # what safetensors/transformers readers check for torch tensors
     layers = json.loads(meta["qins.layers"])
     assert layers["model.layers.0.mlp.down_proj"] == {
         "packed": False,
         "per_row": False,
         "log_range": "minmax",
+        "spacing": "log",
         "cache_weight": True,
     }
     assert header["model.layers.0.mlp.down_proj.stored"]["dtype"] == "U8"
@@ -422,3 +423,23 @@ def test_meta_skeleton_refusal_lists_the_first_three_stuck_buffers(tmp_path: Pat
         "cannot load into this meta-device model: non-persistent buffers ['1.table', '2.table', '3.table'] "
         "have no data and are not in any file; build the model on a real device"
     )
+
+
+def test_a_version_1_file_loads_its_layers_as_log_spaced(tmp_path) -> None:
+    """Files written before the mulaw spacing: format version "1", no "spacing" in the layer entries."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _converted(QinsConfig(spacing="log"))
+    qins.save(model, tmp_path / "v2.safetensors")
+    with safe_open(str(tmp_path / "v2.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(meta["qins.layers"])
+    for entry in layers.values():
+        del entry["spacing"]
+    meta = meta | {"qins.format_version": "1", "qins.layers": json.dumps(layers)}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=meta)
+    loaded = qins.load(tiny_phi3(seed=0), tmp_path / "v1.safetensors")  # a plain skeleton: converted on load
+    name = next(iter(layers))
+    assert loaded.get_submodule(name).config.spacing == "log"
+    assert torch.equal(loaded.get_submodule(name).weight, model.get_submodule(name).weight)

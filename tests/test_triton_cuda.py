@@ -42,9 +42,9 @@ def on_gpu(case: LinearCase, config=None) -> torch.Tensor:
 
 @settings(max_examples=100)
 @given(st.data(), st.booleans(), st.sampled_from([None, 1, 7, 33, 4096]))
-def test_table_bit_identical_to_the_cpu_level_table(data, packed, rows):
+def test_table_bit_identical_to_the_cpu_level_table(data, packed, rows, spacing="log"):
     lo, hi = data.draw(qins_log_pairs(rows=rows))
-    ref = level_table(lo, hi, packed).view(torch.int32)
+    ref = level_table(lo, hi, packed, spacing="log").view(torch.int32)
     got = tk.table(lo.to(CUDA), hi.to(CUDA), packed).cpu().view(torch.int32)
     bad = (got != ref).nonzero()[:5].tolist()
     assert torch.equal(got, ref), (

@@ -1,7 +1,7 @@
 """Fused QINS kernels: one op, ``torch.ops.qins.linear``.
 
 ``linear(x, codes, sign, log_min, log_max, bias) -> y`` computes ``x @ ŵᵀ + bias`` with
-``ŵ = qins.formats.decode_codes(codes, sign, log_min, log_max)`` (``sign is None``: packed
+``ŵ = qins.formats.decode_codes(codes, sign, log_min, log_max, spacing=...)`` (``sign is None``: packed
 1-byte codes), accumulating in float32 and returning ``x.dtype``. The decode table is rebuilt
 inside the op from the logs (bit-identical to :func:`qins.formats.level_table`), so backends
 differ from :mod:`qins.kernels.reference` only in accumulation order.
@@ -177,23 +177,25 @@ def linear(
     log_min: torch.Tensor,
     log_max: torch.Tensor,
     bias: Optional[torch.Tensor],
+    spacing: int = 0,
 ) -> torch.Tensor:
-    """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` in float32, returned in ``x.dtype``."""
-    return _dispatch(x, codes, sign, log_min, log_max, bias)
+    """``x @ decode_codes(codes, sign, log_min, log_max, spacing)ᵀ + bias`` in float32, returned in
+    ``x.dtype``. ``spacing``: 0 log, 1 mulaw (``QinsConfig.spacing_id``)."""
+    return _dispatch(x, codes, sign, log_min, log_max, bias, spacing)
 
 
-def _dispatch(x, codes, sign, log_min, log_max, bias) -> torch.Tensor:
+def _dispatch(x, codes, sign, log_min, log_max, bias, spacing=0) -> torch.Tensor:
     """The op's body: the Triton, native or reference backend, as :func:`backend_name` reports.
     CPU calls outside ``QINS_KERNEL=triton`` (the common case) read the environment once and never
     ask about Triton."""
     kind = _kernel_env()
     on_cpu = x.device.type == "cpu"
     if (kind == "triton" or not on_cpu) and _use_triton(x.device, x.numel() // max(x.shape[-1], 1)):  # rows of x
-        return triton_module().linear(x, codes, sign, log_min, log_max, bias)
+        return triton_module().linear(x, codes, sign, log_min, log_max, bias, spacing)
     native = native_module() if on_cpu and kind != "reference" else None
     if native is not None:
-        return native.linear(x, codes, sign, log_min, log_max, bias, cpu_isa())
-    return reference.linear(x, codes, sign, log_min, log_max, bias)
+        return native.linear(x, codes, sign, log_min, log_max, bias, spacing, cpu_isa())
+    return reference.linear(x, codes, sign, log_min, log_max, bias, spacing)
 
 
 def fused_linear(
@@ -203,6 +205,7 @@ def fused_linear(
     log_min: torch.Tensor,
     log_max: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
+    spacing: int = 0,
 ) -> torch.Tensor:
     """``qins::linear`` as layers call it: the same result, the op's body run directly when nothing
     needs the op itself.
@@ -224,8 +227,8 @@ def fused_linear(
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0
     ):
-        return _dispatch(x, codes, sign, log_min, log_max, bias)
-    return linear(x, codes, sign, log_min, log_max, bias)
+        return _dispatch(x, codes, sign, log_min, log_max, bias, spacing)
+    return linear(x, codes, sign, log_min, log_max, bias, spacing)
 
 
 def rounding_deviation(
@@ -260,7 +263,7 @@ def range_codes(
     return err, (codes if write >= 0 else None)
 
 
-def _linear_fake(x, codes, sign, log_min, log_max, bias):
+def _linear_fake(x, codes, sign, log_min, log_max, bias, spacing=0):
     """The op's fake (meta) implementation: shape checks and an empty ``[..., out]`` in ``x.dtype``.
 
     It is also what the dispatcher picks when only some inputs are on the meta device: then it must
@@ -275,8 +278,9 @@ linear.register_fake(_linear_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, codes, sign, log_min, log_max, bias = inputs
+    x, codes, sign, log_min, log_max, bias, spacing = inputs
     ctx.save_for_backward(codes, sign, log_min, log_max)
+    ctx.spacing = spacing
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -287,11 +291,13 @@ def _backward(ctx, grad):
     codes, sign, log_min, log_max = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32)
+        from ..formats import SPACINGS
+
+        w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32, spacing=SPACINGS[ctx.spacing])
         grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
         grad_bias = grad.to(torch.float32).reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, grad_bias, None
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..formats import decode_codes
+from ..formats import SPACINGS, decode_codes
 
 __all__ = ["linear", "rounding_deviation", "range_codes"]
 
@@ -19,13 +19,15 @@ def linear(
     log_min: torch.Tensor,
     log_max: torch.Tensor,
     bias: Optional[torch.Tensor],
+    spacing: int = 0,
 ) -> torch.Tensor:
-    """``y = x @ ŵᵀ + bias`` with ``ŵ = decode_codes(codes, sign, log_min, log_max)``.
+    """``y = x @ ŵᵀ + bias`` with ``ŵ = decode_codes(codes, sign, log_min, log_max)`` in level
+    spacing ``SPACINGS[spacing]`` (0 log, 1 mulaw).
 
     x is converted to float32, the product and the bias are computed in float32 and the result is
     cast back to ``x.dtype``. Materialises the full fp32 weight (this is the slow, simple path).
     """
-    w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32)
+    w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32, spacing=SPACINGS[spacing])
     b = None if bias is None else bias.to(torch.float32)
     return F.linear(x.to(torch.float32), w, b).to(x.dtype)
 

@@ -114,23 +114,7 @@ def default_config(m: int) -> Config:
 
 
 @triton.jit
-def _table_kernel(lo_ptr, hi_ptr, out_ptr, PACKED: tl.constexpr):
-    r = tl.program_id(0)
-    lo = tl.load(lo_ptr + r)
-    hi = tl.load(hi_ptr + r)
-    # div_rn: a correctly rounded division. A plain ``/`` compiles to the approximate
-    # ``div.full.f32`` on NVIDIA GPUs (found by tests/test_triton_cuda.py on an H200).
-    if PACKED:
-        delta = tl.math.div_rn(hi - lo, 126.0)
-    else:
-        delta = tl.math.div_rn(hi - lo, 254.0)
-    e = tl.arange(0, _TABLE)
-    if PACKED:
-        code = e % 128  # entries 128..255 are the negated 0..127
-    else:
-        code = e
-    j = (code - 1).to(tl.float32)  # j = code - 1; code 0 is masked to zero below
-    t = hi - j * delta
+def _qins_exp(t):
     # qins_exp(t), one correctly rounded float32 op at a time (see qins.formats.qins_exp).
     n = (t * 1.44269504088896341 + 12582912.0) - 12582912.0  # rint, ties to even
     f = (t - n * 0.693359375) - n * -2.12194440e-4
@@ -144,7 +128,30 @@ def _table_kernel(lo_ptr, hi_ptr, out_ptr, PACKED: tl.constexpr):
     ni = n.to(tl.int32)
     a = ni >> 1  # floor(n / 2)
     b = ni - a
-    mag = (y * ((a + 127) << 23).to(tl.float32, bitcast=True)) * ((b + 127) << 23).to(tl.float32, bitcast=True)
+    return (y * ((a + 127) << 23).to(tl.float32, bitcast=True)) * ((b + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _table_kernel(lo_ptr, hi_ptr, out_ptr, PACKED: tl.constexpr, MULAW: tl.constexpr):
+    r = tl.program_id(0)
+    lo = tl.load(lo_ptr + r)
+    hi = tl.load(hi_ptr + r)
+    # div_rn: a correctly rounded division. A plain ``/`` compiles to the approximate
+    # ``div.full.f32`` on NVIDIA GPUs (found by tests/test_triton_cuda.py on an H200).
+    # Steps (qins.formats.spacing_steps): K - 1 for the log spacing, K for mulaw.
+    if PACKED:
+        delta = tl.math.div_rn(hi - lo, 127.0 if MULAW else 126.0)
+    else:
+        delta = tl.math.div_rn(hi - lo, 255.0 if MULAW else 254.0)
+    e = tl.arange(0, _TABLE)
+    if PACKED:
+        code = e % 128  # entries 128..255 are the negated 0..127
+    else:
+        code = e
+    j = (code - 1).to(tl.float32)  # j = code - 1; code 0 is masked to zero below
+    mag = _qins_exp(hi - j * delta)
+    if MULAW:
+        mag = mag - _qins_exp(lo + tl.zeros_like(j))
     mag = tl.where(code == 0, 0.0, mag)
     if PACKED:
         mag = tl.where(e >= 128, -mag, mag)
@@ -236,14 +243,15 @@ def plan(cfg: Config, m: int, n: int) -> tuple:
     return _linear_kernel, (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn)), dict(BM=cfg.bm, BN=cfg.bn, BK=cfg.bk)
 
 
-def table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool) -> torch.Tensor:
-    """The ``[R, 256]`` float32 decode table, computed by ``_table_kernel`` (cf. ``level_table``)."""
+def table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool, spacing: int = 0) -> torch.Tensor:
+    """The ``[R, 256]`` float32 decode table, computed by ``_table_kernel`` (cf. ``level_table``;
+    ``spacing`` 0 log, 1 mulaw)."""
     lo = log_min.to(torch.float32).reshape(-1).contiguous()
     hi = log_max.to(torch.float32).reshape(-1).contiguous()
     torch._check(lo.shape == hi.shape, lambda: "log_min and log_max must have the same shape")
     out = torch.empty((lo.shape[0], TABLE), dtype=torch.float32, device=lo.device)
     if lo.shape[0]:
-        _table_kernel[(lo.shape[0],)](lo, hi, out, PACKED=packed, enable_fp_fusion=False)
+        _table_kernel[(lo.shape[0],)](lo, hi, out, PACKED=packed, MULAW=bool(spacing), enable_fp_fusion=False)
     return out
 
 
@@ -254,11 +262,12 @@ def linear(
     log_min: torch.Tensor,
     log_max: torch.Tensor,
     bias: Optional[torch.Tensor],
+    spacing: int = 0,
     config: Optional[Config] = None,
 ) -> torch.Tensor:
     """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` (float32 math, ``x.dtype`` out).
 
-    ``config``: the launch configuration, :func:`default_config` of the batch when ``None``."""
+    ``spacing``: 0 log, 1 mulaw (:func:`qins.formats.level_table`). ``config``: the launch configuration, :func:`default_config` of the batch when ``None``."""
     torch._check(codes.dim() == 2 and codes.dtype == torch.uint8, lambda: "codes must be uint8 [out, in]")
     out_f, in_f = codes.shape
     torch._check(x.shape[-1] == in_f, lambda: f"x has {x.shape[-1]} features, codes {in_f}")
@@ -278,7 +287,7 @@ def linear(
         if b is not None:
             y = y + b
         return y.to(x.dtype).reshape(*lead, out_f)
-    tab = table(log_min, log_max, packed=sign is None)
+    tab = table(log_min, log_max, packed=sign is None, spacing=spacing)
     y = torch.empty((m, out_f), dtype=torch.float32, device=x.device)
     s = codes if sign is None else sign
     cfg = default_config(m) if config is None else config

@@ -34,15 +34,16 @@ inline __m256 qins_exp8(__m256 t) {
 }
 
 // Signed table: packed -> [256] with entries 128.. negated; split -> [256] magnitudes.
-void avx2_table(float lo, float hi, int packed, float* t) {
+void avx2_table(float lo, float hi, int packed, int mulaw, float* t) {
   const int K = packed ? 127 : 255;
   const int n = K + 1;  // entries 0..K
-  const __m256 delta = _mm256_set1_ps((hi - lo) / static_cast<float>(K - 1));
+  const __m256 delta = _mm256_set1_ps((hi - lo) / table_steps(K, mulaw));
+  const __m256 vz = _mm256_set1_ps(table_offset(lo, mulaw));
   const __m256 vhi = _mm256_set1_ps(hi);
   for (int i = 0; i < n; i += 8) {
     // entry i + lane holds level j = i + lane - 1
     __m256 j = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_set1_epi32(i - 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    _mm256_storeu_ps(t + i, qins_exp8(_mm256_sub_ps(vhi, _mm256_mul_ps(j, delta))));
+    _mm256_storeu_ps(t + i, _mm256_sub_ps(qins_exp8(_mm256_sub_ps(vhi, _mm256_mul_ps(j, delta))), vz));
   }
   t[0] = 0.0f;
   if (packed) {
@@ -82,10 +83,10 @@ template <int B>
 void gemv_b(const Args& a, int64_t r0, int64_t r1) {
   alignas(32) float t[256];
   const int packed = a.sign == nullptr;
-  if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, t);
+  if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, a.mulaw, t);
   const int64_t in8 = a.in & ~int64_t(7);
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, t);
+    if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, a.mulaw, t);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
     __m256 acc[B];
@@ -118,10 +119,10 @@ void avx2_gemv(const Args& a, int64_t r0, int64_t r1) {
 void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
   alignas(32) float t[256];
   const int packed = a.sign == nullptr;
-  if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, t);
+  if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, a.mulaw, t);
   const int64_t k8 = k0 + ((k1 - k0) & ~int64_t(7));
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, t);
+    if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, a.mulaw, t);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
     float* wr = w + (r - r0) * (k1 - k0) - k0;

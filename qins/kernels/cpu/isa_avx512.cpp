@@ -44,7 +44,7 @@ inline void qins_exp_n(const __m512* t, __m512* out) {
 
 // Unsigned table entries 16*v0 .. 16*(v0+NV)-1 (entry 0 = 0, entry i = level i - 1) into T[0..NV).
 template <int NV>
-inline void table16_n(int v0, __m512 vhi, __m512 delta, __m512* T) {
+inline void table16_n(int v0, __m512 vhi, __m512 delta, __m512 vz, __m512* T) {
   __m512 t[NV];
   for (int v = 0; v < NV; ++v) {
     const __m512 j = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_set1_epi32(16 * (v0 + v) - 1),
@@ -52,6 +52,7 @@ inline void table16_n(int v0, __m512 vhi, __m512 delta, __m512* T) {
     t[v] = _mm512_sub_ps(vhi, _mm512_mul_ps(j, delta));
   }
   qins_exp_n<NV>(t, T);
+  for (int v = 0; v < NV; ++v) T[v] = _mm512_sub_ps(T[v], vz);
   if (v0 == 0) T[0] = _mm512_mask_mov_ps(T[0], 1, _mm512_setzero_ps());
 }
 
@@ -81,15 +82,15 @@ inline void planes_from_table(const __m512* T, __m512i* P) {
 }
 
 template <int H>
-inline __m512 table_delta(float lo, float hi) {
-  return _mm512_set1_ps((hi - lo) / static_cast<float>((H == 2 ? 127 : 255) - 1));
+inline __m512 table_delta(float lo, float hi, int mulaw) {
+  return _mm512_set1_ps((hi - lo) / table_steps(H == 2 ? 127 : 255, mulaw));
 }
 
 template <int H>
-inline void make_planes(float lo, float hi, __m512i* P) {
-  const __m512 delta = table_delta<H>(lo, hi), vhi = _mm512_set1_ps(hi);
+inline void make_planes(float lo, float hi, int mulaw, __m512i* P) {
+  const __m512 delta = table_delta<H>(lo, hi, mulaw), vhi = _mm512_set1_ps(hi), vz = _mm512_set1_ps(table_offset(lo, mulaw));
   __m512 T[4 * H];
-  table16_n<4 * H>(0, vhi, delta, T);
+  table16_n<4 * H>(0, vhi, delta, vz, T);
   planes_from_table<H>(T, P);
 }
 
@@ -132,12 +133,12 @@ inline void load_codes(const uint8_t* c, const int8_t* s, int64_t k, int64_t in,
   }
 }
 
-void avx512_table(float lo, float hi, int packed, float* t) {
+void avx512_table(float lo, float hi, int packed, int mulaw, float* t) {
   const int K = packed ? 127 : 255;
-  const __m512 delta = _mm512_set1_ps((hi - lo) / static_cast<float>(K - 1));
-  const __m512 vhi = _mm512_set1_ps(hi);
+  const __m512 delta = _mm512_set1_ps((hi - lo) / table_steps(K, mulaw));
+  const __m512 vhi = _mm512_set1_ps(hi), vz = _mm512_set1_ps(table_offset(lo, mulaw));
   __m512 T[16];
-  if (packed) table16_n<8>(0, vhi, delta, T); else table16_n<16>(0, vhi, delta, T);
+  if (packed) table16_n<8>(0, vhi, delta, vz, T); else table16_n<16>(0, vhi, delta, vz, T);
   for (int v = 0; v < (packed ? 8 : 16); ++v) _mm512_storeu_ps(t + 16 * v, T[v]);
   if (packed)
     for (int v = 0; v < 8; ++v)
@@ -208,14 +209,15 @@ void gemv_pipelined(const Args& a, int64_t r0, int64_t r1) {
   constexpr int NV = 4 * H;
   __m512i P[NV];
   alignas(64) __m512 T[NV];
-  make_planes<H>(a.log_min[r0], a.log_max[r0], P);
+  make_planes<H>(a.log_min[r0], a.log_max[r0], a.mulaw, P);
   const int64_t nchunks = a.kpad / 64;
   const int64_t step = std::max<int64_t>(1, nchunks / NV);
   const int64_t pf = a.prefetch;
   for (int64_t r = r0; r < r1; ++r) {
     const bool next = r + 1 < r1;
     const __m512 vhi = _mm512_set1_ps(next ? a.log_max[r + 1] : 0.0f);
-    const __m512 delta = next ? table_delta<H>(a.log_min[r + 1], a.log_max[r + 1]) : _mm512_setzero_ps();
+    const __m512 delta = next ? table_delta<H>(a.log_min[r + 1], a.log_max[r + 1], a.mulaw) : _mm512_setzero_ps();
+    const __m512 vz = _mm512_set1_ps(next ? table_offset(a.log_min[r + 1], a.mulaw) : 0.0f);
     int piece = next ? 0 : NV;
     int64_t countdown = 0;
     const uint8_t* c = a.codes + r * a.in;
@@ -225,7 +227,7 @@ void gemv_pipelined(const Args& a, int64_t r0, int64_t r1) {
       for (int j = 0; j < A; ++j) acc[b][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < a.kpad; k += 64) {
       if (piece < NV && countdown-- == 0) {
-        table16_n<1>(piece, vhi, delta, T + piece);
+        table16_n<1>(piece, vhi, delta, vz, T + piece);
         ++piece;
         countdown = step - 1;
       }
@@ -242,7 +244,7 @@ void gemv_pipelined(const Args& a, int64_t r0, int64_t r1) {
         for (int q = 0; q < 4; ++q) acc[b][q % A] = _mm512_fmadd_ps(W[q], _mm512_loadu_ps(x + 16 * q), acc[b][q % A]);
       }
     }
-    for (; piece < NV; ++piece) table16_n<1>(piece, vhi, delta, T + piece);
+    for (; piece < NV; ++piece) table16_n<1>(piece, vhi, delta, vz, T + piece);
     for (int b = 0; b < B; ++b) {
       __m512 t = acc[b][0];
       for (int j = 1; j < A; ++j) t = _mm512_add_ps(t, acc[b][j]);
@@ -259,14 +261,14 @@ void gemv_t(const Args& a, int64_t r0, int64_t r1) {
   if (a.per_row && a.col_block >= a.kpad && (a.pipeline == 2 || (a.pipeline == 1 && SPLIT)))
     return gemv_pipelined<H, SPLIT, B>(a, r0, r1);
   alignas(64) __m512i planes[kMaxRowChunk * 4 * H];
-  if (!a.per_row) make_planes<H>(a.log_min[0], a.log_max[0], planes);
+  if (!a.per_row) make_planes<H>(a.log_min[0], a.log_max[0], a.mulaw, planes);
   const int64_t nblk = (a.kpad + a.col_block - 1) / a.col_block;
   const int64_t kb = ((a.kpad / 64 + nblk - 1) / nblk) * 64;
   const int64_t chunk = std::min(std::max<int64_t>(a.row_chunk, 1), kMaxRowChunk);
   for (int64_t rc = r0; rc < r1; rc += chunk) {
     const int64_t nr = std::min(chunk, r1 - rc);
     if (a.per_row)
-      for (int64_t i = 0; i < nr; ++i) make_planes<H>(a.log_min[rc + i], a.log_max[rc + i], planes + i * 4 * H);
+      for (int64_t i = 0; i < nr; ++i) make_planes<H>(a.log_min[rc + i], a.log_max[rc + i], a.mulaw, planes + i * 4 * H);
     for (int64_t k0 = 0; k0 < a.kpad; k0 += kb)
       gemv_block<H, SPLIT, B>(a, planes, nr, rc, k0, std::min(a.kpad, k0 + kb), k0 == 0);
   }
@@ -294,9 +296,9 @@ void avx512_gemv(const Args& a, int64_t r0, int64_t r1) {
 template <int H, bool SPLIT>
 void decode_t(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
   __m512i P[4 * H];
-  if (!a.per_row) make_planes<H>(a.log_min[0], a.log_max[0], P);
+  if (!a.per_row) make_planes<H>(a.log_min[0], a.log_max[0], a.mulaw, P);
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.per_row) make_planes<H>(a.log_min[r], a.log_max[r], P);
+    if (a.per_row) make_planes<H>(a.log_min[r], a.log_max[r], a.mulaw, P);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
     float* wr = w + (r - r0) * (k1 - k0) - k0;

@@ -6,11 +6,11 @@
 namespace qins {
 namespace {
 
-void scalar_table(float lo, float hi, int packed, float* t) {
+void scalar_table(float lo, float hi, int packed, int mulaw, float* t) {
   const int K = packed ? 127 : 255;
-  const float delta = (hi - lo) / static_cast<float>(K - 1);
+  const float delta = (hi - lo) / table_steps(K, mulaw), z = table_offset(lo, mulaw);
   t[0] = 0.0f;
-  for (int j = 0; j < K; ++j) t[j + 1] = qins_exp_scalar(hi - static_cast<float>(j) * delta);
+  for (int j = 0; j < K; ++j) t[j + 1] = qins_exp_scalar(hi - static_cast<float>(j) * delta) - z;
   if (packed)
     for (int i = 0; i < 128; ++i) t[128 + i] = -t[i];
 }
@@ -31,9 +31,9 @@ inline float weight(const float* t, uint8_t c, const int8_t* s, int64_t k) {
 void scalar_gemv(const Args& a, int64_t r0, int64_t r1) {
   float t[256];
   const int packed = a.sign == nullptr;
-  if (!a.per_row) scalar_table(a.log_min[0], a.log_max[0], packed, t);
+  if (!a.per_row) scalar_table(a.log_min[0], a.log_max[0], packed, a.mulaw, t);
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.per_row) scalar_table(a.log_min[r], a.log_max[r], packed, t);
+    if (a.per_row) scalar_table(a.log_min[r], a.log_max[r], packed, a.mulaw, t);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
     for (int64_t b = 0; b < a.B; ++b) {
@@ -48,9 +48,9 @@ void scalar_gemv(const Args& a, int64_t r0, int64_t r1) {
 void scalar_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
   float t[256];
   const int packed = a.sign == nullptr;
-  if (!a.per_row) scalar_table(a.log_min[0], a.log_max[0], packed, t);
+  if (!a.per_row) scalar_table(a.log_min[0], a.log_max[0], packed, a.mulaw, t);
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.per_row) scalar_table(a.log_min[r], a.log_max[r], packed, t);
+    if (a.per_row) scalar_table(a.log_min[r], a.log_max[r], packed, a.mulaw, t);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
     float* wr = w + (r - r0) * (k1 - k0) - k0;

@@ -150,7 +150,8 @@ void check_args(const at::Tensor& x, const at::Tensor& codes, const c10::optiona
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
                   const at::Tensor& log_min, const at::Tensor& log_max, const c10::optional<at::Tensor>& bias,
-                  int64_t isa) {
+                  int64_t spacing, int64_t isa) {
+  TORCH_CHECK(spacing == 0 || spacing == 1, "qins: spacing must be 0 (log) or 1 (mulaw), got ", spacing);
   check_args(x, codes, sign, log_min, log_max, bias);
   const IsaKernels& K = kernels(isa);
   const Tuning tune = tuning_snapshot();
@@ -167,7 +168,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
     Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr,
            lmin.data_ptr<float>(), lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad,
            xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, tune.gemv_col_block / 64 * 64),
-           tune.prefetch, tune.pipeline, tune.own_gemm, tune.row_chunk};
+           tune.prefetch, tune.pipeline, tune.own_gemm, tune.row_chunk, static_cast<int>(spacing)};
     if (B <= kMaxGemvBatch) {
       const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
       // x rows in groups of <= 4 (measured at 3072x3072: B = 4 0.8 ms, B = 8 in one pass 3.0 ms,
@@ -266,21 +267,23 @@ std::vector<at::Tensor> range_codes(const at::Tensor& mag, const at::Tensor& gap
 }
 
 // Debug: the [R, 256] tables exactly as the chosen ISA computes them.
-at::Tensor table(const at::Tensor& log_min, const at::Tensor& log_max, bool packed, int64_t isa) {
+at::Tensor table(const at::Tensor& log_min, const at::Tensor& log_max, bool packed, int64_t spacing, int64_t isa) {
   const IsaKernels& K = kernels(isa);
+  TORCH_CHECK(spacing == 0 || spacing == 1, "qins: spacing must be 0 (log) or 1 (mulaw), got ", spacing);
   TORCH_CHECK(log_min.device().is_cpu() && log_max.device().is_cpu(), "qins: table takes CPU tensors");
   TORCH_CHECK(log_min.is_floating_point() && log_max.is_floating_point(), "qins: table takes floating point logs");
   TORCH_CHECK(log_min.numel() == log_max.numel(), "qins: log_min and log_max must have as many values");
   at::Tensor lo = log_min.to(at::kFloat).reshape({-1}).contiguous(), hi = log_max.to(at::kFloat).reshape({-1}).contiguous();
   at::Tensor t = at::empty({lo.size(0), 256}, lo.options());
-  for (int64_t r = 0; r < lo.size(0); ++r) K.table(lo.data_ptr<float>()[r], hi.data_ptr<float>()[r], packed, t.data_ptr<float>() + r * 256);
+  for (int64_t r = 0; r < lo.size(0); ++r) K.table(lo.data_ptr<float>()[r], hi.data_ptr<float>()[r], packed, static_cast<int>(spacing), t.data_ptr<float>() + r * 256);
   return t;
 }
 
 // Debug: decoded weights [out, kpad] and the prepared x [B, kpad], in the ISA's column order.
 std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
                                      const at::Tensor& log_min, const at::Tensor& log_max, const at::Tensor& x,
-                                     int64_t isa) {
+                                     int64_t spacing, int64_t isa) {
+  TORCH_CHECK(spacing == 0 || spacing == 1, "qins: spacing must be 0 (log) or 1 (mulaw), got ", spacing);
   check_args(x, codes, sign, log_min, log_max, c10::nullopt);
   const IsaKernels& K = kernels(isa);
   const int64_t out = codes.size(0), in = codes.size(1), kpad = K.kpad(in);
@@ -290,6 +293,7 @@ std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optiona
   at::Tensor lmin = log_min.contiguous(), lmax = log_max.contiguous();
   Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr, lmin.data_ptr<float>(),
          lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad, xp.data_ptr<float>(), x2.size(0), nullptr, kpad};
+  a.mulaw = static_cast<int>(spacing);
   K.decode(a, 0, out, 0, kpad, w.data_ptr<float>());
   return {w, xp};
 }

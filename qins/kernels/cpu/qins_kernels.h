@@ -45,6 +45,11 @@ inline float qins_exp_scalar(float t) {
   return (y * pow2_bits(a)) * pow2_bits(n - a);
 }
 
+// Level spacing (qins.formats.level_table): log (0) divides the span by K - 1 steps and subtracts
+// nothing; mulaw (1) divides by K steps and subtracts z = qins_exp(lo) from every level.
+inline float table_steps(int K, int mulaw) { return static_cast<float>(mulaw ? K : K - 1); }
+inline float table_offset(float lo, int mulaw) { return mulaw ? qins_exp_scalar(lo) : 0.0f; }
+
 // One call: x (fp32) is first "prepared" by the ISA (xprep: [B, kpad] floats, possibly
 // permuted within 64-column chunks and zero padded), then rows [r0, r1) are computed.
 struct Args {
@@ -62,6 +67,7 @@ struct Args {
   int64_t pipeline = 1;   // gemv: next row's table built inside the row loop (0 off, 1 split only, 2 all)
   int64_t own_gemm = 1;   // decoded blocks: the ISA's gemm when it has one (0: at::mm)
   int64_t row_chunk = 2;  // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk)
+  int mulaw = 0;          // level spacing: 0 log, 1 mulaw (table_steps, table_offset)
 };
 constexpr int64_t kMaxRowChunk = 16;
 
@@ -113,7 +119,7 @@ struct IsaKernels {
   const char* name;
   int xprep_identity;  // xprep is a plain copy (kpad == in): x can be used as is
   // The full [256] float table of one (log_min, log_max) pair, computed the way the kernels do.
-  void (*table)(float lo, float hi, int packed, float* out256);
+  void (*table)(float lo, float hi, int packed, int mulaw, float* out256);
   int64_t (*kpad)(int64_t in);
   void (*xprep)(const float* x, int64_t B, int64_t in, int64_t kpad, float* xp);
   // y[:, r0:r1] for B <= kMaxGemvBatch, straight from the codes.

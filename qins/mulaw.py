@@ -1,0 +1,154 @@
+"""The μ-law spacing's encoder: the range that minimises the (weighted) squared error, and exact
+nearest-level codes.
+
+Levels (:func:`qins.formats.level_table`, ``spacing="mulaw"``): ``m_j = exp(hi - j·δ) - z`` for
+``j = 0..K-1`` with ``δ = (hi - lo)/K`` and ``z = exp(lo)``; ``j = K`` would be 0, code 0. With
+``D = hi - lo`` the span and ``X`` the top level, ``z = X/(e^D - 1)``: ``D`` alone sets the shape
+(``D → 0``: int8's uniform grid; large ``D``: the log grid) and ``X`` the scale.
+
+**Range.** A weight ``|w|`` rounded to its nearest level has error about uniform over the step
+``(|w| + z)·δ`` around it, so a row's error is modelled by
+``E(D) = (D/K)²/12 · Σ_i c_i·(|w_i| + z(D))²`` with ``c_i = 1`` (data-free) or the column's input
+second moment (calibrated, :mod:`qins.calibrated`). It needs three sums per row
+(``Σc``, ``Σc|w|``, ``Σcw²``), so every candidate ``D`` of a fine grid is scored at once, and the
+best few are then scored exactly (encoded and their error summed) before one is kept.
+``X = max|w|``: no weight is clipped.
+
+**Codes.** Each ``|w|`` goes to the nearest table value of its row (the float32 table the kernels
+decode, not the formula), ties to the larger level; exact zeros to code 0. So
+``|ŵ - w| = min_j |m_j - |w||`` exactly, and ``<= (e^δ - 1)/2·(|w| + z)`` (up to float32
+rounding of the levels) for ``|w|`` up to the top level.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, level_table, num_levels, spacing_steps
+
+__all__ = ["mulaw_range", "nearest_codes", "SPANS"]
+
+#: candidate spans ``D`` (nats): geometric from 0.02 (close to int8's uniform grid) to 24
+SPANS = tuple(0.02 * (1200.0 ** (i / 191)) for i in range(192))
+_EXACT = 3  # candidates scored exactly: the model's best and its neighbours on the grid
+_SMALLEST_NORMAL = 2.0**-126
+_CHUNK = 1 << 19  # elements per block of the exact passes
+
+
+def _ranges(top: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(lo, hi)`` for top levels ``top`` and spans ``spans`` (float64, broadcast):
+    ``hi = ln X - ln(1 - e^-D)``, ``lo = hi - D``, capped into the range states accept."""
+    hi = top.log() - torch.log(-torch.expm1(-spans))
+    lo = hi - spans
+    hi32 = hi.clamp(max=LOG_FLOAT32_MAX).to(torch.float32)
+    lo32 = torch.minimum(lo.clamp(min=LOG_FLOAT32_MIN).to(torch.float32), hi32)
+    return lo32, hi32
+
+
+def nearest_codes(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor, packed: bool) -> torch.Tensor:
+    """Magnitude codes (int64, 0..K) of ``mag`` ``[R, N]`` (``|w|``, float32) for mulaw ranges
+    ``[R, 1]`` with tables ``[R, 256]``: the nearest of the row's levels and 0, ties to the larger
+    level. Exact zeros get 0.
+
+    ``t = (hi - ln(|w| + z))/δ`` places ``|w|`` between levels ``floor(t)`` and ``floor(t) + 1``
+    (level ``K`` is 0); float32 rounding moves ``t`` by far less than a step, so where it crosses
+    an integer ``|w|`` is within rounding of that level, which is then one of the two candidates
+    and the nearest. The comparison itself reads the table: exact."""
+    k = num_levels(packed)
+    delta = (hi - lo) / float(spacing_steps(packed, "mulaw"))
+    t = (hi - torch.log(mag + torch.exp(lo))).div_(delta)
+    j0 = t.floor_().clamp_(0, k).long()
+    mags = torch.cat([table[:, 1 : k + 1], torch.zeros_like(table[:, :1])], 1)  # index j: level j; K: 0
+    a = mags.gather(1, j0)
+    j1 = (j0 + 1).clamp_(max=k)
+    b = mags.gather(1, j1)
+    take_b = (b - mag).abs_() < (a - mag).abs_()  # ties keep a: the larger level
+    codes = torch.where(take_b, j1, j0).add_(1)
+    return codes.masked_fill_(codes > k, 0).masked_fill_(mag == 0, 0)
+
+
+def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
+    """``(rows, cols)`` blocks of about ``_CHUNK`` elements: whole rows, or one row in column blocks."""
+    if rows == 1 or cols >= _CHUNK:
+        step = _CHUNK
+        return [(slice(r, r + 1), slice(c, c + step)) for r in range(rows) for c in range(0, cols, step)]
+    per = max(1, _CHUNK // max(cols, 1))
+    return [(slice(r, min(rows, r + per)), slice(None)) for r in range(0, rows, per)]
+
+
+def encode_rows(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
+    """uint8 magnitude codes of ``mag`` ``[R, N]`` for ranges ``[R, 1]``, block by block."""
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw")
+    out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
+    for r, c in _blocks(*mag.shape):
+        out[r, c] = nearest_codes(mag[r, c], lo[r], hi[r], table[r], packed).to(torch.uint8)
+    return out
+
+
+def _exact_error(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, c: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row-wise ``Σ c·(|w| - |ŵ|)²`` (float64 ``[R]``) of the nearest-level codes of ranges ``[R, 1]``."""
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw")
+    err = torch.zeros(mag.shape[0], dtype=torch.float64, device=mag.device)
+    for r, cols in _blocks(*mag.shape):
+        codes = nearest_codes(mag[r, cols], lo[r], hi[r], table[r], packed)
+        e = (mag[r, cols] - table[r].gather(1, codes)).double().square_()
+        err[r] += (e * c[:, cols]).sum(1) if c is not None else e.sum(1)
+    return err
+
+
+def mulaw_range(mag: torch.Tensor, packed: bool, column_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 range ``(lo, hi)`` (``[R, 1]`` each) of rows ``mag`` ``[R, N]`` (``|w|``) that
+    minimises ``Σ_i c_i·(|w_i| - |ŵ_i|)²`` over :data:`SPANS`, with ``c = column_weight`` ``[N]``
+    (``>= 0``) or 1. Module docstring: the model picks, the best :data:`_EXACT` are scored exactly.
+
+    A row whose largest magnitude is 0 or too small for normal levels (below about ``K·2**-126``)
+    gets the range of ``X = 1, D = 1`` and flushes to zero (every ``|w|`` there is below 1.6e-36).
+    A row near float32's maximum gets the widest span, its top level capped 1e-5 below ``max|w|``."""
+    rows = mag.shape[0]
+    k = num_levels(packed)
+    top = mag.amax(1, keepdim=True).double()
+    # the model in units of max|w| (scale-free: same argmin), so nothing overflows near float32's max
+    u = mag * torch.where(top > 0, 1.0 / top, 0.0).to(torch.float32)
+    if column_weight is None:
+        a0 = torch.full_like(top, float(mag.shape[1]))
+        a1, a2 = u.sum(1, keepdim=True, dtype=torch.float64), (u * u).sum(1, keepdim=True, dtype=torch.float64)
+    else:
+        c = column_weight.to(torch.float32).reshape(1, -1)
+        a0 = column_weight.to(torch.float64).sum().expand_as(top)
+        u.mul_(c.sqrt())
+        a1 = (u * c.sqrt()).sum(1, keepdim=True, dtype=torch.float64)
+        a2 = (u * u).sum(1, keepdim=True, dtype=torch.float64)
+    del u
+    spans = torch.tensor(SPANS, dtype=torch.float64, device=mag.device).reshape(1, -1)
+    zu = 1.0 / torch.expm1(spans)  # the offset z in units of max|w|
+    model = (spans / k).square() * (a2 + 2 * zu * a1 + zu.square() * a0)  # [R, C]
+    z = top * zu
+    # spans whose smallest level (≈ z·δ) would not be a normal float32, or whose logs leave the range
+    lo, hi = _ranges(top, spans)
+    small = z * torch.expm1(spans / k) < 4 * _SMALLEST_NORMAL
+    # a range capped at LOG_FLOAT32_MAX has a top level below max|w| (rows near float32's maximum):
+    # only the widest span, whose cap costs < 1e-5 relative, is kept for those
+    capped = top.log() - torch.log(-torch.expm1(-spans)) > LOG_FLOAT32_MAX + 1e-5
+    capped[:, -1] = False
+    model = torch.where(small | capped, math.inf, model)
+    order = model.argsort(1)[:, :_EXACT]
+    dead = ~torch.isfinite(model.gather(1, order[:, :1])) | (top <= 0)
+    fallback = _ranges(torch.ones_like(top), torch.ones_like(top))
+    best_lo = torch.where(dead, fallback[0], lo.gather(1, order[:, :1]))
+    best_hi = torch.where(dead, fallback[1], hi.gather(1, order[:, :1]))
+    if _EXACT > 1 and rows:
+        c = None if column_weight is None else column_weight.to(torch.float64).reshape(1, -1)
+        best_err = _exact_error(mag, best_lo, best_hi, packed, c)
+        for i in range(1, _EXACT):
+            idx = order[:, i : i + 1]
+            ok = torch.isfinite(model.gather(1, idx)) & ~dead  # [R, 1]
+            lo_i = torch.where(ok, lo.gather(1, idx), best_lo)
+            hi_i = torch.where(ok, hi.gather(1, idx), best_hi)
+            err_i = _exact_error(mag, lo_i, hi_i, packed, c)
+            better = (err_i < best_err) & ok.reshape(-1)
+            best_err = torch.where(better, err_i, best_err)
+            best_lo = torch.where(better.unsqueeze(1), lo_i, best_lo)
+            best_hi = torch.where(better.unsqueeze(1), hi_i, best_hi)
+    return best_lo, best_hi
