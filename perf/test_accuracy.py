@@ -12,8 +12,9 @@ of a 3072×3072 weight, or ``convert_model_to_projective`` of all-MiniLM-L6-v2 (
 copy it converts is made in pedantic's untimed setup). The accuracy figures are then computed from
 the converted layer's / model's decoded ``.weight`` and forward.
 
-The encode-speed benchmark interleaves ``qins.encode`` with ``log_range="mse"`` and ``"minmax"``
-(per row, 3072×3072) and asserts the median paired ratio ≤ ``MSE_ENCODE_MAX_RATIO``.
+The encode-speed benchmark interleaves ``qins.encode`` with a searched range (the log spacing's
+``log_range="mse"``, and the mulaw default's span search) and the log spacing's ``"minmax"`` (per row,
+3072×3072) and asserts the median paired ratio ≤ ``MSE_ENCODE_MAX_RATIO``.
 """
 from __future__ import annotations
 
@@ -143,9 +144,11 @@ def test_accuracy_real_model(benchmark, perf_gate, minilm, name):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spacing", ["log", "mulaw"])
 @pytest.mark.parametrize("layout", ["packed", "split"])
-def test_encode_speed_mse_vs_minmax(benchmark, perf_gate, device, layout):
-    """``encode`` with mse per row vs minmax per row (same layout) on a 3072×3072 weight, interleaved.
+def test_encode_speed_mse_vs_minmax(benchmark, perf_gate, device, layout, spacing):
+    """``encode`` with a searched range per row (the log spacing's mse search, or the mulaw default's
+    span search) vs the log spacing's minmax per row (same layout) on a 3072×3072 weight, interleaved.
 
     The median of the paired ratios must be ≤ MSE_ENCODE_MAX_RATIO; an excess is measured again
     at once (same pairs) and fails only if confirmed, like the rest of the suite.
@@ -153,9 +156,10 @@ def test_encode_speed_mse_vs_minmax(benchmark, perf_gate, device, layout):
     from qins import QinsConfig, encode
 
     packed = layout == "packed"
-    benchmark.group = f"encode {SYNTHETIC_SHAPE[0]}x{SYNTHETIC_SHAPE[1]} mse vs minmax"
+    name = "mse" if spacing == "log" else "mulaw"
+    benchmark.group = f"encode {SYNTHETIC_SHAPE[0]}x{SYNTHETIC_SHAPE[1]} {name} vs minmax"
     w = gaussian_weight(SYNTHETIC_SHAPE, seed=0).to(device)
-    mse, minmax = QinsConfig(packed, "mse", True), QinsConfig(packed, "minmax", True, spacing="log")
+    mse, minmax = QinsConfig(packed, "mse", True, spacing=spacing), QinsConfig(packed, "minmax", True, spacing="log")
     target = synced(lambda: encode(w, mse), device)
     reference = synced(lambda: encode(w, minmax), device)
     p = paired_benchmark(benchmark, target, reference, budget_s=ENCODE_BUDGET_S * perf_gate.budget, min_pairs=5)
@@ -175,8 +179,8 @@ def test_encode_speed_mse_vs_minmax(benchmark, perf_gate, device, layout):
         again = paired_again(target, reference, repeat=p.repeat, pairs=len(p.target))
         figures["confirmation_ratio_vs_minmax"] = again.ratio
         ratio = again.ratio
-    perf_gate.record(benchmark, figures, key=f"encode-mse-vs-minmax/{layout}")
+    perf_gate.record(benchmark, figures, key=f"encode-{name}-vs-minmax/{layout}")
     assert ratio <= MSE_ENCODE_MAX_RATIO, (
-        f"mse per-row encode ({layout}) is {ratio:.2f}x the minmax per-row encode "
+        f"{name} per-row encode ({layout}) is {ratio:.2f}x the minmax per-row encode "
         f"(first measure {p.ratio:.2f}x); the limit is {MSE_ENCODE_MAX_RATIO}x"
     )
