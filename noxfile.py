@@ -10,7 +10,7 @@ quantizer's own tests (``tests/test_hf_quantizer.py``, ``tests/test_hf_registrat
     nox                              # whole matrix (venvs under .nox/, reused when present)
     nox -R                           # reuse venvs and skip the installs: fastest local rerun
     nox -s "matrix-4.44.0"           # one version
-    nox -s matrix-4.44.0 -- -x -q    # extra args go to pytest
+    nox -s matrix-4.44.0 -- -x -q    # extra args go to pytest (-n 0: one process, no pytest-xdist workers)
 
 The versions are chosen to bracket every API change the compat patch handles:
 
@@ -65,7 +65,7 @@ def triton(session: nox.Session) -> None:
     session.install("-e", ".[test]", TRITON, TORCH)
     session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")
     env = {"TRITON_INTERPRET": "1", "QINS_REQUIRE_TRITON": "1"}
-    session.run("python", "-m", "pytest", "tests/test_triton.py", "-p", "no:cacheprovider",
+    session.run("python", "-m", "pytest", "tests/test_triton.py", "-p", "no:cacheprovider", "--run-slow",
                 *(session.posargs or ["-q"]), env=env)
 
 
@@ -106,7 +106,8 @@ def order(session: nox.Session) -> None:
         seed = random.SystemRandom().randrange(2**32)
         session.log(f"pytest-randomly seed {seed}: replay this order with nox -s order -- -q --randomly-seed={seed}")
         args.append(f"--randomly-seed={seed}")
-    session.run("python", "-m", "pytest", "tests", "-p", "randomly", "-p", "no:cacheprovider", *args, env=env)
+    session.run("python", "-m", "pytest", "tests", "-p", "randomly", "-p", "no:cacheprovider", "--run-slow", *args,
+                env=env)
 
 
 for _version in TRANSFORMERS_VERSIONS:
@@ -117,5 +118,6 @@ for _version in TRANSFORMERS_VERSIONS:
         session.run("python", "-c", "import torch, transformers; "
                     "print('torch', torch.__version__, 'transformers', transformers.__version__)")
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        session.run("python", "-m", "pytest", *TESTS, "-p", "no:cacheprovider",
-                    *(session.posargs or ["-q"]), env=env)
+        # every test (--run-slow), on every core; a module's tests stay in one worker (its fixtures are built once)
+        session.run("python", "-m", "pytest", *TESTS, "-p", "no:cacheprovider", "--run-slow", "-n", "auto",
+                    "--dist", "loadfile", *(session.posargs or ["-q"]), env=env)

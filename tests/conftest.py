@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import isolation, mutmut_depth
+from tests import isolation, mutmut_depth, slow
 
 if "mutmut" in sys.modules:  # inside a mutmut run: its max_stack_depth, fixed (tests/mutmut_depth.py)
     mutmut_depth.install()
@@ -31,14 +31,20 @@ if not torch.cuda.is_available():
 _SNAPSHOT: dict[str, dict] | None = None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    slow.add_option(parser)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Under mutmut: load the native kernels once, in the process that mutmut forks workers from.
+    """The slow tests' deselection (:mod:`tests.slow`); under mutmut, load the native kernels once,
+    in the process that mutmut forks workers from.
 
     A worker killed by mutmut's timeout while torch's extension loader holds its build lock
     would leave the lock behind and hang every later worker. Loaded up front, workers inherit
     the module and never take the lock. Mutants of the build code itself (``qins.kernels.cpu.build``)
     run against a private copy of the build directory instead, so they cannot disturb the shared one.
     """
+    config.pluginmanager.register(slow.SlowDeselection(), "qins-slow-deselection")
     mutant = os.environ.get("MUTANT_UNDER_TEST")
     if mutant is None:
         return

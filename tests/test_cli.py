@@ -35,6 +35,7 @@ def _load(path, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32, **kwargs)
 
 
+@pytest.mark.slow  # a checkpoint written and loaded twice: seconds
 @pytest.mark.parametrize("shard", [None, "20KB"])
 def test_quantize_writes_a_checkpoint_with_the_codes_of_load_then_convert(tmp_path, capsys, shard) -> None:
     src = _src(tmp_path, shard=shard)
@@ -72,6 +73,7 @@ def test_the_options_set_the_format_skip_list_and_cache_mode(tmp_path) -> None:
         assert torch.equal(quantized.state_dict()[key], value), key
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_python_dash_m_qins_runs_the_command(tmp_path) -> None:
     src = _src(tmp_path, shard=None)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")

@@ -542,6 +542,7 @@ def _largest_allocation(fn) -> int:
     return max([e.cpu_memory_usage for e in prof.events()] + [0])
 
 
+@pytest.mark.slow  # profiles the memory of a large encode and decode
 def test_cpu_decode_into_a_contiguous_out_and_encode_make_no_tensor_sized_temporary() -> None:
     n = 1536  # 9 MiB of fp32; a block's largest temporary is 2 MiB (2**18 int64 indices)
     stored, sign, lo, hi = convert_to_qins(torch.randn(n, n))

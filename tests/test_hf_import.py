@@ -40,6 +40,7 @@ def test_importing_qins_does_not_import_transformers():
     assert proc.stdout.split() == ["False", "True"]
 
 
+@pytest.mark.slow  # a fresh interpreter loads a checkpoint
 @pytest.mark.parametrize("order", ["qins-first", "transformers-first"])
 def test_a_bare_import_of_qins_is_enough_to_load_a_qins_checkpoint(tmp_path, order):
     model = tiny_phi3(seed=3)

@@ -28,6 +28,7 @@ def test_readme_python_block_uses_only_the_installed_package(index: int) -> None
     assert not imports, f"README python block {index} imports {imports}: not part of the installed package"
 
 
+@pytest.mark.slow  # each block builds, converts and saves models
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs_as_written(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

@@ -1,9 +1,11 @@
 """Fixtures of the perf gate's tests: a synthetic perf suite run under the real plugin in a subprocess,
-in a plain directory (``synth``) or in a git checkout (``synth_git``, for the A/B modes)."""
+in a plain directory (``synth``) or in a git checkout (``synth_git``, for the A/B modes). The tests
+that use them are marked ``slow``."""
 from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,28 @@ from tests.perf_gate.support import (
     SYNTH_TEST,
     _git,
 )
+
+_HERE = Path(__file__).resolve().parent
+#: the fixtures that run a synthetic perf suite in a subprocess (a pytest run each, seconds to a minute)
+_SUBPROCESS_FIXTURES = frozenset({"synth", "synth_git"})
+
+
+@pytest.fixture(autouse=True)
+def _children_are_not_xdist_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``pytest -n``, hide pytest-xdist's worker variables from the perf runs these tests start
+    (synthetic suites, the A/B's old side): pytest-benchmark reads them there and disables every
+    benchmark. The worker itself read them at its start."""
+    for name in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test of this directory that runs a synthetic suite in a subprocess
+    (``pytest tests`` leaves them out; ``--run-slow`` and CI run them, see ``tests/slow.py``)."""
+    for item in items:
+        if _HERE in item.path.parents and _SUBPROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
