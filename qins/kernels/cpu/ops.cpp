@@ -202,7 +202,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
           for (int64_t k0 = 0; k0 < kpad; k0 += kb) {
             const int64_t k1 = std::min(kpad, k0 + kb);
             K.decode(a, r0, r1, k0, k1, w);
-            if (K.gemm && tune.own_gemm) {
+            if (K.gemm && tune.own_gemm && B <= kOwnGemmMaxBatch) {
               K.gemm(xp.data_ptr<float>() + k0, kpad, B, w, r1 - r0, k1 - k0, y.data_ptr<float>() + r0, out, k0 > 0);
               continue;
             }

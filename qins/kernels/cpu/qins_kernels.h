@@ -173,6 +173,11 @@ inline float dev_block(const DevArgs& a, int64_t r, int64_t k0, int64_t n, int64
 }
 
 constexpr int64_t kMaxGemvBatch = 8;  // larger batches: decoded blocks + GEMM
+// Batches above this hand the decoded blocks to ATen's BLAS (at::mm / addmm) instead of the ISA's
+// micro-GEMM, whose per-output dot products and reductions fall behind a blocked sgemm as the batch
+// grows. Measured at 3072x3072 packed, 1 thread, Intel Xeon 6/207, own/BLAS vs nn.Linear: batch 64
+// 1.05/1.43, 96 1.09/1.13, 128 1.13/1.08, 512 2.97/1.24 (docs/perf.md).
+constexpr int64_t kOwnGemmMaxBatch = 96;
 constexpr int64_t kGemvGroup = 4;     // x rows per gemv pass
 
 extern const IsaKernels kScalarKernels;
