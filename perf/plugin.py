@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import pytest
 
-from perf import ab_session, options, session, summary
+from perf import ab_session, options, summary
+from perf import session as perf_session  # not `session`: the name of the session hooks' argument
 from perf.accuracy_gate import ACCURACY_KEY, accuracy_decide
 from perf.state import state_of
 
@@ -39,11 +40,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     # Runs before pytest-benchmark's own (trylast) pytest_configure, which reads the options it sets.
-    session.configure(config)
+    perf_session.configure(config)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return session.report_header(state_of(config))
+    return perf_session.report_header(state_of(config))
 
 
 @pytest.hookimpl(trylast=True)
