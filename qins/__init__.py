@@ -5,7 +5,8 @@ Public API:
 * codec — :func:`convert_to_qins`, :func:`reconstruct_from_qins`, :func:`qins_error_bound`,
   :func:`qins_log_slack`, :func:`qins_levels`
 * formats — :class:`QinsConfig`, :func:`level_table`, :func:`decode_codes`, :func:`qins_exp`
-* layer — :class:`ProjectiveLinear`
+* layer — :class:`ProjectiveLinear`; embeddings — :class:`ProjectiveEmbedding`, :class:`ProjectiveTiedHead`
+  (``convert_model_to_projective(..., embeddings=True)``)
 * calibration — :func:`calibrate`, :class:`Calibration` (input statistics for the activation-aware
   encoder, :mod:`qins.calibrated`)
 * model surgery and accounting — :func:`convert_model_to_projective`, :class:`ConversionReport`,
@@ -28,6 +29,7 @@ from .codec import (
 from .compat import UnsupportedTransformersError, patch_dynamic_cache, patch_transformers, unpatch_transformers
 from .calibration import Calibration, calibrate
 from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
+from .embedding import ProjectiveEmbedding, ProjectiveTiedHead
 from .encode import encode
 from .formats import QinsConfig, decode_codes, level_table, qins_exp
 from .hf import register_on_import, register_with_transformers
@@ -57,7 +59,9 @@ __all__ = [
     "ConversionReport",
     "UnsupportedTransformersError",
     "MemoryReport",
+    "ProjectiveEmbedding",
     "ProjectiveLinear",
+    "ProjectiveTiedHead",
     "QinsConfig",
     "decode_codes",
     "encode",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .calibration import Calibration
+from .embedding import ProjectiveEmbedding, ProjectiveTiedHead
 from .formats import QinsConfig
 from .layer import ProjectiveLinear
 
@@ -19,6 +20,7 @@ __all__ = ["ConversionReport", "MemoryReport", "convert_model_to_projective", "m
 log = logging.getLogger(__name__)
 
 _TQDM_MIN_LAYERS = 50
+_TIED = "weight is tied to another parameter"
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class MemoryReport:
 class ConversionReport:
     """What :func:`convert_model_to_projective` did.
 
-    ``converted``: qualified names of the replaced ``nn.Linear`` s, in module order.
+    ``converted``: qualified names of the replaced ``nn.Linear`` s, in module order (a head tied to
+    a converted embedding included). ``embeddings``: the replaced ``nn.Embedding`` s (``embeddings=True``).
     ``skipped``: name -> reason for every ``nn.Linear`` left alone (matched ``skip``, or tied).
     ``memory_before``/``memory_after``: :func:`model_memory` of the whole model around the
     conversion; ``param_bytes_before``/``param_bytes_after`` are their ``state`` (parameters plus
@@ -61,6 +64,7 @@ class ConversionReport:
     skipped: dict[str, str] = field(default_factory=dict)
     memory_before: MemoryReport = MemoryReport(0, 0, 0)
     memory_after: MemoryReport = MemoryReport(0, 0, 0)
+    embeddings: list[str] = field(default_factory=list)
 
     @property
     def param_bytes_before(self) -> int:
@@ -146,7 +150,7 @@ def select_linears(model: nn.Module, skip: SkipPatterns = ("lm_head",)) -> tuple
         elif pattern is not None:
             skipped[name] = f"matches skip pattern {pattern!r}"
         elif id(module.weight) in shared:
-            skipped[name] = "weight is tied to another parameter"
+            skipped[name] = _TIED
         else:
             todo.append((name, module))
     return todo, skipped
@@ -162,8 +166,12 @@ def _progress(items: list[tuple[str, nn.Linear]]) -> Iterator[tuple[str, nn.Line
     return iter(items)
 
 
-def _record_hf_quantization_config(model: nn.Module, config: QinsConfig, skip: tuple[str, ...], cache_weight: bool) -> None:
-    """On a transformers model, record the format in ``config.quantization_config`` (for save_pretrained)."""
+def _record_hf_quantization_config(model: nn.Module, config: QinsConfig, skip: tuple[str, ...], cache_weight: bool,
+                                   embeddings: bool = False) -> None:
+    """On a transformers model, record the format in ``config.quantization_config`` (for save_pretrained).
+
+    With ``embeddings`` it records ``"embeddings": true``, a field ``from_pretrained`` does not read
+    yet: it refuses such a checkpoint by name rather than load random embeddings (use qins.save/load)."""
     transformers = sys.modules.get("transformers")
     if transformers is None or not isinstance(model, getattr(transformers, "PreTrainedModel", ())):
         return
@@ -175,19 +183,62 @@ def _record_hf_quantization_config(model: nn.Module, config: QinsConfig, skip: t
     from .compat import UnsupportedTransformersError
 
     model.config.quantization_config = quantization_config_dict(config, skip, cache_weight)
+    if embeddings:
+        model.config.quantization_config["embeddings"] = True
     try:
         register_with_transformers()
     except UnsupportedTransformersError as exc:
         log.warning("%s", exc)
 
 
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a ProjectiveLinear/ProjectiveTiedHead, (num_embeddings, dim) of a ProjectiveEmbedding."""
+    if isinstance(module, ProjectiveEmbedding):
+        return module.qins_weight_shape
+    return module.in_features, module.out_features
+
+
+def _embedding_replacements(
+    model: nn.Module, patterns: tuple[str, ...], config: Optional[QinsConfig], skipped: dict[str, str],
+) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """``embeddings=True``: every ``nn.Embedding`` not matching ``patterns`` as a :class:`ProjectiveEmbedding`,
+    and every ``nn.Linear`` of ``skipped`` whose weight is one of those embeddings' weights (a tied
+    ``lm_head``) as a :class:`ProjectiveTiedHead` on it (removed from ``skipped``). Returns the
+    replacements (embeddings first) and the tied heads' names. Builds, installs nothing."""
+    out: list[tuple[str, nn.Module]] = []
+    by_weight: dict[int, ProjectiveEmbedding] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding) or name == "":
+            continue
+        pattern = _matches(name, patterns)
+        if pattern is not None:
+            skipped[name] = f"matches skip pattern {pattern!r}"
+            continue
+        try:
+            new = ProjectiveEmbedding.from_embedding(module, config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cannot convert embedding {name!r}: {exc}; the model was left unchanged") from exc
+        out.append((name, new))
+        by_weight[id(module.weight)] = new
+    heads: list[str] = []
+    for name in [n for n, why in skipped.items() if why == _TIED]:
+        linear = model.get_submodule(name)
+        emb = by_weight.get(id(linear.weight))
+        if emb is not None and tuple(linear.weight.shape) == emb.qins_weight_shape:
+            out.append((name, ProjectiveTiedHead(emb, linear.bias)))
+            heads.append(name)
+            del skipped[name]
+    return out, heads
+
+
 def convert_model_to_projective(
     model: nn.Module,
     config: Optional[QinsConfig] = None,
     *,
-    skip: SkipPatterns = ("lm_head",),
+    skip: Optional[SkipPatterns] = None,
     cache_weight: bool = True,
     calibration: Optional[Calibration] = None,
+    embeddings: bool = False,
 ) -> ConversionReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` with :class:`ProjectiveLinear`.
 
@@ -202,7 +253,15 @@ def convert_model_to_projective(
 
     A layer is left alone if its qualified name (as in ``model.named_modules()``) equals one of
     ``skip`` or matches it as a glob (``fnmatch``, e.g. ``"*.mlp.*"``), or if its weight is tied to
-    another parameter (converting it would duplicate the storage and untie it).
+    another parameter (converting it would duplicate the storage and untie it). ``skip`` defaults to
+    ``("lm_head",)``, or to ``()`` with ``embeddings=True``.
+
+    ``embeddings=True`` (opt-in) also replaces every ``nn.Embedding`` (not matching ``skip``) with a
+    :class:`~qins.ProjectiveEmbedding` (per-row config required; lookups decode only the rows read),
+    and a ``Linear`` tied to one of them (``tie_word_embeddings``: the same Parameter) with a
+    :class:`~qins.embedding.ProjectiveTiedHead` that reads the embedding's codes: one copy in memory and
+    on disk. An untied ``lm_head`` is converted as any ``Linear``. ``cache_weight`` applies to the
+    ``ProjectiveLinear`` s only: embeddings and tied heads never keep a decoded table.
 
     On a transformers ``PreTrainedModel`` it also records ``config.quantization_config`` (format,
     skip list, cache mode) so that ``save_pretrained`` / ``from_pretrained`` round-trip the QINS
@@ -214,9 +273,15 @@ def convert_model_to_projective(
     with torch.no_grad():
         if config is not None and not isinstance(config, QinsConfig):
             raise TypeError(f"config must be a QinsConfig, got {type(config).__name__}")
+        if skip is None:
+            skip = () if embeddings else ("lm_head",)
         patterns = (skip,) if isinstance(skip, str) else tuple(skip)
+        if embeddings and config is not None and not config.per_row:
+            raise ValueError("embeddings=True needs a per-row config (one log range per token row); "
+                             "pass QinsConfig(per_row=True, ...) or embeddings=False")
         before = model_memory(model)
         todo, skipped = select_linears(model, patterns)
+        extra, heads = _embedding_replacements(model, patterns, config, skipped) if embeddings else ([], [])
 
         if calibration is not None:
             if not isinstance(calibration, Calibration):
@@ -226,7 +291,7 @@ def convert_model_to_projective(
                 raise ValueError(f"the calibration has no input statistics for {missing[:3]}"
                                  f"{' …' if len(missing) > 3 else ''} ({len(missing)} layers); run qins.calibrate on "
                                  "this model with the same skip list; the model was left unchanged")
-        replacements: list[tuple[str, ProjectiveLinear]] = []
+        replacements: list[tuple[str, nn.Module]] = []
         for name, linear in _progress(todo):
             moment = calibration.moment(name) if calibration is not None else None
             try:
@@ -235,17 +300,18 @@ def convert_model_to_projective(
             except ValueError as exc:
                 raise ValueError(f"cannot convert layer {name!r}: {exc}; the model was left unchanged") from exc
 
-        for name, new in replacements:
+        for name, new in replacements + extra:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
-            log.debug("converted %s -> ProjectiveLinear(%d, %d)", name, new.in_features, new.out_features)
+            log.debug("converted %s -> %s(%d, %d)", name, type(new).__name__, *_shape(new))
         for name, reason in skipped.items():
             log.debug("skipped %s: %s", name, reason)
-        _record_hf_quantization_config(model, config or QinsConfig(), patterns, cache_weight)
+        _record_hf_quantization_config(model, config or QinsConfig(), patterns, cache_weight, embeddings)
         return ConversionReport(
-            converted=[name for name, _ in replacements],
+            converted=[name for name, _ in replacements] + heads,
             skipped=skipped,
             memory_before=before,
             memory_after=model_memory(model),
+            embeddings=[name for name, _ in extra if name not in heads],
         )

@@ -135,6 +135,11 @@ class ProjectiveLinear(nn.Module):
         """The dtype the weight is decoded to (follows ``.to(dtype)``/``.half()``)."""
         return self._dtype_marker.dtype
 
+    @property
+    def qins_weight_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``: the codes' shape, as :func:`qins.state.check_qins_state` checks it."""
+        return self.out_features, self.in_features
+
     def decode_weight(self) -> torch.Tensor:
         """Decode the weight now (ignoring the cache), ``[out, in]`` in the compute dtype."""
         return decode_codes(self.stored, self.sign, self.log_min, self.log_max, dtype=self.compute_dtype,

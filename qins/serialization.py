@@ -5,6 +5,11 @@ embeddings, is written once and the other names are listed under ``qins.aliases`
 same view count: identical storage, storage offset, shape, stride and dtype) and string
 metadata: ``qins.format_version`` (``"2"``) and ``qins.layers``, a JSON object mapping every QINS
 layer's qualified name to its format ``{"packed", "per_row", "log_range", "spacing", "cache_weight"}``.
+A model with QINS embeddings (``convert_model_to_projective(..., embeddings=True)``) also has
+``qins.embeddings`` (name -> format and ``padding_idx``) and, when a head is tied to one,
+``qins.tied_heads`` (head name -> embedding name; the head has no codes of its own, so the codes are
+written once); files without embeddings are unchanged, and a qins that does not know these entries
+refuses such a file (its codes are unexpected keys).
 Version ``"1"`` files (no ``spacing``: every layer log-spaced) still load; a qins that reads only
 version 1 refuses version 2 files rather than decode mulaw codes on the log grid.
 
@@ -26,6 +31,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .embedding import ProjectiveEmbedding, ProjectiveTiedHead
 from .formats import QinsConfig
 from .layer import ProjectiveLinear
 from .state import check_qins_state, format_metadata
@@ -74,12 +80,14 @@ def save(model: nn.Module, path: PathLike) -> None:
         "qins.layers": json.dumps(layers, sort_keys=True),
         "qins.aliases": json.dumps(aliases, sort_keys=True),
     }
+    metadata.update(_embedding_metadata(model))
     save_file(tensors, os.fspath(path), metadata=metadata)
     log.debug("saved %d tensors, %d QINS layers to %s", len(tensors), len(layers), path)
 
 
-def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
-    """The file's tensors (aliases resolved), its ``qins.layers`` and ``qins.aliases``; ``ValueError``
+def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str], dict[str, dict]]:
+    """The file's tensors (aliases resolved), its ``qins.layers``, ``qins.aliases`` and embedding
+    entries (``{"embeddings": ..., "tied_heads": ...}``, each ``{}`` when absent); ``ValueError``
     for anything but a well-formed qins file (``OSError`` when it cannot be opened at all)."""
     from safetensors import SafetensorError
 
@@ -89,7 +97,7 @@ def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dic
         raise ValueError(f"{path}: not a valid safetensors file ({exc})") from exc
 
 
-def _read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
+def _read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str], dict[str, dict]]:
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
@@ -104,10 +112,14 @@ def _read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]
         try:
             layers = json.loads(meta.get("qins.layers", ""))
             aliases = json.loads(meta.get("qins.aliases", "{}"))
+            extra = {k: json.loads(meta.get(f"qins.{k}", "{}")) for k in ("embeddings", "tied_heads")}
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: corrupt qins metadata ({exc})") from None
         if not isinstance(layers, dict) or not isinstance(aliases, dict):
             raise ValueError(f"{path}: corrupt qins metadata ('qins.layers'/'qins.aliases' must be JSON objects)")
+        if not all(isinstance(d, dict) for d in extra.values()):
+            raise ValueError(f"{path}: corrupt qins metadata "
+                             "('qins.embeddings'/'qins.tied_heads' must be JSON objects)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     stored = set(tensors)
     for alias, owner in aliases.items():
@@ -119,7 +131,7 @@ def _read_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]
         if alias in stored:
             raise ValueError(f"{path}: {alias!r} is both a stored tensor and an alias of {owner!r}")
         tensors[alias] = tensors[owner]
-    return tensors, layers, aliases
+    return tensors, layers, aliases, extra
 
 
 def _config(name: str, entry: Any) -> tuple[QinsConfig, bool]:
@@ -145,8 +157,8 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
     layer or key before anything is changed. A meta-device skeleton works when all its
     non-persistent buffers are outside the converted layers' reach (they cannot be filled from a file).
     """
-    tensors, layers, _ = _read(path)
-    replacements: list[tuple[str, ProjectiveLinear]] = []
+    tensors, layers, _, extra = _read(path)
+    replacements: list[tuple[str, nn.Module]] = []
     targets: dict[str, ProjectiveLinear] = {}
     for name, entry in sorted(layers.items()):
         cfg, cache = _config(name, entry)
@@ -164,6 +176,7 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
             targets[name] = new
         else:
             raise ValueError(f"{path}: layer {name!r} is a {type(module).__name__}, not nn.Linear or ProjectiveLinear")
+    replacements += _embedding_replacements(model, extra, tensors, path)
     unlisted = [n for n, m in model.named_modules() if isinstance(m, ProjectiveLinear) and n not in layers]
     if unlisted:
         raise ValueError(f"{path}: the model's QINS layers {unlisted} are not in the file")
@@ -185,7 +198,7 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
         # are other values altogether.
         if got.dtype != ref.dtype and not (got.dtype.is_floating_point and ref.dtype.is_floating_point):
             raise ValueError(f"{path}: {key}: dtype must be {ref.dtype}, got {got.dtype}")
-    stuck = [f"{n}.{b}" for n, m in model.named_modules() if not isinstance(m, ProjectiveLinear)
+    stuck = [f"{n}.{b}" for n, m in model.named_modules() if not isinstance(m, (ProjectiveLinear, ProjectiveEmbedding))
              for b, t in m._buffers.items() if t is not None and t.is_meta and b in m._non_persistent_buffers_set]
     if stuck:
         raise ValueError(f"cannot load into this meta-device model: non-persistent buffers {stuck[:3]} have no data "
@@ -202,11 +215,83 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
             layer._dtype_marker = torch.empty(0, dtype=layer.compute_dtype, device=layer.stored.device)
             layer._cached_weight = None
             layer.invalidate_cache()
+        for emb in (m for m in model.modules() if isinstance(m, ProjectiveEmbedding)):
+            emb._dtype_marker = torch.empty(0, dtype=emb.compute_dtype, device=emb.stored.device)
     log.debug("loaded %s: %d QINS layers (%d converted)", path, len(targets), len(replacements))
     return model
 
 
-def _expected_state(model: nn.Module, replacements: list[tuple[str, ProjectiveLinear]]) -> dict[str, torch.Tensor]:
+def _embedding_metadata(model: nn.Module) -> dict[str, str]:
+    """``qins.embeddings``/``qins.tied_heads`` entries of :func:`save` (none without QINS embeddings)."""
+    named = dict(model.named_modules())
+    names = {id(m): n for n, m in named.items() if isinstance(m, ProjectiveEmbedding)}
+    embs = {n: format_metadata(named[n].config) | {"padding_idx": named[n].padding_idx} for n in names.values()}
+    heads = {}
+    for n, m in named.items():
+        if isinstance(m, ProjectiveTiedHead):
+            if id(m.embedding) not in names:
+                raise ValueError(f"cannot save: head {n!r} is tied to an embedding that is not part of the model")
+            heads[n] = names[id(m.embedding)]
+    out = {"qins.embeddings": json.dumps(embs, sort_keys=True)} if embs else {}
+    return out | ({"qins.tied_heads": json.dumps(heads, sort_keys=True)} if heads else {})
+
+
+def _embedding_replacements(model: nn.Module, extra: dict[str, dict], tensors: dict[str, torch.Tensor],
+                            path: PathLike) -> list[tuple[str, nn.Module]]:
+    """Check the file's embeddings and tied heads against ``model`` (each a QINS module of that format,
+    or an ``nn.Embedding``/``nn.Linear`` of the same size, replaced) and their states; changes nothing.
+    Returns the replacements, embeddings first."""
+    embs, heads = extra["embeddings"], extra["tied_heads"]
+    out: list[tuple[str, nn.Module]] = []
+    targets: dict[str, ProjectiveEmbedding] = {}
+    for name, entry in sorted(embs.items()):
+        cfg, _ = _config(name, entry)
+        module = _module(model, name, path)
+        if isinstance(module, ProjectiveEmbedding):
+            if module.config != cfg:
+                raise ValueError(f"{path}: embedding {name!r} is {module.config} in the model but {cfg} in the file")
+            targets[name] = module
+        elif isinstance(module, nn.Embedding):
+            w = module.weight
+            try:
+                new = ProjectiveEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, config=cfg,
+                                          device="cpu" if w.is_meta else w.device, dtype=w.dtype)
+            except ValueError as exc:
+                raise ValueError(f"{path}: embedding {name!r}: {exc}") from None
+            out.append((name, new))
+            targets[name] = new
+        else:
+            raise ValueError(f"{path}: embedding {name!r} is a {type(module).__name__}, not nn.Embedding or "
+                             "ProjectiveEmbedding")
+        try:
+            check_qins_state(targets[name], tensors, name + ".", {"qins": format_metadata(cfg)})
+        except ValueError as exc:
+            raise ValueError(f"{path}: embedding {name!r}: {exc}") from None
+    for name, owner in sorted(heads.items()):
+        if not isinstance(owner, str) or owner not in targets:
+            raise ValueError(f"{path}: head {name!r} is tied to {owner!r}, which is not a QINS embedding of the file")
+        module, emb = _module(model, name, path), targets[owner]
+        if isinstance(module, ProjectiveTiedHead) and module.embedding is emb:
+            continue
+        if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != emb.qins_weight_shape:
+            raise ValueError(f"{path}: head {name!r} must be an nn.Linear {emb.qins_weight_shape} (or a head tied to "
+                             f"{owner!r}), got {module!r}")
+        out.append((name, ProjectiveTiedHead(emb, module.bias)))
+    unlisted = [n for n, m in model.named_modules() if isinstance(m, (ProjectiveEmbedding, ProjectiveTiedHead))
+                and n not in embs and n not in heads]
+    if unlisted:
+        raise ValueError(f"{path}: the model's QINS embeddings or tied heads {unlisted} are not in the file")
+    return out
+
+
+def _module(model: nn.Module, name: str, path: PathLike) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path}: module {name!r} is not in the model") from None
+
+
+def _expected_state(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     """The model's state_dict keys (and tensors, for shapes) as they will be after the replacements."""
     state = dict(model.state_dict(keep_vars=True))
     for name, new in replacements:

@@ -19,6 +19,7 @@ import torch
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, valid_levels
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .embedding import ProjectiveEmbedding
     from .layer import ProjectiveLinear
 
 __all__ = ["check_qins_state", "format_metadata"]
@@ -35,8 +36,11 @@ def _describe(packed: bool, per_row: bool) -> str:
     return f"{'packed (1 byte/weight)' if packed else 'split (2 bytes/weight)'}, {'per row' if per_row else 'per tensor'}"
 
 
-def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], prefix: str, local_metadata: Mapping[str, Any]) -> None:
+def check_qins_state(layer: "ProjectiveLinear | ProjectiveEmbedding", state_dict: Mapping[str, Any], prefix: str, local_metadata: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` unless ``state_dict`` holds a complete, valid QINS state for ``layer``.
+
+    ``layer`` is a :class:`~qins.ProjectiveLinear` or :class:`~qins.ProjectiveEmbedding`: anything with
+    ``config`` and ``qins_weight_shape`` (``(rows, columns)`` of the codes; per-row logs are ``[rows]``).
 
     Checked, in order: the QINS keys come together (all of ``stored``, ``log_min``, ``log_max`` and,
     split only, ``sign`` — or none of them, which leaves the layer's codes alone, as a partial
@@ -76,7 +80,7 @@ def check_qins_state(layer: "ProjectiveLinear", state_dict: Mapping[str, Any], p
         raise ValueError(f"{where}: incomplete QINS state, missing {missing} (codes, sign and logs load together)")
     if cfg.packed and has_sign:
         raise ValueError(f"{prefix}sign: unexpected in a packed state (the sign is bit 7 of 'stored')")
-    out, inp = layer.out_features, layer.in_features
+    out, inp = layer.qins_weight_shape
     log_shape = (out,) if cfg.per_row else ()
     expect = {"stored": (torch.uint8, (out, inp)), "log_min": (torch.float32, log_shape), "log_max": (torch.float32, log_shape)}
     if not cfg.packed:

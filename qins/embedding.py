@@ -1,0 +1,224 @@
+"""QINS token embeddings and a tied output head that reads the same codes.
+
+:class:`ProjectiveEmbedding` replaces an ``nn.Embedding`` ``[vocab, dim]``: its weight is stored as
+QINS codes with one log range per token row (``per_row=True``), and a lookup decodes only the rows it
+reads: it gathers the codes and logs of the requested ids, builds the ``[n, 256]`` decode tables of
+those ``n`` rows (:func:`qins.formats.level_table`) and gathers from them. The decoded rows equal, bit
+for bit, the same rows of :func:`qins.formats.decode_codes` of the whole table.
+
+:class:`ProjectiveTiedHead` is an output projection (``lm_head``) whose weight was tied to an input
+embedding: it holds no codes of its own and runs the fused ``qins::linear`` op on the embedding's
+``stored``/``sign``/``log_min``/``log_max``, so the codes exist once in memory, in the ``state_dict``
+and on disk.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import kernels
+from .encode import encode
+from .formats import QinsConfig, decode_codes, level_table
+from .state import check_qins_state, format_metadata
+
+__all__ = ["ProjectiveEmbedding", "ProjectiveTiedHead"]
+
+
+class ProjectiveEmbedding(nn.Module):
+    """``nn.Embedding`` with QINS-coded rows: ``forward(ids)`` is ``ŵ[ids]`` in the compute dtype.
+
+    State (all in the ``state_dict``): ``stored`` (uint8 ``[num_embeddings, embedding_dim]``, sign in
+    bit 7 when ``config.packed``), ``sign`` (int8, same shape, split format only), ``log_min``/``log_max``
+    (float32 ``[num_embeddings]``: one range per token row). 1 byte per weight packed (2 split) plus 8
+    bytes per row. No decoded table is ever kept: a call decodes only the rows it reads.
+
+    ``padding_idx`` is kept (normalised to ``[0, num_embeddings)`` as ``nn.Embedding`` does); the codes
+    are buffers, so it has no gradient to mask, and a zero padding row decodes to exact zeros. The
+    output dtype is the compute dtype (the source weight's, following ``.to(dtype)``/``.half()``); the
+    logs always stay float32. ``max_norm`` (which rewrites the weight at lookup) is refused.
+    The state_dict records its format in the metadata and a load is validated by
+    :func:`qins.state.check_qins_state` before anything changes, as for :class:`qins.ProjectiveLinear`.
+    """
+
+    _version = 2
+
+    stored: torch.Tensor
+    sign: torch.Tensor | None
+    log_min: torch.Tensor
+    log_max: torch.Tensor
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        config: QinsConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_embeddings <= 0 or embedding_dim <= 0:
+            raise ValueError(f"num_embeddings and embedding_dim must be positive, got {num_embeddings}, "
+                             f"{embedding_dim}")
+        self.config = config if config is not None else QinsConfig()
+        if not isinstance(self.config, QinsConfig):
+            raise TypeError(f"config must be a QinsConfig, got {type(self.config).__name__}")
+        if not self.config.per_row:
+            raise ValueError("ProjectiveEmbedding needs a per-row config (one log range per token row, decoded alone); "
+                             "pass QinsConfig(per_row=True, ...)")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+            padding_idx = padding_idx % num_embeddings
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        shape = (num_embeddings, embedding_dim)
+        self.register_buffer("stored", torch.zeros(shape, dtype=torch.uint8, device=device))
+        self.register_buffer("sign", None if self.config.packed else torch.ones(shape, dtype=torch.int8, device=device))
+        self.register_buffer("log_min", torch.zeros(num_embeddings, dtype=torch.float32, device=device))
+        self.register_buffer("log_max", torch.zeros(num_embeddings, dtype=torch.float32, device=device))
+        # A 0-element tensor that records the output dtype; it follows .to()/.half().
+        marker = torch.empty(0, dtype=dtype or torch.float32, device=device)
+        self.register_buffer("_dtype_marker", marker, persistent=False)
+        self.register_state_dict_post_hook(_record_format)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, config: QinsConfig | None = None) -> ProjectiveEmbedding:
+        """Encode an ``nn.Embedding`` (any float dtype, any device) in ``config``'s format (per row).
+
+        The source is not modified. The new module is on ``emb``'s device, outputs ``emb.weight.dtype``
+        and keeps ``padding_idx``. A meta weight gives a meta module (to be filled by a load). Raises
+        ``ValueError`` for ``max_norm``, a per-tensor config, or NaN/±Inf weights; ``TypeError`` for
+        anything but an ``nn.Embedding``.
+        """
+        if not isinstance(emb, nn.Embedding):
+            raise TypeError(f"from_embedding expects nn.Embedding, got {type(emb).__name__}")
+        if emb.max_norm is not None:
+            raise ValueError("nn.Embedding with max_norm rewrites its weight at lookup; QINS codes are fixed, "
+                             "renormalise the weight first and pass max_norm=None")
+        with torch.no_grad():
+            weight = emb.weight
+            module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, config=config,
+                         device=weight.device, dtype=weight.dtype)
+            if weight.is_meta:
+                return module
+            stored, sign, log_min, log_max = encode(weight, module.config)
+            module.stored.copy_(stored)
+            if sign is not None:
+                module.sign.copy_(sign)
+            module.log_min.copy_(log_min)
+            module.log_max.copy_(log_max)
+            return module
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype rows are decoded to (follows ``.to(dtype)``/``.half()``)."""
+        return self._dtype_marker.dtype
+
+    @property
+    def qins_weight_shape(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the coded weight, as :func:`qins.state.check_qins_state` checks it."""
+        return self.num_embeddings, self.embedding_dim
+
+    def decode_weight(self) -> torch.Tensor:
+        """The whole decoded table ``[num_embeddings, embedding_dim]`` in the compute dtype (a fresh tensor)."""
+        return decode_codes(self.stored, self.sign, self.log_min, self.log_max, dtype=self.compute_dtype,
+                            spacing=self.config.spacing)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded table (:meth:`decode_weight`; 4 bytes per weight in fp32, made on each access)."""
+        return self.decode_weight()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape, int32/int64 in ``[0, num_embeddings)``) -> ``[*ids.shape, dim]``.
+
+        Only the read rows are decoded: ``n = ids.numel()`` rows of codes and logs are gathered and
+        ``n`` tables built. No ``.item()``, no data-dependent flow: traceable by ``torch.compile``.
+        """
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ProjectiveEmbedding expects int64 or int32 indices, got {ids.dtype}")
+        flat = ids.reshape(-1)
+        codes = self.stored.index_select(0, flat).to(torch.int64)
+        table = level_table(self.log_min.index_select(0, flat), self.log_max.index_select(0, flat),
+                            self.config.packed, self.config.spacing)
+        rows = torch.gather(table, 1, codes)
+        if self.sign is not None:
+            rows = rows * self.sign.index_select(0, flat)
+        return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        check_qins_state(self, state_dict, prefix, local_metadata)  # raises before anything changes
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ProjectiveEmbedding:
+        # .half()/.to(dtype) must not cast the float32 logs; they only follow the codes' device.
+        logs = {name: getattr(self, name) for name in ("log_min", "log_max")}
+        super()._apply(fn, recurse)
+        device = self.stored.device
+        for name, old in logs.items():
+            if old.is_meta or device.type == "meta":
+                setattr(self, name, torch.empty(old.shape, dtype=torch.float32, device=device))
+            else:
+                setattr(self, name, old.to(device=device, dtype=torch.float32))
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"{self.num_embeddings}, {self.embedding_dim}"
+                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+                + f", format={'packed' if c.packed else 'split'}, spacing={c.spacing}")
+
+
+class ProjectiveTiedHead(nn.Module):
+    """Output projection tied to a :class:`ProjectiveEmbedding`: ``y = x @ ŵᵀ (+ bias)``, ``ŵ`` its codes.
+
+    It keeps a plain reference to the embedding (not a submodule), so the codes appear once in the
+    ``state_dict`` (under the embedding's name) and in memory; it always reads the embedding's
+    current buffers, after ``.to()`` or a load too. Its own state is the optional ``bias`` Parameter.
+    ``forward`` is the fused ``qins::linear`` op (memory-saving: no decoded weight is made); it
+    accumulates in float32 and returns ``x.dtype``. ``in_features = embedding_dim``,
+    ``out_features = num_embeddings``.
+    """
+
+    def __init__(self, embedding: ProjectiveEmbedding, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(embedding, ProjectiveEmbedding):
+            raise TypeError(f"ProjectiveTiedHead ties to a ProjectiveEmbedding, got {type(embedding).__name__}")
+        if bias is not None and tuple(bias.shape) != (embedding.num_embeddings,):
+            raise ValueError(f"bias must have shape ({embedding.num_embeddings},), got {tuple(bias.shape)}")
+        object.__setattr__(self, "_embedding", embedding)  # not registered: no second copy of the codes
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    @property
+    def embedding(self) -> ProjectiveEmbedding:
+        """The embedding whose codes this head reads."""
+        return self._embedding
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded weight ``[out, in]`` (the embedding's table, decoded now)."""
+        return self._embedding.decode_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"ProjectiveTiedHead expects a floating-point input, got {x.dtype}")
+        e = self._embedding
+        return kernels.fused_linear(x, e.stored, e.sign, e.log_min, e.log_max, self.bias, e.config.spacing_id)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, tied"
+
+
+def _record_format(module: ProjectiveEmbedding, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    local_metadata["qins"] = format_metadata(module.config)
