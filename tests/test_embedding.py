@@ -243,3 +243,13 @@ def test_hf_quantization_config_marks_embeddings_so_from_pretrained_refuses_rath
     model, _ = converted(tiny_phi3, tie=True)
     assert model.config.quantization_config["embeddings"] is True
     assert model.config.quantization_config["skip"] == []
+
+
+def test_from_pretrained_refuses_a_checkpoint_with_qins_embeddings_by_name(tmp_path) -> None:
+    """quantize-on-load does not build QINS embeddings yet: the recorded field is refused, never ignored."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = converted(tiny_phi3, tie=True)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown fields \['embeddings'\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
