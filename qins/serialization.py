@@ -176,7 +176,6 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
             targets[name] = new
         else:
             raise ValueError(f"{path}: layer {name!r} is a {type(module).__name__}, not nn.Linear or ProjectiveLinear")
-    replacements += _embedding_replacements(model, extra, tensors, path)
     unlisted = [n for n, m in model.named_modules() if isinstance(m, ProjectiveLinear) and n not in layers]
     if unlisted:
         raise ValueError(f"{path}: the model's QINS layers {unlisted} are not in the file")
@@ -185,6 +184,7 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
             check_qins_state(layer, tensors, name + ".", {"qins": format_metadata(_config(name, layers[name])[0])})
         except ValueError as exc:
             raise ValueError(f"{path}: layer {name!r}: {exc}") from None
+    replacements += _embedding_replacements(model, extra, tensors, path)  # checks them; changes nothing
     expected = _expected_state(model, replacements)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -226,15 +226,18 @@ def test_a_split_state_does_not_load_into_a_packed_embedding() -> None:
 
 def test_load_refuses_files_and_models_that_disagree_on_embeddings(tmp_path) -> None:
     plain = tmp_path / "plain.safetensors"
-    model = tiny_phi3()
+    model = tiny_phi3(tie_word_embeddings=True)
     qins.convert_model_to_projective(model)
     qins.save(model, plain)
-    with pytest.raises(ValueError, match="QINS embeddings or tied heads"):
+    with pytest.raises(ValueError, match=r"QINS embeddings or tied heads \['model.embed_tokens', 'lm_head'\]"):
+        qins.load(converted(tiny_phi3, tie=True)[0], plain)
+    with pytest.raises(ValueError, match=r"QINS layers \['lm_head'\] are not in the file"):
         qins.load(converted(tiny_phi3, tie=False)[0], plain)
     with_emb = tmp_path / "emb.safetensors"
     qins.save(converted(tiny_phi3, tie=True)[0], with_emb)
-    split = tiny_phi3(tie_word_embeddings=True)
-    qins.convert_model_to_projective(split, QinsConfig(packed=False), embeddings=True)
+    split, _ = converted(tiny_phi3, tie=True)  # the file's format everywhere but the embedding
+    split.model.embed_tokens = ProjectiveEmbedding.from_embedding(nn.Embedding(1000, 64), QinsConfig(packed=False))
+    split.lm_head = ProjectiveTiedHead(split.model.embed_tokens)
     with pytest.raises(ValueError, match="embedding 'model.embed_tokens' is"):
         qins.load(split, with_emb)
 
