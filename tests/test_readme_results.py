@@ -82,7 +82,10 @@ def test_a_changed_chart_source_is_stale(tmp_path: Path) -> None:
 def test_an_edited_block_is_stale(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     readme = root / results.README
-    readme.write_text(readme.read_text().replace("| layer, batch 1 cold |", "| layer, batch 1 cold (edited) |", 1))
+    text = readme.read_text()
+    row = "| layer 3072×3072 packed, batch 1 cold |"
+    assert row in text
+    readme.write_text(text.replace(row, row.replace("cold", "cold (edited)"), 1))
     assert len(results.check_readme(root)) == 1
 
 
