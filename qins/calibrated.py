@@ -26,9 +26,10 @@ from typing import Optional
 import torch
 
 from .codec import _validate
-from .encode import Encoded, _level_step, _mag_codes, encode
+from .encode import Encoded, encode
 from .formats import LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
 from .mulaw import mulaw_range, nearest_codes
+from .rounding import _level_step, _mag_codes
 
 __all__ = ["encode_calibrated", "weighted_error", "output_error"]
 

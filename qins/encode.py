@@ -23,10 +23,11 @@ from typing import Optional
 
 import torch
 
-from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
 from . import kernels
+from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
 from .mulaw import encode_rows, mulaw_range
+from .rounding import _chunks, _mag_codes, _sq_error
 
 __all__ = ["encode"]
 
@@ -38,7 +39,6 @@ _BINS = 128  # histogram bins of log|w| per row (per tensor: 4096)
 # Local rounds around the best span so far, scored with their in-range rounding weight by weight:
 # (number of spans, half-width), evenly spaced over best·[1 - width, 1 + width], plus the best itself.
 _LOCAL = ((14, 0.075), (6, 0.005))
-_CHUNK = 1 << 16  # elements per block in the passes over the weight (stays in L2)
 
 
 def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -48,35 +48,6 @@ def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
             raise ValueError(f"per_row needs a 2-d [out, in] weight, got shape {tuple(w.shape)}")
         return w
     return w.reshape(1, -1)
-
-
-def _level_step(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
-    """The float32 log step ``δ = (hi - lo)/(K - 1)`` of each range, ``SMALLEST_NORMAL`` where it is 0
-    (every backend of the final codes divides by exactly this)."""
-    delta = (hi - lo) / float(k - 1)
-    return torch.where(delta > 0, delta, SMALLEST_NORMAL)
-
-
-def _mag_codes(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: torch.Tensor) -> torch.Tensor:
-    """Magnitude codes (float, 0..K) of ``[R, N]`` magnitudes for float32 ranges ``[R, 1]`` and their
-    ``[R, 256]`` tables (``level_table``; only level K is read here).
-
-    ``gap = hi - log|w|`` (``+inf`` for zeros). Code ``1 + j`` with ``j = round(gap/δ)``,
-    ``δ = (hi - lo)/(K - 1)``, when ``j <= K - 1``; otherwise the nearer of 0 and level K (so
-    zeros get 0). A row with ``δ = 0`` gives code 1 to its largest magnitude and flushes the rest.
-    """
-    k = num_levels(packed)
-    j = torch.round(gap / _level_step(lo, hi, k)).clamp_(min=0)  # gap < 0: a capped log_max
-    flush = torch.where(mag >= table[:, k : k + 1] * 0.5, float(k - 1), -1.0)  # 2|w| >= level_K, exactly
-    return j.where(j < k, flush).add_(1.0)
-
-
-def _sq_error(mag: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``Σ(|w| - |ŵ|)²`` in float64; signs are always kept, so this is ``Σ(w - ŵ)²``."""
-    dec = torch.gather(table, 1, codes.long())  # table [R, 256] or [1, 256] for codes [R, N] or [1, N]
-    # |w| and ŵ are within a factor 2 of each other (or ŵ = 0), so the float32 difference is exact
-    # (Sterbenz); squares and sums are float64.
-    return (mag - dec).double().square_().sum(dim=1)
 
 
 def _model_errors(hist: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor, steps: int) -> torch.Tensor:
@@ -201,18 +172,6 @@ def _capped(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     2**-126 fall just below the range and round to the nearer of 0 and the smallest level."""
     hi = hi.clamp(LOG_FLOAT32_MIN, LOG_FLOAT32_MAX)
     return torch.minimum(lo.clamp(min=LOG_FLOAT32_MIN), hi), hi
-
-
-def _chunks(mag: torch.Tensor) -> list[tuple[slice, slice]]:
-    """Blocks ``(rows, cols)`` of about ``_CHUNK`` elements that stay in cache, each element in exactly
-    one: a single row in column blocks of ``_CHUNK``; rows of ``_CHUNK`` or more elements one a block;
-    shorter rows ``_CHUNK // cols`` a block (whole rows, so each block's rows keep their own range)."""
-    rows, cols = mag.shape
-    if rows == 1 or cols >= _CHUNK:
-        step = _CHUNK if rows == 1 else cols
-        return [(slice(r, r + 1), slice(c, c + step)) for r in range(rows) for c in range(0, cols, step)]
-    per = max(1, _CHUNK // cols)
-    return [(slice(r, r + per), slice(None)) for r in range(0, rows, per)]
 
 
 def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from qins.codec import SMALLEST_NORMAL
-from qins.encode import _level_step, _log_histogram, _model_errors
+from qins.encode import _log_histogram, _model_errors
+from qins.rounding import _level_step
 
 ENCODE = sys.modules["qins.encode"]  # the module: ``qins.encode`` is also the name of the function
+ROUNDING = sys.modules["qins.rounding"]  # the blocks (_CHUNK, _chunks) of the encoder and the kernels' reference
 
 
 REGIMES: set[str] = set()
@@ -178,10 +180,10 @@ def test_encode_blocks_are_column_blocks_of_one_row_or_as_many_whole_rows_as_fit
     """With ``_CHUNK = 64``: one row goes in column blocks of 64 elements; rows of 64 or more
     elements one row a block; shorter rows ``64 // cols`` a block. Every element is in exactly one
     block."""
-    monkeypatch.setattr(ENCODE, "_CHUNK", 64)
+    monkeypatch.setattr(ROUNDING, "_CHUNK", 64)
     rows, cols = shape
     seen = torch.zeros(shape, dtype=torch.int64)
-    blocks = ENCODE._chunks(torch.empty(shape))
+    blocks = ROUNDING._chunks(torch.empty(shape))
     for r, c in blocks:
         seen[r, c] += 1
     assert bool((seen == 1).all()), seen
@@ -219,9 +221,9 @@ def test_histogram_codes_errors_and_the_search_do_not_depend_on_the_block_size(m
                 reference.range_codes(mag, gap, ranges, hi, tables, packed, 1),
                 encode(w, QinsConfig(packed=packed, log_range="mse", per_row=True, spacing="log")))
 
-    monkeypatch.setattr(ENCODE, "_CHUNK", 1 << 30)
+    monkeypatch.setattr(ROUNDING, "_CHUNK", 1 << 30)
     hist1, codes1, (err1, rcodes1), enc1 = passes()
-    monkeypatch.setattr(ENCODE, "_CHUNK", 64)
+    monkeypatch.setattr(ROUNDING, "_CHUNK", 64)
     hist, codes, (err, rcodes), enc = passes()
     assert int(hist1.sum()) == w.numel() - 1  # the zero is dropped
     assert torch.equal(hist, hist1) and torch.equal(codes, codes1) and torch.equal(rcodes, rcodes1)

@@ -36,6 +36,8 @@ from typing import Optional
 
 import torch
 
+from ..formats import SPACINGS, decode_codes, num_levels
+from ..rounding import _level_step
 from . import reference
 from .cpu import build as _build
 
@@ -252,11 +254,8 @@ def range_codes(
     backend; the float64 error sums differ only in order."""
     if not _use_native(mag.device):
         return reference.range_codes(mag, gap, lo, hi, tables, packed, write)
-    from ..encode import _level_step  # imported here: encode imports us
-    from ..formats import num_levels
-
     k = num_levels(packed)
-    delta = _level_step(lo, hi, k)  # [R, S], the steps qins.encode._mag_codes divides by
+    delta = _level_step(lo, hi, k)  # [R, S], the steps qins.rounding._mag_codes divides by
     half = tables[:, :, k].t() * 0.5
     args = [t.to(torch.float32).contiguous() for t in (mag, gap, delta, half, tables)]
     err, codes = native_module().range_codes(*args, k, write, cpu_isa())
@@ -286,13 +285,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad):
-    from ..formats import decode_codes
-
     codes, sign, log_min, log_max = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        from ..formats import SPACINGS
-
         w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32, spacing=SPACINGS[ctx.spacing])
         grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:

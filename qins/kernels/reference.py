@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import SPACINGS, decode_codes
+from ..rounding import _chunks, _mag_codes, _sq_error
 
 __all__ = ["linear", "rounding_deviation", "range_codes"]
 
@@ -41,8 +42,6 @@ def rounding_deviation(
     (ties to even); ``mag``/``gap`` ``[R, cols]``, ``inv`` ``[R, C]``, the rest ``[R, 1]``, all
     float32. Element-wise work in float32, sums in float32 per block of rows, then float64.
     """
-    from ..encode import _chunks  # the encoder's cache-sized blocks (imported here: encode imports us)
-
     dev = torch.zeros(inv.shape, dtype=torch.float64, device=mag.device)
     for r, c in _chunks(mag):
         g = gap[r, c].clamp_max(tau[r])  # finite everywhere (zeros have gap = +inf)
@@ -61,12 +60,10 @@ def range_codes(
     """The mse search's final comparison: ``err [R, S]`` float64 and the uint8 codes of range ``write``.
 
     For each of the ``S`` ranges ``(lo[:, s], hi)`` (float32 ``[R, S]`` and ``[R, 1]``) of each row,
-    with its table ``tables[s]`` (``[R, 256]``): the codes of :func:`qins.encode._mag_codes` and
+    with its table ``tables[s]`` (``[R, 256]``): the codes of :func:`qins.rounding._mag_codes` and
     ``err[r, s] = Σ(|w| - table[code])²`` (float32 differences, exact; squares and sums in
     float64). ``write < 0``: no codes (``None``).
     """
-    from ..encode import _chunks, _mag_codes, _sq_error  # imported here: encode imports us
-
     rows, ranges = mag.shape[0], lo.shape[1]
     err = torch.zeros(rows, ranges, dtype=torch.float64, device=mag.device)
     codes = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device) if write >= 0 else None
