@@ -12,17 +12,24 @@ key and the problem, so a bad state never leaves a half-loaded layer.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, valid_levels
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .embedding import ProjectiveEmbedding
-    from .layer import ProjectiveLinear
-
 __all__ = ["check_qins_state", "format_metadata"]
+
+
+class QinsCoded(Protocol):
+    """What :func:`check_qins_state` reads of a layer (:class:`~qins.ProjectiveLinear`,
+    :class:`~qins.ProjectiveEmbedding`): its format and the ``(rows, columns)`` of its codes."""
+
+    @property
+    def config(self) -> QinsConfig: ...
+
+    @property
+    def qins_weight_shape(self) -> tuple[int, int]: ...
 
 _QINS_KEYS = ("stored", "sign", "log_min", "log_max")
 
@@ -36,7 +43,7 @@ def _describe(packed: bool, per_row: bool) -> str:
     return f"{'packed (1 byte/weight)' if packed else 'split (2 bytes/weight)'}, {'per row' if per_row else 'per tensor'}"
 
 
-def check_qins_state(layer: "ProjectiveLinear | ProjectiveEmbedding", state_dict: Mapping[str, Any], prefix: str, local_metadata: Mapping[str, Any]) -> None:
+def check_qins_state(layer: QinsCoded, state_dict: Mapping[str, Any], prefix: str, local_metadata: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` unless ``state_dict`` holds a complete, valid QINS state for ``layer``.
 
     ``layer`` is a :class:`~qins.ProjectiveLinear` or :class:`~qins.ProjectiveEmbedding`: anything with
