@@ -31,6 +31,7 @@ import torch
 
 from .convert import select_linears
 from .formats import QinsConfig
+from .hf_config import quantization_config_dict
 from .streaming import encode_rows
 
 __all__ = ["QuantizeSummary", "quantize_checkpoint"]
@@ -200,8 +201,6 @@ def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfi
     for a missing config.json or safetensors weights, an already-quantized checkpoint, a ``dst``
     that exists, a Linear weight missing or of the wrong shape, or a NaN/±Inf weight (naming it).
     """
-    from .hf import quantization_config_dict
-
     start = time.perf_counter()
     config = config or QinsConfig()
     src, dst = Path(src), Path(dst)

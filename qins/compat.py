@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .hf_config import UnsupportedTransformersError
+
 __all__ = ["UnsupportedTransformersError", "patch_dynamic_cache", "patch_transformers", "unpatch_transformers"]
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,6 @@ _MISSING = object()
 
 _undo: Optional[list[Callable[[], None]]] = None  # None: not patched
 _added: tuple[str, ...] = ()
-
-
-class UnsupportedTransformersError(RuntimeError):
-    """The installed transformers cannot run legacy remote code with a working KV cache."""
 
 
 def _check_version() -> None:

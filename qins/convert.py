@@ -10,9 +10,11 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from . import hf_config
 from .calibration import Calibration
 from .embedding import ProjectiveEmbedding, ProjectiveTiedHead
 from .formats import QinsConfig
+from .hf_config import UnsupportedTransformersError, quantization_config_dict
 from .layer import ProjectiveLinear
 
 __all__ = ["ConversionReport", "MemoryReport", "convert_model_to_projective", "model_memory", "select_linears"]
@@ -178,15 +180,11 @@ def _record_hf_quantization_config(model: nn.Module, config: QinsConfig, skip: t
     current = getattr(model.config, "quantization_config", None)
     if current is not None and not isinstance(current, dict):
         return  # from_pretrained's own config object (it is rebuilding this model)
-    from .hf import quantization_config_dict, register_with_transformers
-
-    from .compat import UnsupportedTransformersError
-
     model.config.quantization_config = quantization_config_dict(config, skip, cache_weight)
     if embeddings:
         model.config.quantization_config["embeddings"] = True
     try:
-        register_with_transformers()
+        hf_config.register()
     except UnsupportedTransformersError as exc:
         log.warning("%s", exc)
 

@@ -27,6 +27,7 @@ on 5.x the loader keeps the meta model's float32 logs. Tested: transformers 4.44
 """
 from __future__ import annotations
 
+import enum
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -36,37 +37,26 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from . import hf_load
-from .compat import UnsupportedTransformersError
+from . import hf_config, hf_load
+from .convert import convert_model_to_projective
 from .formats import SPACINGS, QinsConfig
+from .hf_config import (
+    _READABLE_VERSIONS,
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    UnsupportedTransformersError,
+    quantization_config_dict,
+)
+from .layer import ProjectiveLinear
+from .state import check_qins_state, format_metadata
 
 __all__ = ["QUANT_METHOD", "quantization_config_dict", "register_with_transformers", "register_on_import"]
 
 log = logging.getLogger(__name__)
 
-QUANT_METHOD = "qins"
 SUPPORTED = (">=4.44", "<6")
 _QINS_BUFFERS = ("stored", "sign", "log_min", "log_max")
 _registered: Optional[tuple[type, type]] = None
-
-
-#: ``format_version`` written: 3 records the level ``spacing``; 2 (no ``spacing``: log-spaced) is read too
-FORMAT_VERSION = 3
-_READABLE_VERSIONS = (2, 3)
-
-
-def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weight: bool) -> dict[str, Any]:
-    """The ``quantization_config`` entry written to config.json (plain JSON values)."""
-    return {
-        "quant_method": QUANT_METHOD,
-        "packed": config.packed,
-        "log_range": config.log_range,
-        "per_row": config.per_row,
-        "spacing": config.spacing,
-        "skip": list(skip),
-        "cache_weight": bool(cache_weight),
-        "format_version": FORMAT_VERSION,
-    }
 
 
 def _spacing_for(spacing: Any, format_version: Any) -> str:
@@ -187,6 +177,10 @@ def register_on_import() -> None:
     sys.meta_path.insert(0, _RegisterWhenLoaded())
 
 
+# the core (qins.convert) registers through qins.hf_config: the name is looked up when called
+hf_config.set_registrar(lambda: register_with_transformers())
+
+
 def _check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any, cache_weight: Any,
                          format_version: Any, extra: dict, spacing: Any = "log") -> None:
     """Refuse a ``quantization_config`` that is not exactly what :func:`quantization_config_dict`
@@ -215,8 +209,6 @@ def _check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any
 
 
 def _qins_layers(model: torch.nn.Module):
-    from .layer import ProjectiveLinear
-
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ProjectiveLinear)]
 
 
@@ -224,8 +216,6 @@ def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast what a load in ``dtype`` casts: floating parameters and persistent buffers (QINS layers
     via their ``.to``: float32 logs kept, cache re-decoded); non-persistent buffers such as rotary
     ``inv_freq`` keep their dtype, as in a direct load."""
-    from .layer import ProjectiveLinear
-
     for module in model.modules():
         if isinstance(module, ProjectiveLinear):
             module.to(dtype)
@@ -239,14 +229,8 @@ def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _build_classes(major: int) -> tuple[type, type]:
-    import enum
-
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
-
-    from .convert import convert_model_to_projective
-    from .layer import ProjectiveLinear
-    from .state import check_qins_state, format_metadata
 
     class QinsMethod(str, enum.Enum):  # 4.x reads ``quant_method.value`` (telemetry); json writes "qins"
         QINS = QUANT_METHOD

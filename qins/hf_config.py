@@ -1,0 +1,59 @@
+"""What the core writes for the transformers integration, without importing it (nor transformers).
+
+* :func:`quantization_config_dict`: the ``quantization_config`` entry of config.json, written by
+  :func:`qins.convert_model_to_projective` on a transformers model and by ``qins quantize``
+  (:mod:`qins.checkpoint`); :mod:`qins.hf` reads it back.
+* :func:`register`: registers the ``"qins"`` method with transformers through :mod:`qins.hf`,
+  which installs itself here (:func:`set_registrar`) when it is imported (``import qins`` does).
+* :class:`UnsupportedTransformersError` (also :mod:`qins.compat`'s and ``qins``').
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .formats import QinsConfig
+
+__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "UnsupportedTransformersError", "quantization_config_dict", "register",
+           "set_registrar"]
+
+QUANT_METHOD = "qins"
+
+#: ``format_version`` written: 3 records the level ``spacing``; 2 (no ``spacing``: log-spaced) is read too
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
+
+
+class UnsupportedTransformersError(RuntimeError):
+    """The installed transformers cannot run legacy remote code with a working KV cache."""
+
+
+def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weight: bool) -> dict[str, Any]:
+    """The ``quantization_config`` entry written to config.json (plain JSON values)."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "packed": config.packed,
+        "log_range": config.log_range,
+        "per_row": config.per_row,
+        "spacing": config.spacing,
+        "skip": list(skip),
+        "cache_weight": bool(cache_weight),
+        "format_version": FORMAT_VERSION,
+    }
+
+
+_registrar: Callable[[], object] | None = None
+
+
+def set_registrar(registrar: Callable[[], object]) -> None:
+    """Install the function :func:`register` calls (:mod:`qins.hf` does, when it is imported)."""
+    global _registrar
+    _registrar = registrar
+
+
+def register() -> None:
+    """Register the ``"qins"`` method with transformers (``qins.hf.register_with_transformers``); a
+    no-op before :mod:`qins.hf` is imported. Raises what the registration raises
+    (:class:`UnsupportedTransformersError` outside the supported versions)."""
+    if _registrar is not None:
+        _registrar()
