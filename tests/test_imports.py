@@ -116,6 +116,15 @@ def test_no_module_of_qins_imports_the_package_itself() -> None:
     assert [m for m, deps in graph.items() if "qins" in deps] == []
 
 
+def test_the_leaves_import_only_leaves() -> None:
+    """formats and codec import nothing of qins; the shared helpers (rounding, hf_config) only them."""
+    graph = import_graph()
+    leaves = {"qins.formats", "qins.codec"}
+    assert {m: sorted(graph[m]) for m in leaves if graph[m]} == {}
+    for helper in ("qins.rounding", "qins.hf_config"):
+        assert graph[helper] <= leaves, (helper, sorted(graph[helper] - leaves))
+
+
 def test_the_core_does_not_import_the_transformers_integration() -> None:
     graph = import_graph()
     integration = {"qins.hf", "qins.hf_load", "qins.compat"}
