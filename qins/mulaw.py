@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .codec import SMALLEST_NORMAL
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, level_table, num_levels, spacing_steps
 
 __all__ = ["mulaw_range", "nearest_codes", "SPANS"]
@@ -35,14 +36,17 @@ __all__ = ["mulaw_range", "nearest_codes", "SPANS"]
 SPANS = tuple(0.02 * (1200.0 ** (i / 191)) for i in range(192))
 _SAMPLE = 4  # wide rows: the candidates are scored exactly on every 4th column
 _EXACT = 2  # candidates scored exactly: the model's best two (a third costs a pass over the weight for ~2% of error)
-_SMALLEST_NORMAL = 2.0**-126
 _CHUNK = 1 << 19  # elements per block of the exact passes
 
 
-def _ranges(top: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``(lo, hi)`` for top levels ``top`` and spans ``spans`` (float64, broadcast):
-    ``hi = ln X - ln(1 - e^-D)``, ``lo = hi - D``, capped into the range states accept."""
-    hi = top.log() - torch.log(-torch.expm1(-spans))
+def _top_log(top: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """float64 ``hi = ln X - ln(1 - e^-D)`` for top levels ``X = top`` and spans ``D`` (broadcast)."""
+    return top.log() - torch.log(-torch.expm1(-spans))
+
+
+def _ranges(hi: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(lo, hi)`` of float64 :func:`_top_log` values ``hi`` and spans ``spans``:
+    ``lo = hi - D``, both capped into the range states accept."""
     lo = hi - spans
     hi32 = hi.clamp(max=LOG_FLOAT32_MAX).to(torch.float32)
     lo32 = torch.minimum(lo.clamp(min=LOG_FLOAT32_MIN).to(torch.float32), hi32)
@@ -134,16 +138,18 @@ def mulaw_range(mag: torch.Tensor, packed: bool, column_weight: Optional[torch.T
     model = (spans / k).square() * (a2 + 2 * zu * a1 + zu.square() * a0)  # [R, C]
     z = top * zu
     # spans whose smallest level (≈ z·δ) would not be a normal float32, or whose logs leave the range
-    lo, hi = _ranges(top, spans)
-    small = z * torch.expm1(spans / k) < 4 * _SMALLEST_NORMAL
+    hi64 = _top_log(top, spans)
+    lo, hi = _ranges(hi64, spans)
+    small = z * torch.expm1(spans / k) < 4 * SMALLEST_NORMAL
     # a range capped at LOG_FLOAT32_MAX has a top level below max|w| (rows near float32's maximum):
     # only the widest span, whose cap costs < 1e-5 relative, is kept for those
-    capped = top.log() - torch.log(-torch.expm1(-spans)) > LOG_FLOAT32_MAX + 1e-5
+    capped = hi64 > LOG_FLOAT32_MAX + 1e-5
     capped[:, -1] = False
     model = torch.where(small | capped, math.inf, model)
     order = model.argsort(1)[:, :_EXACT]
     dead = ~torch.isfinite(model.gather(1, order[:, :1])) | (top <= 0)
-    fallback = _ranges(torch.ones_like(top), torch.ones_like(top))
+    one = torch.ones_like(top)
+    fallback = _ranges(_top_log(one, one), one)
     best_lo = torch.where(dead, fallback[0], lo.gather(1, order[:, :1]))
     best_hi = torch.where(dead, fallback[1], hi.gather(1, order[:, :1]))
     if _EXACT > 1 and rows:
