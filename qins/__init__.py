@@ -18,6 +18,7 @@ Public API:
   quantization_config=qins.QinsHfConfig(...))`` quantizes a full-precision checkpoint while it loads)
 * command line — ``python -m qins quantize SRC DST`` / ``qins quantize`` (:mod:`qins.cli`)
 """
+from .calibration import Calibration, calibrate
 from .codec import (
     SMALLEST_NORMAL,
     convert_to_qins,
@@ -26,13 +27,13 @@ from .codec import (
     qins_log_slack,
     reconstruct_from_qins,
 )
-from .compat import UnsupportedTransformersError, patch_dynamic_cache, patch_transformers, unpatch_transformers
-from .calibration import Calibration, calibrate
 from .convert import ConversionReport, MemoryReport, convert_model_to_projective, model_memory
 from .embedding import ProjectiveEmbedding, ProjectiveTiedHead
 from .encode import encode
 from .formats import QinsConfig, decode_codes, level_table, qins_exp
-from .hf import register_on_import, register_with_transformers
+from .hf_config import UnsupportedTransformersError
+from .integrations.transformers import register_on_import, register_with_transformers
+from .integrations.transformers.compat import patch_dynamic_cache, patch_transformers, unpatch_transformers
 from .layer import ProjectiveLinear
 from .serialization import load, save
 

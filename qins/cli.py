@@ -1,7 +1,8 @@
 """The ``qins`` command line: ``qins quantize SRC DST`` (also ``python -m qins quantize ...``).
 
 Quantizes a transformers safetensors checkpoint directory into a QINS one that
-``AutoModelForCausalLM.from_pretrained(DST)`` loads after ``import qins`` (:mod:`qins.checkpoint`:
+``AutoModelForCausalLM.from_pretrained(DST)`` loads after ``import qins``
+(:mod:`qins.integrations.transformers.checkpoint`:
 one tensor at a time, memory-mapped; peak memory about twice the largest tensor in float32 plus a
 fixed overhead, whatever the model's size). Shows a progress bar on a terminal (tqdm when installed,
 else a plain counter) and prints a summary: layers quantized, bytes before and after, time.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
@@ -43,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(enabled: bool) -> tuple[Optional[Callable[[int, int, str], None]], Callable[[], None]]:
-    """A progress callback for :func:`qins.checkpoint.quantize_checkpoint` and its closer: tqdm
-    where installed, else a counter rewritten in place; nothing off a terminal."""
+def _progress_bar(enabled: bool) -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
+    """A progress callback for :func:`qins.integrations.transformers.checkpoint.quantize_checkpoint` and its
+    closer: tqdm where installed, else a counter rewritten in place; nothing off a terminal."""
     if not enabled or not sys.stderr.isatty():
         return None, lambda: None
     try:
@@ -77,13 +78,13 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 1024:,.1f} KiB"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
     import torch
 
-    from .checkpoint import quantize_checkpoint
     from .formats import QinsConfig
+    from .integrations.transformers.checkpoint import quantize_checkpoint
 
     try:
         config = QinsConfig(packed=args.format == "packed", log_range=args.log_range, per_row=not args.per_tensor,

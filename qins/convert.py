@@ -138,7 +138,7 @@ def select_linears(model: nn.Module, skip: SkipPatterns = ("lm_head",)) -> tuple
     """The ``nn.Linear`` s :func:`convert_model_to_projective` converts, in module order, and the
     ones it leaves alone (name -> reason): a name equal to or matching (``fnmatch``) an entry of
     ``skip``, a weight tied to another parameter, or the model itself. Changes nothing; works on a
-    meta-device model (the quantize-on-load path of :mod:`qins.hf_load` decides with it)."""
+    meta-device model (the quantize-on-load path of :mod:`qins.integrations.transformers.load` decides with it)."""
     patterns = (skip,) if isinstance(skip, str) else tuple(skip)
     shared = _shared_weight_ids(model)
     todo: list[tuple[str, nn.Linear]] = []
@@ -263,7 +263,7 @@ def convert_model_to_projective(
 
     On a transformers ``PreTrainedModel`` it also records ``config.quantization_config`` (format,
     skip list, cache mode) so that ``save_pretrained`` / ``from_pretrained`` round-trip the QINS
-    layers (:mod:`qins.hf`).
+    layers (:mod:`qins.integrations.transformers`).
 
     Atomic: every replacement is built before any is installed. If any layer fails (a NaN weight,
     say), the model is left exactly as it was and a ``ValueError`` names the layer.

@@ -2,10 +2,14 @@
 
 * :func:`quantization_config_dict`: the ``quantization_config`` entry of config.json, written by
   :func:`qins.convert_model_to_projective` on a transformers model and by ``qins quantize``
-  (:mod:`qins.checkpoint`); :mod:`qins.hf` reads it back.
-* :func:`register`: registers the ``"qins"`` method with transformers through :mod:`qins.hf`,
-  which installs itself here (:func:`set_registrar`) when it is imported (``import qins`` does).
-* :class:`UnsupportedTransformersError` (also :mod:`qins.compat`'s and ``qins``').
+  (:mod:`qins.integrations.transformers.checkpoint`); :mod:`qins.integrations.transformers` reads it
+  back.
+* :func:`register`: registers the ``"qins"`` method with transformers through
+  :mod:`qins.integrations.transformers.registration`, which installs itself here (:func:`set_registrar`)
+  when it is imported (``import qins`` does).
+* :class:`UnsupportedTransformersError` (also ``qins.UnsupportedTransformersError``).
+
+This module is core: :mod:`qins.convert` imports it, and it never imports the integration.
 """
 from __future__ import annotations
 
@@ -46,14 +50,15 @@ _registrar: Callable[[], object] | None = None
 
 
 def set_registrar(registrar: Callable[[], object]) -> None:
-    """Install the function :func:`register` calls (:mod:`qins.hf` does, when it is imported)."""
+    """Install the function :func:`register` calls (:mod:`qins.integrations.transformers.registration` does, when
+    it is imported)."""
     global _registrar
     _registrar = registrar
 
 
 def register() -> None:
-    """Register the ``"qins"`` method with transformers (``qins.hf.register_with_transformers``); a
-    no-op before :mod:`qins.hf` is imported. Raises what the registration raises
+    """Register the ``"qins"`` method with transformers (:func:`qins.register_with_transformers`); a
+    no-op before :mod:`qins.integrations.transformers` is imported. Raises what the registration raises
     (:class:`UnsupportedTransformersError` outside the supported versions)."""
     if _registrar is not None:
         _registrar()

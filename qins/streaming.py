@@ -1,6 +1,7 @@
 """Encoding one weight with bounded memory: :func:`encode_rows` and :func:`encoded_layer`.
 
-Used by quantize on load (:mod:`qins.hf_load`) and ``qins quantize`` (:mod:`qins.checkpoint`). A
+Used by quantize on load (:mod:`qins.integrations.transformers.load`) and ``qins quantize``
+(:mod:`qins.integrations.transformers.checkpoint`). A
 per-row format encodes each row on its own (its range and codes depend on that row only), so the
 weight is encoded in blocks of rows of about :data:`ROW_BLOCK_ELEMENTS` elements (at least two rows
 each), each cast to the
@@ -12,7 +13,7 @@ is encoded in one piece (peak about 4.5x the weight in float32).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -26,8 +27,9 @@ __all__ = ["ROW_BLOCK_ELEMENTS", "encode_rows", "encoded_layer"]
 ROW_BLOCK_ELEMENTS = 1 << 20
 
 
-def encode_rows(weight: torch.Tensor, config: QinsConfig, dtype: Optional[torch.dtype] = None,
-                block_elements: int = ROW_BLOCK_ELEMENTS) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+def encode_rows(weight: torch.Tensor, config: QinsConfig, dtype: torch.dtype | None = None,
+                block_elements: int = ROW_BLOCK_ELEMENTS,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``encode(weight.to(dtype), config)`` (``stored``, ``sign`` or None, ``log_min``, ``log_max``),
     computed block by block of rows when ``config.per_row``. ``weight``: 2-D ``[out, in]``, any float
     dtype; ``dtype`` defaults to ``weight.dtype``. Raises ``ValueError`` as :func:`qins.encode` does
@@ -62,7 +64,7 @@ def encode_rows(weight: torch.Tensor, config: QinsConfig, dtype: Optional[torch.
 
 
 def encoded_layer(weight: torch.Tensor, config: QinsConfig, *, cache_weight: bool = True,
-                  dtype: Optional[torch.dtype] = None, device: Any = None) -> ProjectiveLinear:
+                  dtype: torch.dtype | None = None, device: Any = None) -> ProjectiveLinear:
     """A bias-free :class:`ProjectiveLinear` holding :func:`encode_rows` of ``weight``, computing in
     ``dtype`` (default ``weight.dtype``) on ``device`` (default ``weight``'s): the layer
     ``ProjectiveLinear.from_linear`` makes from an ``nn.Linear`` with that weight in that dtype."""

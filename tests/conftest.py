@@ -1,6 +1,6 @@
 """Test isolation: no test, and no module, may leave transformers patched (issue 11).
 
-A snapshot of every namespace :mod:`qins.compat` touches is taken when collection finishes.
+A snapshot of every namespace :mod:`qins.integrations.transformers.compat` touches is taken when collection finishes.
 After each test, and after each module, the namespaces must match it by identity. Modules that
 define a module-scoped ``patched`` fixture hold the patch across their tests on purpose; they are
 checked when the module ends, after that fixture's teardown.
@@ -172,9 +172,9 @@ def _mutmut_maps_every_registering_test() -> None:
     transformers keeps the first registration, which ``register_with_transformers`` reuses.
     """
     if _in_stats_pass():
-        import qins.hf
+        from qins.integrations.transformers import registration
 
-        qins.hf._registered = None
+        registration._registered = None
 
 
 @pytest.fixture(autouse=True)

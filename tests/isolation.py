@@ -1,4 +1,5 @@
-"""Snapshots of every namespace :mod:`qins.compat` may touch, to prove that tests leave none patched.
+"""Snapshots of every namespace :mod:`qins.integrations.transformers.compat` may touch, to prove that
+tests leave none patched.
 
 ``tests/conftest.py`` takes one snapshot when collection finishes and compares it, by identity,
 after every test (and after every module, for modules whose ``patched`` fixture holds the patch

@@ -141,7 +141,7 @@ def biased_mlp(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn
 
 # ----------------------------------------------------------------------------------------------
 # Legacy remote-code model (tests/legacy_model), loaded through trust_remote_code
-# (owned by the qins.compat work; see tests/test_compat.py and tests/test_generation.py)
+# (owned by the qins.integrations.transformers.compat work; see tests/test_compat.py and tests/test_generation.py)
 # ----------------------------------------------------------------------------------------------
 
 import hashlib  # noqa: E402  (imports of this appended section)
@@ -197,7 +197,7 @@ def load_legacy_model(tmp_path: str | os.PathLike, *, seed: int = 0, **config_ov
     Goes through ``AutoConfig.from_pretrained(..., trust_remote_code=True)`` and
     ``AutoModelForCausalLM.from_config(..., trust_remote_code=True)`` on :func:`legacy_model_dir`,
     with ``local_files_only=True`` (nothing is downloaded). On transformers versions without the
-    legacy cache API, call ``qins.compat.patch_transformers()`` first.
+    legacy cache API, call ``qins.patch_transformers()`` first.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

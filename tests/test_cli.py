@@ -1,4 +1,4 @@
-"""``qins quantize SRC DST`` (qins/cli.py, qins/checkpoint.py): the output loads with from_pretrained
+"""``qins quantize SRC DST`` (qins/cli.py, qins/integrations/transformers/checkpoint.py): the output loads with from_pretrained
 and holds the codes of load-then-convert; options, summary, progress, errors (nothing written), and
 a checkpoint larger than the memory the process may use."""
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_the_options_set_the_format_skip_list_and_cache_mode(tmp_path) -> None:
                  "--skip", "*.o_proj", "--memory-saving", "--dtype", "float16", "--quiet"]) == 0
     saved = json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]
     config = QinsConfig(packed=False, per_row=False)
-    assert saved == qins.hf.quantization_config_dict(config, ["lm_head", "*.o_proj"], False)
+    assert saved == qins.hf_config.quantization_config_dict(config, ["lm_head", "*.o_proj"], False)
     from transformers import AutoModelForCausalLM
 
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", torch_dtype=torch.float16, local_files_only=True)

@@ -1,4 +1,4 @@
-"""Unit tests of `qins.compat`: the legacy transformers API patch.
+"""Unit tests of `qins.integrations.transformers.compat`: the legacy transformers API patch.
 
 Each test starts from the unpatched state and leaves it unpatched. The same tests run under every
 transformers version of the nox matrix; where a version has an API natively, the test pins that
@@ -19,11 +19,12 @@ from packaging.version import Version
 from transformers import GenerationMixin, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 
-from qins import compat
+from qins.integrations.transformers import compat
 from tests import isolation
 from tests.isolation import MASK_MODULE
 from tests.strategies import forward_input_lengths, legacy_model_dir, load_legacy_model
 
+COMPAT = "qins.integrations.transformers.compat"
 LEGACY_CACHE_API = {
     Cache: ("get_usable_length", "seen_tokens", "get_max_length"),
     DynamicCache: ("from_legacy_cache", "to_legacy_cache"),
@@ -111,24 +112,24 @@ def test_patch_adds_exactly_the_missing_legacy_api(unpatched):
 
 
 def test_patch_and_unpatch_log_exactly_what_they_did(unpatched, caplog):
-    with caplog.at_level(logging.DEBUG, logger="qins.compat"):
+    with caplog.at_level(logging.DEBUG, logger="qins.integrations.transformers.compat"):
         added = compat.patch_transformers()
         changes = len(compat._undo)  # the additions, plus remote classes already imported and adapted
         compat.unpatch_transformers()
-    messages = [r.getMessage() for r in caplog.records if r.name == "qins.compat"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "qins.integrations.transformers.compat"]
     expected = []
     for label in added:
         if label == MASK_MODULE:
-            expected.append(f"qins.compat: added module {MASK_MODULE}")
+            expected.append(f"qins.integrations.transformers.compat: added module {MASK_MODULE}")
         elif label.startswith("dynamic_module_utils.get_class_in_module"):
-            expected.append("qins.compat: wrapped dynamic_module_utils.get_class_in_module")
+            expected.append("qins.integrations.transformers.compat: wrapped dynamic_module_utils.get_class_in_module")
         else:
-            expected.append(f"qins.compat: added {label}")
+            expected.append(f"qins.integrations.transformers.compat: added {label}")
     assert messages[: len(added)] == expected
-    assert changes >= len(added) and messages[-1] == f"qins.compat: unpatched ({changes} changes undone)"
+    assert changes >= len(added) and messages[-1] == f"{COMPAT}: unpatched ({changes} changes undone)"
     if MASK_MODULE in added:  # 5.x: the stand-in module says what it is
         compat.patch_transformers()
-        assert sys.modules[MASK_MODULE].__doc__ == "qins.compat stand-in for the module removed in 5.0."
+        assert sys.modules[MASK_MODULE].__doc__ == f"{COMPAT} stand-in for the module removed in 5.0."
         assert sys.modules[MASK_MODULE].__name__ == MASK_MODULE
 
 
@@ -136,15 +137,15 @@ def test_without_the_mask_module_the_patch_adds_a_named_stand_in_and_unpatch_rem
     """The branch for a transformers without ``modeling_attn_mask_utils`` (gone in some 5.x), run on
     any version: the module hidden from imports, as a removed one is."""
     monkeypatch.setitem(sys.modules, MASK_MODULE, None)  # importing it now raises ImportError
-    with caplog.at_level(logging.DEBUG, logger="qins.compat"):
+    with caplog.at_level(logging.DEBUG, logger="qins.integrations.transformers.compat"):
         added = compat.patch_transformers()
-    assert f"qins.compat: added module {MASK_MODULE}" in [
-        r.getMessage() for r in caplog.records if r.name == "qins.compat"
+    assert f"qins.integrations.transformers.compat: added module {MASK_MODULE}" in [
+        r.getMessage() for r in caplog.records if r.name == "qins.integrations.transformers.compat"
     ]
     stand_in = sys.modules[MASK_MODULE]
     assert MASK_MODULE in added and isinstance(stand_in, types.ModuleType)
     assert stand_in.__name__ == MASK_MODULE
-    assert stand_in.__doc__ == "qins.compat stand-in for the module removed in 5.0."
+    assert stand_in.__doc__ == f"{COMPAT} stand-in for the module removed in 5.0."
     assert stand_in._prepare_4d_causal_attention_mask is compat._prepare_4d_causal_attention_mask
     compat.unpatch_transformers()
     assert MASK_MODULE not in sys.modules  # the stand-in is gone; monkeypatch puts the module back
@@ -157,10 +158,10 @@ def test_without_the_mask_module_the_patch_adds_a_named_stand_in_and_unpatch_rem
 
 
 def test_patch_logs_each_addition_at_debug_level(unpatched, caplog):
-    with caplog.at_level(logging.DEBUG, logger="qins.compat"):
+    with caplog.at_level(logging.DEBUG, logger="qins.integrations.transformers.compat"):
         added = compat.patch_transformers()
-    messages = [r.getMessage() for r in caplog.records if r.name == "qins.compat"]
-    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "qins.compat")
+    messages = [r.getMessage() for r in caplog.records if r.name == "qins.integrations.transformers.compat"]
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "qins.integrations.transformers.compat")
     for label in added:
         assert any(label.split(" ")[0] in m for m in messages), label
 
@@ -172,7 +173,7 @@ def test_patch_raises_naming_version_and_native_alternative_when_unsupported(unp
     with pytest.raises(compat.UnsupportedTransformersError) as excinfo:
         compat.patch_transformers()
     assert str(excinfo.value) == (
-        f"qins.compat.patch_transformers() does not support transformers {version} (supported: >=4.44,<6); "
+        f"qins.patch_transformers() does not support transformers {version} (supported: >=4.44,<6); "
         "legacy Phi-3 / Phi-3.5 remote code would generate without its KV cache. Load the native "
         "implementation instead: transformers.Phi3ForCausalLM, i.e. "
         "AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False)."
@@ -474,7 +475,7 @@ def test_remote_class_adapter_wraps_legacy_modules_once_and_nothing_else(caplog)
     Modern = type("Modern", (torch.nn.Module,), {"prepare_inputs_for_generation": modern})
     NotAModule = type("NotAModule", (), {"prepare_inputs_for_generation": legacy})
     undo: list = []
-    with caplog.at_level(logging.DEBUG, logger="qins.compat"):
+    with caplog.at_level(logging.DEBUG, logger="qins.integrations.transformers.compat"):
         for cls in (Legacy, Modern, NotAModule):
             compat._adapt_remote_class(cls, undo)
     if not GENERATE_PASSES_CACHE_KWARG:  # 4.x generate passes past_key_values itself: nothing to adapt
@@ -484,8 +485,8 @@ def test_remote_class_adapter_wraps_legacy_modules_once_and_nothing_else(caplog)
     assert adapted.__qins_adapted__ is True and adapted.__wrapped__ is legacy
     assert vars(Modern)["prepare_inputs_for_generation"] is modern
     assert vars(NotAModule)["prepare_inputs_for_generation"] is legacy
-    assert [r.getMessage() for r in caplog.records if r.name == "qins.compat"] == [
-        "qins.compat: adapted remote Legacy.prepare_inputs_for_generation for transformers 5.x"
+    assert [r.getMessage() for r in caplog.records if r.name == "qins.integrations.transformers.compat"] == [
+        f"{COMPAT}: adapted remote Legacy.prepare_inputs_for_generation for transformers 5.x"
     ]
     compat._adapt_remote_class(Legacy, undo)  # already adapted: not wrapped twice
     assert vars(Legacy)["prepare_inputs_for_generation"] is adapted and len(undo) == 1
@@ -519,7 +520,7 @@ def test_remote_config_adapter_replaces_only_an_inherited_native_rope_scaling():
 
 def test_patch_api_is_exported_from_the_package() -> None:
     import qins
-    from qins import compat
+    from qins.integrations.transformers import compat
 
     assert qins.patch_transformers is compat.patch_transformers
     assert qins.patch_dynamic_cache is compat.patch_transformers

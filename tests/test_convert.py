@@ -194,7 +194,7 @@ def test_converting_a_bare_linear_is_reported_not_attempted() -> None:
 
 
 def test_conversion_records_the_format_replacing_an_earlier_dict() -> None:
-    from qins.hf import quantization_config_dict
+    from qins.hf_config import quantization_config_dict
 
     model = tiny_phi3(seed=1)
     model.config.quantization_config = {"quant_method": "qins", "packed": False}  # e.g. an earlier record
@@ -212,13 +212,13 @@ def test_conversion_keeps_the_config_object_from_pretrained_is_loading_with() ->
 
 
 def test_an_unsupported_transformers_is_one_warning_with_its_message(monkeypatch, caplog) -> None:
-    import qins.hf
-    from qins.compat import UnsupportedTransformersError
+    from qins import UnsupportedTransformersError
+    from qins.integrations.transformers import registration
 
     def unsupported():
         raise UnsupportedTransformersError("transformers 9.0 is not supported (>=4.44,<6)")
 
-    monkeypatch.setattr(qins.hf, "register_with_transformers", unsupported)
+    monkeypatch.setattr(registration, "register_with_transformers", unsupported)
     model = tiny_phi3(seed=1)
     with caplog.at_level("WARNING", logger="qins.convert"):
         convert_model_to_projective(model)

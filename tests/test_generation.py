@@ -1,7 +1,7 @@
 """Generation correctness with the KV cache, across transformers versions.
 
 Every check runs on four models: the legacy-style remote-code model (``tests/legacy_model``,
-loaded with ``trust_remote_code=True`` after ``qins.compat.patch_transformers()``) and the native
+loaded with ``trust_remote_code=True`` after ``qins.patch_transformers()``) and the native
 ``Phi3ForCausalLM``, each in FP32 and converted to QINS. Greedy generation with the cache must
 equal generation without it, token for token and with logits within 1e-4; the cache must really
 be used, i.e. the model's forward receives the prompt once and then one token per step.
@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from qins import compat, convert_model_to_projective
+from qins import convert_model_to_projective
+from qins.integrations.transformers import compat
 from tests.strategies import forward_input_lengths, load_legacy_model, tiny_phi3
 
 NEW_TOKENS = 8

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qins
-import qins.hf
+from qins.integrations.transformers import registration
 from tests.mutmut_depth import child_environ
 from tests.strategies import tiny_phi3
 
@@ -56,11 +56,12 @@ def test_a_bare_import_of_qins_is_enough_to_load_a_qins_checkpoint(tmp_path, ord
 
 
 def test_registering_on_import_is_idempotent_and_adds_at_most_one_finder(monkeypatch):
-    monkeypatch.setattr(qins.hf, "_registered", None)
-    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, qins.hf._RegisterWhenLoaded)])
-    monkeypatch.delitem(sys.modules, qins.hf._LOADER_MODULE, raising=False)
-    qins.hf.register_on_import()
-    qins.hf.register_on_import()
-    assert sum(isinstance(f, qins.hf._RegisterWhenLoaded) for f in sys.meta_path) == 1
-    finder = next(f for f in sys.meta_path if isinstance(f, qins.hf._RegisterWhenLoaded))
+    monkeypatch.setattr(registration, "_registered", None)
+    finders = [f for f in sys.meta_path if not isinstance(f, registration._RegisterWhenLoaded)]
+    monkeypatch.setattr(sys, "meta_path", finders)
+    monkeypatch.delitem(sys.modules, registration._LOADER_MODULE, raising=False)
+    registration.register_on_import()
+    registration.register_on_import()
+    assert sum(isinstance(f, registration._RegisterWhenLoaded) for f in sys.meta_path) == 1
+    finder = next(f for f in sys.meta_path if isinstance(f, registration._RegisterWhenLoaded))
     assert finder.find_spec("transformers.something_else", None) is None and not finder.fired

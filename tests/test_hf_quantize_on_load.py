@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import qins
-import qins.hf
+import qins.hf_config
 from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective
+from qins.integrations.transformers import load as hf_load
 from qins.testing.models import tiny_llama, tiny_phi3
 
 pytest.importorskip("transformers")
@@ -81,7 +82,7 @@ def test_a_model_quantized_on_load_saves_and_reloads_like_any_qins_model(tmp_pat
     quantized = _load(path, quantization_config=_hf_config(cache_weight=False))
     quantized.save_pretrained(tmp_path / "qins")
     saved = json.loads((tmp_path / "qins" / "config.json").read_text())["quantization_config"]
-    assert saved == qins.hf.quantization_config_dict(QinsConfig(), ["lm_head"], False)
+    assert saved == qins.hf_config.quantization_config_dict(QinsConfig(), ["lm_head"], False)
     again = _load(tmp_path / "qins")
     _assert_same_state(again, quantized)
 
@@ -120,7 +121,7 @@ def no_weight_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a weight was loaded before the checkpoint was checked")
 
-    monkeypatch.setattr(qins.hf_load, "install_encoded", refuse)
+    monkeypatch.setattr(hf_load, "install_encoded", refuse)
     return refuse
 
 

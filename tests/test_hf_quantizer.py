@@ -1,5 +1,5 @@
 """The QINS quantizer's hooks, called directly as transformers calls them, for the 4.x and the 5.x
-loader (``qins.hf._build_classes(major)``), on this transformers.
+loader (``qins.integrations.transformers.quantizer.build_classes(major)``), on this transformers.
 
 ``tests/test_persistence.py`` runs whole ``from_pretrained`` loads on the installed transformers
 (and the version matrix on 4.44-4.57); these pin each hook's contract, including the 4.x-only ones
@@ -12,13 +12,14 @@ import logging
 import pytest
 import torch
 
-import qins.hf
 from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective
+from qins.integrations.transformers import quantizer as hf_quantizer
+from qins.integrations.transformers import registration
 from tests.strategies import tiny_phi3
 
 
 def _quantizer(major: int, *, skip=("lm_head",), cache_weight: bool = True, config: QinsConfig = QinsConfig()):
-    config_cls, quantizer_cls = qins.hf._build_classes(major)
+    config_cls, quantizer_cls = hf_quantizer.build_classes(major)
     hf_config = config_cls(packed=config.packed, log_range=config.log_range, per_row=config.per_row,
                            spacing=config.spacing, skip=list(skip), cache_weight=cache_weight)
     return quantizer_cls(hf_config, pre_quantized=True)
@@ -150,14 +151,14 @@ def test_before_loading_the_model_gets_qins_layers_of_the_configs_format(cache_w
     model = _model()
     config = QinsConfig(packed=False, log_range="minmax", per_row=False, spacing="log")
     quantizer = _quantizer(5, skip=("lm_head", "*.o_proj"), cache_weight=cache_weight, config=config)
-    qins.hf.register_with_transformers()  # the first registration in a process logs a record of its own
-    with caplog.at_level(logging.DEBUG, logger="qins.hf"):
+    registration.register_with_transformers()  # the first registration in a process logs a record of its own
+    with caplog.at_level(logging.DEBUG, logger="qins.integrations.transformers.quantizer"):
         quantizer._process_model_before_weight_loading(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ProjectiveLinear)}
     assert sorted(layers) == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_up_proj",
                               "model.layers.0.self_attn.qkv_proj"]
     assert all(m.config == config and m.cache_weight is cache_weight for m in layers.values())
-    assert [r.getMessage() for r in caplog.records if r.name == "qins.hf"] == ["qins: rebuilt 3 QINS layers before loading"]
+    assert [r.getMessage() for r in caplog.records if r.name == "qins.integrations.transformers.quantizer"] == ["qins: rebuilt 3 QINS layers before loading"]
 
 
 def _loaded(major: int):

@@ -6,9 +6,15 @@ import logging
 
 import pytest
 
-import qins.hf
 from qins import QinsConfig
-from qins.hf import QUANT_METHOD, quantization_config_dict, register_with_transformers
+from qins.integrations.transformers import (
+    QUANT_METHOD,
+    quantization_config_dict,
+    register_with_transformers,
+    registration,
+)
+from qins.integrations.transformers import config as hf_qconfig
+from qins.integrations.transformers import quantizer as hf_quantizer
 
 
 @pytest.fixture
@@ -20,7 +26,7 @@ def auto(monkeypatch: pytest.MonkeyPatch):
     for mapping in (registry.AUTO_QUANTIZATION_CONFIG_MAPPING, registry.AUTO_QUANTIZER_MAPPING):
         if QUANT_METHOD in mapping:
             monkeypatch.delitem(mapping, QUANT_METHOD)
-    monkeypatch.setattr(qins.hf, "_registered", None)
+    monkeypatch.setattr(registration, "_registered", None)
     return registry
 
 
@@ -33,9 +39,9 @@ def test_registers_through_transformers_api_when_it_has_one(auto, monkeypatch: p
         monkeypatch.setattr(
             auto, name, lambda method, _real=real, _name=name: calls.append((_name, method)) or _real(method)
         )
-    with caplog.at_level(logging.DEBUG, logger="qins.hf"):
+    with caplog.at_level(logging.DEBUG, logger="qins.integrations.transformers.registration"):
         config_cls, quantizer_cls = register_with_transformers()
-    version = qins.hf._transformers_version()
+    version = hf_qconfig.transformers_version()
     assert [r.getMessage() for r in caplog.records] == [f"registered quant_method 'qins' with transformers {version}"]
     assert sorted(calls) == [("register_quantization_config", QUANT_METHOD), ("register_quantizer", QUANT_METHOD)]
     assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] is config_cls
@@ -54,7 +60,7 @@ def test_without_a_registration_api_the_two_mappings_get_the_classes(auto, monke
 
 def test_an_earlier_registration_is_reused_and_returned(auto, monkeypatch: pytest.MonkeyPatch) -> None:
     first = register_with_transformers()
-    monkeypatch.setattr(qins.hf, "_registered", None)  # as a reloaded copy of the module would be
+    monkeypatch.setattr(registration, "_registered", None)  # as a reloaded copy of the module would be
     again = register_with_transformers()
     assert again == first and all(cls is not None for cls in again)
     assert register_with_transformers() is again  # cached for the process
@@ -79,7 +85,7 @@ def test_the_config_class_defaults_are_the_library_defaults() -> None:
     """``QinsHfConfig()`` (what transformers builds before ``from_dict`` fills it) describes
     ``QinsConfig()`` in the cached mode with ``lm_head`` skipped, format version 3."""
     from qins import QinsConfig
-    from qins.hf import quantization_config_dict
+    from qins.integrations.transformers import quantization_config_dict
 
     config_cls, _ = register_with_transformers()
     config = config_cls()
@@ -170,10 +176,10 @@ def test_transformers_4_loads_through_accelerate_and_says_so_when_it_is_missing(
         "find_spec",
         lambda name, *a: (real("torch") if accelerate else None) if name == "accelerate" else real(name, *a),
     )
-    config_cls, quantizer_cls = qins.hf._build_classes(major)
+    config_cls, quantizer_cls = hf_quantizer.build_classes(major)
     quantizer = quantizer_cls(config_cls(), pre_quantized=True)
     if major == 4 and not accelerate:
-        version = qins.hf._transformers_version()
+        version = hf_qconfig.transformers_version()
         with pytest.raises(ImportError, match=rf"^transformers {version} loads quantized \(QINS\) checkpoints "
                                                r"through accelerate: pip install accelerate$"):
             quantizer.validate_environment()

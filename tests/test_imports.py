@@ -1,7 +1,9 @@
-"""Imports point one way: formats (leaf) -> kernels -> encode -> layer / state -> convert -> hf.
+"""Imports point one way: formats (leaf) -> kernels -> encode -> layer / state -> convert -> integrations.
 
 * The graph of qins-internal imports (top-level and inside functions, read with ``ast``) has no cycle.
 * The core modules import without ``transformers`` (each alone, in a fresh interpreter).
+* No core module imports :mod:`qins.integrations`; only :mod:`qins.integrations.transformers` (and the
+  test helpers of :mod:`qins.testing`) import ``transformers``.
 * ``import qins`` works where ``transformers`` and ``accelerate`` cannot be imported.
 """
 from __future__ import annotations
@@ -20,7 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qins"
 
 CORE = ["qins.formats", "qins.kernels", "qins.encode", "qins.layer", "qins.state", "qins.convert",
-        "qins.serialization", "qins.mulaw", "qins.calibrated", "qins.embedding"]
+        "qins.serialization", "qins.mulaw", "qins.calibrated", "qins.embedding", "qins.codec", "qins.calibration",
+        "qins.streaming", "qins.hf_config"]
+
+#: front ends that may import the integrations: the package itself (its public names) and the command line
+FRONT_ENDS = {"qins", "qins.__main__", "qins.cli"}
+INTEGRATIONS = "qins.integrations"
+#: besides the transformers integration, only the test helpers may import transformers
+TRANSFORMERS_USERS = ("qins.integrations.transformers", "qins.testing")
 
 
 def _module_name(path: Path) -> str:
@@ -101,7 +110,7 @@ def test_the_cycle_finder_finds_a_cycle_and_the_graph_reader_sees_imports_inside
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
     graph = import_graph()
     assert "qins.formats" in graph["qins.encode"]  # top level
-    assert "qins.checkpoint" in graph["qins.cli"]  # inside a function
+    assert "qins.integrations.transformers.checkpoint" in graph["qins.cli"]  # inside a function
     assert "qins.kernels.reference" in graph["qins.kernels"]  # from . import reference
 
 
@@ -125,11 +134,58 @@ def test_the_leaves_import_only_leaves() -> None:
         assert graph[helper] <= leaves, (helper, sorted(graph[helper] - leaves))
 
 
-def test_the_core_does_not_import_the_transformers_integration() -> None:
+def _under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def core_modules() -> list[str]:
+    """Every module of qins but the front ends, the integrations and the test helpers."""
+    return sorted(m for m in _modules() if m not in FRONT_ENDS and not _under(m, INTEGRATIONS)
+                  and not _under(m, "qins.testing"))
+
+
+def transformers_importers() -> dict[str, list[int]]:
+    """``module -> [line numbers]`` of every ``import transformers...`` / ``from transformers... import``
+    anywhere in a qins module (function bodies included)."""
+    found: dict[str, list[int]] = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                hit = any(a.name.split(".")[0] == "transformers" for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                hit = node.level == 0 and (node.module or "").split(".")[0] == "transformers"
+            else:
+                continue
+            if hit:
+                found.setdefault(name, []).append(node.lineno)
+    return found
+
+
+def test_the_core_list_covers_the_modules_named_as_core() -> None:
+    assert set(CORE) <= set(core_modules())
+    assert {"qins.codec", "qins.formats", "qins.kernels", "qins.encode", "qins.layer", "qins.state", "qins.convert",
+            "qins.serialization", "qins.embedding", "qins.calibration"} <= set(core_modules())
+
+
+def test_the_core_does_not_import_the_integrations() -> None:
     graph = import_graph()
-    integration = {"qins.hf", "qins.hf_load", "qins.compat"}
-    for module in CORE:
-        assert not graph[module] & integration, (module, sorted(graph[module] & integration))
+    assert "qins.integrations.transformers.quantizer" in graph  # the reader sees the subpackage
+    offenders = {m: sorted(d for d in graph[m] if _under(d, INTEGRATIONS)) for m in core_modules()}
+    assert {m: deps for m, deps in offenders.items() if deps} == {}
+
+
+def test_only_the_transformers_integration_imports_transformers() -> None:
+    found = transformers_importers()
+    assert any(_under(m, "qins.integrations.transformers") for m in found)  # the scan sees imports in functions
+    outside = {m: lines for m, lines in found.items() if not any(_under(m, p) for p in TRANSFORMERS_USERS)}
+    assert outside == {}
+
+
+def test_the_integration_modules_stay_small() -> None:
+    """The transformers integration is split by concern (registration, config, quantizer, load)."""
+    sizes = {m: len(p.read_text().splitlines()) for m, p in _modules().items()
+             if _under(m, "qins.integrations.transformers") and not m.endswith(".compat")}
+    assert {m: n for m, n in sizes.items() if n > 300} == {}
 
 
 def _child(code: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from qins import compat
+from qins.integrations.transformers import compat
 from tests import isolation
 
 pytest_plugins = ["pytester"]
@@ -53,7 +53,7 @@ def test_isolation_fixtures_fail_the_test_or_module_that_leaves_the_patch(pytest
     pytester.makeconftest(INNER_CONFTEST)
     if leak == "test":
         pytester.makepyfile("""
-            from qins import compat
+            from qins.integrations.transformers import compat
             def test_leaks():
                 compat.patch_transformers()
             def test_clean():
@@ -62,7 +62,7 @@ def test_isolation_fixtures_fail_the_test_or_module_that_leaves_the_patch(pytest
     else:
         pytester.makepyfile("""
             import pytest
-            from qins import compat
+            from qins.integrations.transformers import compat
             @pytest.fixture(scope="module")
             def patched():
                 compat.patch_transformers()
@@ -84,7 +84,7 @@ def test_isolation_fixtures_pass_a_module_that_restores_its_patch(pytester):
     pytester.makeconftest(INNER_CONFTEST)
     pytester.makepyfile("""
         import pytest
-        from qins import compat
+        from qins.integrations.transformers import compat
         @pytest.fixture(scope="module")
         def patched():
             compat.patch_transformers()

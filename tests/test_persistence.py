@@ -21,7 +21,8 @@ import torch
 from packaging.version import Version
 
 import qins
-from qins import ProjectiveLinear, QinsConfig, compat, convert_model_to_projective
+from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective
+from qins.integrations.transformers import compat
 from tests.mutmut_depth import child_environ
 from tests.strategies import load_legacy_model, tiny_phi3
 
@@ -186,7 +187,7 @@ def test_tampered_checkpoint_raises_naming_the_key(round_trip, tmp_path) -> None
 
 def test_loading_in_a_dtype_casts_floats_and_persistent_buffers_only() -> None:
     """What ``from_pretrained(torch_dtype=...)`` applies after the QINS layers are rebuilt (in process)."""
-    from qins.hf import _cast_saved_tensors
+    from qins.integrations.transformers.quantizer import _cast_saved_tensors
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
     convert_model_to_projective(model, skip=("1",))
@@ -211,13 +212,13 @@ def test_loading_in_a_dtype_casts_floats_and_persistent_buffers_only() -> None:
 def test_save_pretrained_support_is_transformers_4_44_up_to_6(monkeypatch, version: str, supported: bool) -> None:
     import transformers
 
-    from qins import hf
+    from qins.integrations.transformers.config import transformers_version
 
     monkeypatch.setattr(transformers, "__version__", version)
     if supported:
-        assert str(hf._transformers_version()) == str(Version(version))
+        assert str(transformers_version()) == str(Version(version))
         return
     with pytest.raises(qins.UnsupportedTransformersError) as info:
-        hf._transformers_version()
+        transformers_version()
     assert str(info.value) == (f"qins cannot save/load QINS models with transformers {version} (supported: >=4.44,<6); "
                                "use qins.save/qins.load (plain safetensors) instead")

@@ -1,4 +1,4 @@
-"""Quantize on load, and the checkpoint checks, of the transformers integration (:mod:`qins.hf`).
+"""Quantize on load, and the checkpoint checks, of the transformers integration (:mod:`.quantizer`).
 
 **Quantize on load.** ``from_pretrained(src, quantization_config=QinsHfConfig(...))`` on a
 full-precision checkpoint (fp32, bf16 or fp16 safetensors, sharded or not): before the weights
@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from .convert import _matches, select_linears
-from .formats import QinsConfig
-from .layer import ProjectiveLinear
-from .streaming import encoded_layer
+from ...convert import _matches, select_linears
+from ...formats import QinsConfig
+from ...layer import ProjectiveLinear
+from ...streaming import encoded_layer
 
 __all__ = ["check_against_checkpoint", "checkpoint_keys", "conversion_targets", "install_encoded",
            "local_checkpoint_files", "quantize_op"]
@@ -109,7 +110,7 @@ def quantize_op(quantizer: Any) -> Any:
             self.hf_quantizer = hf_quantizer
 
         def convert(self, input_dict: dict, source_patterns: Any = None, target_patterns: Any = None,
-                    full_layer_name: Optional[str] = None, model: Any = None, missing_keys: Any = None,
+                    full_layer_name: str | None = None, model: Any = None, missing_keys: Any = None,
                     **kwargs: Any) -> dict:
             (key, value), = input_dict.items()
             value = value[0] if isinstance(value, (list, tuple)) else value
@@ -126,7 +127,7 @@ def quantize_op(quantizer: Any) -> Any:
     return QinsQuantize(quantizer)
 
 
-def checkpoint_keys(files: Optional[Iterable[Any]]) -> Optional[set[str]]:
+def checkpoint_keys(files: Iterable[Any] | None) -> set[str] | None:
     """Tensor names in safetensors ``files`` (headers only, no tensor is read); None when there are
     none or one is not a safetensors file (the checks then fall back to the loader's own)."""
     files = [os.fspath(f) for f in files or () if f is not None]
@@ -141,7 +142,7 @@ def checkpoint_keys(files: Optional[Iterable[Any]]) -> Optional[set[str]]:
     return keys
 
 
-def local_checkpoint_files(model: nn.Module) -> Optional[list[str]]:
+def local_checkpoint_files(model: nn.Module) -> list[str] | None:
     """The safetensors files of the local directory ``model.config`` was read from (transformers
     4.x does not hand the files to the quantizer); None for a Hub id or any other layout."""
     path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)

@@ -7,7 +7,8 @@ model is built on the meta device from config.json, no weight is read for that).
 is written with its header first (every output tensor's dtype and shape is known from the input
 headers) and then tensor by tensor: each input tensor is read on its own (its bytes alone are
 memory-mapped, read-only, copied and unmapped: no more than one tensor's pages are ever mapped, and
-no mapping of a whole shard counts against a data-size limit) and a Linear weight is encoded block by block of rows (:func:`qins.streaming.encode_rows`). Peak
+no mapping of a whole shard counts against a data-size limit) and a Linear weight is encoded block by
+block of rows (:func:`qins.streaming.encode_rows`). Peak
 memory is therefore about the largest tensor as stored, plus its codes, plus one block's encoding
 temporaries (a per-tensor format: plus the whole tensor's), whatever the model's size.
 
@@ -23,16 +24,17 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Union
 
 import torch
 
-from .convert import select_linears
-from .formats import QinsConfig
-from .hf_config import quantization_config_dict
-from .streaming import encode_rows
+from ...convert import select_linears
+from ...formats import QinsConfig
+from ...hf_config import quantization_config_dict
+from ...streaming import encode_rows
 
 __all__ = ["QuantizeSummary", "quantize_checkpoint"]
 
@@ -91,7 +93,7 @@ def _targets(src: Path, skip: tuple[str, ...]) -> tuple[set[str], str, dict]:
     return set(shapes), getattr(model, "base_model_prefix", "") or "", {"raw": raw, "shapes": shapes}
 
 
-def _layer_of(key: str, targets: set[str], prefix: str) -> Optional[str]:
+def _layer_of(key: str, targets: set[str], prefix: str) -> str | None:
     if not key.endswith(".weight"):
         return None
     name = key[: -len(".weight")]
@@ -146,7 +148,8 @@ def _read_tensor(path: Path, entry: dict, data_start: int) -> torch.Tensor:
     return out.view(dtype).reshape(shape)
 
 
-def _plan(path: Path, targets: set[str], prefix: str, config: QinsConfig) -> tuple[list[tuple[str, Optional[str], list]], dict, int]:
+def _plan(path: Path, targets: set[str], prefix: str,
+          config: QinsConfig) -> tuple[list[tuple[str, str | None, list]], dict, int]:
     """Per input tensor: (key, layer name or None, [(output key, torch dtype, shape)]), in file
     order; and the file's header and data start (:func:`_read_header`)."""
     header, data_start = _read_header(path)
@@ -158,7 +161,8 @@ def _plan(path: Path, targets: set[str], prefix: str, config: QinsConfig) -> tup
             plan.append((key, None, [(key, dtype, shape)]))
             continue
         if len(shape) != 2 or not dtype.is_floating_point:
-            raise ValueError(f"{path.name}: {key}: a Linear weight must be a 2-D float tensor, got {entry['dtype']} {list(shape)}")
+            raise ValueError(f"{path.name}: {key}: a Linear weight must be a 2-D float tensor, "
+                             f"got {entry['dtype']} {list(shape)}")
         logs = (shape[0],) if config.per_row else ()
         outs = [(f"{layer}.stored", torch.uint8, shape)]
         if not config.packed:
@@ -187,10 +191,10 @@ def _write(fh, t: torch.Tensor) -> int:
     return data.nbytes
 
 
-def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfig] = None, *,
+def quantize_checkpoint(src: PathLike, dst: PathLike, config: QinsConfig | None = None, *,
                         skip: Iterable[str] = ("lm_head",), cache_weight: bool = True,
                         dtype: torch.dtype = torch.float32,
-                        progress: Optional[Callable[[int, int, str], None]] = None) -> QuantizeSummary:
+                        progress: Callable[[int, int, str], None] | None = None) -> QuantizeSummary:
     """Write a QINS copy of the safetensors checkpoint ``src`` to the new directory ``dst``.
 
     ``config`` (default ``QinsConfig()``), ``skip`` and ``cache_weight`` as for
@@ -214,7 +218,8 @@ def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfi
     found = {layer for plan in plans.values() for _, layer, _ in plan if layer}
     missing = sorted(targets - found - {f"{prefix}.{n}" for n in found})
     if missing:
-        raise ValueError(f"{src}: no weight for the Linears {missing[:4]}{' ...' if len(missing) > 4 else ''}; add them "
+        more = " ..." if len(missing) > 4 else ""
+        raise ValueError(f"{src}: no weight for the Linears {missing[:4]}{more}; add them "
                          "to --skip to leave them out, or check that config.json belongs to these weights")
     total = sum(len(p) for p in plans.values())
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +240,8 @@ def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfi
                     else:
                         shape = info["shapes"].get(layer) or info["shapes"].get(f"{prefix}.{layer}")
                         if tuple(tensor.shape) != shape:
-                            raise ValueError(f"{key}: shape {list(tensor.shape)}, but config.json makes {layer} {list(shape)}")
+                            raise ValueError(f"{key}: shape {list(tensor.shape)}, but config.json makes {layer} "
+                                             f"{list(shape)}")
                         try:
                             codes = encode_rows(tensor, config, dtype)
                         except ValueError as exc:
@@ -248,9 +254,11 @@ def quantize_checkpoint(src: PathLike, dst: PathLike, config: Optional[QinsConfi
                     if progress is not None:
                         progress(done, total, key)
             if (work / name).stat().st_size != len(header) + size:  # the header promised these offsets
-                raise OSError(f"{work / name}: wrote {(work / name).stat().st_size} bytes, expected {len(header) + size}")
+                raise OSError(f"{work / name}: wrote {(work / name).stat().st_size} bytes, "
+                              f"expected {len(header) + size}")
         if len(files) > 1:
-            (work / INDEX).write_text(json.dumps({"metadata": {"total_size": after}, "weight_map": weight_map}, indent=2))
+            index = {"metadata": {"total_size": after}, "weight_map": weight_map}
+            (work / INDEX).write_text(json.dumps(index, indent=2))
         raw = dict(info["raw"])
         raw["quantization_config"] = quantization_config_dict(config, skip, cache_weight)
         (work / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")

@@ -31,11 +31,12 @@ import inspect
 import logging
 import sys
 import types
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .hf_config import UnsupportedTransformersError
+from ...hf_config import UnsupportedTransformersError
 
 __all__ = ["UnsupportedTransformersError", "patch_dynamic_cache", "patch_transformers", "unpatch_transformers"]
 
@@ -46,7 +47,7 @@ _MASK_MODULE = "transformers.modeling_attn_mask_utils"
 _MASK_FN = "_prepare_4d_causal_attention_mask"
 _MISSING = object()
 
-_undo: Optional[list[Callable[[], None]]] = None  # None: not patched
+_undo: list[Callable[[], None]] | None = None  # None: not patched
 _added: tuple[str, ...] = ()
 
 
@@ -57,7 +58,7 @@ def _check_version() -> None:
     v = Version(transformers.__version__)
     if v < Version("4.44") or v.major >= 6:
         raise UnsupportedTransformersError(
-            f"qins.compat.patch_transformers() does not support transformers {transformers.__version__} "
+            f"qins.patch_transformers() does not support transformers {transformers.__version__} "
             f"(supported: {','.join(SUPPORTED)}); legacy Phi-3 / Phi-3.5 remote code would generate without "
             "its KV cache. Load the native implementation instead: transformers.Phi3ForCausalLM, i.e. "
             "AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False)."
@@ -67,7 +68,7 @@ def _check_version() -> None:
 # --- Legacy cache API ----------------------------------------------------------------------------
 
 
-def _get_max_length(self: Any) -> Optional[int]:
+def _get_max_length(self: Any) -> int | None:
     """The cache's size limit from its native API, ``None`` when unbounded (legacy convention)."""
     layers = getattr(self, "layers", None)
     if layers is not None and len(layers) == 0:  # a lazily built DynamicCache: no limit known yet
@@ -78,7 +79,7 @@ def _get_max_length(self: Any) -> Optional[int]:
     return None if limit is None or limit < 0 else int(limit)
 
 
-def _get_usable_length(self: Any, new_seq_length: int, layer_idx: Optional[int] = 0) -> int:
+def _get_usable_length(self: Any, new_seq_length: int, layer_idx: int | None = 0) -> int:
     """Tokens cached for ``layer_idx``, bounded so that cached + new fits the size limit, if any."""
     max_length = _get_max_length(self)
     cached = self.get_seq_length(layer_idx)
@@ -112,17 +113,17 @@ class _LayerView:
     def __init__(self, attr: str) -> None:
         self.attr = attr
 
-    def __get__(self, obj: Any, objtype: Optional[type] = None) -> Any:
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         return self if obj is None else tuple(getattr(layer, self.attr) for layer in obj.layers)
 
 
 def _prepare_4d_causal_attention_mask(
-    attention_mask: Optional[torch.Tensor],
+    attention_mask: torch.Tensor | None,
     input_shape: Any,
     inputs_embeds: torch.Tensor,
     past_key_values_length: int,
-    sliding_window: Optional[int] = None,
-) -> Optional[torch.Tensor]:
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:
     """Additive ``(batch, 1, q, past + q)`` mask: 0 where attended, dtype-min where blocked.
 
     Query ``i`` (absolute position ``past + i``) may attend key ``j`` iff ``j <= past + i``,
@@ -186,7 +187,7 @@ def _adapt_prepare_inputs(original: Callable) -> Callable:
 
 
 def _rope_scaling_property(native: property) -> property:
-    def fget(self: Any) -> Optional[dict]:
+    def fget(self: Any) -> dict | None:
         params = native.fget(self) or {}
         rope_type = params.get("type", params.get("rope_type"))
         return None if rope_type in (None, "default") else {**params, "type": rope_type}
@@ -205,7 +206,7 @@ def _adapt_remote_class(cls: Any, undo: list[Callable[[], None]]) -> None:
         previous = cls.__dict__.get(name, _MISSING)
         setattr(cls, name, value)
         undo.append(lambda: setattr(cls, name, previous) if previous is not _MISSING else delattr(cls, name))
-        log.debug("qins.compat: adapted remote %s.%s for transformers 5.x", cls.__qualname__, name)
+        log.debug("%s: adapted remote %s.%s for transformers 5.x", __name__, cls.__qualname__, name)
 
     prepare = cls.__dict__.get("prepare_inputs_for_generation")
     if (
@@ -259,7 +260,7 @@ def _apply(undo: list[Callable[[], None]], added: list[str]) -> None:
         setattr(owner, name, value)
         undo.append(lambda: delattr(owner, name))
         added.append(label)
-        log.debug("qins.compat: added %s", label)
+        log.debug("%s: added %s", __name__, label)
 
     for name, value in (
         ("get_usable_length", _get_usable_length),
@@ -279,12 +280,12 @@ def _apply(undo: list[Callable[[], None]], added: list[str]) -> None:
     try:
         mask_module = importlib.import_module(_MASK_MODULE)
     except ImportError:
-        mask_module = types.ModuleType(_MASK_MODULE, "qins.compat stand-in for the module removed in 5.0.")
+        mask_module = types.ModuleType(_MASK_MODULE, f"{__name__} stand-in for the module removed in 5.0.")
         setattr(mask_module, _MASK_FN, _prepare_4d_causal_attention_mask)
         sys.modules[_MASK_MODULE] = mask_module
         undo.append(lambda: sys.modules.pop(_MASK_MODULE) if sys.modules.get(_MASK_MODULE) is mask_module else None)
         added.append(_MASK_MODULE)
-        log.debug("qins.compat: added module %s", _MASK_MODULE)
+        log.debug("%s: added module %s", __name__, _MASK_MODULE)
     else:
         if not hasattr(mask_module, _MASK_FN):
             add(mask_module, _MASK_FN, _prepare_4d_causal_attention_mask, f"{_MASK_MODULE}.{_MASK_FN}")
@@ -303,7 +304,7 @@ def _apply(undo: list[Callable[[], None]], added: list[str]) -> None:
         dynamic_module_utils.get_class_in_module = get_class_in_module
         undo.append(lambda: setattr(dynamic_module_utils, "get_class_in_module", loader))
         added.append("dynamic_module_utils.get_class_in_module (legacy remote-class adapter)")
-        log.debug("qins.compat: wrapped dynamic_module_utils.get_class_in_module")
+        log.debug("%s: wrapped dynamic_module_utils.get_class_in_module", __name__)
         # Remote classes already imported (e.g. under an earlier patch) are reused by the auto
         # classes without going through the loader again: adapt them now.
         prefix = getattr(dynamic_module_utils, "TRANSFORMERS_DYNAMIC_MODULE_NAME", "transformers_modules") + "."
@@ -320,7 +321,7 @@ def unpatch_transformers() -> None:
     undo, _undo, _added = _undo, None, ()
     for step in reversed(undo or ()):
         step()
-    log.debug("qins.compat: unpatched (%d changes undone)", len(undo or ()))
+    log.debug("%s: unpatched (%d changes undone)", __name__, len(undo or ()))
 
 
 patch_dynamic_cache = patch_transformers  # the seed's name
