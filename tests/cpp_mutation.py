@@ -14,7 +14,8 @@ the SIMD intrinsics' ``add`` <-> ``sub``, ``min`` <-> ``max`` (also ``std::``) a
 non-strict compare predicates (``_CMP_LT_OQ`` <-> ``_CMP_LE_OQ``, ``_CMP_GT_OQ`` <-> ``_CMP_GE_OQ``).
 
 Each run works on a copy: ``qins/``, ``tests/`` and the pytest configuration are copied into a
-temporary directory (the working tree is never written), and the copy's extension is built there in
+temporary directory (the working tree is never written), the C++ sources taken as committed at
+``--rev`` (HEAD), and the copy's extension is built there in
 its own ``TORCH_EXTENSIONS_DIR``. The copy's ``build.py`` names the build directory once for the
 run instead of after the sources' hash, so a mutant of one ISA unit recompiles that unit only and
 relinks against the unmutated ``ops.o`` (ops.cpp alone takes ~25 s on two cores); a mutant of
@@ -54,14 +55,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DIR = Path("qins/kernels/cpu")
-#: the mutated sources, and the ISA paths (``QINS_CPU_ISA``) each one's code serves
+#: the mutated sources, and the ISA paths (``QINS_CPU_ISA``) each one's code serves; "auto" leaves
+#: ``QINS_CPU_ISA`` unset (the best path of this CPU, through ``best_isa``)
 FILE_ISAS: dict[str, tuple[str, ...]] = {
     "isa_scalar.cpp": ("scalar",),
     "isa_avx2.cpp": ("avx2",),
     "isa_avx512.cpp": ("avx512",),
-    "ops.cpp": ("avx512", "scalar", "avx2"),
-    "qins_kernels.h": ("avx512", "scalar", "avx2"),
+    "ops.cpp": ("auto", "scalar", "avx2"),
+    "qins_kernels.h": ("auto", "scalar", "avx2"),
 }
+#: tests that read ``QINS_CPU_ISA`` as unset: left out where it is set
+AUTO_ONLY = ("tests/test_kernels.py::test_backend_name",)
 #: the kernel tests run against each mutant (fast ones; the slow 11008-wide layers included)
 SELECTION = ("tests/test_cpp_paths.py", "tests/test_search_kernel.py", "tests/test_kernels.py")
 REPORT = ROOT / "docs" / "cpp_mutation.json"
@@ -217,8 +221,18 @@ def _line_of(line_starts: list[int], offset: int) -> int:
     return lo
 
 
-def all_mutants(src_dir: Path, files: list[str]) -> list[Mutant]:
-    return [m for f in files for m in mutants((src_dir / f).read_text(), f)]
+def all_mutants(sources: dict[str, str], files: list[str]) -> list[Mutant]:
+    return [m for f in files for m in mutants(sources[f], f)]
+
+
+def committed_sources(rev: str = "HEAD") -> dict[str, str]:
+    """The C++ sources as committed at ``rev``: a run is of a commit, whatever the working tree holds
+    (other work in progress on a kernel file is neither mutated nor needed to pass)."""
+    return {f: _git_show(f"{rev}:{(CPU_DIR / f).as_posix()}") for f in FILE_ISAS}
+
+
+def _git_show(spec: str) -> str:
+    return subprocess.run(["git", "show", spec], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +247,7 @@ def _digest(text: str) -> str:
 class Workspace:
     """A copy of the package and its tests in a temporary directory, and its isolated build."""
 
-    def __init__(self, root: Path, timeout_s: float) -> None:
+    def __init__(self, root: Path, sources: dict[str, str], timeout_s: float) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="qins-cpp-mutation-"))
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
         shutil.copytree(root / "qins", self.dir / "qins", ignore=ignore)
@@ -249,7 +263,9 @@ class Workspace:
         self.build = self.ext / BUILD_NAME
         self.pristine = self.dir / "pristine-build"
         self.src = self.dir / CPU_DIR
-        self.sources = {f: (self.src / f).read_text() for f in FILE_ISAS}
+        self.sources = dict(sources)
+        for f, text in self.sources.items():
+            (self.src / f).write_text(text)
         self.mtimes = {f: (self.src / f).stat().st_mtime_ns for f in FILE_ISAS}
         self.timeout_s = timeout_s
         self.env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(self.ext), PYTHONPATH=str(self.dir),
@@ -285,10 +301,13 @@ class Workspace:
         """``(passed | killed | timeout | crashed, detail, seconds)`` of the selection at ``isa``."""
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--run-slow", "-W",
                "ignore::DeprecationWarning", *SELECTION]
+        env = dict(self.env)
+        if isa != "auto":
+            env["QINS_CPU_ISA"] = isa
+            cmd += [f"--deselect={t}" for t in AUTO_ONLY]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=self.dir, env=dict(self.env, QINS_CPU_ISA=isa), capture_output=True,
-                                  text=True, timeout=self.timeout_s)
+            proc = subprocess.run(cmd, cwd=self.dir, env=env, capture_output=True, text=True, timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             return "timeout", f"{isa}: past {self.timeout_s:.0f} s", time.perf_counter() - start
         secs = time.perf_counter() - start
@@ -390,7 +409,7 @@ def summary_markdown(report: dict, equivalents: dict[str, tuple[str, str]]) -> s
         "|---|---|---|---|---|---|",
     ]
     for run in report.get("runs", []):
-        lines.append(f"| {run['started']} | {run['commit']}{' (dirty)' if run.get('dirty') else ''} | "
+        lines.append(f"| {run['started']} | {run['commit']} | "
                      f"`{run['command']}` | {run['cpu']} | {run['mutants']} | {run['wall_s'] / 60:.1f} min |")
     by_file = Counter()
     for e in report.get("mutants", {}).values():
@@ -413,10 +432,10 @@ def summary_markdown(report: dict, equivalents: dict[str, tuple[str, str]]) -> s
     return "\n".join(lines) + "\n"
 
 
-def _load_report(path: Path, src_dir: Path) -> dict:
+def _load_report(path: Path, sources: dict[str, str]) -> dict:
     report = json.loads(path.read_text()) if path.exists() else {"runs": [], "mutants": {}, "sources": {}}
     # entries of a file whose source changed since describe other code: dropped
-    now = {f: _digest((src_dir / f).read_text()) for f in FILE_ISAS}
+    now = {f: _digest(text) for f, text in sources.items()}
     keep = {f for f, d in report.get("sources", {}).items() if now.get(f) == d}
     report["mutants"] = {i: e for i, e in report.get("mutants", {}).items() if e["file"] in keep}
     report["sources"] = now
@@ -439,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mutant", action="append", default=[], help="only this mutant id (repeatable)")
     parser.add_argument("--sample", type=int, help="a random sample of this many mutants")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rev", default="HEAD", help="the commit whose C++ sources are mutated")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--skip-done", action="store_true", help="leave out mutants the report already has")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per test run before it counts as a hang")
@@ -448,16 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 below the target, or with stale ledger entries")
     args = parser.parse_args(argv)
 
-    src_dir = ROOT / CPU_DIR
+    sources = committed_sources(args.rev)
     files = args.file or list(FILE_ISAS)
-    report = _load_report(args.report, src_dir)
+    report = _load_report(args.report, sources)
     if args.report_only or args.check:
         _write(report, args.report, args.summary)
         s = score(report, load_equivalents())
         print(json.dumps({k: v for k, v in s.items()}, indent=1))
         ok = s["kill_rate"] is not None and s["kill_rate"] >= TARGET and not s["stale"]
         return 0 if ok or not args.check else 1
-    chosen = all_mutants(src_dir, files)
+    chosen = all_mutants(sources, files)
     if args.mutant:
         wanted = set(args.mutant)
         chosen = [m for m in chosen if m.id in wanted]
@@ -471,16 +491,16 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [chosen[i] for i in random.Random(args.seed).sample(range(len(chosen)), args.sample)]
     if args.list:
         for m in chosen:
-            print(m.id, "|", m.mutated_line((src_dir / m.file).read_text()))
+            print(m.id, "|", m.mutated_line(sources[m.file]))
         print(f"{len(chosen)} mutants", file=sys.stderr)
         return 0
 
     started = time.perf_counter()
     run = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-           "commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(_git("status", "--porcelain", str(CPU_DIR))),
+           "commit": _git("rev-parse", "--short", args.rev),
            "command": "python -m tests.cpp_mutation " + " ".join(argv if argv is not None else sys.argv[1:]),
            "cpu": _cpu_name(), "mutants": len(chosen)}
-    ws = Workspace(ROOT, args.timeout)
+    ws = Workspace(ROOT, sources, args.timeout)
     try:
         run["baseline"] = ws.baseline()
         print(f"baseline: {run['baseline']}", flush=True)

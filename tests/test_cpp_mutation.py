@@ -1,8 +1,6 @@
 """``tests/cpp_mutation.py``, the C++ mutation pass: its operator generator and its score (no build)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests import cpp_mutation as cm
@@ -21,8 +19,7 @@ float f(const float* x, int64_t n) {
 
 
 def _sources() -> list[tuple[str, str]]:
-    src = Path(cm.ROOT) / cm.CPU_DIR
-    return [(f, (src / f).read_text()) for f in cm.FILE_ISAS]
+    return list(cm.committed_sources().items())
 
 
 def test_the_snippets_mutants_are_exactly_the_operators_in_its_code():
