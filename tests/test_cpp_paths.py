@@ -23,7 +23,7 @@ import qins.kernels as qk
 from qins.formats import level_table, num_levels
 from qins.kernels import reference
 from tests.strategies import LinearCase, qins_codes
-from tests.test_kernels import check_close, env, native, native_isas, tuning
+from tests.test_kernels import TUNING_FIELDS, check_close, env, native, native_isas, tuning
 
 KMAX_GEMV_BATCH = 8  # qins_kernels.h kMaxGemvBatch
 KOWN_GEMM_MAX_BATCH = 96  # qins_kernels.h kOwnGemmMaxBatch
@@ -144,3 +144,41 @@ def test_a_magnitude_at_half_the_smallest_level_flushes_to_it_and_its_neighbours
             _, codes = qk.range_codes(mag, gap, lo, hi, tables, packed, write)
         assert torch.equal(codes, want), f"{isa}: {(codes != want).sum().item()} codes differ"
 
+
+
+# ---- what the other kernel tests left open (found by the C++ mutation pass, tests/cpp_mutation.py) ----
+
+#: set_tuning's accepted range of each knob (ops.cpp check_tuning)
+TUNING_RANGES = {"col_block": (1, 1 << 40), "gemm_rows": (1, 1 << 20), "gemm_cols": (1, 1 << 24),
+                 "prefetch": (0, 1 << 20), "pipeline": (0, 2), "own_gemm": (0, 1), "row_chunk": (1, 16)}
+
+
+def test_every_tuning_knob_takes_both_ends_of_its_range_and_refuses_one_past_each():
+    mod = native()
+    old = list(mod.get_tuning())
+    for field, (lo, hi) in TUNING_RANGES.items():
+        for ok in (lo, hi):
+            with tuning(**{field: ok}):
+                assert dict(zip(TUNING_FIELDS, mod.get_tuning()))[field] == ok
+        for bad in (lo - 1, hi + 1):
+            with pytest.raises(RuntimeError, match=rf"{field} must be in \[{lo}, {hi}\], got {bad}$"):
+                with tuning(**{field: bad}):
+                    pass
+        assert list(mod.get_tuning()) == old
+
+
+@pytest.mark.parametrize("rows, inn", [(5, 3), (2, 70), (1, 130)])
+def test_decode_debug_prepares_every_row_of_x_in_one_column_order(rows, inn):
+    """Row b of x is column c + 1 times (b + 1): every prepared row is the first one times b + 1, also
+    with more rows than columns."""
+    mod = native()
+    codes = torch.zeros(4, inn, dtype=torch.uint8)
+    x = torch.arange(1, inn + 1, dtype=torch.float32) * torch.arange(1, rows + 1, dtype=torch.float32)[:, None]
+    lo, hi = torch.tensor(-1.0), torch.tensor(0.0)
+    for isa in native_isas():
+        _, xp = mod.decode_debug(codes, None, lo, hi, x, 0, qk.ISAS[isa])
+        assert xp.shape[0] == rows
+        perm = xp[0]
+        assert sorted(perm[perm > 0].tolist()) == list(range(1, inn + 1)), isa
+        for b in range(rows):
+            assert torch.equal(xp[b], perm * (b + 1)), (isa, b)
