@@ -1,8 +1,10 @@
 """Process-memory probe of the end-to-end model per mode, run in a subprocess by perf/test_memory.py.
 
     python -m perf.memprobe MODE[,MODE...]|all [NEW_TOKENS [THREADS [MODEL]]]
-    (MODE: fp32 | qins-cached | qins-memsave | qins-packed-memsave | qins-split-memsave;
-     MODEL: tiny (hidden 256, 4 layers, vocab 32000) | large (hidden 1024, 8 layers, vocab 8192))
+    (MODE: fp32 | qins-cached | qins-memsave | qins-packed-memsave | qins-split-memsave |
+           qins-packed-memsave-emb (embeddings and the tied lm_head in QINS too);
+     MODEL: tiny (hidden 256, 4 layers, vocab 32000) | large (hidden 1024, 8 layers, vocab 8192) |
+            smollm2 (SmolLM2-135M-Instruct from its GGUF wheel, a real-news prompt))
 
 The parent imports torch/transformers/qins and runs a throwaway tiny model once (so lazily imported
 code is resident before anything is measured), then forks one child per mode: each mode's figures
@@ -62,20 +64,42 @@ def _reset_peak() -> bool:
         return False
 
 
-MODES = ("fp32", "qins-cached", "qins-memsave", "qins-packed-memsave", "qins-split-memsave")
+MODES = ("fp32", "qins-cached", "qins-memsave", "qins-packed-memsave", "qins-split-memsave", "qins-packed-memsave-emb")
+#: seeded Phi-3 configurations; ``smollm2`` is the real model (:func:`_build`)
 MODELS = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, vocab_size=32000),
     "large": dict(hidden_size=1024, num_hidden_layers=8, vocab_size=8192),
+    "smollm2": None,
 }
+PROMPT_LEN = 32
 
 
 def _convert(model, mode: str) -> None:
-    """QINS modes: the library default (packed, mse, per row) unless the mode names split; lm_head stays fp32."""
+    """QINS modes: the library default (packed, per row) unless the mode names split; lm_head and the
+    embeddings stay fp32 unless the mode ends in ``-emb``."""
     from qins import QinsConfig, convert_model_to_projective
 
     if mode != "fp32":
         config = QinsConfig(packed=mode != "qins-split-memsave")
-        convert_model_to_projective(model, config, cache_weight=(mode == "qins-cached"))
+        convert_model_to_projective(model, config, cache_weight=(mode == "qins-cached"),
+                                    embeddings=mode.endswith("-emb"))
+
+
+def _build(model_name: str):
+    """``(model, prompt ids [1, PROMPT_LEN])``: a seeded Phi-3 with a seeded random prompt, or
+    SmolLM2 with the first tokens of the real news text."""
+    import torch
+
+    if model_name == "smollm2":
+        from qins.testing.real_lm import load_smollm2, news_text
+
+        tok, model = load_smollm2()
+        return model, tok(news_text()[:1000], return_tensors="pt").input_ids[:, :PROMPT_LEN]
+    from qins.testing.models import tiny_phi3
+
+    spec = MODELS[model_name]
+    g = torch.Generator().manual_seed(1234)
+    return tiny_phi3(**spec), torch.randint(3, spec["vocab_size"], (1, PROMPT_LEN), generator=g)
 
 
 def _linear_bytes(model) -> int:
@@ -94,20 +118,16 @@ def probe(mode: str, new_tokens: int = 32, threads: int = 1, model_name: str = "
     import torch
 
     from qins import model_memory
-    from tests.strategies import tiny_phi3
 
-    spec = MODELS[model_name]
     _trim()
     rss_start = _status_kib("VmRSS") * 1024
     rss_file_start = _status_kib("RssFile") * 1024
     _reset_peak()
-    model = tiny_phi3(**spec)
+    model, ids = _build(model_name)
     _convert(model, mode)
     peak_load = _status_kib("VmHWM") * 1024
     _trim()
     rss_loaded = _status_kib("VmRSS") * 1024
-    g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, spec["vocab_size"], (1, 32), generator=g)
 
     def generate(n: int) -> None:
         with torch.inference_mode():
@@ -151,7 +171,7 @@ def _warm_up(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from tests.strategies import tiny_phi3
+    from qins.testing.models import tiny_phi3
 
     m = tiny_phi3()
     _convert(m, "qins-memsave")
