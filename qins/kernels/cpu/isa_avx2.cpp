@@ -1,11 +1,19 @@
-// AVX2 + FMA kernels (no VBMI): the row's signed table sits in L1, weights come from
-// vgatherdps, 8 at a time. Compiled with -mavx2 -mfma -ffp-contract=off (the table code uses
-// separate mul/add intrinsics; without contraction they stay separate).
+// AVX2 + FMA kernels (no VBMI): the row's signed table sits in L1; of each 32 weights, 16 are
+// looked up by two vgatherdps and 16 by scalar loads assembled with vpinsrd (lookup8). A gather is
+// bound by the load ports, the scalar half mostly by the integer and shuffle ports, so the halves
+// overlap. Measured on an Intel Xeon 6/207, 3072x3072 packed codes, 1 thread, one table (a
+// standalone loop, ms per pass): all gathers 2.0, all scalar 2.6, half and half 1.8-1.9.
+// Byte-plane shuffles (vpshufb over 16-entry chunks, as the AVX-512 path does with vpermi2b) lose
+// on AVX2: a 128-entry float table is 32 16-byte planes, twice the 16 ymm registers, so each
+// shuffle reloads its plane and the loop is load-bound (4.1). Compiled with -mavx2 -mfma
+// -ffp-contract=off (the table code uses separate mul/add intrinsics; without contraction they
+// stay separate).
 #include "qins_kernels.h"
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace qins {
 namespace {
@@ -18,53 +26,116 @@ inline __m256 pow2_8(__m256 n) {
   return _mm256_castsi256_ps(i);
 }
 
-inline __m256 qins_exp8(__m256 t) {
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(_mm256_sub_ps(t, _mm256_mul_ps(n, _mm256_set1_ps(kLn2Hi))),
-                                 _mm256_mul_ps(n, _mm256_set1_ps(kLn2Lo)));
-  __m256 p = _mm256_set1_ps(kP0);
-  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP1));
-  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP2));
-  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP3));
-  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP4));
-  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(kP5));
-  const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, f), f), f), _mm256_set1_ps(1.0f));
-  const __m256 a = _mm256_round_ps(_mm256_mul_ps(n, _mm256_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  return _mm256_mul_ps(_mm256_mul_ps(y, pow2_8(a)), pow2_8(_mm256_sub_ps(n, a)));
+// qins_exp of NV vectors (the reference sequence, each op correctly rounded), issued stage by
+// stage across the vectors: one vector's chain is ~25 dependent ops, so a per-row table built one
+// vector at a time waits on latency.
+template <int NV>
+inline void qins_exp_n(const __m256* t, __m256* out) {
+  __m256 n[NV], f[NV], p[NV];
+#define QINS_EACH for (int v = 0; v < NV; ++v)
+  QINS_EACH n[v] = _mm256_round_ps(_mm256_mul_ps(t[v], _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  QINS_EACH f[v] = _mm256_sub_ps(_mm256_sub_ps(t[v], _mm256_mul_ps(n[v], _mm256_set1_ps(kLn2Hi))),
+                                 _mm256_mul_ps(n[v], _mm256_set1_ps(kLn2Lo)));
+  QINS_EACH p[v] = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(kP0), f[v]), _mm256_set1_ps(kP1));
+  QINS_EACH p[v] = _mm256_add_ps(_mm256_mul_ps(p[v], f[v]), _mm256_set1_ps(kP2));
+  QINS_EACH p[v] = _mm256_add_ps(_mm256_mul_ps(p[v], f[v]), _mm256_set1_ps(kP3));
+  QINS_EACH p[v] = _mm256_add_ps(_mm256_mul_ps(p[v], f[v]), _mm256_set1_ps(kP4));
+  QINS_EACH p[v] = _mm256_add_ps(_mm256_mul_ps(p[v], f[v]), _mm256_set1_ps(kP5));
+  QINS_EACH p[v] = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p[v], f[v]), f[v]), f[v]), _mm256_set1_ps(1.0f));
+  QINS_EACH {
+    const __m256 a = _mm256_round_ps(_mm256_mul_ps(n[v], _mm256_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    out[v] = _mm256_mul_ps(_mm256_mul_ps(p[v], pow2_8(a)), pow2_8(_mm256_sub_ps(n[v], a)));
+  }
+#undef QINS_EACH
 }
 
-// Signed table: packed -> [256] with entries 128.. negated; split -> [256] magnitudes.
-void avx2_table(float lo, float hi, int packed, int mulaw, float* t) {
+// Entries 8*v0 .. 8*(v0+NV)-1 of the unsigned table (entry i holds level i - 1) into t.
+template <int NV>
+inline void table8_n(int v0, __m256 vhi, __m256 delta, __m256 vz, float* t) {
+  __m256 arg[NV], e[NV];
+  for (int v = 0; v < NV; ++v) {
+    const __m256 j = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_set1_epi32(8 * (v0 + v) - 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    arg[v] = _mm256_sub_ps(vhi, _mm256_mul_ps(j, delta));
+  }
+  qins_exp_n<NV>(arg, e);
+  for (int v = 0; v < NV; ++v) _mm256_store_ps(t + 8 * (v0 + v), _mm256_sub_ps(e[v], vz));
+}
+
+// Signed table (t 32-byte aligned): packed -> [256] with entries 128.. negated; split -> [256]
+// magnitudes.
+void avx2_table_aligned(float lo, float hi, int packed, int mulaw, float* t) {
   const int K = packed ? 127 : 255;
-  const int n = K + 1;  // entries 0..K
   const __m256 delta = _mm256_set1_ps((hi - lo) / table_steps(K, mulaw));
   const __m256 vz = _mm256_set1_ps(table_offset(lo, mulaw));
   const __m256 vhi = _mm256_set1_ps(hi);
-  for (int i = 0; i < n; i += 8) {
-    // entry i + lane holds level j = i + lane - 1
-    __m256 j = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_set1_epi32(i - 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    _mm256_storeu_ps(t + i, _mm256_sub_ps(qins_exp8(_mm256_sub_ps(vhi, _mm256_mul_ps(j, delta))), vz));
-  }
+  table8_n<16>(0, vhi, delta, vz, t);
+  if (!packed) table8_n<16>(16, vhi, delta, vz, t);
   t[0] = 0.0f;
   if (packed) {
     const __m256 neg = _mm256_set1_ps(-0.0f);
-    for (int i = 0; i < 128; i += 8) _mm256_storeu_ps(t + 128 + i, _mm256_xor_ps(_mm256_loadu_ps(t + i), neg));
+    for (int i = 0; i < 128; i += 8) _mm256_store_ps(t + 128 + i, _mm256_xor_ps(_mm256_load_ps(t + i), neg));
   }
+}
+
+void avx2_table(float lo, float hi, int packed, int mulaw, float* out) {
+  alignas(32) float t[256];
+  avx2_table_aligned(lo, hi, packed, mulaw, t);
+  std::copy(t, t + 256, out);
 }
 
 int64_t avx2_kpad(int64_t in) { return in; }
 
 void avx2_xprep(const float* x, int64_t B, int64_t in, int64_t, float* xp) { std::copy(x, x + B * in, xp); }
 
+// Applies the split format's signs (bit 7 of each sign byte) to the 8 weights of w.
+inline __m256 signed8(__m256 w, __m128i s8) {
+  const __m256i sv = _mm256_cvtepi8_epi32(s8);
+  return _mm256_xor_ps(w, _mm256_castsi256_ps(_mm256_and_si256(sv, _mm256_set1_epi32(INT32_MIN))));
+}
+
 // 8 signed weights at column k of a row.
 inline __m256 load_w8(const float* t, const uint8_t* c, const int8_t* s) {
-  __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
-  __m256 w = _mm256_i32gather_ps(t, idx, 4);
-  if (s) {
-    __m256i sv = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
-    w = _mm256_xor_ps(w, _mm256_castsi256_ps(_mm256_and_si256(sv, _mm256_set1_epi32(INT32_MIN))));
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+  const __m256 w = _mm256_i32gather_ps(t, idx, 4);
+  return s ? signed8(w, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))) : w;
+}
+
+// The 8 table entries of the codes in u's bytes, by scalar loads: each pair with vmovd + vpinsrd,
+// the pairs joined by vpunpcklqdq and vinserti128. Written out because that is the sequence that
+// runs beside the gathers best: scalar stores to a buffer reloaded as a vector stall on store
+// forwarding (measured 1.7x slower).
+inline __m256 lookup8(const float* t, uint64_t u) {
+  auto bits = [&](int i) {
+    int32_t v;
+    std::memcpy(&v, t + ((u >> (8 * i)) & 255), 4);
+    return v;
+  };
+  auto pair = [&](int i) { return _mm_insert_epi32(_mm_cvtsi32_si128(bits(i)), bits(i + 1), 1); };
+  const __m128i lo = _mm_unpacklo_epi64(pair(0), pair(2)), hi = _mm_unpacklo_epi64(pair(4), pair(6));
+  return _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+}
+
+// 32 signed weights at column k of a row, W[q] = columns 8q .. 8q+7: columns 0..15 by two gathers,
+// 16..31 by scalar loads (lookup8). A gather spends its time on the load ports, the scalar
+// lookups on the integer ports and the shuffle port, so the two halves overlap.
+template <bool SPLIT>
+inline void load_w32(const float* t, const uint8_t* c, const int8_t* s, __m256* W) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+  W[0] = _mm256_i32gather_ps(t, _mm256_cvtepu8_epi32(lo), 4);
+  W[1] = _mm256_i32gather_ps(t, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)), 4);
+  uint64_t u, v;
+  std::memcpy(&u, c + 16, 8);
+  std::memcpy(&v, c + 24, 8);
+  W[2] = lookup8(t, u);
+  W[3] = lookup8(t, v);
+  if (SPLIT) {
+    const __m256i sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+    const __m128i s0 = _mm256_castsi256_si128(sv), s1 = _mm256_extracti128_si256(sv, 1);
+    W[0] = signed8(W[0], s0);
+    W[1] = signed8(W[1], _mm_unpackhi_epi64(s0, s0));
+    W[2] = signed8(W[2], s1);
+    W[3] = signed8(W[3], _mm_unpackhi_epi64(s1, s1));
   }
-  return w;
 }
 
 inline float w1(const float* t, const uint8_t* c, const int8_t* s, int64_t k) {
@@ -79,56 +150,88 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int B>
+// Rows [r0, r1) for B rows of x. Each row's sum: 32-column steps into A accumulators per x row
+// (A = 4 at B = 1: four independent FMA chains hide the FMA latency), then 8-column steps into the
+// first, the horizontal sum, and the scalar tail; the order depends only on the shape, never on the
+// tuning knobs. No software prefetch: at this path's rate (a few GB/s of codes) the hardware
+// prefetchers keep up, and prefetching a.prefetch bytes ahead measured slower.
+template <bool SPLIT, int B>
 void gemv_b(const Args& a, int64_t r0, int64_t r1) {
+  constexpr int A = B == 1 ? 4 : (B == 2 ? 2 : 1);
   alignas(32) float t[256];
-  const int packed = a.sign == nullptr;
-  if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, a.mulaw, t);
-  const int64_t in8 = a.in & ~int64_t(7);
+  if (!a.per_row) avx2_table_aligned(a.log_min[0], a.log_max[0], !SPLIT, a.mulaw, t);
+  const int64_t in32 = a.in & ~int64_t(31), in8 = a.in & ~int64_t(7);
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, a.mulaw, t);
+    if (a.per_row) avx2_table_aligned(a.log_min[r], a.log_max[r], !SPLIT, a.mulaw, t);
     const uint8_t* c = a.codes + r * a.in;
-    const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
-    __m256 acc[B];
-    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < in8; k += 8) {
+    const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
+    __m256 acc[B][A];
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < A; ++j) acc[b][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in32; k += 32) {
+      __m256 W[4];
+      load_w32<SPLIT>(t, c + k, SPLIT ? s + k : nullptr, W);
+      for (int b = 0; b < B; ++b) {
+        const float* x = a.xp + b * a.kpad + k;
+        for (int q = 0; q < 4; ++q) acc[b][q % A] = _mm256_fmadd_ps(W[q], _mm256_loadu_ps(x + 8 * q), acc[b][q % A]);
+      }
+    }
+    for (int64_t k = in32; k < in8; k += 8) {
       const __m256 w = load_w8(t, c + k, s ? s + k : nullptr);
-      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.xp + b * a.kpad + k), acc[b]);
+      for (int b = 0; b < B; ++b) acc[b][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.xp + b * a.kpad + k), acc[b][0]);
     }
     for (int b = 0; b < B; ++b) {
-      float v = hsum8(acc[b]);
+      __m256 sum = acc[b][0];
+      for (int j = 1; j < A; ++j) sum = _mm256_add_ps(sum, acc[b][j]);
+      float v = hsum8(sum);
       for (int64_t k = in8; k < a.in; ++k) v += w1(t, c, s, k) * a.xp[b * a.kpad + k];
       a.y[b * a.out + r] = v;
     }
   }
 }
 
-void avx2_gemv(const Args& a, int64_t r0, int64_t r1) {
+template <bool SPLIT>
+void gemv_s(const Args& a, int64_t r0, int64_t r1) {
   switch (a.B) {
-    case 1: return gemv_b<1>(a, r0, r1);
-    case 2: return gemv_b<2>(a, r0, r1);
-    case 3: return gemv_b<3>(a, r0, r1);
-    case 4: return gemv_b<4>(a, r0, r1);
-    case 5: return gemv_b<5>(a, r0, r1);
-    case 6: return gemv_b<6>(a, r0, r1);
-    case 7: return gemv_b<7>(a, r0, r1);
-    default: return gemv_b<8>(a, r0, r1);
+    case 1: return gemv_b<SPLIT, 1>(a, r0, r1);
+    case 2: return gemv_b<SPLIT, 2>(a, r0, r1);
+    case 3: return gemv_b<SPLIT, 3>(a, r0, r1);
+    case 4: return gemv_b<SPLIT, 4>(a, r0, r1);
+    case 5: return gemv_b<SPLIT, 5>(a, r0, r1);
+    case 6: return gemv_b<SPLIT, 6>(a, r0, r1);
+    case 7: return gemv_b<SPLIT, 7>(a, r0, r1);
+    default: return gemv_b<SPLIT, 8>(a, r0, r1);
+  }
+}
+
+void avx2_gemv(const Args& a, int64_t r0, int64_t r1) {
+  if (a.sign) return gemv_s<true>(a, r0, r1);
+  return gemv_s<false>(a, r0, r1);
+}
+
+template <bool SPLIT>
+void decode_s(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
+  alignas(32) float t[256];
+  if (!a.per_row) avx2_table_aligned(a.log_min[0], a.log_max[0], !SPLIT, a.mulaw, t);
+  const int64_t k32 = k0 + ((k1 - k0) & ~int64_t(31)), k8 = k0 + ((k1 - k0) & ~int64_t(7));
+  for (int64_t r = r0; r < r1; ++r) {
+    if (a.per_row) avx2_table_aligned(a.log_min[r], a.log_max[r], !SPLIT, a.mulaw, t);
+    const uint8_t* c = a.codes + r * a.in;
+    const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
+    float* wr = w + (r - r0) * (k1 - k0) - k0;
+    for (int64_t k = k0; k < k32; k += 32) {
+      __m256 W[4];
+      load_w32<SPLIT>(t, c + k, SPLIT ? s + k : nullptr, W);
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(wr + k + 8 * q, W[q]);
+    }
+    for (int64_t k = k32; k < k8; k += 8) _mm256_storeu_ps(wr + k, load_w8(t, c + k, s ? s + k : nullptr));
+    for (int64_t k = k8; k < k1; ++k) wr[k] = w1(t, c, s, k);
   }
 }
 
 void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
-  alignas(32) float t[256];
-  const int packed = a.sign == nullptr;
-  if (!a.per_row) avx2_table(a.log_min[0], a.log_max[0], packed, a.mulaw, t);
-  const int64_t k8 = k0 + ((k1 - k0) & ~int64_t(7));
-  for (int64_t r = r0; r < r1; ++r) {
-    if (a.per_row) avx2_table(a.log_min[r], a.log_max[r], packed, a.mulaw, t);
-    const uint8_t* c = a.codes + r * a.in;
-    const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
-    float* wr = w + (r - r0) * (k1 - k0) - k0;
-    for (int64_t k = k0; k < k8; k += 8) _mm256_storeu_ps(wr + k, load_w8(t, c + k, s ? s + k : nullptr));
-    for (int64_t k = k8; k < k1; ++k) wr[k] = w1(t, c, s, k);
-  }
+  if (a.sign) return decode_s<true>(a, r0, r1, k0, k1, w);
+  return decode_s<false>(a, r0, r1, k0, k1, w);
 }
 
 // The rounding-deviation score, 8 columns a step, as avx512_deviation (the block is zero-padded
