@@ -39,6 +39,7 @@ TESTS = (
     "tests/test_hf_registration.py",
     "tests/test_hf_import.py",
     "tests/test_hf_quantize_on_load.py",
+    "tests/test_hf_embeddings.py",
     "tests/test_cli.py",
 )
 TRITON = "triton==3.9.0"

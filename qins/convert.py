@@ -172,17 +172,15 @@ def _record_hf_quantization_config(model: nn.Module, config: QinsConfig, skip: t
                                    embeddings: bool = False) -> None:
     """On a transformers model, record the format in ``config.quantization_config`` (for save_pretrained).
 
-    With ``embeddings`` it records ``"embeddings": true``, a field ``from_pretrained`` does not read
-    yet: it refuses such a checkpoint by name rather than load random embeddings (use qins.save/load)."""
+    With ``embeddings`` it records ``"embeddings": true``: ``from_pretrained`` then rebuilds the QINS
+    embeddings and the tied head before the weights load."""
     transformers = sys.modules.get("transformers")
     if transformers is None or not isinstance(model, getattr(transformers, "PreTrainedModel", ())):
         return
     current = getattr(model.config, "quantization_config", None)
     if current is not None and not isinstance(current, dict):
         return  # from_pretrained's own config object (it is rebuilding this model)
-    model.config.quantization_config = quantization_config_dict(config, skip, cache_weight)
-    if embeddings:
-        model.config.quantization_config["embeddings"] = True
+    model.config.quantization_config = quantization_config_dict(config, skip, cache_weight, embeddings)
     try:
         hf_config.register()
     except UnsupportedTransformersError as exc:

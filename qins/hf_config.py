@@ -32,9 +32,15 @@ class UnsupportedTransformersError(RuntimeError):
     """The installed transformers cannot run legacy remote code with a working KV cache."""
 
 
-def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weight: bool) -> dict[str, Any]:
-    """The ``quantization_config`` entry written to config.json (plain JSON values)."""
-    return {
+def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weight: bool,
+                             embeddings: bool = False) -> dict[str, Any]:
+    """The ``quantization_config`` entry written to config.json (plain JSON values).
+
+    ``embeddings``: the ``nn.Embedding`` s (and a head tied to one) are stored in QINS too
+    (``convert_model_to_projective(..., embeddings=True)``). The field is written only when true, so
+    the config of a model without QINS embeddings is exactly what it was before the field existed
+    (and a reader that predates it still loads such a model)."""
+    out = {
         "quant_method": QUANT_METHOD,
         "packed": config.packed,
         "log_range": config.log_range,
@@ -44,6 +50,9 @@ def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weig
         "cache_weight": bool(cache_weight),
         "format_version": FORMAT_VERSION,
     }
+    if embeddings:
+        out["embeddings"] = True
+    return out
 
 
 _registrar: Callable[[], object] | None = None

@@ -242,17 +242,9 @@ def test_load_refuses_files_and_models_that_disagree_on_embeddings(tmp_path) -> 
         qins.load(split, with_emb)
 
 
-def test_hf_quantization_config_marks_embeddings_so_from_pretrained_refuses_rather_than_loading_random_rows() -> None:
+def test_hf_quantization_config_marks_embeddings_so_from_pretrained_rebuilds_them() -> None:
+    """``from_pretrained`` reads the field (tests/test_hf_embeddings.py); without it, it would load
+    random rows into plain embeddings."""
     model, _ = converted(tiny_phi3, tie=True)
     assert model.config.quantization_config["embeddings"] is True
     assert model.config.quantization_config["skip"] == []
-
-
-def test_from_pretrained_refuses_a_checkpoint_with_qins_embeddings_by_name(tmp_path) -> None:
-    """quantize-on-load does not build QINS embeddings yet: the recorded field is refused, never ignored."""
-    from transformers import AutoModelForCausalLM
-
-    model, _ = converted(tiny_phi3, tie=True)
-    model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"unknown fields \['embeddings'\]"):
-        AutoModelForCausalLM.from_pretrained(tmp_path)

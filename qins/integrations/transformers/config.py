@@ -56,11 +56,12 @@ def spacing_for(spacing: Any, format_version: Any) -> str:
 
 
 def check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any, cache_weight: Any,
-                        format_version: Any, extra: dict, spacing: Any = "log") -> None:
+                        format_version: Any, extra: dict, spacing: Any = "log", embeddings: Any = False) -> None:
     """Refuse a ``quantization_config`` that is not exactly what :func:`quantization_config_dict`
     writes, before any weight loads: each error names the field and the fix (a JSON ``"false"`` is a
     string, and ``bool("false")`` would be True). Pops ``quant_method`` from ``extra``."""
-    for name, value in (("packed", packed), ("per_row", per_row), ("cache_weight", cache_weight)):
+    for name, value in (("packed", packed), ("per_row", per_row), ("cache_weight", cache_weight),
+                        ("embeddings", embeddings)):
         if not isinstance(value, bool):
             raise ValueError(f"quantization_config field {name!r} must be a JSON boolean (true or false), "
                              f"got {value!r} ({type(value).__name__}); fix config.json")
@@ -77,12 +78,16 @@ def check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any,
     if spacing == "mulaw" and log_range != "mse":
         raise ValueError(f"quantization_config field 'log_range' {log_range!r} is a rule of the log spacing; "
                          "set \"spacing\": \"log\" with it, or \"log_range\": \"mse\"; fix config.json")
+    if embeddings and not per_row:
+        raise ValueError("quantization_config field 'embeddings' true needs \"per_row\": true (QINS embeddings keep "
+                         "one log range per token row); fix config.json")
     method = extra.pop("quant_method", QUANT_METHOD)
     if getattr(method, "value", method) != QUANT_METHOD:
         raise ValueError(f"quantization_config field 'quant_method' must be {QUANT_METHOD!r}, got {method!r}")
     if extra:
         raise ValueError(f"quantization_config has unknown fields {sorted(extra)} (QINS knows packed, log_range, "
-                         "per_row, spacing, skip, cache_weight, format_version); remove them from config.json")
+                         "per_row, spacing, skip, cache_weight, embeddings, format_version); remove them from "
+                         "config.json")
 
 
 class QinsMethod(str, enum.Enum):
@@ -96,23 +101,29 @@ def build_config_class() -> type:
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     class QinsHfConfig(QuantizationConfigMixin):
-        """``quantization_config`` of a QINS model: the :class:`QinsConfig` fields, skip list, cache mode."""
+        """``quantization_config`` of a QINS model: the :class:`QinsConfig` fields, skip list, cache mode,
+        and ``embeddings`` (the ``nn.Embedding`` s and a head tied to one in QINS too; default false, as
+        in configs written before the field existed). ``skip`` defaults to ``["lm_head"]``, or to ``[]``
+        with ``embeddings`` (as :func:`qins.convert_model_to_projective` does)."""
 
         def __init__(self, packed: bool = True, log_range: str = "mse", per_row: bool = True,
-                     skip: Iterable[str] = ("lm_head",), cache_weight: bool = True,
-                     format_version: int = FORMAT_VERSION, spacing: str | None = None, **kwargs: Any) -> None:
+                     skip: Iterable[str] | None = None, cache_weight: bool = True,
+                     format_version: int = FORMAT_VERSION, spacing: str | None = None, embeddings: bool = False,
+                     **kwargs: Any) -> None:
             spacing = spacing_for(spacing, format_version)
+            if skip is None:
+                skip = [] if embeddings is True else ["lm_head"]
             check_config_fields(packed=packed, log_range=log_range, per_row=per_row, skip=skip,
                                 cache_weight=cache_weight, format_version=format_version, extra=kwargs,
-                                spacing=spacing)
+                                spacing=spacing, embeddings=embeddings)
             self.quant_method = QinsMethod.QINS
             self.qins_config = QinsConfig(packed, log_range, per_row, spacing=spacing)
             self.packed, self.log_range, self.per_row, self.spacing = packed, log_range, per_row, spacing
-            self.skip, self.cache_weight = list(skip), cache_weight
+            self.skip, self.cache_weight, self.embeddings = list(skip), cache_weight, embeddings
             self.format_version = FORMAT_VERSION
 
         def to_dict(self) -> dict[str, Any]:
             """The config.json entry (:func:`qins.hf_config.quantization_config_dict`)."""
-            return quantization_config_dict(self.qins_config, self.skip, self.cache_weight)
+            return quantization_config_dict(self.qins_config, self.skip, self.cache_weight, self.embeddings)
 
     return QinsHfConfig

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ...convert import _matches, select_linears
+from ...embedding import ProjectiveEmbedding
 from ...formats import QinsConfig
 from ...layer import ProjectiveLinear
 from ...streaming import encoded_layer
@@ -171,8 +172,9 @@ def check_against_checkpoint(model: nn.Module, skip: Iterable[str], keys: set[st
                              targets: Iterable[str] = ()) -> None:
     """Raise ``ValueError`` when the checkpoint's tensor names ``keys`` contradict the ``skip`` list.
 
-    ``pre_quantized`` (a QINS checkpoint, the model's QINS layers rebuilt): every QINS layer needs
-    ``<layer>.stored``, and a skipped ``nn.Linear`` must not be stored in QINS. Otherwise (quantize
+    ``pre_quantized`` (a QINS checkpoint, the model's QINS layers rebuilt): every QINS layer and QINS
+    embedding needs ``<layer>.stored``, and a skipped ``nn.Linear`` or a plain ``nn.Embedding`` must
+    not be stored in QINS. Otherwise (quantize
     on load) every layer of ``targets`` needs ``<layer>.weight``. Names are matched with and without
     the model's ``base_model_prefix``. Changes nothing.
     """
@@ -187,6 +189,13 @@ def check_against_checkpoint(model: nn.Module, skip: Iterable[str], keys: set[st
                                  "QINS config's 'skip' list to leave that layer as it is")
         return
     for name, module in model.named_modules():
+        if isinstance(module, ProjectiveEmbedding) and not present(f"{name}.stored"):
+            raise ValueError(f"quantization_config field 'embeddings' does not match the checkpoint: it holds no QINS "
+                             f"codes for the embedding {name!r} ('{name}.stored'); set \"embeddings\": false in "
+                             f"config.json, or add {name!r} to 'skip' if only that embedding is stored as a weight")
+        if type(module) is nn.Embedding and present(f"{name}.stored") and not present(f"{name}.weight"):
+            raise ValueError(f"the checkpoint stores the embedding {name!r} in QINS ('{name}.stored'), but its "
+                             "quantization_config does not say so: set \"embeddings\": true in config.json")
         if isinstance(module, ProjectiveLinear) and not present(f"{name}.stored"):
             if present(f"{name}.weight"):
                 raise ValueError(f"quantization_config field 'skip' does not match the checkpoint: layer {name!r} is "

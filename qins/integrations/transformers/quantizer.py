@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import types
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ...convert import convert_model_to_projective
+from ...embedding import ProjectiveEmbedding, ProjectiveTiedHead
 from ...layer import ProjectiveLinear
 from ...state import check_qins_state, format_metadata
 from . import load
@@ -31,8 +33,64 @@ log = logging.getLogger(__name__)
 _QINS_BUFFERS = ("stored", "sign", "log_min", "log_max")
 
 
-def _qins_layers(model: torch.nn.Module):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ProjectiveLinear)]
+#: the modules that hold QINS codes of their own (a tied head reads its embedding's)
+_CODED = (ProjectiveLinear, ProjectiveEmbedding)
+
+
+def _qins_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every module holding QINS codes, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _CODED)]
+
+
+def _tied_pairs(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(output module, input module) names that transformers ties for ``model``: 5.x's
+    ``all_tied_weights_keys`` (target -> source parameter names), else 4.x's output and input
+    embeddings when the (text) config has ``tie_word_embeddings``."""
+    mapping = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(mapping, dict):
+        return [(t.rpartition(".")[0], s.rpartition(".")[0]) for t, s in mapping.items()
+                if t.endswith(".weight") and s.endswith(".weight")]
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if not getattr(text, "tie_word_embeddings", False):
+        return []
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(out)], names[id(inp)])] if id(out) in names and id(inp) in names else []
+
+
+def tie_input_and_output_embeddings(model: torch.nn.Module) -> None:
+    """Tie the (meta) model's output Linear to its input embedding as transformers would, before the
+    QINS conversion: the conversion recognises a tied head by the shared Parameter, and transformers
+    only ties once the weights are loaded (its ``tie_weights`` is a no-op while the model is built)."""
+    for out_name, in_name in _tied_pairs(model):
+        out, inp = model.get_submodule(out_name), model.get_submodule(in_name)
+        if isinstance(out, torch.nn.Linear) and isinstance(inp, torch.nn.Embedding) \
+                and out.weight.shape == inp.weight.shape:
+            out.weight = inp.weight
+
+
+def _tie_or_clone_weights(self: Any, output_embeddings: Any, input_embeddings: Any) -> None:
+    """4.x ``PreTrainedModel._tie_or_clone_weights`` that leaves a QINS tied head as it is: it already
+    computes from its embedding's codes (and has no ``weight`` to assign)."""
+    if isinstance(output_embeddings, ProjectiveTiedHead) and output_embeddings.embedding is input_embeddings:
+        return
+    type(self)._tie_or_clone_weights(self, output_embeddings, input_embeddings)
+
+
+def stop_transformers_tying(model: torch.nn.Module) -> None:
+    """After the conversion: keep transformers from tying a QINS tied head to its embedding again (it
+    would assign a ``weight`` the head does not have). 5.x ties from ``all_tied_weights_keys``: the
+    entries whose target is a QINS tied head are dropped. 4.x ties through ``_tie_or_clone_weights``:
+    the model gets one that skips a QINS tied head (every other pair is tied as before)."""
+    heads = {name for name, m in model.named_modules() if isinstance(m, ProjectiveTiedHead)}
+    if not heads:
+        return
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        model.all_tied_weights_keys = {k: v for k, v in tied.items() if k.rpartition(".")[0] not in heads}
+    if hasattr(type(model), "_tie_or_clone_weights"):
+        model._tie_or_clone_weights = types.MethodType(_tie_or_clone_weights, model)
 
 
 def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -40,7 +98,7 @@ def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
     via their ``.to``: float32 logs kept, cache re-decoded); non-persistent buffers such as rotary
     ``inv_freq`` keep their dtype, as in a direct load."""
     for module in model.modules():
-        if isinstance(module, ProjectiveLinear):
+        if isinstance(module, _CODED):
             module.to(dtype)
             continue
         for param in module._parameters.values():
@@ -93,10 +151,18 @@ def build_quantizer_class(major: int) -> type:
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
             qc = self.quantization_config
             if self.pre_quantized:
+                if qc.embeddings:
+                    tie_input_and_output_embeddings(model)
                 report = convert_model_to_projective(model, qc.qins_config, skip=tuple(qc.skip),
-                                                     cache_weight=qc.cache_weight)
+                                                     cache_weight=qc.cache_weight, embeddings=qc.embeddings)
+                if qc.embeddings:
+                    stop_transformers_tying(model)
                 log.debug("qins: rebuilt %d QINS layers before loading", len(report.converted))
             else:
+                if qc.embeddings:
+                    raise ValueError("quantize on load stores Linears only: QinsHfConfig(embeddings=True) needs a "
+                                     "QINS checkpoint; load the full-precision model, then "
+                                     "qins.convert_model_to_projective(model, embeddings=True)")
                 self._targets = load.conversion_targets(model, qc.skip)
                 log.debug("qins: %d layers to quantize while loading", len(self._targets))
             keys = load.checkpoint_keys(kwargs.get("checkpoint_files") or load.local_checkpoint_files(model))
@@ -114,7 +180,7 @@ def build_quantizer_class(major: int) -> type:
             if tensor_name not in _QINS_BUFFERS:
                 return False
             try:
-                return isinstance(model.get_submodule(module_name), ProjectiveLinear)
+                return isinstance(model.get_submodule(module_name), _CODED)
             except AttributeError:
                 return False
 
@@ -181,8 +247,9 @@ def build_quantizer_class(major: int) -> type:
                     check_qins_state(layer, state, "", {"qins": format_metadata(layer.config)})
                 except ValueError as exc:
                     raise ValueError(f"QINS checkpoint, layer {name}: {exc}") from exc
-                layer._cached_weight = None
-                layer.invalidate_cache()
+                if isinstance(layer, ProjectiveLinear):
+                    layer._cached_weight = None
+                    layer.invalidate_cache()
             if self._target_dtype is not None:
                 _cast_saved_tensors(model, self._target_dtype)
                 for attr in ("torch_dtype", "dtype"):
