@@ -38,7 +38,7 @@ def layers(device):
         torch.manual_seed(1000 + i)
         lin = torch.nn.Linear(size, size, bias=False).to(device).eval()
         cached = ProjectiveLinear.from_linear(lin, cache_weight=True).to(device).eval()
-        seed = ProjectiveLinear.from_linear(lin, QinsConfig.seed(), cache_weight=False).to(device).eval()
+        seed = ProjectiveLinear.from_linear(lin, QinsConfig.codec_compatible(), cache_weight=False).to(device).eval()
         out[size] = {"linear": lin, "cached": cached, "seed": seed}
     return out
 

@@ -194,7 +194,7 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
     with torch.no_grad():
         config = config or QinsConfig()
         _validate(weight)
-        if config == QinsConfig.seed():
+        if config == QinsConfig.codec_compatible():
             codes, sign, lo, hi = convert_to_qins(weight)
             lo, hi = (torch.tensor(v, dtype=torch.float32, device=weight.device) for v in (lo, hi))
             return (codes, sign, *_capped(lo, hi))
@@ -216,7 +216,7 @@ def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded
         if config.log_range == "mse" and not config.packed and not config.per_row:
             # The split per-tensor minmax format is the seed's codec (its own rounding of the range and
             # codes); keep "never worse than minmax" against exactly that encoding.
-            seed = encode(weight, QinsConfig.seed())
+            seed = encode(weight, QinsConfig.codec_compatible())
             table = level_table(lo.reshape(-1), hi.reshape(-1), False, spacing="log")
             seed_table = level_table(seed[2].reshape(-1), seed[3].reshape(-1), False, spacing="log")
             if _sq_error(mag, seed[0].reshape(1, -1), seed_table) <= _sq_error(mag, codes, table):

@@ -29,6 +29,7 @@ backend and this reference decode the same weights and differ only in accumulati
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -80,7 +81,7 @@ class QinsConfig:
             or ``"log"`` (geometric levels, the seed's spacing). Module docstring.
 
     The default (packed, mse, per row) is the smallest and, per byte, the most accurate format
-    measured here (README, "Choosing a format"). ``QinsConfig.seed()`` reproduces the seed's
+    measured here (README, "Choosing a format"). ``QinsConfig.codec_compatible()`` reproduces the seed's
     codes exactly (those of :func:`qins.convert_to_qins`).
     """
 
@@ -101,9 +102,16 @@ class QinsConfig:
                              "(the mulaw spacing always searches its range for the least squared error)")
 
     @classmethod
-    def seed(cls) -> "QinsConfig":
-        """The seed's format: split, minmax, per tensor, log spacing."""
+    def codec_compatible(cls) -> "QinsConfig":
+        """Split, log spacing, minmax range, one range per tensor: the codes of
+        :func:`qins.convert_to_qins`, code for code."""
         return cls(packed=False, log_range="minmax", per_row=False, spacing="log")
+
+    @classmethod
+    def seed(cls) -> "QinsConfig":
+        """Deprecated name of :meth:`codec_compatible` (warns ``FutureWarning``)."""
+        warnings.warn("QinsConfig.seed() is renamed QinsConfig.codec_compatible()", FutureWarning, stacklevel=2)
+        return cls.codec_compatible()
 
     @property
     def spacing_id(self) -> int:

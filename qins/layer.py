@@ -33,7 +33,7 @@ class ProjectiveLinear(nn.Module):
 
     The state_dict records its format in the module's metadata (``_version`` 2 and a ``"qins"``
     entry) and a load checks keys, dtypes, shapes, values and format before changing anything; a
-    seed-layout state (version 1: split, per tensor) loads into a ``QinsConfig.seed()`` layer.
+    seed-layout state (version 1: split, per tensor) loads into a ``QinsConfig.codec_compatible()`` layer.
 
     ``forward`` never calls ``.item()``, so ``torch.compile(fullgraph=True)`` neither breaks the
     graph nor recompiles when the log range changes. The output dtype equals the input dtype.

@@ -31,7 +31,7 @@ CONFIGS: dict[str, QinsConfig] = {
     "split-mse-tensor": QinsConfig(packed=False, log_range="mse", per_row=False, spacing="log"),
     "split-mse-row": QinsConfig(packed=False, log_range="mse", per_row=True, spacing="log"),
     "packed-mse-row": QinsConfig(packed=True, log_range="mse", per_row=True, spacing="log"),
-    "seed-split-minmax-tensor": QinsConfig.seed(),
+    "seed-split-minmax-tensor": QinsConfig.codec_compatible(),
     "split-mulaw-row": QinsConfig(packed=False),
     "packed-mulaw-row": QinsConfig(),  # the default
 }

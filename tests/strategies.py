@@ -100,7 +100,7 @@ def config_id(config: QinsConfig) -> str:
 
 
 #: A representative subset for slower layer-level tests: the default, the seed, and one of each axis.
-LAYER_CONFIGS = [QinsConfig(), QinsConfig.seed(), QinsConfig(packed=False), QinsConfig(False, "mse", True, spacing="log"),
+LAYER_CONFIGS = [QinsConfig(), QinsConfig.codec_compatible(), QinsConfig(packed=False), QinsConfig(False, "mse", True, spacing="log"),
                  QinsConfig(True, "minmax", False, spacing="log")]
 
 configs = st.sampled_from(ALL_CONFIGS)

@@ -13,7 +13,7 @@ from tests.strategies import config_id
 
 MODES = pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 # Per-row (the default) and per-tensor logs: both must compile without recompiles.
-FORMATS = pytest.mark.parametrize("config", [QinsConfig(), QinsConfig.seed()], ids=config_id)
+FORMATS = pytest.mark.parametrize("config", [QinsConfig(), QinsConfig.codec_compatible()], ids=config_id)
 
 
 @pytest.fixture(autouse=True)

@@ -99,7 +99,7 @@ def test_skip_given_as_one_string_is_one_pattern_not_its_characters() -> None:
     assert converted == decoder_linear_names()
 
 
-@pytest.mark.parametrize("config", [QinsConfig.seed(), QinsConfig()], ids=["split-tensor", "packed-row"])
+@pytest.mark.parametrize("config", [QinsConfig.codec_compatible(), QinsConfig()], ids=["split-tensor", "packed-row"])
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 def test_conversion_report_and_memory_match_hand_count(cache_weight: bool, config: QinsConfig) -> None:
     model = tiny_phi3()
@@ -128,8 +128,8 @@ def test_cached_mode_costs_more_than_fp32_and_memory_saving_mode_less() -> None:
     """The seed's fp32 cache erased the saving: code+sign (2 B) plus a 4 B cache > 4 B fp32."""
     fp32 = model_memory(tiny_phi3()).total
     cached, saving = tiny_phi3(), tiny_phi3()
-    convert_model_to_projective(cached, QinsConfig.seed(), cache_weight=True)
-    convert_model_to_projective(saving, QinsConfig.seed(), cache_weight=False)
+    convert_model_to_projective(cached, QinsConfig.codec_compatible(), cache_weight=True)
+    convert_model_to_projective(saving, QinsConfig.codec_compatible(), cache_weight=False)
     assert model_memory(cached).total - fp32 == LINEAR_WEIGHTS * 2 + 8 * 8
     assert fp32 - model_memory(saving).total == LINEAR_WEIGHTS * 2 - 8 * 8
 

@@ -90,10 +90,15 @@ def test_the_level_table_is_made_on_the_logs_device(packed: bool) -> None:
         assert table.is_meta and table.shape == (lo.numel(), 256)
 
 
-def test_config_validates_and_seed_is_split_minmax_per_tensor() -> None:
-    assert QinsConfig.seed() == QinsConfig(packed=False, log_range="minmax", per_row=False, spacing="log")
-    assert QinsConfig(spacing="log").levels == 127 and QinsConfig.seed().levels == 255
-    assert QinsConfig(spacing="log").bytes_per_weight == 1 and QinsConfig.seed().bytes_per_weight == 2
+def test_the_old_name_seed_warns_and_returns_the_codec_compatible_config() -> None:
+    with pytest.warns(FutureWarning, match="codec_compatible"):
+        assert QinsConfig.seed() == QinsConfig.codec_compatible()
+
+
+def test_config_validates_and_codec_compatible_is_split_minmax_per_tensor() -> None:
+    assert QinsConfig.codec_compatible() == QinsConfig(packed=False, log_range="minmax", per_row=False, spacing="log")
+    assert QinsConfig(spacing="log").levels == 127 and QinsConfig.codec_compatible().levels == 255
+    assert QinsConfig(spacing="log").bytes_per_weight == 1 and QinsConfig.codec_compatible().bytes_per_weight == 2
     with pytest.raises(ValueError, match="log_range"):
         QinsConfig(log_range="absmax", spacing="log")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="bool"):
@@ -110,7 +115,7 @@ EXTREME = EXTREME_SPANS[-1]  # 2-d: a log span near float32's whole range (~175 
 
 @given(float32_weights(), log_configs)
 @example(EXTREME, QinsConfig(spacing="log"))
-@example(EXTREME, QinsConfig.seed())
+@example(EXTREME, QinsConfig.codec_compatible())
 @example(EXTREME, QinsConfig(False, "mse", False, spacing="log"))
 @example(EXTREME, QinsConfig(True, "minmax", True, spacing="log"))
 def test_in_range_weights_decode_within_half_a_log_step_with_their_sign(w: torch.Tensor, config: QinsConfig) -> None:
@@ -174,7 +179,7 @@ SPLIT_TENSOR_MSE = QinsConfig(packed=False, log_range="mse", per_row=False, spac
 
 def test_split_per_tensor_mse_beats_the_seed_codec_on_gaussian_weights() -> None:
     w = torch.randn(64, 64, generator=torch.Generator().manual_seed(4))
-    mse, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.seed())
+    mse, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.codec_compatible())
     assert float(mse[2]) > float(seed[2]) and _sq(w, mse) < 0.9 * _sq(w, seed)
 
 
@@ -193,7 +198,7 @@ def test_split_per_tensor_mse_returns_the_seed_codec_when_the_search_does_worse(
 
     monkeypatch.setattr(enc, "_search", bad_search)
     w = torch.randn(16, 16, generator=torch.Generator().manual_seed(5))
-    got, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.seed())
+    got, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.codec_compatible())
     assert all(torch.equal(a, b) for a, b in zip(got, seed))
 
 
@@ -203,7 +208,7 @@ def test_split_per_tensor_mse_keeps_the_seed_codec_on_a_tie_of_the_exact_errors(
     enc = sys.modules["qins.encode"]
     monkeypatch.setattr(enc, "_sq_error", lambda mag, codes, table: torch.zeros(mag.shape[0], dtype=F64))
     w = torch.randn(16, 16, generator=torch.Generator().manual_seed(6))
-    got, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.seed())
+    got, seed = encode(w, SPLIT_TENSOR_MSE), encode(w, QinsConfig.codec_compatible())
     assert all(torch.equal(a, b) for a, b in zip(got, seed))
 
 
@@ -247,7 +252,7 @@ def test_largest_magnitude_of_each_row_gets_code_one_and_log_max_is_its_log(w: t
 
 @given(float32_weights())
 def test_seed_config_reproduces_convert_to_qins_codes_exactly(w: torch.Tensor) -> None:
-    codes, sign, lo, hi = encode(w, QinsConfig.seed())
+    codes, sign, lo, hi = encode(w, QinsConfig.codec_compatible())
     c0, s0, lo0, hi0 = convert_to_qins(w)
     assert torch.equal(codes, c0) and torch.equal(sign, s0)
     assert float(lo) == torch.tensor(lo0, dtype=torch.float32).item() and float(hi) == torch.tensor(hi0, dtype=torch.float32).item()

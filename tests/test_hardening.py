@@ -22,9 +22,9 @@ from qins import ProjectiveLinear, QinsConfig, encode
 from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, SPACINGS, decode_codes, level_table, num_levels, qins_exp
 
 TINY = torch.finfo(torch.float32).tiny
-CONFIGS = [QinsConfig(), QinsConfig.seed(), QinsConfig(packed=False, per_row=True), QinsConfig(packed=True, per_row=False)]
+CONFIGS = [QinsConfig(), QinsConfig.codec_compatible(), QinsConfig(packed=False, per_row=True), QinsConfig(packed=True, per_row=False)]
 #: log-spaced formats: their smallest level is exp(log_min), so log_min's floor alone keeps it normal
-LOG_SPACED = [QinsConfig(spacing="log"), QinsConfig.seed(), QinsConfig(packed=False, spacing="log"),
+LOG_SPACED = [QinsConfig(spacing="log"), QinsConfig.codec_compatible(), QinsConfig(packed=False, spacing="log"),
               QinsConfig(per_row=False, spacing="log")]
 
 
@@ -303,7 +303,7 @@ class _Small(nn.Module):
         self.register_buffer("tied", self.plain.weight.detach())
         if converted:
             self.packed = ProjectiveLinear.from_linear(self.packed, QinsConfig())
-            self.split = ProjectiveLinear.from_linear(self.split, QinsConfig.seed(), cache_weight=False)
+            self.split = ProjectiveLinear.from_linear(self.split, QinsConfig.codec_compatible(), cache_weight=False)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

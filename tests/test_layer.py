@@ -12,7 +12,7 @@ from qins.codec import SMALLEST_NORMAL
 from tests.strategies import LAYER_CONFIGS, config_id, default_dtype
 
 CONFIGS = pytest.mark.parametrize("config", LAYER_CONFIGS, ids=config_id)
-SEED = QinsConfig.seed()
+SEED = QinsConfig.codec_compatible()
 
 F64 = torch.float64
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

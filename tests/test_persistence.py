@@ -33,13 +33,13 @@ QINS_KEYS = ("stored", "sign", "log_min", "log_max")
 # (id, model kind, QinsConfig, cache_weight, load dtype)
 CASES = [
     ("native-default-cached", "native", QinsConfig(), True, None),
-    ("native-seed-cached", "native", QinsConfig.seed(), True, None),
+    ("native-seed-cached", "native", QinsConfig.codec_compatible(), True, None),
     ("native-default-memory_saving", "native", QinsConfig(), False, None),
-    ("native-seed-memory_saving", "native", QinsConfig.seed(), False, None),
+    ("native-seed-memory_saving", "native", QinsConfig.codec_compatible(), False, None),
     ("native-default-bf16", "native", QinsConfig(), True, "bfloat16"),
-    ("native-seed-bf16", "native", QinsConfig.seed(), False, "bfloat16"),
+    ("native-seed-bf16", "native", QinsConfig.codec_compatible(), False, "bfloat16"),
     ("legacy-default-cached", "legacy", QinsConfig(), True, None),
-    ("legacy-seed-memory_saving", "legacy", QinsConfig.seed(), False, None),
+    ("legacy-seed-memory_saving", "legacy", QinsConfig.codec_compatible(), False, None),
 ]
 
 CHILD = r"""

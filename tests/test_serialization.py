@@ -18,7 +18,7 @@ from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective
 from tests.strategies import biased_mlp, tiny_phi3, tiny_phi3_config
 
 IDS = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(3))
-CONFIGS = [QinsConfig(), QinsConfig.seed()]
+CONFIGS = [QinsConfig(), QinsConfig.codec_compatible()]
 CONFIG_IDS = ["default", "seed"]
 
 
@@ -92,7 +92,7 @@ def test_tied_embeddings_are_written_once_and_stay_tied(tmp_path: Path) -> None:
 
 
 def test_the_file_holds_only_tensors_and_string_metadata(tmp_path: Path) -> None:
-    qins.save(_converted(QinsConfig.seed()), tmp_path / "m.safetensors")
+    qins.save(_converted(QinsConfig.codec_compatible()), tmp_path / "m.safetensors")
     raw = (tmp_path / "m.safetensors").read_bytes()
     header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
     meta = header.pop("__metadata__")
@@ -222,14 +222,14 @@ BAD_FILES = [
 def test_bad_file_raises_value_error_and_leaves_the_model_exactly_as_it_was(
     tmp_path: Path, name, edit_tensors, edit_meta, message, converted: bool
 ) -> None:
-    qins.save(_converted(QinsConfig.seed()), tmp_path / "good.safetensors")
+    qins.save(_converted(QinsConfig.codec_compatible()), tmp_path / "good.safetensors")
     bad = _rewrite(
         tmp_path / "good.safetensors",
         tmp_path / "bad.safetensors",
         edit_tensors or (lambda t: None),
         edit_meta or (lambda m: None),
     )
-    model = _converted(QinsConfig.seed(), seed=4) if converted else tiny_phi3(seed=4)
+    model = _converted(QinsConfig.codec_compatible(), seed=4) if converted else tiny_phi3(seed=4)
     before = _snapshot(model)
     with pytest.raises(ValueError, match=message):
         qins.load(model, bad)
@@ -238,7 +238,7 @@ def test_bad_file_raises_value_error_and_leaves_the_model_exactly_as_it_was(
 
 def test_loading_another_format_into_a_converted_model_fails_before_anything_changes(tmp_path: Path) -> None:
     qins.save(_converted(QinsConfig()), tmp_path / "m.safetensors")
-    model = _converted(QinsConfig.seed(), seed=4)
+    model = _converted(QinsConfig.codec_compatible(), seed=4)
     before = _snapshot(model)
     with pytest.raises(ValueError, match="state is packed.*layer is split"):
         qins.load(model, tmp_path / "m.safetensors")
@@ -282,7 +282,7 @@ def test_torch_save_state_dict_loads_with_weights_only(config: QinsConfig, metad
     target = _converted(config, seed=9)
     target.load_state_dict(state)
     assert torch.equal(_logits(target), _logits(source))
-    other = _converted(QinsConfig.seed() if config.packed else QinsConfig(), seed=9)
+    other = _converted(QinsConfig.codec_compatible() if config.packed else QinsConfig(), seed=9)
     codes = {
         n: {k: v.clone() for k, v in m.state_dict().items()}
         for n, m in other.named_modules()
@@ -353,9 +353,10 @@ def test_a_file_without_aliases_loads(tmp_path: Path) -> None:
 
 
 def test_key_mismatch_names_the_first_five_missing_and_the_first_five_unexpected_keys(tmp_path: Path) -> None:
-    qins.save(_converted(QinsConfig.seed()), tmp_path / "good.safetensors")
+    qins.save(_converted(QinsConfig.codec_compatible()), tmp_path / "good.safetensors")
     plain = sorted(
-        k for k in _converted(QinsConfig.seed()).state_dict() if "norm" in k or "embed" in k or "lm_head" in k
+        k for k in _converted(QinsConfig.codec_compatible()).state_dict()
+        if "norm" in k or "embed" in k or "lm_head" in k
     )
     assert len(plain) >= 6
     extra = [f"extra.{i}" for i in range(7)]
@@ -367,7 +368,7 @@ def test_key_mismatch_names_the_first_five_missing_and_the_first_five_unexpected
 
     bad = _rewrite(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", tensors=edit)
     with pytest.raises(ValueError) as info:
-        qins.load(_converted(QinsConfig.seed(), seed=4), bad)
+        qins.load(_converted(QinsConfig.codec_compatible(), seed=4), bad)
     assert f"keys do not match the model: missing {plain[:5]}, unexpected {extra[:5]}" in str(info.value)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from qins import ProjectiveLinear, QinsConfig, convert_to_qins
 
-SEED = QinsConfig.seed()
+SEED = QinsConfig.codec_compatible()
 
 
 def _linear(seed: int = 0) -> nn.Linear:
