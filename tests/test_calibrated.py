@@ -24,6 +24,7 @@ def _correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
     return (base @ mix) * scale
 
 
+@pytest.mark.slow
 @given(rows=st.integers(1, 9), cols=st.integers(2, 40), seed=st.integers(0, 2**16), packed=st.booleans(),
        spacing=st.sampled_from(qins.formats.SPACINGS))
 def test_calibrated_ranges_never_have_a_larger_weighted_error_than_the_data_free_ranges(rows, cols, seed, packed, spacing):
@@ -40,6 +41,7 @@ def test_calibrated_ranges_never_have_a_larger_weighted_error_than_the_data_free
     assert torch.equal(calibrated, _round(w, lo.reshape(-1, 1), hi.reshape(-1, 1), packed, spacing=spacing)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spacing", ["mulaw", "log"])
 @pytest.mark.parametrize("packed", [True, False])
 def test_error_feedback_lowers_the_output_error_on_correlated_inputs(packed, spacing):

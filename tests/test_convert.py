@@ -89,6 +89,7 @@ def test_storages_are_told_apart_by_device_and_address() -> None:
     assert _storage_key(torch.zeros(4, device="meta")) is None
 
 
+@pytest.mark.slow
 def test_skip_given_as_one_string_is_one_pattern_not_its_characters() -> None:
     model = tiny_phi3()
     report = convert_model_to_projective(model, skip="model.layers.1.mlp.down_proj")
@@ -150,6 +151,7 @@ def test_tied_head_is_skipped_not_duplicated() -> None:
     assert report.memory_after.parameters == (EMBED + NORMS) * F32
 
 
+@pytest.mark.slow
 def test_skip_accepts_exact_names_and_globs() -> None:
     model = tiny_phi3()
     report = convert_model_to_projective(model, skip=("*.mlp.*", "model.layers.0.self_attn.o_proj"))

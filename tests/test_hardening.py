@@ -86,6 +86,7 @@ def test_every_float32_log_in_the_bottom_nat_above_the_floor_decodes_normal() ->
     assert float(qins_exp(_f32(math.log(TINY)).reshape(1))) < TINY
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
 def test_every_level_of_a_table_inside_the_bounds_is_finite_and_normal(packed: bool) -> None:
     # The floor with spans from 0 to the whole range: the rounding of log_max - j·δ lands at most
@@ -431,6 +432,7 @@ def _apply(data: bytes, mutation) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.slow
 def test_fuzzed_files_either_raise_value_error_leaving_the_model_unchanged_or_load_exactly_what_they_hold(small_file, tmp_path_factory) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st

@@ -152,6 +152,7 @@ def test_wide_and_tall_layers(packed, batch):
             check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("batch", [9, 33])
 def test_large_batch_gemm_sums_every_column_block_of_a_long_row(packed, batch):

@@ -47,6 +47,7 @@ def _unchanged(model: nn.Module, before: tuple[list, dict]) -> bool:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_save_then_load_into_a_converted_model_is_bit_identical(
@@ -80,6 +81,7 @@ def test_load_into_a_plain_skeleton_converts_the_listed_layers_to_the_recorded_f
     assert torch.equal(_logits(skeleton), _logits(source))
 
 
+@pytest.mark.slow
 def test_tied_embeddings_are_written_once_and_stay_tied(tmp_path: Path) -> None:
     source = _converted(QinsConfig(), tie_word_embeddings=True)
     qins.save(source, tmp_path / "m.safetensors")
@@ -256,6 +258,7 @@ def test_a_converted_layer_the_file_does_not_list_is_refused(tmp_path: Path) -> 
     assert _unchanged(model, before)
 
 
+@pytest.mark.slow
 def test_meta_skeleton_with_non_persistent_buffers_is_refused_before_anything_changes(tmp_path: Path) -> None:
     from transformers import Phi3ForCausalLM
 
@@ -268,6 +271,7 @@ def test_meta_skeleton_with_non_persistent_buffers_is_refused_before_anything_ch
     assert [(n, type(m)) for n, m in model.named_modules()] == types
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metadata", [True, False], ids=["with-metadata", "metadata-stripped"])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_torch_save_state_dict_loads_with_weights_only(config: QinsConfig, metadata: bool) -> None:

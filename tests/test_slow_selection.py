@@ -57,18 +57,3 @@ def test_slow_tests_run_only_when_asked_for(suite: pytest.Pytester, args: tuple[
     result.assert_outcomes(passed=passed, deselected=deselected)
     header = "tests marked slow are deselected" in result.stdout.str()
     assert header == (not args or args[0].startswith("test_suite.py"))
-
-
-def test_every_test_marked_slow_from_tests_slow_exists() -> None:
-    """A renamed or removed test must not leave a stale entry in ``SLOW_ELSEWHERE``."""
-    import ast
-    from pathlib import Path
-
-    from tests.slow import SLOW_ELSEWHERE
-
-    root = Path(__file__).resolve().parent.parent
-    for nodeid in sorted(SLOW_ELSEWHERE):
-        path, name = nodeid.split("::")
-        tree = ast.parse((root / path).read_text(encoding="utf8"))
-        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-        assert name in defined, f"{nodeid} is in tests/slow.py's SLOW_ELSEWHERE but {path} defines no such test"
