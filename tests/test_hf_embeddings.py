@@ -166,8 +166,36 @@ def test_the_config_class_records_embeddings_and_its_skip_default_follows_the_co
     assert qins.QinsHfConfig(embeddings=False, skip=["x"]).skip == ["x"]
 
 
-def test_quantize_on_load_with_embeddings_is_a_clear_error(tmp_path) -> None:
+@MODELS
+@TIED
+def test_quantize_on_load_with_embeddings_gives_the_codes_of_load_then_convert(factory, tie: bool, tmp_path) -> None:
+    factory(tie_word_embeddings=tie).save_pretrained(tmp_path / "src")
+    want = _from_pretrained(tmp_path / "src")
+    qins.convert_model_to_projective(want, embeddings=True, cache_weight=False)
+    got = _from_pretrained(tmp_path / "src", quantization_config=qins.QinsHfConfig(embeddings=True, cache_weight=False))
+    assert type(got.lm_head) is (ProjectiveTiedHead if tie else ProjectiveLinear)
+    if tie:
+        assert got.lm_head.embedding is got.model.embed_tokens
+    assert_same_codes(want, got)
+    with torch.no_grad():
+        assert torch.equal(got(IDS).logits, want(IDS).logits)
+    got.save_pretrained(tmp_path / "dst")  # and it saves as a QINS checkpoint with its embeddings
+    again = _from_pretrained(tmp_path / "dst")
+    assert_same_codes(want, again)
+    assert (again.lm_head.embedding is again.model.embed_tokens) if tie else type(again.lm_head) is ProjectiveLinear
+
+
+def test_quantize_on_load_from_a_bfloat16_checkpoint_matches_load_then_convert(tmp_path) -> None:
+    tiny_llama(tie_word_embeddings=True).to(torch.bfloat16).save_pretrained(tmp_path)
+    want = _from_pretrained(tmp_path)
+    qins.convert_model_to_projective(want, embeddings=True)
+    got = _from_pretrained(tmp_path, quantization_config=qins.QinsHfConfig(embeddings=True))
+    assert_same_codes(want, got)
+    assert got.model.embed_tokens.compute_dtype == want.model.embed_tokens.compute_dtype
+
+
+def test_quantize_on_load_refuses_a_tied_head_that_skip_would_keep_in_full_precision(tmp_path) -> None:
     tiny_phi3(tie_word_embeddings=True).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"quantize on load stores Linears only: QinsHfConfig\(embeddings=True\) "
-                                         r"needs a QINS checkpoint"):
-        _from_pretrained(tmp_path, quantization_config=qins.QinsHfConfig(embeddings=True))
+    with pytest.raises(ValueError, match=r"layer 'lm_head' is tied to the embedding 'model.embed_tokens', which is "
+                                         r"quantized, but 'skip' entry 'lm_head' leaves it in full precision"):
+        _from_pretrained(tmp_path, quantization_config=qins.QinsHfConfig(embeddings=True, skip=["lm_head"]))

@@ -17,8 +17,9 @@ Modules:
   tied head) on the meta model before the weights load, loads the codes and logs as they are in the
   file (the float32 logs are never cast), validates every layer and decodes the caches.
 * :mod:`.load`: quantize on load (``from_pretrained(src, quantization_config=qins.QinsHfConfig(...))``
-  encodes each Linear as its weight arrives) and the checks of a checkpoint's tensor names against
-  the ``skip`` list.
+  encodes each Linear, and with ``embeddings=True`` each embedding, as its weight arrives) and the
+  checks of a checkpoint's tensor names against the ``skip`` list.
+* :mod:`.tying`: QINS embeddings and tied heads under transformers' weight tying.
 * :mod:`.checkpoint`: ``qins quantize SRC DST`` on a safetensors checkpoint, one tensor at a time.
 * :mod:`.compat`: the legacy API patch for pre-4.49 remote-code models (:func:`qins.patch_transformers`).
 

@@ -7,7 +7,10 @@ would convert (same ``skip`` list, tied weights left alone); the meta model keep
 ``nn.Linear``. When a target's ``weight`` arrives, :func:`install_encoded` casts it to the dtype the
 plain load gives that weight (the meta weight's dtype), encodes it (:func:`qins.streaming.encoded_layer`:
 block by block of rows for a per-row format) and swaps the layer in; the full-precision tensor is
-dropped at once. Codes and logs are therefore those of load-then-convert, bit for bit. Peak memory:
+dropped at once. With ``embeddings=True`` the ``nn.Embedding`` s are targets too
+(:func:`.tying.embedding_targets`; a Linear tied to one becomes a :class:`qins.ProjectiveTiedHead` on
+it when the embedding's weight arrives). Codes and logs are therefore those of load-then-convert,
+bit for bit. Peak memory:
 the model built so far plus about one weight as the loader hands it over, in the load dtype, and
 one block's encoding temporaries (on transformers 4.44, which reads a whole shard at a time, plus
 that shard).
@@ -39,6 +42,7 @@ from ...embedding import ProjectiveEmbedding
 from ...formats import QinsConfig
 from ...layer import ProjectiveLinear
 from ...streaming import encoded_layer
+from .tying import install_embedding
 
 __all__ = ["check_against_checkpoint", "checkpoint_keys", "conversion_targets", "install_encoded",
            "local_checkpoint_files", "quantize_op"]
@@ -59,15 +63,16 @@ def weight_target(model: nn.Module, targets: set[str], param_name: str) -> bool:
     if tensor_name != "weight" or module_name not in targets:
         return False
     try:
-        return type(model.get_submodule(module_name)) is not ProjectiveLinear
+        return not isinstance(model.get_submodule(module_name), (ProjectiveLinear, ProjectiveEmbedding))
     except AttributeError:
         return False
 
 
 def install_encoded(model: nn.Module, param_name: str, value: torch.Tensor, config: QinsConfig,
-                    cache_weight: bool, device: Any = None) -> ProjectiveLinear:
+                    cache_weight: bool, device: Any = None) -> nn.Module:
     """Encode ``value`` (the checkpoint's ``<layer>.weight``, ``[out, in]``, any float dtype) into a
-    :class:`ProjectiveLinear` of ``config`` and put it in place of the ``nn.Linear`` ``<layer>``.
+    :class:`ProjectiveLinear` of ``config`` and put it in place of the ``nn.Linear`` ``<layer>`` (an
+    ``nn.Embedding`` target: :func:`.tying.install_embedding`, its tied heads included).
 
     ``value`` is encoded as cast to the layer's (meta) weight dtype, which is what a plain load
     would give that weight, so the codes equal those of load-then-convert. The layer keeps the
@@ -77,6 +82,8 @@ def install_encoded(model: nn.Module, param_name: str, value: torch.Tensor, conf
     """
     module_name, _, _ = param_name.rpartition(".")
     linear = model.get_submodule(module_name)
+    if type(linear) is nn.Embedding:  # a target only with QinsHfConfig(embeddings=True)
+        return install_embedding(model, param_name, value, config, device)
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"{param_name}: {module_name!r} is a {type(linear).__name__}, not the nn.Linear to quantize")
     expected = (linear.out_features, linear.in_features)
@@ -123,6 +130,8 @@ def quantize_op(quantizer: Any) -> Any:
                 self.hf_quantizer._load_errors.append(exc)
             if missing_keys is not None:
                 missing_keys.discard(name)
+                for head in getattr(self.hf_quantizer, "_heads", ()):  # tied heads: their embedding's codes
+                    missing_keys.discard(f"{head}.weight")
             return {}
 
     return QinsQuantize(quantizer)

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import types
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ...convert import convert_model_to_projective
-from ...embedding import ProjectiveEmbedding, ProjectiveTiedHead
+from ...embedding import ProjectiveEmbedding
 from ...layer import ProjectiveLinear
 from ...state import check_qins_state, format_metadata
 from . import load
 from .config import build_config_class, transformers_version
+from .tying import embedding_targets, stop_transformers_tying, tie_input_and_output_embeddings
 
 __all__ = ["build_classes", "build_quantizer_class"]
 
@@ -40,57 +40,6 @@ _CODED = (ProjectiveLinear, ProjectiveEmbedding)
 def _qins_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every module holding QINS codes, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _CODED)]
-
-
-def _tied_pairs(model: torch.nn.Module) -> list[tuple[str, str]]:
-    """(output module, input module) names that transformers ties for ``model``: 5.x's
-    ``all_tied_weights_keys`` (target -> source parameter names), else 4.x's output and input
-    embeddings when the (text) config has ``tie_word_embeddings``."""
-    mapping = getattr(model, "all_tied_weights_keys", None)
-    if isinstance(mapping, dict):
-        return [(t.rpartition(".")[0], s.rpartition(".")[0]) for t, s in mapping.items()
-                if t.endswith(".weight") and s.endswith(".weight")]
-    config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if not getattr(text, "tie_word_embeddings", False):
-        return []
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    return [(names[id(out)], names[id(inp)])] if id(out) in names and id(inp) in names else []
-
-
-def tie_input_and_output_embeddings(model: torch.nn.Module) -> None:
-    """Tie the (meta) model's output Linear to its input embedding as transformers would, before the
-    QINS conversion: the conversion recognises a tied head by the shared Parameter, and transformers
-    only ties once the weights are loaded (its ``tie_weights`` is a no-op while the model is built)."""
-    for out_name, in_name in _tied_pairs(model):
-        out, inp = model.get_submodule(out_name), model.get_submodule(in_name)
-        if isinstance(out, torch.nn.Linear) and isinstance(inp, torch.nn.Embedding) \
-                and out.weight.shape == inp.weight.shape:
-            out.weight = inp.weight
-
-
-def _tie_or_clone_weights(self: Any, output_embeddings: Any, input_embeddings: Any) -> None:
-    """4.x ``PreTrainedModel._tie_or_clone_weights`` that leaves a QINS tied head as it is: it already
-    computes from its embedding's codes (and has no ``weight`` to assign)."""
-    if isinstance(output_embeddings, ProjectiveTiedHead) and output_embeddings.embedding is input_embeddings:
-        return
-    type(self)._tie_or_clone_weights(self, output_embeddings, input_embeddings)
-
-
-def stop_transformers_tying(model: torch.nn.Module) -> None:
-    """After the conversion: keep transformers from tying a QINS tied head to its embedding again (it
-    would assign a ``weight`` the head does not have). 5.x ties from ``all_tied_weights_keys``: the
-    entries whose target is a QINS tied head are dropped. 4.x ties through ``_tie_or_clone_weights``:
-    the model gets one that skips a QINS tied head (every other pair is tied as before)."""
-    heads = {name for name, m in model.named_modules() if isinstance(m, ProjectiveTiedHead)}
-    if not heads:
-        return
-    tied = getattr(model, "all_tied_weights_keys", None)
-    if isinstance(tied, dict):
-        model.all_tied_weights_keys = {k: v for k, v in tied.items() if k.rpartition(".")[0] not in heads}
-    if hasattr(type(model), "_tie_or_clone_weights"):
-        model._tie_or_clone_weights = types.MethodType(_tie_or_clone_weights, model)
 
 
 def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -128,7 +77,8 @@ def build_quantizer_class(major: int) -> type:
             super().__init__(quantization_config, **kwargs)
             self._target_dtype: torch.dtype | None = None
             self._seen: set[str] = set()
-            self._targets: set[str] = set()  # quantize on load: the Linears to encode as they arrive
+            self._targets: set[str] = set()  # quantize on load: the Linears (and embeddings) to encode
+            self._heads: set[str] = set()  # quantize on load: the Linears tied to a target embedding
             self._load_errors: list[ValueError] = []
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -159,11 +109,12 @@ def build_quantizer_class(major: int) -> type:
                     stop_transformers_tying(model)
                 log.debug("qins: rebuilt %d QINS layers before loading", len(report.converted))
             else:
+                embeddings: set[str] = set()
                 if qc.embeddings:
-                    raise ValueError("quantize on load stores Linears only: QinsHfConfig(embeddings=True) needs a "
-                                     "QINS checkpoint; load the full-precision model, then "
-                                     "qins.convert_model_to_projective(model, embeddings=True)")
-                self._targets = load.conversion_targets(model, qc.skip)
+                    tie_input_and_output_embeddings(model)
+                    embeddings, self._heads = embedding_targets(model, qc.skip)
+                    stop_transformers_tying(model, self._heads)
+                self._targets = load.conversion_targets(model, qc.skip) | embeddings
                 log.debug("qins: %d layers to quantize while loading", len(self._targets))
             keys = load.checkpoint_keys(kwargs.get("checkpoint_files") or load.local_checkpoint_files(model))
             if keys is not None:
@@ -217,7 +168,9 @@ def build_quantizer_class(major: int) -> type:
                 weights = {k.removeprefix(prefix).lstrip(".") for k in missing_keys} | set(missing_keys)
                 load.check_against_checkpoint(model, (), {f"{t}.weight" for t in self._targets} - weights,
                                                  pre_quantized=False, targets=self._targets)
-                return missing_keys
+                # a tied head's weight is its embedding's codes, never in the checkpoint
+                return [k for k in missing_keys if k.removeprefix(prefix).lstrip(".").removesuffix(".weight")
+                        not in self._heads]
             missing = [k for k in missing_keys if self._qins_buffer(model, k.removeprefix(prefix).lstrip("."))
                        or self._qins_buffer(model, k)]
             if missing:
@@ -228,7 +181,7 @@ def build_quantizer_class(major: int) -> type:
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             if self._load_errors:
                 raise self._load_errors[0]
-            left = sorted(t for t in self._targets if not isinstance(model.get_submodule(t), ProjectiveLinear))
+            left = sorted(t for t in self._targets if not isinstance(model.get_submodule(t), _CODED))
             if left:
                 raise ValueError(f"layers {left[:4]} were not quantized while loading: their weights never arrived "
                                  "(add them to the QINS config's 'skip' list to leave them as they are)")
