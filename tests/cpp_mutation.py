@@ -231,6 +231,12 @@ def committed_sources(rev: str = "HEAD") -> dict[str, str]:
     return {f: _git_show(f"{rev}:{(CPU_DIR / f).as_posix()}") for f in FILE_ISAS}
 
 
+def last_run_commit(report: Path = REPORT) -> str:
+    """The commit of the report's last run (HEAD without one): the sources its mutant ids refer to."""
+    runs = json.loads(report.read_text()).get("runs", []) if report.exists() else []
+    return runs[-1]["commit"] if runs else "HEAD"
+
+
 def _git_show(spec: str) -> str:
     return subprocess.run(["git", "show", spec], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
@@ -458,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mutant", action="append", default=[], help="only this mutant id (repeatable)")
     parser.add_argument("--sample", type=int, help="a random sample of this many mutants")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rev", default="HEAD", help="the commit whose C++ sources are mutated")
+    parser.add_argument("--rev", help="the commit whose C++ sources are mutated (default HEAD; with --report-only "
+                        "or --check, the last run's)")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--skip-done", action="store_true", help="leave out mutants the report already has")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per test run before it counts as a hang")
@@ -468,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 below the target, or with stale ledger entries")
     args = parser.parse_args(argv)
 
+    if args.rev is None:
+        args.rev = last_run_commit(args.report) if args.report_only or args.check else "HEAD"
     sources = committed_sources(args.rev)
     files = args.file or list(FILE_ISAS)
     report = _load_report(args.report, sources)

@@ -98,8 +98,10 @@ def test_the_kill_rate_counts_detected_over_built_non_equivalent_and_flags_stale
 
 
 def test_the_equivalents_ledger_parses_and_names_real_mutants():
+    """Each entry names a mutant of the sources of the report's last run, and its mutated line."""
     eq = cm.load_equivalents()
-    by_id = {m.id: (m, src) for f, src in _sources() for m in cm.mutants(src, f)}
+    sources = cm.committed_sources(cm.last_run_commit())
+    by_id = {m.id: (m, src) for f, src in sources.items() for m in cm.mutants(src, f)}
     for ident, (line, reason) in eq.items():
         assert reason, ident
         if ident in by_id:  # an entry of a source that changed since is reported stale by --check
