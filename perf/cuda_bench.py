@@ -150,11 +150,14 @@ def bench(out: int, inn: int, packed: bool, batch: int, args, device, gen, cache
     if batch == 1 and device.type == "cuda":
         timers["eager:fp32"] = Timer(kinds["fp32"], args.iters, device, graph=False)
         timers["eager:qins-op"] = Timer(
-            lambda i: torch.ops.qins.linear(x, *(qins_layers[i % nq][k] for k in ("codes", "sign", "lo", "hi", "bias"))),
+            lambda i: torch.ops.qins.linear(
+                x, *(qins_layers[i % nq][k] for k in ("codes", "sign", "lo", "hi", "bias"))
+            ),
             args.iters, device, graph=False)
         timers["eager:triton-linear"] = Timer(q, args.iters, device, graph=False)  # no custom-op layer
         timers["eager:triton-table"] = Timer(
-            lambda i: tk.table(qins_layers[i % nq]["lo"], qins_layers[i % nq]["hi"], packed), args.iters, device, graph=False)
+            lambda i: tk.table(qins_layers[i % nq]["lo"], qins_layers[i % nq]["hi"], packed),
+            args.iters, device, graph=False)
         timers["graph:triton-table"] = Timer(
             lambda i: tk.table(qins_layers[i % nq]["lo"], qins_layers[i % nq]["hi"], packed), args.iters, device)
     samples: dict[str, list[float]] = {k: [] for k in timers}
@@ -169,7 +172,8 @@ def bench(out: int, inn: int, packed: bool, batch: int, args, device, gen, cache
         rows.append(dict(
             out=out, inn=inn, fmt="packed" if packed else "split", batch=batch, kind=name,
             us=statistics.median(ts) * 1e6, ratio_vs_fp32=statistics.median(a / b for a, b in zip(ts, ref)),
-            weight_GBps=(code_bytes / statistics.median(ts) / 1e9) if name.startswith(("triton", "floor", "eager:q", "eager:triton-linear")) else None,
+            weight_GBps=(code_bytes / statistics.median(ts) / 1e9)
+            if name.startswith(("triton", "floor", "eager:q", "eager:triton-linear")) else None,
             rel=errors.get(name), layers={"fp32": nf, "eager:fp32": nf, "bf16": n16}.get(name, nq),
         ))
     return rows

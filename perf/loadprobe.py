@@ -58,10 +58,11 @@ def probe(mode: str, path: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
     import qins
     from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective, model_memory
     from qins.testing.models import tiny_llama
-    from transformers import AutoModelForCausalLM
 
     warm = tiny_llama(hidden_size=32, num_hidden_layers=1, vocab_size=64)
     convert_model_to_projective(warm, QinsConfig(), cache_weight=False)

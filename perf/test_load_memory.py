@@ -84,9 +84,13 @@ def test_quantize_on_load_peak_memory(benchmark, perf_gate, checkpoint):
     figures["checkpoint_bytes"] = info["bytes"]
     plain_benchmark(benchmark, lambda: None, budget_s=0.01, max_rounds=1)
     bound = figures["model_bytes"] + 2 * figures["largest_fp32_bytes"] + FIXED_OVERHEAD
-    target = (f"quantize-on-load peak {figures['peak_on_load'] / MIB:.0f} MiB <= model {figures['model_bytes'] / MIB:.0f} "
-              f"MiB + 2x largest fp32 {2 * figures['largest_fp32_bytes'] / MIB:.0f} MiB + fixed {FIXED_OVERHEAD / MIB:.0f} MiB "
+    target = (f"quantize-on-load peak {figures['peak_on_load'] / MIB:.0f} MiB "
+              f"<= model {figures['model_bytes'] / MIB:.0f} "
+              f"MiB + 2x largest fp32 {2 * figures['largest_fp32_bytes'] / MIB:.0f} MiB "
+              f"+ fixed {FIXED_OVERHEAD / MIB:.0f} MiB "
               f"(load-then-convert: {figures['peak_then_convert'] / MIB:.0f} MiB)")
-    perf_gate.speed_target(benchmark, "memory", target, None if figures["peak_on_load"] <= bound else f"missed: {target}")
+    perf_gate.speed_target(
+        benchmark, "memory", target, None if figures["peak_on_load"] <= bound else f"missed: {target}"
+    )
     rules = {"peak_on_load_vs_then_convert": Rule(HIGHER, perf_gate.tol["memory"])}
     perf_gate.check(benchmark, figures, rules, lambda: _measure(path), key="load-memory/on-load")
