@@ -27,7 +27,6 @@ Invariant (see :func:`qins_error_bound` and :func:`qins_log_slack`): every weigh
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 
@@ -45,7 +44,7 @@ SMALLEST_NORMAL: float = torch.finfo(torch.float32).tiny
 _FLOAT32_MAX: float = torch.finfo(torch.float32).max
 _STEPS = 254  # intervals between level 1 and level 255
 
-Scalar = Union[float, torch.Tensor]
+Scalar = float | torch.Tensor
 
 
 def qins_error_bound(log_min: float, log_max: float) -> float:
@@ -82,7 +81,7 @@ def _as_scalar_tensor(x: Scalar, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(x), dtype=torch.float32, device=device)
 
 
-def qins_levels(log_min: Scalar, log_max: Scalar, *, device: Optional[torch.device] = None) -> torch.Tensor:
+def qins_levels(log_min: Scalar, log_max: Scalar, *, device: torch.device | None = None) -> torch.Tensor:
     """The 256-entry float32 decode table: ``levels[0] = 0``, ``levels[k] ≈ exp(log_min + n_k·D)``.
 
     ``n_k = (255 - k)/254`` and ``D = log_max - log_min``, so ``levels[1] ≈ exp(log_max)`` and
@@ -99,7 +98,9 @@ def qins_levels(log_min: Scalar, log_max: Scalar, *, device: Optional[torch.devi
     as_tensor = [isinstance(v, torch.Tensor) for v in (log_min, log_max)]
     if device is None:
         device = log_min.device if as_tensor[0] else torch.device("cpu")  # type: ignore[union-attr]
-    wide = not any(as_tensor) or all(v.dtype == torch.float64 for v in (log_min, log_max) if isinstance(v, torch.Tensor))
+    wide = not any(as_tensor) or all(
+        v.dtype == torch.float64 for v in (log_min, log_max) if isinstance(v, torch.Tensor)
+    )
     if wide:
         lo = float(log_min)
         d = float(log_max) - lo
@@ -240,7 +241,7 @@ def reconstruct_from_qins(
     log_max: Scalar,
     *,
     dtype: torch.dtype = torch.float32,
-    out: Optional[torch.Tensor] = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode codes back to weights: ``ŵ = sign · levels[stored]``, cast to ``dtype``.
 

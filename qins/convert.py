@@ -4,8 +4,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -116,7 +116,7 @@ def model_memory(model: nn.Module) -> MemoryReport:
     return MemoryReport(**totals)
 
 
-SkipPatterns = Union[str, Iterable[str]]
+SkipPatterns = str | Iterable[str]
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
@@ -134,7 +134,9 @@ def _shared_weight_ids(model: nn.Module) -> set[int]:
     return {pid for pid, n in counts.items() if n > 1}
 
 
-def select_linears(model: nn.Module, skip: SkipPatterns = ("lm_head",)) -> tuple[list[tuple[str, nn.Linear]], dict[str, str]]:
+def select_linears(
+    model: nn.Module, skip: SkipPatterns = ("lm_head",)
+) -> tuple[list[tuple[str, nn.Linear]], dict[str, str]]:
     """The ``nn.Linear`` s :func:`convert_model_to_projective` converts, in module order, and the
     ones it leaves alone (name -> reason): a name equal to or matching (``fnmatch``) an entry of
     ``skip``, a weight tied to another parameter, or the model itself. Changes nothing; works on a
@@ -195,7 +197,7 @@ def _shape(module: nn.Module) -> tuple[int, int]:
 
 
 def _embedding_replacements(
-    model: nn.Module, patterns: tuple[str, ...], config: Optional[QinsConfig], skipped: dict[str, str],
+    model: nn.Module, patterns: tuple[str, ...], config: QinsConfig | None, skipped: dict[str, str],
 ) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     """``embeddings=True``: every ``nn.Embedding`` not matching ``patterns`` as a :class:`ProjectiveEmbedding`,
     and every ``nn.Linear`` of ``skipped`` whose weight is one of those embeddings' weights (a tied
@@ -229,11 +231,11 @@ def _embedding_replacements(
 
 def convert_model_to_projective(
     model: nn.Module,
-    config: Optional[QinsConfig] = None,
+    config: QinsConfig | None = None,
     *,
-    skip: Optional[SkipPatterns] = None,
+    skip: SkipPatterns | None = None,
     cache_weight: bool = True,
-    calibration: Optional[Calibration] = None,
+    calibration: Calibration | None = None,
     embeddings: bool = False,
 ) -> ConversionReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` with :class:`ProjectiveLinear`.

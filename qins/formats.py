@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -102,13 +102,13 @@ class QinsConfig:
                              "(the mulaw spacing always searches its range for the least squared error)")
 
     @classmethod
-    def codec_compatible(cls) -> "QinsConfig":
+    def codec_compatible(cls) -> QinsConfig:
         """Split, log spacing, minmax range, one range per tensor: the codes of
         :func:`qins.convert_to_qins`, code for code."""
         return cls(packed=False, log_range="minmax", per_row=False, spacing="log")
 
     @classmethod
-    def seed(cls) -> "QinsConfig":
+    def seed(cls) -> QinsConfig:
         """Deprecated name of :meth:`codec_compatible` (warns ``FutureWarning``)."""
         warnings.warn("QinsConfig.seed() is renamed QinsConfig.codec_compatible()", FutureWarning, stacklevel=2)
         return cls.codec_compatible()
@@ -204,7 +204,7 @@ def valid_levels(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool, spa
 
 def decode_codes(
     codes: torch.Tensor,
-    sign: Optional[torch.Tensor],
+    sign: torch.Tensor | None,
     log_min: torch.Tensor,
     log_max: torch.Tensor,
     *,

@@ -1,7 +1,7 @@
 """`ProjectiveLinear`: an `nn.Linear` replacement whose weight is stored as QINS codes."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +42,10 @@ class ProjectiveLinear(nn.Module):
     _version = 2
 
     stored: torch.Tensor
-    sign: Optional[torch.Tensor]
+    sign: torch.Tensor | None
     log_min: torch.Tensor
     log_max: torch.Tensor
-    _cached_weight: Optional[torch.Tensor]
+    _cached_weight: torch.Tensor | None
 
     def __init__(
         self,
@@ -53,10 +53,10 @@ class ProjectiveLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        config: Optional[QinsConfig] = None,
+        config: QinsConfig | None = None,
         cache_weight: bool = True,
-        device: Optional[torch.device | str] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -74,7 +74,9 @@ class ProjectiveLinear(nn.Module):
         self.register_buffer("log_min", torch.zeros(log_shape, dtype=torch.float32, device=device))
         self.register_buffer("log_max", torch.zeros(log_shape, dtype=torch.float32, device=device))
         # A 0-element float tensor that only records the compute dtype; it follows .to()/.half().
-        self.register_buffer("_dtype_marker", torch.empty(0, dtype=dtype or torch.float32, device=device), persistent=False)
+        self.register_buffer(
+            "_dtype_marker", torch.empty(0, dtype=dtype or torch.float32, device=device), persistent=False
+        )
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
         else:
@@ -87,9 +89,9 @@ class ProjectiveLinear(nn.Module):
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, config: Optional[QinsConfig] = None, *, cache_weight: bool = True,
-        input_moment: Optional[torch.Tensor] = None,
-    ) -> "ProjectiveLinear":
+        cls, linear: nn.Linear, config: QinsConfig | None = None, *, cache_weight: bool = True,
+        input_moment: torch.Tensor | None = None,
+    ) -> ProjectiveLinear:
         """Encode an ``nn.Linear`` (any float dtype, any device) in ``config``'s format.
 
         ``config`` defaults to ``QinsConfig()`` (packed, mse, per row). With ``input_moment`` (the
@@ -165,21 +167,26 @@ class ProjectiveLinear(nn.Module):
                 return
             fresh = self.decode_weight()
             cache = self._cached_weight
-            if cache is None or cache.shape != fresh.shape or cache.dtype != fresh.dtype or cache.device != fresh.device:
+            if (
+                cache is None or cache.shape != fresh.shape or cache.dtype != fresh.dtype
+                or cache.device != fresh.device
+            ):
                 self._cached_weight = fresh
             else:
                 cache.copy_(fresh)
 
     @staticmethod
-    def _refresh_after_load(module: "ProjectiveLinear", incompatible_keys: Any) -> None:
+    def _refresh_after_load(module: ProjectiveLinear, incompatible_keys: Any) -> None:
         module.invalidate_cache()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:  # noqa: E501
         # Validate the whole QINS group first: a bad state raises before anything is changed.
         check_qins_state(self, state_dict, prefix, local_metadata)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "ProjectiveLinear":
+    def _apply(self, fn: Any, recurse: bool = True) -> ProjectiveLinear:
         # nn.Module._apply would cast the float32 logs with .half()/.to(dtype) and lose precision;
         # they always stay float32 and only follow the device of the codes (meta and to_empty too).
         logs = {name: getattr(self, name) for name in ("log_min", "log_max")}
@@ -206,7 +213,9 @@ class ProjectiveLinear(nn.Module):
             # Memory-saving mode: one fused op on the codes (no decoded weight is made); it
             # accumulates in float32 and returns x.dtype. Gradients flow through its reference
             # formula, so training code works too. Eager no-grad CPU calls skip the dispatcher.
-            return kernels.fused_linear(x, self.stored, self.sign, self.log_min, self.log_max, bias, self.config.spacing_id)
+            return kernels.fused_linear(
+                x, self.stored, self.sign, self.log_min, self.log_max, bias, self.config.spacing_id
+            )
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:

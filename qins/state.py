@@ -12,7 +12,8 @@ key and the problem, so a bad state never leaves a half-loaded layer.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 
@@ -36,14 +37,21 @@ _QINS_KEYS = ("stored", "sign", "log_min", "log_max")
 
 def format_metadata(config: QinsConfig) -> dict[str, Any]:
     """The ``"qins"`` metadata entry for ``config`` (plain JSON-able values)."""
-    return {"packed": config.packed, "per_row": config.per_row, "log_range": config.log_range, "spacing": config.spacing}
+    return {
+        "packed": config.packed, "per_row": config.per_row, "log_range": config.log_range, "spacing": config.spacing
+    }
 
 
 def _describe(packed: bool, per_row: bool) -> str:
-    return f"{'packed (1 byte/weight)' if packed else 'split (2 bytes/weight)'}, {'per row' if per_row else 'per tensor'}"
+    return (
+        f"{'packed (1 byte/weight)' if packed else 'split (2 bytes/weight)'}, "
+        f"{'per row' if per_row else 'per tensor'}"
+    )
 
 
-def check_qins_state(layer: QinsCoded, state_dict: Mapping[str, Any], prefix: str, local_metadata: Mapping[str, Any]) -> None:
+def check_qins_state(
+    layer: QinsCoded, state_dict: Mapping[str, Any], prefix: str, local_metadata: Mapping[str, Any]
+) -> None:
     """Raise ``ValueError`` unless ``state_dict`` holds a complete, valid QINS state for ``layer``.
 
     ``layer`` is a :class:`~qins.ProjectiveLinear` or :class:`~qins.ProjectiveEmbedding`: anything with
@@ -72,7 +80,8 @@ def check_qins_state(layer: QinsCoded, state_dict: Mapping[str, Any], prefix: st
         per_row = isinstance(log_min, torch.Tensor) and log_min.dim() == 1
     if (packed, per_row) != (cfg.packed, cfg.per_row):
         raise ValueError(
-            f"{where}: the state is {_describe(packed, per_row)} but the layer is {_describe(cfg.packed, cfg.per_row)}; "
+            f"{where}: the state is {_describe(packed, per_row)} "
+            f"but the layer is {_describe(cfg.packed, cfg.per_row)}; "
             f"build the layer with QinsConfig(packed={packed}, per_row={per_row}) to load it"
         )
     # states written before the mulaw spacing record none: they are log-spaced; a state without any
@@ -89,7 +98,11 @@ def check_qins_state(layer: QinsCoded, state_dict: Mapping[str, Any], prefix: st
         raise ValueError(f"{prefix}sign: unexpected in a packed state (the sign is bit 7 of 'stored')")
     out, inp = layer.qins_weight_shape
     log_shape = (out,) if cfg.per_row else ()
-    expect = {"stored": (torch.uint8, (out, inp)), "log_min": (torch.float32, log_shape), "log_max": (torch.float32, log_shape)}
+    expect = {
+        "stored": (torch.uint8, (out, inp)),
+        "log_min": (torch.float32, log_shape),
+        "log_max": (torch.float32, log_shape),
+    }
     if not cfg.packed:
         expect["sign"] = (torch.int8, (out, inp))
     for key, (dtype, shape) in expect.items():
@@ -115,7 +128,10 @@ def check_qins_state(layer: QinsCoded, state_dict: Mapping[str, Any], prefix: st
     bad = lo > hi
     if bool(bad.any()):
         where = "" if lo.dim() == 0 else f" at row {int(torch.nonzero(bad)[0])}"
-        raise ValueError(f"{prefix}log_min > log_max{where} ({float(lo.max()):.6g} > {float(hi.min()):.6g}): swapped or corrupt range")
+        raise ValueError(
+            f"{prefix}log_min > log_max{where} ({float(lo.max()):.6g} > {float(hi.min()):.6g}): "
+            "swapped or corrupt range"
+        )
     # Both bounds are float32 values (see qins.formats), so the edges themselves are exact: a log on
     # the bound is accepted, the next float32 past it refused.
     if bool((hi > LOG_FLOAT32_MAX).any()):
@@ -128,5 +144,5 @@ def check_qins_state(layer: QinsCoded, state_dict: Mapping[str, Any], prefix: st
         bad = ~valid_levels(lo, hi, cfg.packed, "mulaw")
         if bool(bad.any()):
             where = "" if lo.dim() == 0 else f" at row {int(torch.nonzero(bad)[0])}"
-            raise ValueError(f"{prefix}log_min/log_max{where}: the mulaw levels of this range are not strictly decreasing "
-                             "normal floats (span too small or offset subnormal); corrupt range")
+            raise ValueError(f"{prefix}log_min/log_max{where}: the mulaw levels of this range are not strictly "
+                             "decreasing normal floats (span too small or offset subnormal); corrupt range")

@@ -32,7 +32,6 @@ import os
 import threading
 import warnings
 from types import ModuleType
-from typing import Optional
 
 import torch
 
@@ -41,7 +40,10 @@ from ..rounding import _level_step
 from . import reference
 from .cpu import build as _build
 
-__all__ = ["linear", "fused_linear", "rounding_deviation", "range_codes", "backend_name", "native_module", "triton_module", "cpu_isa", "ISAS"]
+__all__ = [
+    "linear", "fused_linear", "rounding_deviation", "range_codes", "backend_name", "native_module", "triton_module",
+    "cpu_isa", "ISAS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ ISAS = {"scalar": 1, "avx2": 2, "avx512": 3}
 _ISA_NAMES = {v: k for k, v in ISAS.items()}
 _UNSET = object()
 _native: object = _UNSET  # the loaded module, None after a failed build, _UNSET before trying
-_triton: Optional[ModuleType] = None  # qins.kernels.triton_kernel, imported on first use
+_triton: ModuleType | None = None  # qins.kernels.triton_kernel, imported on first use
 _triton_missing = False  # True after triton failed to import in auto mode (warned once)
 #: CUDA's default runs Triton for batches up to this many rows of x and the reference (decode,
 #: then cuBLAS) above: on an H200 Triton was 7.4-9.1x faster than the reference at 1 row and
@@ -67,7 +69,7 @@ def _kernel_env() -> str:
 _native_lock = threading.Lock()  # one first build per process, whichever thread gets there first
 
 
-def native_module() -> Optional[ModuleType]:
+def native_module() -> ModuleType | None:
     """The native CPU module, built on first use; ``None`` if the build failed (warned once).
 
     Thread-safe: concurrent first calls build once and all see the same result."""
@@ -83,7 +85,7 @@ def native_module() -> Optional[ModuleType]:
     return _native  # type: ignore[return-value]
 
 
-def _load_native() -> tuple[Optional[ModuleType], Optional[Exception]]:
+def _load_native() -> tuple[ModuleType | None, Exception | None]:
     """``(module, None)``, or ``(None, the build's exception)`` with one warning (none under
     ``QINS_KERNEL=native``, where the caller raises)."""
     try:
@@ -175,10 +177,10 @@ def backend_name(device: torch.device | str = "cpu") -> str:
 def linear(
     x: torch.Tensor,
     codes: torch.Tensor,
-    sign: Optional[torch.Tensor],
+    sign: torch.Tensor | None,
     log_min: torch.Tensor,
     log_max: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     spacing: int = 0,
 ) -> torch.Tensor:
     """``x @ decode_codes(codes, sign, log_min, log_max, spacing)ᵀ + bias`` in float32, returned in
@@ -203,10 +205,10 @@ def _dispatch(x, codes, sign, log_min, log_max, bias, spacing=0) -> torch.Tensor
 def fused_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
-    sign: Optional[torch.Tensor],
+    sign: torch.Tensor | None,
     log_min: torch.Tensor,
     log_max: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     spacing: int = 0,
 ) -> torch.Tensor:
     """``qins::linear`` as layers call it: the same result, the op's body run directly when nothing
@@ -247,8 +249,9 @@ def rounding_deviation(
 
 
 def range_codes(
-    mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tables: torch.Tensor, packed: bool, write: int
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tables: torch.Tensor, packed: bool,
+    write: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The mse search's final codes and exact errors (:func:`qins.kernels.reference.range_codes`):
     native on CPU as :func:`rounding_deviation`, else the reference. The codes are identical on every
     backend; the float64 error sums differ only in order."""
@@ -268,7 +271,9 @@ def _linear_fake(x, codes, sign, log_min, log_max, bias, spacing=0):
     It is also what the dispatcher picks when only some inputs are on the meta device: then it must
     refuse (an empty tensor on ``x``'s real device would be uninitialised memory), not compute."""
     devices = {t.device for t in (x, codes, sign, log_min, log_max, bias) if t is not None}
-    torch._check(len(devices) == 1, lambda: f"qins::linear: every tensor must be on one device, got {sorted(map(str, devices))}")
+    torch._check(
+        len(devices) == 1, lambda: f"qins::linear: every tensor must be on one device, got {sorted(map(str, devices))}"
+    )
     torch._check(x.shape[-1] == codes.shape[1])
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 

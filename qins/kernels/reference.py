@@ -2,8 +2,6 @@
 compute), and the mse range search's rounding-deviation score and final codes/errors."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -16,10 +14,10 @@ __all__ = ["linear", "rounding_deviation", "range_codes"]
 def linear(
     x: torch.Tensor,
     codes: torch.Tensor,
-    sign: Optional[torch.Tensor],
+    sign: torch.Tensor | None,
     log_min: torch.Tensor,
     log_max: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     spacing: int = 0,
 ) -> torch.Tensor:
     """``y = x @ ŵᵀ + bias`` with ``ŵ = decode_codes(codes, sign, log_min, log_max)`` in level
@@ -55,8 +53,9 @@ def rounding_deviation(
 
 
 def range_codes(
-    mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tables: torch.Tensor, packed: bool, write: int
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tables: torch.Tensor, packed: bool,
+    write: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The mse search's final comparison: ``err [R, S]`` float64 and the uint8 codes of range ``write``.
 
     For each of the ``S`` ranges ``(lo[:, s], hi)`` (float32 ``[R, S]`` and ``[R, 1]``) of each row,

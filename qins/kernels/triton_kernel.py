@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -258,16 +257,17 @@ def table(log_min: torch.Tensor, log_max: torch.Tensor, packed: bool, spacing: i
 def linear(
     x: torch.Tensor,
     codes: torch.Tensor,
-    sign: Optional[torch.Tensor],
+    sign: torch.Tensor | None,
     log_min: torch.Tensor,
     log_max: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     spacing: int = 0,
-    config: Optional[Config] = None,
+    config: Config | None = None,
 ) -> torch.Tensor:
     """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` (float32 math, ``x.dtype`` out).
 
-    ``spacing``: 0 log, 1 mulaw (:func:`qins.formats.level_table`). ``config``: the launch configuration, :func:`default_config` of the batch when ``None``."""
+    ``spacing``: 0 log, 1 mulaw (:func:`qins.formats.level_table`). ``config``: the launch configuration,
+    :func:`default_config` of the batch when ``None``."""
     torch._check(codes.dim() == 2 and codes.dtype == torch.uint8, lambda: "codes must be uint8 [out, in]")
     out_f, in_f = codes.shape
     torch._check(x.shape[-1] == in_f, lambda: f"x has {x.shape[-1]} features, codes {in_f}")
@@ -277,7 +277,9 @@ def linear(
     torch._check(log_min.shape == log_max.shape, lambda: "log_min and log_max must have the same shape")
     torch._check(log_min.dim() == 0 or tuple(log_min.shape) == (out_f,), lambda: "logs must be 0-d or [out]")
     # the kernel reads out_f bias values: a shorter bias would be read out of bounds
-    torch._check(bias is None or tuple(bias.shape) == (out_f,), lambda: f"bias must be [{out_f}], got {tuple(bias.shape)}")
+    torch._check(
+        bias is None or tuple(bias.shape) == (out_f,), lambda: f"bias must be [{out_f}], got {tuple(bias.shape)}"
+    )
     lead = x.shape[:-1]
     m = math.prod(lead)
     x2 = x.reshape(m, in_f)

@@ -13,15 +13,15 @@ deterministic intervals.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 
 __all__ = ["windows", "token_nll", "perplexity", "increase_pct", "paired_bootstrap", "kl_divergence", "Interval"]
 
 
-def windows(ids: torch.Tensor, ctx: int, max_windows: Optional[int] = None) -> list[torch.Tensor]:
+def windows(ids: torch.Tensor, ctx: int, max_windows: int | None = None) -> list[torch.Tensor]:
     """The ``ctx + 1``-token windows of 1-d ``ids`` (see the module docstring)."""
     if ids.dim() != 1 or ctx < 1:
         raise ValueError(f"windows needs 1-d ids and ctx >= 1, got shape {tuple(ids.shape)}, ctx {ctx}")
@@ -32,8 +32,8 @@ def windows(ids: torch.Tensor, ctx: int, max_windows: Optional[int] = None) -> l
 
 
 @torch.no_grad()
-def token_nll(model: torch.nn.Module, wins: Sequence[torch.Tensor], *, bos: Optional[int] = None,
-              batch: int = 4, on_logprobs: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+def token_nll(model: torch.nn.Module, wins: Sequence[torch.Tensor], *, bos: int | None = None,
+              batch: int = 4, on_logprobs: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """``[len(wins), ctx]`` float64 per-target NLLs of ``model`` (``model(ids).logits``).
 
     ``on_logprobs(i, logp)``, when given, receives window ``i``'s float32 log-probabilities

