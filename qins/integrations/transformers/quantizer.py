@@ -1,10 +1,11 @@
 """The ``HfQuantizer`` of QINS: rebuilds QINS layers on the meta model and loads their buffers exactly.
 
 For a QINS checkpoint (``pre_quantized``) the quantizer converts the meta model with the recorded
-format before any weight loads (:func:`qins.convert_model_to_projective`), hands the saved codes and
-logs to the layers as they are in the file (the float32 logs are never cast), then validates every
-layer and decodes the caches. For a full-precision checkpoint with a ``quantization_config``
-(quantize on load) it encodes each target Linear as its weight arrives (:mod:`.load`).
+format before any weight loads (:func:`qins.convert_model_to_projective`; with ``embeddings`` also
+the embeddings and a head tied to one, :mod:`.tying`), hands the saved codes and logs to the layers
+as they are in the file (the float32 logs are never cast), then validates every layer and decodes
+the caches. For a full-precision checkpoint with a ``quantization_config`` (quantize on load) it
+encodes each target Linear (and embedding) as its weight arrives (:mod:`.load`).
 
 :func:`build_classes` makes both classes for a transformers major version (transformers is imported
 then, not when this module is).
@@ -31,8 +32,6 @@ __all__ = ["build_classes", "build_quantizer_class"]
 log = logging.getLogger(__name__)
 
 _QINS_BUFFERS = ("stored", "sign", "log_min", "log_max")
-
-
 #: the modules that hold QINS codes of their own (a tied head reads its embedding's)
 _CODED = (ProjectiveLinear, ProjectiveEmbedding)
 
@@ -68,7 +67,7 @@ def build_quantizer_class(major: int) -> type:
     from transformers.quantizers.base import HfQuantizer
 
     class QinsHfQuantizer(HfQuantizer):
-        """Rebuilds QINS layers on the meta model and loads their buffers exactly."""
+        """Rebuilds QINS layers (and embeddings) on the meta model and loads their buffers exactly."""
 
         requires_calibration = False
         requires_parameters_quantization = True  # 4.x: our buffers go through create_quantized_param
