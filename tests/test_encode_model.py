@@ -50,13 +50,16 @@ def _by_hand(counts: dict[int, int], nbins: int, lo0: float, hi: float, span0: f
 # (with every bin filled in the second, so a bin boundary off by a little shows)
 _MODEL_CASES = [
     (-3.3, 0.7, [[4.5, 1.6, 0.1], [3.9, 2.2, 0.3]], [{1: 3, 6: 1, 12: 2}, {0: 1, 4: 5, 9: 2}]),
-    (-0.6, 0.35, [[0.97, 0.5, 0.1], [0.9, 0.45, 0.12]], [{k: 1 + k % 3 for k in range(13)}, {k: 2 + k % 2 for k in range(13)}]),
+    (-0.6, 0.35, [[0.97, 0.5, 0.1], [0.9, 0.45, 0.12]],
+     [{k: 1 + k % 3 for k in range(13)}, {k: 2 + k % 2 for k in range(13)}]),
 ]
 
 
 @pytest.mark.parametrize("lo0, hi, spans, counts", _MODEL_CASES, ids=["span0=4", "span0=0.95"])
 @pytest.mark.parametrize("hist_dtype", [torch.float32, torch.int64])
-def test_model_errors_are_the_binned_squared_error_of_in_range_level_and_zero_weights(hist_dtype, lo0, hi, spans, counts) -> None:
+def test_model_errors_are_the_binned_squared_error_of_in_range_level_and_zero_weights(
+    hist_dtype, lo0, hi, spans, counts
+) -> None:
     nbins, steps = 13, 126  # 13 bins: the centres are not binary fractions
     hist = torch.zeros(2, nbins, dtype=hist_dtype)
     for r, row in enumerate(counts):
@@ -142,7 +145,9 @@ def test_rounding_deviation_is_the_in_range_weights_squared_offsets_from_their_l
 
 @pytest.mark.parametrize("shape, per_row, nbins", [((5, 7), True, 128), ((5, 1), True, 128), ((1, 9), True, 4096),
                                                     ((5, 7), False, 4096), ((3, 1), False, 4096)])
-def test_the_mse_search_histogram_has_128_bins_a_row_and_4096_for_a_single_row(monkeypatch, shape, per_row, nbins) -> None:
+def test_the_mse_search_histogram_has_128_bins_a_row_and_4096_for_a_single_row(
+    monkeypatch, shape, per_row, nbins
+) -> None:
     """A row of a per-row encode is short, so 128 bins; a whole tensor searched as one row gets 4096."""
     from qins import QinsConfig, encode
 
@@ -150,7 +155,9 @@ def test_the_mse_search_histogram_has_128_bins_a_row_and_4096_for_a_single_row(m
 
     seen = []
     real = enc._log_histogram
-    monkeypatch.setattr(enc, "_log_histogram", lambda mag, gap, span0, n: seen.append((tuple(mag.shape), n)) or real(mag, gap, span0, n))
+    monkeypatch.setattr(
+        enc, "_log_histogram", lambda mag, gap, span0, n: seen.append((tuple(mag.shape), n)) or real(mag, gap, span0, n)
+    )
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) + 0.01
     encode(weight, QinsConfig(packed=True, log_range="mse", per_row=per_row, spacing="log"))
     assert seen and {n for _, n in seen} == {nbins}, seen
@@ -163,7 +170,10 @@ def test_the_mse_search_first_tries_c_over_48_of_the_minmax_span_in_float64(monk
     enc = ENCODE
     calls = []
     real = enc._model_errors
-    monkeypatch.setattr(enc, "_model_errors", lambda hist, lo0, hi, spans, steps: calls.append((lo0, hi, spans)) or real(hist, lo0, hi, spans, steps))
+    monkeypatch.setattr(
+        enc, "_model_errors",
+        lambda hist, lo0, hi, spans, steps: calls.append((lo0, hi, spans)) or real(hist, lo0, hi, spans, steps),
+    )
     weight = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) + 0.01
     encode(weight, QinsConfig(packed=True, log_range="mse", per_row=True, spacing="log"))
     lo0, hi, spans = calls[0]

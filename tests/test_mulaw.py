@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 from qins import ProjectiveLinear, QinsConfig, decode_codes, encode, level_table
 from qins.formats import LOG_FLOAT32_MAX, num_levels, qins_exp, spacing_steps, valid_levels
@@ -37,7 +36,10 @@ def _encoded(w: torch.Tensor, config: QinsConfig):
 
 
 def test_mulaw_is_the_default_and_refuses_the_log_spacings_range_rule() -> None:
-    assert QinsConfig().spacing == "mulaw" and QinsConfig().spacing_id == 1 and QinsConfig.codec_compatible().spacing == "log"
+    assert (
+        QinsConfig().spacing == "mulaw" and QinsConfig().spacing_id == 1
+        and QinsConfig.codec_compatible().spacing == "log"
+    )
     assert QinsConfig(spacing="log").spacing_id == 0
     with pytest.raises(ValueError, match=r"log_range='minmax' is a rule of the log spacing; pass spacing='log'"):
         QinsConfig(log_range="minmax")
@@ -66,7 +68,9 @@ def test_mulaw_table_is_the_log_table_of_one_more_step_minus_the_offset(packed: 
 @settings(max_examples=80, deadline=None)
 @given(float32_weights(), mulaw_configs)
 @example(torch.tensor([[1.0, 0.5, -0.25, 0.0, -0.0, 1e-3]]), QinsConfig())
-def test_every_weight_decodes_to_the_nearest_level_of_its_row_or_zero_with_its_sign(w: torch.Tensor, config: QinsConfig) -> None:
+def test_every_weight_decodes_to_the_nearest_level_of_its_row_or_zero_with_its_sign(
+    w: torch.Tensor, config: QinsConfig
+) -> None:
     codes, sign, lo, hi, w_hat, table = _encoded(w, config)
     k = num_levels(config.packed)
     w = _rows(w, config)
@@ -151,14 +155,18 @@ def test_a_state_whose_mulaw_levels_collapse_is_refused_before_loading() -> None
     bad = dict(state)
     bad["log_min"] = state["log_max"].clone()  # zero span: every level is 0
     fresh = ProjectiveLinear(5, 3, config=QinsConfig())
-    with pytest.raises(ValueError, match=r"log_min/log_max at row 0: the mulaw levels of this range are not strictly decreasing"):
+    with pytest.raises(
+        ValueError, match=r"log_min/log_max at row 0: the mulaw levels of this range are not strictly decreasing"
+    ):
         fresh.load_state_dict(bad)
     assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
 
 
 def test_a_log_state_does_not_load_into_a_mulaw_layer_and_names_the_fix() -> None:
     log_layer = ProjectiveLinear.from_linear(torch.nn.Linear(5, 3), QinsConfig(spacing="log"))
-    with pytest.raises(ValueError, match=r"level spacing is 'log' but the layer's is 'mulaw'; .*QinsConfig\(spacing='log'"):
+    with pytest.raises(
+        ValueError, match=r"level spacing is 'log' but the layer's is 'mulaw'; .*QinsConfig\(spacing='log'"
+    ):
         ProjectiveLinear(5, 3, config=QinsConfig()).load_state_dict(log_layer.state_dict())
     same = ProjectiveLinear(5, 3, config=QinsConfig(spacing="log"))
     same.load_state_dict(log_layer.state_dict())
