@@ -15,12 +15,15 @@ from torch import nn
 from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective, model_memory
 from tests.strategies import tiny_phi3
 
-H, I, V, L = 64, 128, 1000, 2  # hidden, intermediate (2H), vocab, layers: tiny_phi3's defaults
+H, INTER, V, L = 64, 128, 1000, 2  # hidden, intermediate (2H), vocab, layers: tiny_phi3's defaults
 HEAD_DIM = H // 4
 F32 = 4
 
 # (out, in) of every nn.Linear in one Phi-3 decoder layer, in module registration order.
-LAYER_LINEARS = {"self_attn.o_proj": (H, H), "self_attn.qkv_proj": (3 * H, H), "mlp.gate_up_proj": (2 * I, H), "mlp.down_proj": (H, I)}
+LAYER_LINEARS = {
+    "self_attn.o_proj": (H, H), "self_attn.qkv_proj": (3 * H, H), "mlp.gate_up_proj": (2 * INTER, H),
+    "mlp.down_proj": (H, INTER),
+}
 LINEAR_WEIGHTS = L * sum(o * i for o, i in LAYER_LINEARS.values())  # elements in the decoder linears
 NORMS = L * 2 * H + H  # two RMSNorms per layer and the final one
 EMBED = V * H
@@ -30,7 +33,9 @@ def _rope_buffer_bytes() -> int:
     """Rotary frequencies: HEAD_DIM/2 float32 each. transformers 4.x registers one buffer
     (inv_freq), 5.x two with separate storage (inv_freq, original_inv_freq)."""
     names = {n for n, _ in tiny_phi3().named_buffers() if "rotary_emb" in n}
-    assert names in ({"model.rotary_emb.inv_freq"}, {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}), names
+    assert names in (
+        {"model.rotary_emb.inv_freq"}, {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}
+    ), names
     return len(names) * (HEAD_DIM // 2) * F32
 
 
@@ -155,8 +160,14 @@ def test_tied_head_is_skipped_not_duplicated() -> None:
 def test_skip_accepts_exact_names_and_globs() -> None:
     model = tiny_phi3()
     report = convert_model_to_projective(model, skip=("*.mlp.*", "model.layers.0.self_attn.o_proj"))
-    assert report.converted == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.qkv_proj", "lm_head"]
-    assert set(report.skipped) == {"model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.gate_up_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"}
+    assert report.converted == [
+        "model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.qkv_proj",
+        "lm_head",
+    ]
+    assert set(report.skipped) == {
+        "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.gate_up_proj",
+        "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj",
+    }
     assert report.skipped["model.layers.0.self_attn.o_proj"] == "matches skip pattern 'model.layers.0.self_attn.o_proj'"
 
 
@@ -283,7 +294,9 @@ def test_a_config_that_is_not_a_qins_config_is_a_type_error_naming_its_type() ->
 def test_a_bare_linear_is_skipped_with_the_way_to_convert_it() -> None:
     layer = nn.Linear(4, 4)
     report = convert_model_to_projective(layer)
-    assert report.converted == [] and report.skipped == {"": "the model itself is an nn.Linear; use ProjectiveLinear.from_linear"}
+    assert report.converted == [] and report.skipped == {
+        "": "the model itself is an nn.Linear; use ProjectiveLinear.from_linear"
+    }
 
 
 def test_each_conversion_and_skip_is_logged_at_debug_level(caplog) -> None:

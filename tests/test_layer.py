@@ -65,7 +65,9 @@ def make_linear(in_f: int = 48, out_f: int = 24, bias: bool = True, device: str 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("shape", [(48,), (5, 48), (2, 3, 48)], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
-def test_output_within_propagated_bound_of_nn_linear(bias: bool, shape: tuple[int, ...], cache_weight: bool, config: QinsConfig, device: torch.device) -> None:
+def test_output_within_propagated_bound_of_nn_linear(
+    bias: bool, shape: tuple[int, ...], cache_weight: bool, config: QinsConfig, device: torch.device
+) -> None:
     lin = make_linear(bias=bias, device=device)
     layer = ProjectiveLinear.from_linear(lin, config, cache_weight=cache_weight)
     x = torch.randn(*shape, device=device)
@@ -78,7 +80,9 @@ def test_output_within_propagated_bound_of_nn_linear(bias: bool, shape: tuple[in
 @CONFIGS
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_module_output_within_propagated_bound(dtype: torch.dtype, cache_weight: bool, config: QinsConfig, device: torch.device) -> None:
+def test_half_precision_module_output_within_propagated_bound(
+    dtype: torch.dtype, cache_weight: bool, config: QinsConfig, device: torch.device
+) -> None:
     lin = make_linear(device=device)
     layer = ProjectiveLinear.from_linear(lin, config, cache_weight=cache_weight).to(dtype)
     x = torch.randn(7, 48, device=device).to(dtype)
@@ -125,7 +129,9 @@ def test_packed_per_row_state_dict_has_one_byte_codes_no_sign_and_row_logs() -> 
     assert set(sd) == {"stored", "log_min", "log_max", "bias"}
     assert sd["stored"].dtype == torch.uint8 and sd["stored"].shape == (24, 48)
     assert sd["log_min"].shape == (24,) and sd["log_max"].shape == (24,) and sd["log_min"].dtype == torch.float32
-    assert sd._metadata[""] == {"version": 2, "qins": {"packed": True, "per_row": True, "log_range": "mse", "spacing": "mulaw"}}
+    assert sd._metadata[""] == {
+        "version": 2, "qins": {"packed": True, "per_row": True, "log_range": "mse", "spacing": "mulaw"}
+    }
 
 
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
@@ -241,7 +247,9 @@ def test_weight_property_is_the_cache_itself_in_cached_mode_and_a_fresh_decode_o
 def test_repr_names_sizes_bias_format_and_mode(cache_weight: bool) -> None:
     from qins import kernels
 
-    layer = ProjectiveLinear.from_linear(make_linear(), QinsConfig(False, "minmax", True, spacing="log"), cache_weight=cache_weight)
+    layer = ProjectiveLinear.from_linear(
+        make_linear(), QinsConfig(False, "minmax", True, spacing="log"), cache_weight=cache_weight
+    )
     expected = (
         "ProjectiveLinear(in_features=48, out_features=24, bias=True, format=split, spacing=log, log_range=minmax, "
         f"per_row=True, cache_weight={cache_weight}"
