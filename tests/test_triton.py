@@ -39,8 +39,8 @@ import qins.kernels as qk  # noqa: E402
 from qins.formats import level_table  # noqa: E402
 from qins.kernels import reference  # noqa: E402
 from qins.kernels import triton_kernel as tk  # noqa: E402
-from tests.strategies import LinearCase, default_dtype, qins_codes, qins_log_pairs, triton_cases  # noqa: E402
 from tests.mutmut_depth import child_environ  # noqa: E402
+from tests.strategies import LinearCase, default_dtype, qins_codes, qins_log_pairs, triton_cases  # noqa: E402
 from tests.test_kernels import check_close, env  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -106,7 +106,9 @@ def test_cuda_defaults_to_triton_and_cpu_only_when_interpreted():
             # meta tensors: the CPU path decides without asking _use_triton (one env read)
             codes, sign, lo, hi = (t if t is None else t.to("meta") for t in _args(out=3, inn=1))
             for shape in [(1,), (4, 1), (2, 3, 1), (0, 1)]:
-                assert qk._dispatch(torch.randn(shape, device="meta"), codes, sign, lo[:3], hi[:3], None).shape == (*shape[:-1], 3)
+                assert qk._dispatch(
+                    torch.randn(shape, device="meta"), codes, sign, lo[:3], hi[:3], None
+                ).shape == (*shape[:-1], 3)
         assert rows == [1, 4, 6, 0] and all(type(n) is int for n in rows)  # rows of x, as an int
         assert qk.backend_name("cpu") != "triton"  # CPU keeps native/reference unless asked
     with env(QINS_KERNEL="reference"):
@@ -139,10 +141,14 @@ def test_default_config_is_gemv_up_to_its_batch_limit_then_tile():
     [
         (dict(kind="dot", bn=8, bk=8), r"^Config.kind must be 'gemv' or 'tile', got 'dot'$"),
         (dict(kind="gemv", bn=8, bk=8, bm=2), r"^a gemv Config has bm=1$"),
-        (dict(kind="gemv", bn=6, bk=8), r"^Config block sizes and num_warps must be powers of two, got Config\(kind='gemv', bn=6, bk=8, bm=1, num_warps=4\)$"),
-        (dict(kind="gemv", bn=8, bk=8, num_warps=3), r"^Config block sizes and num_warps must be powers of two, got .*num_warps=3\)$"),
+        (dict(kind="gemv", bn=6, bk=8),
+         r"^Config block sizes and num_warps must be powers of two, got "
+         r"Config\(kind='gemv', bn=6, bk=8, bm=1, num_warps=4\)$"),
+        (dict(kind="gemv", bn=8, bk=8, num_warps=3),
+         r"^Config block sizes and num_warps must be powers of two, got .*num_warps=3\)$"),
         (dict(kind="gemv", bn=8, bk=0), r"^Config block sizes and num_warps must be powers of two, got .*bk=0.*$"),
-        (dict(kind="tile", bn=32, bk=8, bm=16), r"^tl.dot needs tile blocks of at least 16, got Config\(kind='tile', bn=32, bk=8, bm=16, num_warps=4\)$"),
+        (dict(kind="tile", bn=32, bk=8, bm=16),
+         r"^tl.dot needs tile blocks of at least 16, got Config\(kind='tile', bn=32, bk=8, bm=16, num_warps=4\)$"),
         (dict(kind="tile", bn=32, bk=16, bm=8), r"^tl.dot needs tile blocks of at least 16, got .*bm=8.*$"),
         (dict(kind="tile", bn=8, bk=16, bm=16), r"^tl.dot needs tile blocks of at least 16, got .*bn=8.*$"),
     ],
@@ -242,7 +248,9 @@ def test_each_launch_is_logged_at_debug_level(caplog):
     codes, sign, lo, hi = _args(out=5, inn=9, packed=True, per_row=True)
     with caplog.at_level("DEBUG", logger="qins.kernels"):
         tk.linear(torch.randn(2, 3, 9), codes, None, lo, hi, None)
-    assert "qins triton linear: x (6, 9) codes (5, 9) per_row=True packed=True" in [r.getMessage() for r in caplog.records]
+    assert "qins triton linear: x (6, 9) codes (5, 9) per_row=True packed=True" in [
+        r.getMessage() for r in caplog.records
+    ]
 
 
 def test_table_computes_from_float32_logs_in_a_float32_table_whatever_it_is_given():

@@ -49,7 +49,8 @@ def test_table_bit_identical_to_the_cpu_level_table(data, packed, rows, spacing=
     bad = (got != ref).nonzero()[:5].tolist()
     assert torch.equal(got, ref), (
         f"{(got != ref).sum().item()} table entries differ, e.g. (row, entry, got, want, lo, hi): "
-        + "; ".join(f"{r} {e} {got[r, e].item()} {ref[r, e].item()} {lo.reshape(-1)[r].item() if lo.dim() else lo.item()!r} "
+        + "; ".join(f"{r} {e} {got[r, e].item()} {ref[r, e].item()} "
+                    f"{lo.reshape(-1)[r].item() if lo.dim() else lo.item()!r} "
                     f"{hi.reshape(-1)[r].item() if hi.dim() else hi.item()!r}" for r, e in bad))
 
 
