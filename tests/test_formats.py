@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from qins import QinsConfig, convert_to_qins, decode_codes, encode, level_table, qins_exp, qins_log_slack
 from qins.formats import num_levels
-from tests.strategies import LOG_CONFIGS, EXTREME_SPANS, config_id, float32_weights, log_configs
+from tests.strategies import EXTREME_SPANS, LOG_CONFIGS, config_id, float32_weights, log_configs
 
 F64 = torch.float64
 
@@ -29,7 +29,10 @@ def _encode_rows(w: torch.Tensor, config: QinsConfig):
     codes, sign, lo, hi = encode(w2, config)
     w_hat = decode_codes(codes, sign, lo, hi, spacing="log")
     rows = w2.shape[0] if config.per_row else 1
-    return w2.reshape(rows, -1), w_hat.reshape(rows, -1), lo.reshape(rows, 1).to(F64), hi.reshape(rows, 1).to(F64), codes, sign
+    return (
+        w2.reshape(rows, -1), w_hat.reshape(rows, -1), lo.reshape(rows, 1).to(F64), hi.reshape(rows, 1).to(F64), codes,
+        sign,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +71,9 @@ def test_table_and_exp_compute_in_float32_whatever_dtype_they_are_given(dtype: t
     for packed in (True, False):
         got = level_table(lo, hi, packed, spacing="log")
         assert got.dtype == torch.float32
-        assert torch.equal(got.view(torch.int32), level_table(lo.float(), hi.float(), packed, spacing="log").view(torch.int32))
+        assert torch.equal(
+            got.view(torch.int32), level_table(lo.float(), hi.float(), packed, spacing="log").view(torch.int32)
+        )
     t = torch.linspace(-80.0, 80.0, 4097, dtype=torch.float64) + 1e-9  # not float32-representable
     y = qins_exp(t.to(dtype))
     assert y.dtype == torch.float32
@@ -129,14 +134,18 @@ def test_in_range_weights_decode_within_half_a_log_step_with_their_sign(w: torch
     assert bool((torch.signbit(w_hat) == torch.signbit(w2))[inside | (w2 == 0)].all())
 
 
-_NEAR_TINY = torch.tensor([[1.1754944e-38, 0.7e-38, 1.0], [-0.65e-38, 1.1754944e-38, 2.0]])  # sub-normals that round past the range
+# sub-normals that round past the range
+_NEAR_TINY = torch.tensor([[1.1754944e-38, 0.7e-38, 1.0], [-0.65e-38, 1.1754944e-38, 2.0]])
 
 
 @given(float32_weights(), log_configs)
-@example(w=_NEAR_TINY[0], config=QinsConfig(True, "minmax", False, spacing="log"))  # past the range, 2|w| >= the smallest level
+# past the range, 2|w| >= the smallest level
+@example(w=_NEAR_TINY[0], config=QinsConfig(True, "minmax", False, spacing="log"))
 @example(w=_NEAR_TINY, config=QinsConfig(True, "minmax", True, spacing="log"))
 @example(w=_NEAR_TINY, config=QinsConfig(False, "minmax", True, spacing="log"))
-def test_weights_below_the_range_go_to_the_nearer_of_zero_and_the_smallest_level(w: torch.Tensor, config: QinsConfig) -> None:
+def test_weights_below_the_range_go_to_the_nearer_of_zero_and_the_smallest_level(
+    w: torch.Tensor, config: QinsConfig
+) -> None:
     w2, w_hat, lo, hi, _, _ = _encode_rows(w, config)
     k = config.levels
     smallest = level_table(lo.reshape(-1).float(), hi.reshape(-1).float(), config.packed, spacing="log")[:, k : k + 1]
@@ -236,7 +245,9 @@ def test_logs_are_float32_under_a_float64_default_dtype(config: QinsConfig) -> N
 
 
 @given(float32_weights(), log_configs)
-def test_largest_magnitude_of_each_row_gets_code_one_and_log_max_is_its_log(w: torch.Tensor, config: QinsConfig) -> None:
+def test_largest_magnitude_of_each_row_gets_code_one_and_log_max_is_its_log(
+    w: torch.Tensor, config: QinsConfig
+) -> None:
     w2, _, lo, hi, codes, _ = _encode_rows(w, config)
     mag_codes = codes.reshape(w2.shape[0], -1) & 0x7F if config.packed else codes.reshape(w2.shape[0], -1)
     top = w2.abs().amax(dim=1, keepdim=True)
@@ -255,11 +266,16 @@ def test_seed_config_reproduces_convert_to_qins_codes_exactly(w: torch.Tensor) -
     codes, sign, lo, hi = encode(w, QinsConfig.codec_compatible())
     c0, s0, lo0, hi0 = convert_to_qins(w)
     assert torch.equal(codes, c0) and torch.equal(sign, s0)
-    assert float(lo) == torch.tensor(lo0, dtype=torch.float32).item() and float(hi) == torch.tensor(hi0, dtype=torch.float32).item()
+    assert (
+        float(lo) == torch.tensor(lo0, dtype=torch.float32).item()
+        and float(hi) == torch.tensor(hi0, dtype=torch.float32).item()
+    )
 
 
 @given(float32_weights(), st.booleans(), st.sampled_from(["mse", "minmax"]))
-def test_packed_byte_is_sign_bit_7_and_a_seven_bit_magnitude_code(w: torch.Tensor, per_row: bool, log_range: str) -> None:
+def test_packed_byte_is_sign_bit_7_and_a_seven_bit_magnitude_code(
+    w: torch.Tensor, per_row: bool, log_range: str
+) -> None:
     config = QinsConfig(True, log_range, per_row, spacing="log")  # type: ignore[arg-type]
     w2, w_hat, _, _, codes, sign = _encode_rows(w, config)
     codes = codes.reshape(w2.shape)
@@ -327,7 +343,9 @@ def test_float32_maximum_weight_decodes_finite_and_its_state_loads(config: QinsC
 
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("log_range", ["minmax", "mse"])
-def test_per_row_encode_of_a_weight_larger_than_one_block_equals_encoding_each_row_alone(packed: bool, log_range: str) -> None:
+def test_per_row_encode_of_a_weight_larger_than_one_block_equals_encoding_each_row_alone(
+    packed: bool, log_range: str
+) -> None:
     """300 rows of 300 (90,000 elements): the encoder's cache-sized blocks split the rows, and
     each row still gets its own range and table. (Pairs of rows, not single rows: a one-row
     weight is searched with the finer per-tensor histogram.)"""
@@ -336,6 +354,6 @@ def test_per_row_encode_of_a_weight_larger_than_one_block_equals_encoding_each_r
     config = QinsConfig(packed, log_range, True, spacing="log")
     codes, sign, lo, hi = encode(w, config)
     for i in (0, 216, 217, 218, 298):  # both sides of the block boundary (218 rows a block)
-        c, s, l, h = encode(w[i : i + 2], config)
+        c, s, lo_i, h = encode(w[i : i + 2], config)
         assert torch.equal(codes[i : i + 2], c) and (sign is None or torch.equal(sign[i : i + 2], s))
-        assert torch.equal(lo[i : i + 2], l) and torch.equal(hi[i : i + 2], h)
+        assert torch.equal(lo[i : i + 2], lo_i) and torch.equal(hi[i : i + 2], h)
