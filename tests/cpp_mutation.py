@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rev", help="the commit whose C++ sources are mutated (default HEAD; with --report-only "
                         "or --check, the last run's)")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
-    parser.add_argument("--skip-done", action="store_true", help="leave out mutants the report already has")
+    parser.add_argument("--skip-done", action="store_true", help="leave out mutants the report already has "
+                        "(after --sample: the rest of the same sample)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per test run before it counts as a hang")
     parser.add_argument("--report", type=Path, default=REPORT)
     parser.add_argument("--summary", type=Path, default=SUMMARY)
@@ -493,11 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = wanted - {m.id for m in chosen}
         if missing:
             parser.error(f"no such mutant: {sorted(missing)}")
-    if args.skip_done:
-        chosen = [m for m in chosen if m.id not in report["mutants"]]
     if args.sample is not None and args.sample < len(chosen):
         # in the sample's random order: a run cut short is still a sample of every file
         chosen = [chosen[i] for i in random.Random(args.seed).sample(range(len(chosen)), args.sample)]
+    if args.skip_done:  # after sampling: the rest of the same sample
+        chosen = [m for m in chosen if m.id not in report["mutants"]]
     if args.list:
         for m in chosen:
             print(m.id, "|", m.mutated_line(sources[m.file]))
