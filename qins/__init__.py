@@ -11,7 +11,7 @@ Public API:
   encoder, :mod:`qins.calibrated`)
 * model surgery and accounting — :func:`convert_model_to_projective`, :class:`ConversionReport`,
   :func:`model_memory`, :class:`MemoryReport`
-* transformers compatibility — :func:`patch_transformers` (alias :func:`patch_dynamic_cache`),
+* transformers compatibility — :func:`patch_transformers` (``patch_dynamic_cache`` is its deprecated name),
   :func:`unpatch_transformers`, :class:`UnsupportedTransformersError`
 * persistence — :func:`save`/:func:`load` (plain safetensors), :func:`register_with_transformers`
   (``save_pretrained``/``from_pretrained``), ``QinsHfConfig`` (``from_pretrained(src,
@@ -33,7 +33,7 @@ from .encode import encode
 from .formats import QinsConfig, decode_codes, level_table, qins_exp
 from .hf_config import UnsupportedTransformersError
 from .integrations.transformers import register_on_import, register_with_transformers
-from .integrations.transformers.compat import patch_dynamic_cache, patch_transformers, unpatch_transformers
+from .integrations.transformers.compat import patch_transformers, unpatch_transformers
 from .layer import ProjectiveLinear
 from .serialization import load, save
 
@@ -44,12 +44,17 @@ __version__ = "0.1.0"
 register_on_import()
 
 
-
 def __getattr__(name: str):
     """``qins.QinsHfConfig``: the transformers ``quantization_config`` class of QINS (fields: the
-    :class:`QinsConfig` ones, ``skip``, ``cache_weight``), built on first use (imports transformers)."""
+    :class:`QinsConfig` ones, ``skip``, ``cache_weight``, ``embeddings``), built on first use (imports
+    transformers). ``qins.patch_dynamic_cache``: the deprecated name of :func:`patch_transformers`."""
     if name == "QinsHfConfig":
         return register_with_transformers()[0]
+    if name == "patch_dynamic_cache":
+        import warnings
+
+        warnings.warn("qins.patch_dynamic_cache is renamed qins.patch_transformers", FutureWarning, stacklevel=2)
+        return patch_transformers
     raise AttributeError(f"module 'qins' has no attribute {name!r}")
 
 
@@ -72,7 +77,6 @@ __all__ = [
     "convert_model_to_projective",
     "convert_to_qins",
     "model_memory",
-    "patch_dynamic_cache",
     "patch_transformers",
     "qins_error_bound",
     "qins_levels",

@@ -269,8 +269,12 @@ def test_legacy_prepare_inputs_shim_leaves_nothing_on_the_cache(unpatched):
     assert seen[-1] == (cache, 7) and vars(cache)["get_max_length"]() == 7
 
 
-def test_patch_dynamic_cache_is_the_seed_alias_of_patch_transformers():
-    assert compat.patch_dynamic_cache is compat.patch_transformers
+def test_the_old_name_patch_dynamic_cache_warns_and_is_patch_transformers():
+    import qins
+
+    with pytest.warns(FutureWarning, match="patch_transformers"):
+        assert qins.patch_dynamic_cache is compat.patch_transformers
+    assert "patch_dynamic_cache" not in qins.__all__ and not hasattr(compat, "patch_dynamic_cache")
 
 
 # --- semantics -------------------------------------------------------------------------------
@@ -523,7 +527,6 @@ def test_patch_api_is_exported_from_the_package() -> None:
     from qins.integrations.transformers import compat
 
     assert qins.patch_transformers is compat.patch_transformers
-    assert qins.patch_dynamic_cache is compat.patch_transformers
     assert qins.unpatch_transformers is compat.unpatch_transformers
     assert qins.UnsupportedTransformersError is compat.UnsupportedTransformersError
 

@@ -38,7 +38,7 @@ import torch
 
 from ...hf_config import UnsupportedTransformersError
 
-__all__ = ["UnsupportedTransformersError", "patch_dynamic_cache", "patch_transformers", "unpatch_transformers"]
+__all__ = ["UnsupportedTransformersError", "patch_transformers", "unpatch_transformers"]
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +322,3 @@ def unpatch_transformers() -> None:
     for step in reversed(undo or ()):
         step()
     log.debug("%s: unpatched (%d changes undone)", __name__, len(undo or ()))
-
-
-patch_dynamic_cache = patch_transformers  # the seed's name
