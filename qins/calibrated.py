@@ -27,8 +27,8 @@ import torch
 
 from .codec import _validate
 from .encode import Encoded, encode
-from .formats import LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
-from .mulaw import mulaw_range, nearest_codes
+from .formats import LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels, spacing_steps
+from .mulaw import _bracket, mulaw_range, nearest_codes
 from .rounding import _level_step, _mag_codes
 
 __all__ = ["encode_calibrated", "weighted_error", "output_error"]
@@ -119,23 +119,38 @@ def _search_ranges(w: torch.Tensor, h: torch.Tensor, lo0: torch.Tensor, hi0: tor
     return torch.where(keep, best_lo, lo0), torch.where(keep, best_hi, hi0)
 
 
-def _mulaw_ranges(w: torch.Tensor, h: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mulaw_values(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: torch.Tensor) -> torch.Tensor:
+    """``_round(w, lo, hi, packed, table, "mulaw")[1]`` without the codes: the nearer of
+    :func:`qins.mulaw._bracket`'s two levels is the table entry that the code would read (the zero
+    included), so the codes' integer arithmetic and the gather through them are skipped."""
+    mag = w.abs()
+    _, a, b = _bracket(mag, lo, hi, table, packed)
+    dec = torch.where((b - mag).abs_() < (a - mag).abs_(), b, a)  # ties keep a, as nearest_codes
+    return torch.where(torch.signbit(w), -dec, dec)
+
+
+def _mulaw_ranges(w: torch.Tensor, h: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The mulaw ranges ``[R, 1]`` searched for the least ``Σ_j h_j·(w_j - ŵ_j)²``; the data-free
-    range where it is as good (compared exactly), so the weighted error is never larger."""
+    range where it is as good (compared exactly), so the weighted error is never larger. Also their
+    ``[R, 256]`` tables: a table row depends only on its own range, so the chosen rows of the two
+    candidates' tables are the chosen ranges' table."""
     mag = w.abs()
     lo0, hi0 = mulaw_range(mag, packed)
     lo, hi = mulaw_range(mag, packed, column_weight=h)
-    new = weighted_error(w, _round(w, lo, hi, packed, spacing="mulaw")[1], h)
-    old = weighted_error(w, _round(w, lo0, hi0, packed, spacing="mulaw")[1], h)
+    table_new = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw")
+    table_old = level_table(lo0.reshape(-1), hi0.reshape(-1), packed, "mulaw")
+    new = weighted_error(w, _mulaw_values(w, lo, hi, packed, table_new), h)
+    old = weighted_error(w, _mulaw_values(w, lo0, hi0, packed, table_old), h)
     keep = (new < old).unsqueeze(1)
-    return torch.where(keep, lo, lo0), torch.where(keep, hi, hi0)
+    return torch.where(keep, lo, lo0), torch.where(keep, hi, hi0), torch.where(keep, table_new, table_old)
 
 
 def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool,
-                    spacing: str = "log") -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ-style codes: magnitude codes (uint8 ``[R, N]``) and the negative mask of the values rounded."""
+                    spacing: str = "log", table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ-style codes: magnitude codes (uint8 ``[R, N]``) and the negative mask of the values rounded.
+    ``table``: the ranges' ``level_table``, when the caller has it."""
     rows, n = w.shape
-    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing)
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing) if table is None else table
     H = moment.to(torch.float64).clone()
     diag = torch.diagonal(H)
     dead = diag <= 0
@@ -153,23 +168,86 @@ def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi:
         raise ValueError("encode_calibrated: the input moment is not positive definite even after damping")
     U = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).to(torch.float32)
     W = w[:, perm].to(torch.float32).clone()
-    codes = torch.empty(rows, n, dtype=torch.uint8, device=w.device)
-    neg = torch.empty(rows, n, dtype=torch.bool, device=w.device)
+    # The loop runs once per column, so its cost is the number of torch calls and the memory they
+    # touch, not arithmetic: everything that does not depend on the column is computed once, each
+    # block is worked on transposed (a column is then a contiguous row that stays in cache, not a
+    # strided walk over all of W), and each step is the same float32 operations on the same values
+    # as _round and the update (so the same codes, bit for bit), with fewer calls. Exact operations
+    # (abs, sign, comparisons, gathers, copies) may be merged or change layout; the rounded ones
+    # (log, sub, div, mul, the block's matmul) keep their order, operands and shapes.
+    step = _column_rounder(lo, hi, packed, table, spacing)
+    idx = torch.empty(n, rows, dtype=torch.int64, device=w.device)  # per column: an index into the rounder's levels
+    neg = torch.empty(n, rows, dtype=torch.bool, device=w.device)  # per column: the sign bits
+    q = torch.empty(rows, 1, dtype=torch.float32, device=w.device)  # the column's signed rounded values
+    udiag = torch.diagonal(U)  # 0-d float32 divisors, as U[i, i]
+    scratch = torch.empty(_BLOCK, rows, dtype=torch.float32, device=w.device)
     for i1 in range(0, n, _BLOCK):
         i2 = min(i1 + _BLOCK, n)
-        W1 = W[:, i1:i2]
+        W1 = W[:, i1:i2].t().contiguous()  # [block, R]
         err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
-            col = W1[:, i : i + 1]
-            c, q = _round(col, lo, hi, packed, table, spacing)
-            codes[:, i1 + i] = c.squeeze(1).to(torch.uint8)
-            neg[:, i1 + i] = torch.signbit(col).squeeze(1)
-            e = (col - q) / U[i1 + i, i1 + i]
-            W1[:, i:] -= e * U[i1 + i, i1 + i : i2].unsqueeze(0)
-            err1[:, i : i + 1] = e
-        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+            c = i1 + i
+            col, e = W1[i].unsqueeze(1), err1[i : i + 1]
+            idx[c].unsqueeze(1).copy_(step(col, q, neg[c].unsqueeze(1)))
+            torch.div(col - q, udiag[c], out=e.t())
+            # column i itself is never read again, so only the later ones take the update
+            if c + 1 < i2:
+                prod = torch.mul(U[c, c + 1 : i2].unsqueeze(1), e, out=scratch[: i2 - c - 1])
+                W1[i + 1 :].sub_(prod)
+        W[:, i2:] -= err1.t().contiguous() @ U[i1:i2, i2:]
+    k = num_levels(packed)
+    # mulaw: index j is level j + 1, and j = K the zero, code 0
+    codes = torch.where(idx == k, 0, idx + 1).to(torch.uint8) if spacing == "mulaw" else idx.to(torch.uint8)
     inv = torch.argsort(perm)
-    return codes[:, inv], neg[:, inv]
+    return codes[inv].t().contiguous(), neg[inv].t().contiguous()
+
+
+def _signed(dec: torch.Tensor, col: torch.Tensor, q: torch.Tensor, neg: torch.Tensor) -> None:
+    """``neg = signbit(col)`` and ``q = where(neg, -dec, dec)``, as :func:`_round` (not ``copysign``,
+    which differs from it for a negative level, a degenerate range's table)."""
+    torch.signbit(col, out=neg)
+    torch.where(neg, -dec, dec, out=q)
+
+
+def _column_rounder(lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: torch.Tensor, spacing: str):
+    """``step(col, q, neg)``: rounds one column ``col`` ``[R, 1]`` as :func:`_round` does, writes its
+    signed decoded values into ``q`` and its sign bits into ``neg`` (``[R, 1]`` each) and returns an
+    int64 ``[R, 1]`` index: the magnitude code for the log spacing, ``(code - 1) mod (K + 1)`` for
+    mulaw (:func:`_feedback_codes` maps it back).
+
+    The per-range quantities are computed once, by the same operations as :func:`qins.mulaw._bracket`
+    and :func:`qins.rounding._mag_codes`."""
+    k = num_levels(packed)
+    if spacing == "mulaw":
+        delta = (hi - lo) / float(spacing_steps(packed, "mulaw"))
+        z = torch.exp(lo)
+        # level j at index j (j = K: the zero), and one more zero so that index j + 1 needs no cap
+        levels = torch.cat([table[:, 1 : k + 1], torch.zeros_like(table[:, :2])], 1)
+        pair = torch.arange(2, device=lo.device).reshape(1, 2)
+
+        def step(col: torch.Tensor, q: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+            mag = col.abs()
+            t = (hi - torch.log(mag + z)).div_(delta)
+            j0 = t.floor_().clamp_(0, k).long()
+            ab = levels.gather(1, j0 + pair)  # the levels j0 and j0 + 1 (nearest_codes' a and b)
+            d = ab.sub_(mag).abs_()
+            j = j0.add_(d[:, 1:] < d[:, :1])  # ties keep a: the larger level
+            _signed(levels.gather(1, j), col, q, neg)
+            return j
+
+        return step
+    delta = _level_step(lo, hi, k)
+    half = table[:, k : k + 1] * 0.5
+
+    def step(col: torch.Tensor, q: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        mag = col.abs()
+        j = torch.round((hi - torch.log(mag)) / delta).clamp_(min=0)
+        flush = torch.where(mag >= half, float(k - 1), -1.0)
+        c = j.where(j < k, flush).add_(1.0).long()
+        _signed(table.gather(1, c), col, q, neg)
+        return c
+
+    return step
 
 
 def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: Optional[QinsConfig] = None, *, error_feedback: bool = True) -> Encoded:
@@ -195,15 +273,16 @@ def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: Option
         h = torch.diagonal(moment).to(torch.float64).clamp_min(0)
         h = h / h.mean().clamp_min(1e-300)
         spacing = config.spacing
+        table = None
         if spacing == "mulaw":
-            lo, hi = _mulaw_ranges(w, h, config.packed)
+            lo, hi, table = _mulaw_ranges(w, h, config.packed)
         else:
             _, _, lo0, hi0 = encode(w, QinsConfig(packed=config.packed, log_range="mse", per_row=True, spacing="log"))
             lo, hi = _search_ranges(w, h, lo0.reshape(-1, 1), hi0.reshape(-1, 1), config.packed)
         if error_feedback:
-            mags, negative = _feedback_codes(w, moment, lo, hi, config.packed, spacing)
+            mags, negative = _feedback_codes(w, moment, lo, hi, config.packed, spacing, table)
         else:
-            mags = _round(w, lo, hi, config.packed, spacing=spacing)[0].to(torch.uint8)
+            mags = _round(w, lo, hi, config.packed, table, spacing=spacing)[0].to(torch.uint8)
             negative = torch.signbit(w)
         if config.packed:
             codes, sign = mags | (negative.to(torch.uint8) << 7), None

@@ -52,14 +52,26 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], *, skip: Iterable[str]
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
+    # Layers that read the same input tensor (an attention's q/k/v, an MLP's gate/up) share its
+    # product: the last input seen (unchanged since: same object, same version) and its xᵀx, the
+    # very same sum for each of them.
+    last: list = [None, -1, None]
+
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            src = args[0]
+            version = -1 if src.is_inference() else src._version  # inference tensors have no version: never shared
+            if last[0] is src and version >= 0 and last[1] == version:
+                prod = last[2]
+            else:
+                x = src.detach().reshape(-1, src.shape[-1]).to(torch.float32)
+                prod = (x.T @ x).double()
+                last[:] = [src, version, prod]
             if name not in sums:
-                sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                sums[name] = torch.zeros(prod.shape, dtype=torch.float64, device=prod.device)
                 rows[name] = 0
-            sums[name] += (x.T @ x).double()
-            rows[name] += x.shape[0]
+            sums[name] += prod
+            rows[name] += src.reshape(-1, src.shape[-1]).shape[0]
         return hook
 
     handles = [
@@ -72,6 +84,7 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], *, skip: Iterable[str]
             for batch in batches:
                 model(**batch) if isinstance(batch, Mapping) else model(batch)
     finally:
+        last.clear()
         for h in handles:
             h.remove()
     if not sums:

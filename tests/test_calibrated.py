@@ -130,6 +130,43 @@ def test_calibrate_records_each_linears_input_second_moment_and_removes_its_hook
     assert set(qins.calibrate(model, batches, skip=("2",)).moments) == {"0"}
 
 
+class _SharedInputs(nn.Module):
+    """``a`` reads ``h``; ``h`` is then doubled in place; ``b``, ``c`` and ``d`` read the doubled ``h``
+    (``d`` twice), as an attention's q/k/v read one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(4, 3) for _ in range(4))
+
+    def forward(self, x):
+        h = x * 1.0
+        y = self.a(h)
+        h.mul_(2.0)
+        return y + self.b(h) + self.c(h) + self.d(h) + self.d(h)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_calibrate_gives_layers_that_share_an_input_its_exact_moment_and_sees_in_place_changes(inference):
+    torch.manual_seed(3)
+    model = _SharedInputs()
+    batches = [torch.randn(2, 5, 4), torch.randn(3, 4)]
+
+    def moment(scale: float, times: int = 1) -> torch.Tensor:
+        total = torch.zeros(4, 4, dtype=torch.float64)
+        for x in batches:
+            x = (x * 1.0 * scale).reshape(-1, 4)
+            for _ in range(times):
+                total += (x.T @ x).double()
+        return total / (13 * times)
+
+    with torch.inference_mode(inference):
+        cal = qins.calibrate(model, batches, skip=())
+    assert torch.equal(cal.moment("a"), moment(1.0))
+    assert all(torch.equal(cal.moment(n), moment(2.0)) for n in "bc")
+    assert torch.equal(cal.moment("d"), moment(2.0, times=2))
+    assert cal.rows == {"a": 13, "b": 13, "c": 13, "d": 26}
+
+
 def test_calibrate_leaves_no_hook_behind_when_a_batch_fails_and_refuses_an_empty_run():
     model = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(RuntimeError):
