@@ -22,7 +22,10 @@ from qins import ProjectiveLinear, QinsConfig, encode
 from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, SPACINGS, decode_codes, level_table, num_levels, qins_exp
 
 TINY = torch.finfo(torch.float32).tiny
-CONFIGS = [QinsConfig(), QinsConfig.codec_compatible(), QinsConfig(packed=False, per_row=True), QinsConfig(packed=True, per_row=False)]
+CONFIGS = [
+    QinsConfig(), QinsConfig.codec_compatible(), QinsConfig(packed=False, per_row=True),
+    QinsConfig(packed=True, per_row=False),
+]
 #: log-spaced formats: their smallest level is exp(log_min), so log_min's floor alone keeps it normal
 LOG_SPACED = [QinsConfig(spacing="log"), QinsConfig.codec_compatible(), QinsConfig(packed=False, spacing="log"),
               QinsConfig(per_row=False, spacing="log")]
@@ -36,7 +39,9 @@ def _next(x: float, toward: float) -> float:
     return float(torch.nextafter(_f32(x), _f32(toward)))
 
 
-def _state_with_logs(config: QinsConfig, lo: float, hi: float) -> tuple[ProjectiveLinear, "OrderedDict[str, torch.Tensor]"]:
+def _state_with_logs(
+    config: QinsConfig, lo: float, hi: float
+) -> tuple[ProjectiveLinear, OrderedDict[str, torch.Tensor]]:
     """A layer and a valid state of another layer whose logs are all set to ``(lo, hi)``."""
     torch.manual_seed(0)
     layer = ProjectiveLinear.from_linear(nn.Linear(8, 4), config)
@@ -56,7 +61,9 @@ def _levels(lo: float, hi: float, packed: bool) -> torch.Tensor:
 def _float32_run(start: float, count: int, step: int) -> torch.Tensor:
     """``count`` consecutive float32 values from ``start``, walking the bit pattern by ``step`` (±1)."""
     bits = np.int64(np.float32(start).view(np.int32))
-    return torch.from_numpy(np.arange(bits, bits + step * count, step, dtype=np.int64).astype(np.int32).view(np.float32).copy())
+    return torch.from_numpy(
+        np.arange(bits, bits + step * count, step, dtype=np.int64).astype(np.int32).view(np.float32).copy()
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +136,9 @@ def test_the_float32_above_the_largest_log_max_is_refused_and_leaves_the_layer_u
 
 
 @pytest.mark.parametrize("config", LOG_SPACED, ids=str)
-@pytest.mark.parametrize("hi", [LOG_FLOAT32_MIN, -80.0, 0.0, LOG_FLOAT32_MAX], ids=["single-level", "narrow", "to-1", "whole-range"])
+@pytest.mark.parametrize(
+    "hi", [LOG_FLOAT32_MIN, -80.0, 0.0, LOG_FLOAT32_MAX], ids=["single-level", "narrow", "to-1", "whole-range"]
+)
 def test_the_smallest_accepted_log_min_loads_and_every_level_is_normal(config: QinsConfig, hi: float) -> None:
     layer, state = _state_with_logs(config, LOG_FLOAT32_MIN, hi)
     layer.load_state_dict(state)
@@ -140,7 +149,9 @@ def test_the_smallest_accepted_log_min_loads_and_every_level_is_normal(config: Q
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("lo", [_next(LOG_FLOAT32_MIN, -100.0), -200.0, -1000.0], ids=["next-float32-down", "-200", "-1000"])
+@pytest.mark.parametrize(
+    "lo", [_next(LOG_FLOAT32_MIN, -100.0), -200.0, -1000.0], ids=["next-float32-down", "-200", "-1000"]
+)
 def test_a_log_min_below_the_floor_is_refused_and_leaves_the_layer_unchanged(config: QinsConfig, lo: float) -> None:
     layer, state = _state_with_logs(config, lo, 0.0)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -168,7 +179,10 @@ def test_a_per_row_state_with_one_row_past_a_bound_is_refused() -> None:
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_weights_at_float32_extremes_encode_inside_the_bounds_and_reload(config: QinsConfig) -> None:
     fmax = torch.finfo(torch.float32).max
-    w = torch.tensor([[TINY, -fmax, 0.5, TINY / 4], [TINY * 1.00001, TINY, -TINY, 0.0], [1.0, 2.0, -3.0, 4.0], [fmax, fmax, -TINY, 1e-30]])
+    w = torch.tensor([
+        [TINY, -fmax, 0.5, TINY / 4], [TINY * 1.00001, TINY, -TINY, 0.0], [1.0, 2.0, -3.0, 4.0],
+        [fmax, fmax, -TINY, 1e-30],
+    ])
     codes, sign, lo, hi = encode(w, config)
     assert float(lo.min()) >= LOG_FLOAT32_MIN and float(hi.max()) <= LOG_FLOAT32_MAX and bool((lo <= hi).all())
     src = nn.Linear(4, 4)
@@ -298,7 +312,9 @@ class _Small(nn.Module):
     def __init__(self, seed: int, converted: bool) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.packed, self.split, self.plain, self.norm = nn.Linear(6, 5, bias=False), nn.Linear(5, 4), nn.Linear(4, 3), nn.LayerNorm(3)
+        self.packed, self.split, self.plain, self.norm = (
+            nn.Linear(6, 5, bias=False), nn.Linear(5, 4), nn.Linear(4, 3), nn.LayerNorm(3)
+        )
         self.register_buffer("ids", torch.arange(4) * (seed + 1))
         # the same view as plain.weight: written once (buffers come first, so "tied" is the owner)
         self.register_buffer("tied", self.plain.weight.detach())
@@ -343,8 +359,11 @@ def _load_into_fresh(data: bytes, converted: bool, tmp_dir) -> tuple[nn.Module, 
     lambda d: b"", lambda d: d[:7], lambda d: d[:8], lambda d: d[: len(d) // 2], lambda d: d[:-1], lambda d: d + b"\0",
     lambda d: bytes(np.random.default_rng(0).integers(0, 256, len(d), dtype=np.uint8)),
     lambda d: bytes(np.random.default_rng(1).integers(0, 256, 64, dtype=np.uint8)),
-], ids=["empty", "7-bytes", "header-length-only", "half", "last-byte-cut", "one-byte-more", "random-same-length", "random-64"])
-def test_an_empty_truncated_extended_or_random_file_raises_value_error_and_leaves_the_model_unchanged(small_file, edit, converted, tmp_path) -> None:
+], ids=["empty", "7-bytes", "header-length-only", "half", "last-byte-cut", "one-byte-more", "random-same-length",
+        "random-64"])
+def test_an_empty_truncated_extended_or_random_file_raises_value_error_and_leaves_the_model_unchanged(
+    small_file, edit, converted, tmp_path
+) -> None:
     model, before, exc = _load_into_fresh(edit(small_file), converted, tmp_path)
     assert isinstance(exc, ValueError), repr(exc)
     assert "not a valid safetensors file" in str(exc)
@@ -370,8 +389,12 @@ def _with_metadata(data: bytes, tmp_path, **meta: str) -> bytes:
     ('{"plain.weight": 3}', "alias 'plain.weight' must name a tensor"),
     ('{"plain.weight": "tied", "plain.bias": "tied"}', "'plain.bias' is both a stored tensor and an alias"),
 ], ids=["owner-a-list", "owner-an-object", "owner-a-number", "alias-shadows-a-stored-tensor"])
-def test_a_malformed_alias_raises_value_error_and_leaves_the_model_unchanged(small_file, tmp_path, aliases: str, message: str) -> None:
-    model, before, exc = _load_into_fresh(_with_metadata(small_file, tmp_path, **{"qins.aliases": aliases}), True, tmp_path)
+def test_a_malformed_alias_raises_value_error_and_leaves_the_model_unchanged(
+    small_file, tmp_path, aliases: str, message: str
+) -> None:
+    model, before, exc = _load_into_fresh(
+        _with_metadata(small_file, tmp_path, **{"qins.aliases": aliases}), True, tmp_path
+    )
     assert isinstance(exc, ValueError), repr(exc)
     assert re.search(message, str(exc)), str(exc)
     assert _same(_state(model), before)
@@ -433,7 +456,9 @@ def _apply(data: bytes, mutation) -> bytes:
 
 
 @pytest.mark.slow
-def test_fuzzed_files_either_raise_value_error_leaving_the_model_unchanged_or_load_exactly_what_they_hold(small_file, tmp_path_factory) -> None:
+def test_fuzzed_files_either_raise_value_error_leaving_the_model_unchanged_or_load_exactly_what_they_hold(
+    small_file, tmp_path_factory
+) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -545,7 +570,10 @@ def test_native_linear_copies_strided_x_logs_and_bias_instead_of_reading_them_ra
     assert torch.equal(_call_linear(mod, strided), expected)
 
 
-@pytest.mark.parametrize("arg, rows", [("sign", 1), ("log_min", 1), ("log_max", 1), ("codes", None)], ids=["sign", "log_min", "log_max", "x-width"])
+@pytest.mark.parametrize(
+    "arg, rows", [("sign", 1), ("log_min", 1), ("log_max", 1), ("codes", None)],
+    ids=["sign", "log_min", "log_max", "x-width"],
+)
 def test_native_decode_debug_refuses_buffers_shorter_than_the_layer(arg: str, rows: int | None) -> None:
     mod = _native()
     args = _linear_args()
@@ -579,7 +607,8 @@ def test_native_table_refuses_mismatched_or_foreign_logs(lo: torch.Tensor, hi: t
 
 _TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk")
 _TUNING_BAD = [(f, v) for f in _TUNING_FIELDS for v in (2**63 - 1, -1)] + [
-    ("col_block", 0), ("gemm_rows", 0), ("gemm_cols", 0), ("pipeline", 3), ("own_gemm", 2), ("row_chunk", 0), ("row_chunk", 17)]
+    ("col_block", 0), ("gemm_rows", 0), ("gemm_cols", 0), ("pipeline", 3), ("own_gemm", 2), ("row_chunk", 0),
+    ("row_chunk", 17)]
 
 
 @pytest.mark.parametrize("field, value", _TUNING_BAD, ids=[f"{f}={v}" for f, v in _TUNING_BAD])
