@@ -1,5 +1,5 @@
-"""``qins quantize SRC DST`` (qins/cli.py, qins/integrations/transformers/checkpoint.py): the output loads with from_pretrained
-and holds the codes of load-then-convert; options, summary, progress, errors (nothing written), and
+"""``qins quantize SRC DST`` (qins/cli.py, qins/integrations/transformers/checkpoint.py): the output loads with
+from_pretrained and holds the codes of load-then-convert; options, summary, progress, errors (nothing written), and
 a checkpoint larger than the memory the process may use."""
 from __future__ import annotations
 
@@ -93,7 +93,10 @@ def _fails(argv, capsys, message: str) -> None:
 def test_errors_name_the_problem_and_leave_nothing_written(tmp_path, capsys) -> None:
     src = _src(tmp_path)
     (tmp_path / "taken").mkdir()
-    _fails(["quantize", str(src), str(tmp_path / "taken"), "--quiet"], capsys, r"taken exists; give qins quantize a new directory")
+    _fails(
+        ["quantize", str(src), str(tmp_path / "taken"), "--quiet"], capsys,
+        r"taken exists; give qins quantize a new directory",
+    )
     _fails(["quantize", str(tmp_path / "taken"), str(tmp_path / "d1"), "--quiet"], capsys,
            r"no model\.safetensors or model\.safetensors\.index\.json \(found \[\]\)")
     assert main(["quantize", str(src), str(tmp_path / "q"), "--quiet"]) == 0
@@ -152,7 +155,10 @@ def test_progress_is_a_plain_counter_on_a_terminal_without_tqdm(monkeypatch) -> 
     update(1, 2, "a.weight")
     update(2, 2, "b.weight")
     close()
-    assert term.text.startswith("\rqins quantize: 1/2 tensors  a.weight") and "\rqins quantize: 2/2 tensors  b.weight" in term.text
+    assert (
+        term.text.startswith("\rqins quantize: 1/2 tensors  a.weight")
+        and "\rqins quantize: 2/2 tensors  b.weight" in term.text
+    )
     assert term.text.endswith("\n")
     assert _progress_bar(False)[0] is None
 
@@ -191,7 +197,8 @@ def test_a_checkpoint_larger_than_the_memory_allowed_is_quantized_in_bounded_mem
     limit = 576 << 20  # data segment limit of the process (ulimit -d): below the checkpoint's size
     assert info["bytes"] > limit
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, "quantize", str(tmp_path / "src"), str(tmp_path / "dst"), "--quiet"],
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, "quantize", str(tmp_path / "src"), str(tmp_path / "dst"),
+                           "--quiet"],
                           capture_output=True, text=True, env=env, timeout=900,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit)))
     assert proc.returncode == 0, proc.stderr[-3000:]
