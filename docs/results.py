@@ -9,7 +9,9 @@ Reads the newest committed baseline of each CPU folder,
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md one table per CPU: the
 memory-saving layer's time against ``nn.Linear`` fp32 per shape, format and batch case
 (``perf/test_kernels.py``'s ``ratio_vs_linear``) and the end-to-end ratios against FP32
-(``perf/test_e2e.py``: tokens/s, decoder linear bytes, peak memory while generating). A baseline
+(``perf/test_e2e.py``: tokens/s, decoder linear bytes, peak memory while generating), and SmolLM2's
+(``perf/test_e2e_real.py``: tokens/s and whole-model bytes, decoder Linears only and with the
+embedding and tied ``lm_head`` in QINS too). A baseline
 saved before those benchmarks existed shows what it has (the memory-saving layer of its revision).
 
 The chart's source (the baseline files and a SHA-256 of the plotted figures) is recorded in the
@@ -44,6 +46,10 @@ FORMATS = ("packed", "split")
 BATCH_LABEL = {"b1-hot": "batch 1 hot", "b1-cold": "batch 1 cold", "b32": "batch 32", "b512": "batch 512"}
 E2E = (("tokens_per_s_vs_fp32", "tokens/s vs FP32"), ("linear_bytes_vs_fp32", "decoder linear bytes vs FP32"),
        ("peak_generate_vs_fp32", "peak memory while generating vs FP32"))
+#: SmolLM2-135M end to end (perf/test_e2e_real.py): mode -> row label, then the figures shown
+E2E_REAL_MODES = (("qins-packed-memsave", "decoder Linears"),
+                  ("qins-packed-memsave-emb", "embeddings and lm_head too"))
+E2E_REAL = (("tokens_per_s_vs_fp32", "tokens/s vs FP32"), ("model_bytes_vs_fp32", "whole-model bytes vs FP32"))
 #: the memory-saving layer of baselines saved before the native kernels (perf/test_layer.py)
 LEGACY = (("3072-b1-memsave-eager", "3072×3072 batch 1, decode per call, eager"),
           ("3072-b1-memsave-compiled", "3072×3072 batch 1, decode per call, compiled"),
@@ -101,6 +107,7 @@ def summarize(path: str, data: dict) -> dict:
     significant digits, so the hash does not depend on printing)."""
     kernel: dict[str, dict[str, float]] = {}
     e2e: dict[str, dict[str, float]] = {}
+    e2e_real: dict[str, dict[str, float]] = {}
     legacy: dict[str, float] = {}
     ppl: dict[str, dict] = {}
     paths = set()
@@ -115,6 +122,8 @@ def summarize(path: str, data: dict) -> dict:
         elif name.startswith("test_generate_large_model[") and "tokens_per_s_vs_fp32" in info:
             fmt = "packed" if "packed" in case else "split"
             e2e[fmt] = {key: float(f"{info[key]:.4g}") for key, _ in E2E if key in info}
+        elif name.startswith("test_generate_smollm2[") and "tokens_per_s_vs_fp32" in info:
+            e2e_real[case] = {key: float(f"{info[key]:.4g}") for key, _ in E2E_REAL if key in info}
         elif name.startswith("test_perplexity_smollm2[") and "ppl" in info:
             ppl[case] = {
                 "bytes": info["bytes_per_weight"],
@@ -137,6 +146,7 @@ def summarize(path: str, data: dict) -> dict:
         "kernel_paths": sorted(paths),
         "kernel": {k: kernel[k] for k in sorted(kernel)},
         "e2e": {k: e2e[k] for k in sorted(e2e)},
+        "e2e_real": {k: e2e_real[k] for k in sorted(e2e_real)},
         "legacy": legacy,
         "perplexity": {k: ppl[k] for k in PPL_ORDER if k in ppl},
     }
@@ -187,6 +197,11 @@ def render_block(rs: list[dict]) -> str:
             cells = [_x(r["e2e"].get(fmt, {}).get(key)) for r in rs]
             if any(c != "–" for c in cells):
                 lines.append(f"| end to end {fmt}: {label} | " + " | ".join(cells) + " |")
+    for mode, what in E2E_REAL_MODES:
+        for key, label in E2E_REAL:
+            cells = [_x(r.get("e2e_real", {}).get(mode, {}).get(key)) for r in rs]
+            if any(c != "–" for c in cells):
+                lines.append(f"| SmolLM2-135M packed, {what}: {label} | " + " | ".join(cells) + " |")
     for case, label in LEGACY:
         cells = [_x(r["legacy"].get(case)) for r in rs]
         if any(c != "–" for c in cells):
