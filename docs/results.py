@@ -34,7 +34,8 @@ BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 ACC_BEGIN = "<!-- accuracy:begin -->"
 ACC_END = "<!-- accuracy:end -->"
-PPL_ORDER = ("fp32", "bf16", "int8-row", "qins-packed", "qins-packed-calibrated", "qins-split", "qins-split-calibrated")
+PPL_ORDER = ("fp32", "bf16", "int8-row", "qins-packed", "qins-packed-calibrated", "qins-split", "qins-split-calibrated",
+             "qins-packed-emb")
 README = "README.md"
 CHART = "docs/perf.png"
 SIDECAR = "docs/perf.png.json"
@@ -228,9 +229,11 @@ def render_accuracy(rs: list[dict]) -> str:
         return "\n".join(lines + ["No committed baseline has perplexity figures yet (`perf/test_perplexity.py`).", ""])
     r = max(have, key=lambda x: (x["date"], x["baseline"]))
     fp32 = r["perplexity"].get("fp32", {})
+    emb = (" (qins-packed-emb: the token embedding and the tied lm_head too)"
+           if "qins-packed-emb" in r["perplexity"] else "")
     lines += [
         f"SmolLM2-135M-Instruct on {fp32.get('tokens', '?')} tokens of real news text (gensim's Lee corpus), "
-        f"every decoder Linear quantized; fp32 perplexity {fp32.get('ppl', '?')}. Baseline "
+        f"every decoder Linear quantized{emb}; fp32 perplexity {fp32.get('ppl', '?')}. Baseline "
         f"`{r['baseline'].split('/', 1)[1]}` ({r['cpu']}, commit {r['commit']}, {r['date']}); method and "
         "what was tried: [docs/accuracy.md](docs/accuracy.md).",
         "",
