@@ -178,3 +178,19 @@ def test_the_checks_run_on_the_files_before_the_weights_load(tmp_path, no_weight
     with pytest.raises(ValueError, match=r"^the checkpoint has no 'model\.layers\.0\.mlp\.down_proj\.weight' to quantize "
                                          r"\(it holds QINS codes for it: give config\.json its quantization_config instead\)"):
         on_load._process_model_before_weight_loading(skeleton, checkpoint_files=[str(tmp_path / "q" / "model.safetensors")])
+
+
+@pytest.mark.slow  # reads SmolLM2's GGUF metadata
+def test_transformers_refuses_a_gguf_file_with_a_qins_config_so_gguf_goes_load_then_convert() -> None:
+    """The documented boundary: transformers (every version in the matrix) refuses ``gguf_file=``
+    together with any ``quantization_config``, before a weight loads; a GGUF model is loaded, then
+    converted (the real-LM suites do exactly that)."""
+    pytest.importorskip("gguf")
+    from qins.testing.real_lm import MissingRealAsset, smollm2_path
+
+    try:
+        folder, name = smollm2_path()
+    except MissingRealAsset as exc:
+        pytest.skip(str(exc))
+    with pytest.raises(ValueError, match="cannot combine Quantization and loading a model from a GGUF file"):
+        _load(folder, gguf_file=name, quantization_config=qins.QinsHfConfig())
