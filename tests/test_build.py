@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,8 @@ def test_load_native_builds_the_isa_units_then_links_them_into_ops(tmp_path, mon
     assert kw == dict(
         name=out.name,
         sources=[str(build.SOURCE_DIR / "ops.cpp")],
-        extra_cflags=[*build.COMMON_FLAGS, *build.DEFINES],
-        extra_ldflags=[str(out / f"{src}.o") for src, _ in build.ISA_UNITS],
+        extra_cflags=[*build.COMMON_FLAGS, *build.DEFINES, *build.OPENMP_FLAGS],
+        extra_ldflags=[str(out / f"{src}.o") for src, _ in build.ISA_UNITS] + build.OPENMP_FLAGS,
         extra_include_paths=[str(build.SOURCE_DIR)],
         build_directory=str(out),
         verbose=False,
@@ -201,3 +202,46 @@ def test_concurrent_first_use_in_two_threads_builds_once(monkeypatch):
     for t in threads:
         t.join()
     assert got == ["module", "module"] and len(calls) == 1
+
+
+def _thread_cpu_ticks() -> dict[int, int]:
+    """CPU clock ticks (user + system) of every thread of this process, by thread id."""
+    ticks = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        ticks[int(task.name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+@pytest.mark.slow  # about a CPU second of kernel work
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or (os.cpu_count() or 1) < 2,
+                    reason="needs Linux's per-thread CPU times and two cores")
+def test_the_native_kernel_runs_its_rows_on_every_torch_thread():
+    """at::parallel_for's region is inline OpenMP: a module built without -fopenmp runs it on the
+    calling thread alone. With two torch threads, another thread must do a share of the work."""
+    import qins
+    import qins.kernels as qk
+
+    if qk.native_module() is None:
+        pytest.skip("native CPU kernels unavailable")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        layer = qins.ProjectiveLinear.from_linear(torch.nn.Linear(4096, 2048, bias=False), cache_weight=False)
+        x = torch.randn(1, 4096)
+        with torch.inference_mode():
+            layer(x)  # the worker threads exist from here on
+            before = _thread_cpu_ticks()
+            for _ in range(400):
+                layer(x)
+        after = _thread_cpu_ticks()
+    finally:
+        torch.set_num_threads(threads)
+    main = threading.get_native_id()
+    gained = {tid: after[tid] - before.get(tid, 0) for tid in after}
+    mine = gained.pop(main)
+    assert mine > 0 and max(gained.values(), default=0) >= mine // 4, (mine, gained)

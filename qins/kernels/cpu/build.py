@@ -52,13 +52,18 @@ ISA_UNITS = [("isa_scalar.cpp", [])] + (
     if X86 else []
 )
 DEFINES = ["-DQINS_X86"] if X86 else []
+# ops.cpp splits rows and blocks over threads with at::parallel_for, whose OpenMP region is inline in
+# ATen's headers: compiled without -fopenmp it runs on one thread whatever torch.set_num_threads says.
+# Linux torch wheels are built with OpenMP and load libgomp.so.1 first, so the module's own
+# libgomp.so.1 dependency resolves to that one runtime (and its thread count).
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def _digest() -> str:
     h = hashlib.sha256()
     for name in sorted(p.name for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".h")):
         h.update(name.encode() + (SOURCE_DIR / name).read_bytes())
-    h.update(repr((COMMON_FLAGS, ISA_UNITS, DEFINES, torch.__version__)).encode())
+    h.update(repr((COMMON_FLAGS, ISA_UNITS, DEFINES, OPENMP_FLAGS, torch.__version__)).encode())
     # The interpreter, the torch install and the compiler too: venvs that share one checkout (the nox
     # environments) must not share, and relink, one build directory; a changed CXX recompiles.
     h.update(repr((sys.version, sys.implementation.cache_tag, torch.__file__, os.environ.get("CXX", "c++"))).encode())
@@ -136,8 +141,8 @@ def load_native() -> ModuleType:
         module = load(
             name=out_dir.name,
             sources=[str(SOURCE_DIR / "ops.cpp")],
-            extra_cflags=[*COMMON_FLAGS, *DEFINES],
-            extra_ldflags=[str(o) for o in objs],
+            extra_cflags=[*COMMON_FLAGS, *DEFINES, *OPENMP_FLAGS],
+            extra_ldflags=[str(o) for o in objs] + OPENMP_FLAGS,
             extra_include_paths=[str(SOURCE_DIR)],
             build_directory=str(out_dir),
             verbose=False,
