@@ -72,7 +72,7 @@ def triton(session: nox.Session) -> None:
 
 @nox.session(name="mutation", reuse_venv=True, default=False)
 def mutation(session: nox.Session) -> None:
-    """Mutation testing of every module of qins/ with mutmut (issue 11): ``nox -s mutation``.
+    """Mutation testing of every module of qins/ with mutmut: ``nox -s mutation``.
 
     Not part of the default ``nox`` run nor of ``.ci/run``. Configuration: ``[tool.mutmut]`` in
     pyproject.toml. mutmut keeps its results in ``mutants/``, mirrored before and after the run by the

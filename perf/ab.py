@@ -165,7 +165,7 @@ def confirm(
     old revision first in round 1), **each side a run of** ``nodeid`` **in a fresh subprocess**: the
     old revision's suite, and this revision's (from ``root``, with this run's ``options``, injected
     slowdown included). Fresh processes on both sides, because a figure can depend on the process:
-    on an AMD EPYC family 23 model 1 (2026-12-05) the cached forward at 1024x1024, batch 1, measured
+    on an AMD EPYC family 23 model 1 the cached forward at 1024x1024, batch 1, measured
     0.66, 0.83, 1.07 and 0.90x nn.Linear in four fresh processes of the same code, each steady
     within its process, so re-measuring in this run's process repeats its value. Both the figures
     and the absolute times come back (:class:`Confirmation`); the backstop judges the latter

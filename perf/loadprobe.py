@@ -3,7 +3,7 @@
     python -m perf.loadprobe on-load|then-convert CHECKPOINT_DIR
 
 * ``on-load``: ``from_pretrained(dir, quantization_config=qins.QinsHfConfig(cache_weight=False),
-  torch_dtype=torch.float32)``: each Linear is encoded as its weight arrives (issue 26);
+  torch_dtype=torch.float32)``: each Linear is encoded as its weight arrives;
 * ``then-convert``: ``from_pretrained(dir, torch_dtype=torch.float32)`` then
   ``convert_model_to_projective(model, QinsConfig(), cache_weight=False)``.
 

@@ -13,7 +13,7 @@ before it measures anything: ``fork`` copies the page tables of the parent's ano
 those of its file mappings (libtorch and the other shared libraries), so without it every library
 page the child touches while building or running its model is faulted in again and counted in that
 model's figures. How many depends on the page cache, not on the model: 13 MB in a long-lived venv
-against 53 MB in a venv created minutes before (AMD EPYC, 2026-11-27), which put issue 8's peak ratio
+against 53 MB in a venv created minutes before (AMD EPYC; docs/perf.md), which put the peak ratio
 at 0.51 in fresh CI venvs and 0.44 elsewhere. ``rss_file_start``/``rss_file_end`` report the file-backed
 resident set around the measurement. Prints one JSON object per line (bytes):
 

@@ -1,4 +1,4 @@
-"""Accuracy benchmarks (issue 7): SQNR and embedding cosine per QinsConfig, int8 reference alongside,
+"""Accuracy benchmarks: SQNR and embedding cosine per QinsConfig, int8 reference alongside,
 and the MSE-vs-minmax encode speed requirement.
 
 Figures go to ``benchmark.extra_info`` on one convention, for the accuracy gate:
@@ -38,7 +38,7 @@ from tests.accuracy_utils import (
 )
 from tests.strategies import ACCURACY_SENTENCES, SYNTHETIC_SHAPE, SYNTHETIC_WEIGHTS, gaussian_weight
 
-#: Issue 7: MSE per-row encoding takes at most this many times the minmax per-row encoding.
+#: MSE per-row encoding takes at most this many times the minmax per-row encoding.
 MSE_ENCODE_MAX_RATIO = 3.0
 ENCODE_BUDGET_S = 4.0  # seconds of measurement for the encode-speed pairs (scaled by --perf-budget)
 

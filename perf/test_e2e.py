@@ -1,4 +1,4 @@
-"""End to end, the model of issue 8: a Phi-3 whose weights exceed the cache, generating 128 tokens.
+"""End to end: a Phi-3 whose weights exceed the cache, generating 128 tokens.
 
 Phi-3 from a config (hidden 1024, 8 layers, vocab 8192, seeded random weights; ``lm_head`` stays
 fp32), greedy, 32-token prompt, 128 new tokens, batch 1, 1 torch thread. FP32 against QINS
@@ -9,7 +9,7 @@ resident memory while generating, above its start.
 
 Figures (ratios against FP32 from the same probe run): ``tokens_per_s_vs_fp32``,
 ``linear_bytes_vs_fp32``, ``peak_generate_vs_fp32``. Gated against the baseline (tokens/s ratio with
---perf-e2e-tol, memory ratios with --perf-memory-tol) and against issue 8's targets: tokens/s and
+--perf-e2e-tol, memory ratios with --perf-memory-tol) and against the absolute targets: tokens/s and
 linear bytes and peak memory asserted (a miss is measured once more before it fails); the tokens/s
 target, a speed target, is stated met or missed in the summary and asserted only under
 ``--perf-targets=on`` (``perf.targets.speed_targets_asserted``).
@@ -26,7 +26,7 @@ from perf.test_memory import run_probe
 
 NEW_TOKENS = 128
 MODES = ["fp32", "qins-packed-memsave", "qins-split-memsave"]
-#: issue 8's targets for the packed memory-saving model, against FP32 (asserted). The peak counts
+#: the targets for the packed memory-saving model, against FP32 (asserted). The peak counts
 #: what the process allocates while generating: each probe child maps its shared libraries before
 #: it measures (perf/memprobe.py), so the page cache no longer moves it (it put this ratio at 0.51
 #: in fresh venvs and 0.44 in old ones before).
@@ -87,7 +87,7 @@ def test_generate_large_model(benchmark, perf_gate, perf_state, probes, mode):
         benchmark.extra_info["target_recheck"] = {k: figures[k] for k in TARGETS}
         missed = _missed(figures)
     memory = {k: v for k, v in missed.items() if k not in SPEED_TARGETS}
-    assert not memory, f"issue 8 targets missed (after a re-measurement): {memory}"
+    assert not memory, f"memory targets missed (after a re-measurement): {memory}"
     speed = {k: v for k, v in missed.items() if k in SPEED_TARGETS}
     kernel = qins.kernels.backend_name("cpu")  # what the probes' memory-saving layers ran
     perf_gate.speed_target(benchmark, kernel, f"tokens/s vs FP32 {figures['tokens_per_s_vs_fp32']:.3f}, target "

@@ -1,4 +1,4 @@
-"""The memory-saving layer (fused ``qins::linear``) against ``nn.Linear`` fp32, with issue 8's targets.
+"""The memory-saving layer (fused ``qins::linear``) against ``nn.Linear`` fp32, with the absolute targets.
 
 Shapes ``[out, in]`` 3072x3072 and 3072x8192; formats packed (1 B/weight) and split (2 B/weight),
 both MSE ranges per row (``QinsConfig(packed=...)``); cases:
@@ -38,7 +38,7 @@ FORMATS = ["packed", "split"]
 CASES = {"b1-hot": 1, "b1-cold": 1, "b32": 32, "b512": 512}
 BUDGET_S = 1.5
 
-#: issue 8's targets: (format, case, shape or None for all) -> the highest ratio_vs_linear allowed
+#: the targets: (format, case, shape or None for all) -> the highest ratio_vs_linear allowed
 TARGETS = {
     ("packed", "b1-cold", (3072, 3072)): 0.35,
     ("packed", "b1-cold", (3072, 8192)): 0.45,
@@ -48,7 +48,7 @@ TARGETS = {
     ("split", "b32", None): 1.1,
     ("split", "b512", None): 1.1,
 }
-#: issue 8's target for the achieved weight bandwidth of packed layers at batch 1, cold, as a
+#: the target for the achieved weight bandwidth of packed layers at batch 1, cold, as a
 #: fraction of the streaming floor (asserted in _assert_targets)
 FLOOR_FRACTION_TARGET = 0.6
 
@@ -185,9 +185,8 @@ def _assert_targets(perf_gate, benchmark, fmt, case, shape, figures, target, ref
     perf_gate.speed_target(benchmark, figures["kernel"], f"{fmt} {case} {shape}: ratio vs nn.Linear "
                            f"{figures['ratio_vs_linear']:.3f}, target <= {limit}", missed)
     if floor is not None and fmt == "packed":
-        # Issue 8's bandwidth target. Missed until 2026-11-28 (56-64% at 3072x3072 on the AMD EPYC
-        # here); met since the per-row tables are built 2 rows at a time and layers skip the
-        # dispatcher (67-69% quiet, 63-64% beside two busy loops; 3072x8192 73-76%).
+        # The bandwidth target: what the per-row tables (built 2 rows at a time) and the layers'
+        # dispatcher bypass reach; measured per CPU in docs/perf.md.
         benchmark.extra_info["target_floor_fraction"] = FLOOR_FRACTION_TARGET
         what = (f"{fmt} {case} {shape}: weight bandwidth {figures['floor_fraction']:.1%} of the streaming floor, "
                 f"target >= {FLOOR_FRACTION_TARGET:.0%}")

@@ -1,4 +1,4 @@
-"""Peak memory of quantize on load against load-then-convert (issue 26), each in a fresh process.
+"""Peak memory of quantize on load against load-then-convert, each in a fresh process.
 
 A seeded Llama-style checkpoint of at least 1 GB (hidden 2048, intermediate 5632, 12 layers, vocab
 2048, bf16 safetensors in shards of at most 400 MB; ``qins.testing.models.write_llama_checkpoint``)

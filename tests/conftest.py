@@ -1,4 +1,4 @@
-"""Test isolation: no test, and no module, may leave transformers patched (issue 11).
+"""Test isolation: no test, and no module, may leave transformers patched.
 
 A snapshot of every namespace :mod:`qins.integrations.transformers.compat` touches is taken when collection finishes.
 After each test, and after each module, the namespaces must match it by identity. Modules that

@@ -358,7 +358,7 @@ def triton_cases(draw: st.DrawFn, *, max_in: int = 100, max_out: int = 70, max_b
 
 
 # ----------------------------------------------------------------------------------------------
-# Accuracy measurement (issue 7): synthetic weights, the real pretrained model and its sentences
+# Accuracy measurement: synthetic weights, the real pretrained model and its sentences
 # (owned by the accuracy work; see tests/test_accuracy.py, perf/test_accuracy.py and
 # tests/accuracy_utils.py for the metrics)
 # ----------------------------------------------------------------------------------------------

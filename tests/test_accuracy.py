@@ -1,4 +1,4 @@
-"""Accuracy of the QINS formats (issue 7): weight SQNR and end-to-end embedding cosine.
+"""Accuracy of the QINS formats: weight SQNR and end-to-end embedding cosine.
 
 Measured through the public API only (``ProjectiveLinear.from_linear(linear, config)``,
 ``convert_model_to_projective(model, config)`` and the layer's decoded ``.weight``), with the int8
@@ -37,14 +37,14 @@ from tests.strategies import (
     SYNTHETIC_WEIGHTS,
 )
 
-#: Issue 7 targets on the real model: config -> (median layer SQNR, worst layer SQNR), dB, over 37 layers.
+#: The targets on the real model: config -> (median layer SQNR, worst layer SQNR), dB, over 37 layers.
 REAL_TARGETS = {
     "split-mse-tensor": (44.0, 40.5),
     "split-mse-row": (45.5, 44.5),
     "packed-mse-row": (40.5, 39.5),
 }
 
-#: Issue 7 targets on the synthetic 3072×3072 weights: config -> {distribution: whole-tensor SQNR, dB}.
+#: The targets on the synthetic 3072×3072 weights: config -> {distribution: whole-tensor SQNR, dB}.
 SYNTHETIC_TARGETS = {
     "split-mse-tensor": {"gaussian": 44.5, "t3": 40.0},
     "split-mse-row": {"gaussian": 45.0, "t3": 43.5},

@@ -386,7 +386,7 @@ def test_decode_rejects_non_uint8_codes_and_mismatched_sign() -> None:
         reconstruct_from_qins(torch.ones(3, dtype=torch.uint8), torch.ones(2, dtype=torch.int8), 0.0, 1.0)
 
 
-# ---- the float32 table from 0-d tensors (found by mutation testing, issue 11) ----
+# ---- the float32 table from 0-d tensors (found by mutation testing) ----
 
 
 def test_mixed_tensor_and_float_logs_give_the_float32_table_of_the_tensor_path() -> None:

@@ -531,7 +531,7 @@ def test_patch_api_is_exported_from_the_package() -> None:
     assert qins.UnsupportedTransformersError is compat.UnsupportedTransformersError
 
 
-# ---- found by mutation testing (issue 11): the version guards, simulated on this transformers ----
+# ---- found by mutation testing: the version guards, simulated on this transformers ----
 
 #: (owner, name) of everything the patch may add to the cache classes: the legacy API and the views
 _CACHE_PIECES = [(o, n) for o, names in LEGACY_CACHE_API.items() for n in names] + [

@@ -1,4 +1,4 @@
-"""QINS embeddings and tied lm_heads (issue 26, item 5): lookups decode only the rows they read, a tied
+"""QINS embeddings and tied lm_heads: lookups decode only the rows they read, a tied
 head reads the embedding's codes (one copy in memory, in the state_dict and on disk), opt-in conversion,
 save/load, generation with the KV cache, torch.compile."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Quantize on load (issue 26): ``from_pretrained(src, quantization_config=qins.QinsHfConfig(...))``
+"""Quantize on load: ``from_pretrained(src, quantization_config=qins.QinsHfConfig(...))``
 on a full-precision checkpoint, against load-then-convert, on the installed transformers (the nox
 matrix runs this file under every supported version); and the checks of the checkpoint's tensor
 names against the ``skip`` list, before any weight loads."""

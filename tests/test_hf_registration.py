@@ -154,7 +154,7 @@ def test_unknown_config_fields_and_another_quant_method_are_refused() -> None:
 @pytest.mark.parametrize("pre_quantized", [True, False])
 def test_a_qins_quantization_config_loads_qins_and_full_precision_checkpoints(pre_quantized: bool) -> None:
     """A QINS checkpoint (pre-quantized) loads as saved; a full-precision one is quantized while it
-    loads (issue 26, which retired the refusal "loads QINS checkpoints only"): ``validate_environment``
+    loads: ``validate_environment``
     passes both."""
     config_cls, quantizer_cls = register_with_transformers()
     quantizer = quantizer_cls(config_cls(), pre_quantized=pre_quantized)

@@ -301,7 +301,7 @@ def test_torch_save_state_dict_loads_with_weights_only(config: QinsConfig, metad
             assert all(torch.equal(v, codes[n][k]) for k, v in m.state_dict().items()), n
 
 
-# ---- found by mutation testing (issue 11): biased layers, meta skeletons that load, defaults ----
+# ---- found by mutation testing: biased layers, meta skeletons that load, defaults ----
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

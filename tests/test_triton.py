@@ -195,7 +195,7 @@ def test_autograd_through_triton_forward():
     assert torch.allclose(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
 
 
-# ---- found by mutation testing (issue 11): input checks, empty shapes, dtypes, the debug log ----
+# ---- found by mutation testing: input checks, empty shapes, dtypes, the debug log ----
 
 
 def _args(out: int = 7, inn: int = 11, packed: bool = False, per_row: bool = True, seed: int = 4):

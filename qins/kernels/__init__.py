@@ -217,7 +217,7 @@ def fused_linear(
     That is an eager call on plain CPU tensors with no gradient to record: the dispatcher and the
     ``custom_op`` wrappers cost ~10 µs a call (hot), more when a weight stream has evicted them; at
     3072x3072, batch 1, weights cold they took ~8 points off the achieved fraction of the streaming
-    floor (AMD EPYC, 2026-11-28). Everything else calls the op: ``torch.compile`` and
+    floor (AMD EPYC Zen 5; docs/perf.md). Everything else calls the op: ``torch.compile`` and
     ``torch.jit.trace`` (which must see one opaque op), tensor subclasses and dispatch modes (fake
     tensors, ``__torch_function__``), autograd, other devices.
     """

@@ -24,7 +24,7 @@ from tests.perf_gate.support import (
 )
 
 # --------------------------------------------------------------------------------------------
-# A/B confirmation of a stored-baseline failure (issue 9)
+# A/B confirmation of a stored-baseline failure
 # --------------------------------------------------------------------------------------------
 
 
