@@ -21,8 +21,6 @@ by design (error feedback moves weights to absorb their neighbours' errors).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .codec import _validate
@@ -42,7 +40,7 @@ _BLOCK = 128  # columns per error-feedback block
 _DAMP = 0.01  # damping of H, as a fraction of its mean diagonal
 
 
-def _round(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: Optional[torch.Tensor] = None,
+def _round(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: torch.Tensor | None = None,
            spacing: str = "log") -> tuple[torch.Tensor, torch.Tensor]:
     """Magnitude codes (0..K) and signed decoded values of ``w`` ``[R, N]`` for ranges ``[R, 1]``: log
     rounding (as :func:`qins.encode`) for the log spacing, the nearest level for mulaw."""
@@ -67,7 +65,8 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, moment: torch.Tensor) -> 
     return float(torch.einsum("ij,jk,ik->", e, moment.double(), e))
 
 
-def _approx_error(mag: torch.Tensor, logw: torch.Tensor, h: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
+def _approx_error(mag: torch.Tensor, logw: torch.Tensor, h: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  packed: bool) -> torch.Tensor:
     """``Σ_j h_j·(|w_j| - ŵ_j)²`` per row (float32, ``[R]``) for ranges ``[R, 1]``, with the levels
     computed by ``torch.exp`` rather than the bit-exact table: a ranking score for the search, which
     ends with an exact comparison."""
@@ -80,7 +79,8 @@ def _approx_error(mag: torch.Tensor, logw: torch.Tensor, h: torch.Tensor, lo: to
     return (mag - dec).square_() @ h
 
 
-def _search_ranges(w: torch.Tensor, h: torch.Tensor, lo0: torch.Tensor, hi0: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_ranges(w: torch.Tensor, h: torch.Tensor, lo0: torch.Tensor, hi0: torch.Tensor,
+                   packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The ranges ``[R, 1]`` (float32) with the least weighted error; ``(lo0, hi0)`` on ties.
 
     Candidates are scored by :func:`_approx_error`; the best is then compared exactly (decoded
@@ -119,7 +119,8 @@ def _search_ranges(w: torch.Tensor, h: torch.Tensor, lo0: torch.Tensor, hi0: tor
     return torch.where(keep, best_lo, lo0), torch.where(keep, best_hi, hi0)
 
 
-def _mulaw_values(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: torch.Tensor) -> torch.Tensor:
+def _mulaw_values(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool,
+                  table: torch.Tensor) -> torch.Tensor:
     """``_round(w, lo, hi, packed, table, "mulaw")[1]`` without the codes: the nearer of
     :func:`qins.mulaw._bracket`'s two levels is the table entry that the code would read (the zero
     included), so the codes' integer arithmetic and the gather through them are skipped."""
@@ -146,7 +147,7 @@ def _mulaw_ranges(w: torch.Tensor, h: torch.Tensor, packed: bool) -> tuple[torch
 
 
 def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool,
-                    spacing: str = "log", table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    spacing: str = "log", table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-style codes: magnitude codes (uint8 ``[R, N]``) and the negative mask of the values rounded.
     ``table``: the ranges' ``level_table``, when the caller has it."""
     rows, n = w.shape
@@ -250,7 +251,8 @@ def _column_rounder(lo: torch.Tensor, hi: torch.Tensor, packed: bool, table: tor
     return step
 
 
-def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: Optional[QinsConfig] = None, *, error_feedback: bool = True) -> Encoded:
+def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: QinsConfig | None = None, *,
+                      error_feedback: bool = True) -> Encoded:
     """Encode a 2-d ``weight`` ``[out, in]`` for inputs of second moment ``moment`` ``[in, in]``.
 
     Returns ``(codes, sign, log_min, log_max)`` exactly as :func:`qins.encode` (same format, same
@@ -266,7 +268,8 @@ def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: Option
     if weight.dim() != 2:
         raise ValueError(f"encode_calibrated needs a 2-d [out, in] weight, got shape {tuple(weight.shape)}")
     if moment.shape != (weight.shape[1], weight.shape[1]) or not bool(torch.isfinite(moment).all()):
-        raise ValueError(f"moment must be a finite [{weight.shape[1]}, {weight.shape[1]}] tensor, got {tuple(moment.shape)}")
+        raise ValueError(f"moment must be a finite [{weight.shape[1]}, {weight.shape[1]}] tensor, "
+                         f"got {tuple(moment.shape)}")
     with torch.no_grad():
         moment = moment.to(weight.device)
         w = weight.detach().to(torch.float32)

@@ -9,8 +9,8 @@ of the weight error ``‖W - Ŵ‖²``. Only torch is needed.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Union
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ class Calibration:
         return self.moments.get(name)
 
 
-Batch = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
 
 def calibrate(model: nn.Module, batches: Iterable[Batch], *, skip: Iterable[str] = ("lm_head",)) -> Calibration:

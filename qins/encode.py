@@ -19,7 +19,6 @@ Guarantees (``δ = (log_max - log_min)/S``, ``S = 126`` packed or ``254`` split,
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -31,7 +30,7 @@ from .rounding import _chunks, _mag_codes, _sq_error
 
 __all__ = ["encode"]
 
-Encoded = tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]
+Encoded = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
 
 _COARSE = 48  # candidate spans in the first pass (fractions c/48 of the minmax span)
 _FINE = 16  # candidates in the refinement pass, between the coarse neighbours of the best
@@ -50,7 +49,8 @@ def _rows(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
     return w.reshape(1, -1)
 
 
-def _model_errors(hist: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor, steps: int) -> torch.Tensor:
+def _model_errors(hist: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor,
+                  steps: int) -> torch.Tensor:
     """Modelled ``Σ(w - ŵ)²`` per row and candidate span (``[R, C]``, float64) from a log histogram.
 
     ``hist`` ``[R, B]`` counts ``log|w|`` in B uniform bins over ``[lo0, hi]``; a bin's weights are
@@ -103,7 +103,8 @@ def _log_histogram(mag: torch.Tensor, gap: torch.Tensor, span0: torch.Tensor, nb
     return hist[:, :nbins]
 
 
-def _rounding_deviation(mag: torch.Tensor, gap: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor, steps: int) -> torch.Tensor:
+def _rounding_deviation(mag: torch.Tensor, gap: torch.Tensor, hi: torch.Tensor, spans: torch.Tensor,
+                        steps: int) -> torch.Tensor:
     """``Σ w²·(d² - 1/12)`` per row and candidate span (``[R, C]``, float64), over the weights that
     every candidate keeps in range (``hi - log|w| < min span``).
 
@@ -122,7 +123,8 @@ def _rounding_deviation(mag: torch.Tensor, gap: torch.Tensor, hi: torch.Tensor, 
     return kernels.rounding_deviation(mag, gap, inv, unit, floor2, tau) * torch.exp(2.0 * hi.double())
 
 
-def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.Tensor,
+            packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The MSE-best ``log_min`` per row (``[R, 1]`` float32) and the uint8 magnitude codes for it.
 
     1. A histogram of ``log|w|`` per row models the error of every candidate span at once
@@ -142,7 +144,8 @@ def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.T
     steps = num_levels(packed) - 1
     fracs = torch.arange(1, _COARSE + 1, device=mag.device, dtype=torch.float64) / _COARSE
     best = _model_errors(hist, lo0, hi, span0 * fracs, steps).argmin(1, keepdim=True).double() + 1
-    fine = (best - 1 + torch.arange(_FINE + 1, device=mag.device, dtype=torch.float64) * 2 / _FINE).clamp(1 / _FINE, _COARSE) / _COARSE
+    fine = (best - 1 + torch.arange(_FINE + 1, device=mag.device, dtype=torch.float64) * 2 / _FINE).clamp(
+        1 / _FINE, _COARSE) / _COARSE
     spans = span0 * fine
     span_best = spans.gather(1, _model_errors(hist, lo0, hi, spans, steps).argmin(1, keepdim=True))
     lo_best = torch.where(span0 > 0, hi.double() - span_best, lo0.double()).to(torch.float32)
@@ -151,11 +154,13 @@ def _search(mag: torch.Tensor, gap: torch.Tensor, lo0: torch.Tensor, hi: torch.T
         los = torch.where(span0 > 0, hi.double() - ((hi - lo_best).double() * offsets).clamp(max=span0), lo0.double())
         los = torch.cat([lo_best, los.to(torch.float32)], 1)  # the best so far stays a candidate
         spans = (hi - los).double()  # the spans the float32 ranges really have
-        score = _model_errors(hist, lo0, hi, spans, steps) + (spans / steps).square() * _rounding_deviation(mag, gap, hi, spans, steps)
+        score = (_model_errors(hist, lo0, hi, spans, steps)
+                 + (spans / steps).square() * _rounding_deviation(mag, gap, hi, spans, steps))
         lo_best = los.gather(1, score.argmin(1, keepdim=True))  # first minimum: the incumbent on a tie
 
     ranges = (lo0, lo_best)
-    tables = torch.stack([level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing="log") for lo in ranges])  # [2, R, 256]
+    # [2, R, 256]
+    tables = torch.stack([level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing="log") for lo in ranges])
     err, out = kernels.range_codes(mag, gap, torch.cat(ranges, 1), hi, tables, packed, write=1)
     keep = err[:, :1] <= err[:, 1:]  # minmax on a tie (per tensor: the one row is the whole tensor)
     if bool(keep.any()):
@@ -174,7 +179,8 @@ def _capped(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.minimum(lo.clamp(min=LOG_FLOAT32_MIN), hi), hi
 
 
-def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
+def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                   packed: bool) -> torch.Tensor:
     """uint8 magnitude codes for the ranges ``lo``/``hi`` (``[R, 1]``), computed block by block."""
     out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
     table = level_table(lo.reshape(-1), hi.reshape(-1), packed, spacing="log")
@@ -183,7 +189,7 @@ def _encode_blocks(mag: torch.Tensor, gap: torch.Tensor, lo: torch.Tensor, hi: t
     return out
 
 
-def encode(weight: torch.Tensor, config: Optional[QinsConfig] = None) -> Encoded:
+def encode(weight: torch.Tensor, config: QinsConfig | None = None) -> Encoded:
     """Encode ``weight`` (any float dtype; 2-d for ``per_row``) in ``config``'s format.
 
     Returns ``(codes, sign, log_min, log_max)``: ``codes`` uint8 of ``weight``'s shape; ``sign`` int8

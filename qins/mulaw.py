@@ -23,7 +23,6 @@ rounding of the levels) for ``|w|`` up to the top level.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -64,7 +63,8 @@ def _bracket(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, table: torch
     return j0, mags.gather(1, j0), mags.gather(1, (j0 + 1).clamp_(max=k))
 
 
-def nearest_codes(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor, packed: bool) -> torch.Tensor:
+def nearest_codes(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor,
+                  packed: bool) -> torch.Tensor:
     """Magnitude codes (int64, 0..K) of ``mag`` ``[R, N]`` (``|w|``, float32) for mulaw ranges
     ``[R, 1]`` with tables ``[R, 256]``: the nearest of the row's levels and 0, ties to the larger
     level (exact zeros get 0).
@@ -98,7 +98,8 @@ def encode_rows(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: b
     return out
 
 
-def _exact_error(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool, c: Optional[torch.Tensor]) -> torch.Tensor:
+def _exact_error(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool,
+                 c: torch.Tensor | None) -> torch.Tensor:
     """Row-wise ``Σ c·(|w| - |ŵ|)²`` (float64 ``[R]``) of the nearest-level codes of ranges ``[R, 1]``."""
     table = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw")
     err = torch.zeros(mag.shape[0], dtype=torch.float64, device=mag.device)
@@ -110,7 +111,8 @@ def _exact_error(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: 
     return err
 
 
-def mulaw_range(mag: torch.Tensor, packed: bool, column_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mulaw_range(mag: torch.Tensor, packed: bool,
+                column_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 range ``(lo, hi)`` (``[R, 1]`` each) of rows ``mag`` ``[R, N]`` (``|w|``) that
     minimises ``Σ_i c_i·(|w_i| - |ŵ_i|)²`` over :data:`SPANS`, with ``c = column_weight`` ``[N]``
     (``>= 0``) or 1. Module docstring: the model picks, the best :data:`_EXACT` are scored exactly.

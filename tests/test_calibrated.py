@@ -27,7 +27,8 @@ def _correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
 @pytest.mark.slow
 @given(rows=st.integers(1, 9), cols=st.integers(2, 40), seed=st.integers(0, 2**16), packed=st.booleans(),
        spacing=st.sampled_from(qins.formats.SPACINGS))
-def test_calibrated_ranges_never_have_a_larger_weighted_error_than_the_data_free_ranges(rows, cols, seed, packed, spacing):
+def test_calibrated_ranges_never_have_a_larger_weighted_error_than_the_data_free_ranges(
+        rows, cols, seed, packed, spacing):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * torch.exp(torch.randn(rows, 1, generator=g))
     h_moment = _moment(_correlated_inputs(64, cols, seed))
@@ -50,7 +51,8 @@ def test_error_feedback_lowers_the_output_error_on_correlated_inputs(packed, spa
     h_moment = _moment(_correlated_inputs(4000, 96, 2))
     config = qins.QinsConfig(packed=packed, spacing=spacing)
     free = output_error(w, qins.decode_codes(*qins.encode(w, config), spacing=spacing), h_moment)
-    ranges_only = output_error(w, qins.decode_codes(*encode_calibrated(w, h_moment, config, error_feedback=False), spacing=spacing), h_moment)
+    ranges_only = output_error(
+        w, qins.decode_codes(*encode_calibrated(w, h_moment, config, error_feedback=False), spacing=spacing), h_moment)
     feedback = output_error(w, qins.decode_codes(*encode_calibrated(w, h_moment, config), spacing=spacing), h_moment)
     assert ranges_only < free
     assert feedback < 0.8 * ranges_only, (free, ranges_only, feedback)
@@ -124,7 +126,8 @@ def test_calibrate_records_each_linears_input_second_moment_and_removes_its_hook
     cal = qins.calibrate(model, batches, skip=())
     x = torch.cat(batches)
     torch.testing.assert_close(cal.moment("0"), _moment(x))
-    torch.testing.assert_close(cal.moment("2"), _moment(torch.relu(model[0](x))).to(torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cal.moment("2"), _moment(torch.relu(model[0](x))).to(torch.float64),
+                               rtol=1e-5, atol=1e-6)
     assert cal.rows == {"0": 6, "2": 6}
     assert all(not m._forward_pre_hooks for m in model.modules())
     assert set(qins.calibrate(model, batches, skip=("2",)).moments) == {"0"}

@@ -24,7 +24,10 @@ def _load(path, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
 
-def _hf_config(config: QinsConfig = QinsConfig(), **kwargs):
+_DEFAULT_CONFIG = QinsConfig()
+
+
+def _hf_config(config: QinsConfig = _DEFAULT_CONFIG, **kwargs):
     return qins.QinsHfConfig(packed=config.packed, log_range=config.log_range, per_row=config.per_row,
                              spacing=config.spacing, **kwargs)
 
@@ -130,10 +133,11 @@ def test_a_skip_entry_naming_a_layer_the_checkpoint_stores_in_qins_is_refused(tm
     convert_model_to_projective(model, QinsConfig())
     model.save_pretrained(tmp_path / "q")
     _edit_quantization_config(tmp_path / "q", skip=["lm_head", "*.down_proj"])
-    with pytest.raises(ValueError, match=r"^quantization_config field 'skip' does not match the checkpoint: entry "
-                                         r"'\*\.down_proj' leaves layer 'model\.layers\.0\.mlp\.down_proj' unconverted, "
-                                         r"but the checkpoint stores it in QINS \('model\.layers\.0\.mlp\.down_proj\."
-                                         r"stored'\); remove '\*\.down_proj' from 'skip' in config\.json$"):
+    with pytest.raises(ValueError,
+                       match=r"^quantization_config field 'skip' does not match the checkpoint: entry "
+                             r"'\*\.down_proj' leaves layer 'model\.layers\.0\.mlp\.down_proj' unconverted, "
+                             r"but the checkpoint stores it in QINS \('model\.layers\.0\.mlp\.down_proj\."
+                             r"stored'\); remove '\*\.down_proj' from 'skip' in config\.json$"):
         _load(tmp_path / "q")
 
 
@@ -172,12 +176,15 @@ def test_the_checks_run_on_the_files_before_the_weights_load(tmp_path, no_weight
     quantizer = quantizer_cls(config_cls(skip=["lm_head"]), pre_quantized=True)
     skeleton = tiny_llama(hidden_size=32, num_hidden_layers=1, vocab_size=64)
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.o_proj' is stored as a plain weight"):
-        quantizer._process_model_before_weight_loading(skeleton, checkpoint_files=[str(tmp_path / "q" / "model.safetensors")])
+        quantizer._process_model_before_weight_loading(
+            skeleton, checkpoint_files=[str(tmp_path / "q" / "model.safetensors")])
     on_load = quantizer_cls(config_cls(skip=["lm_head"]), pre_quantized=False)
     skeleton = tiny_llama(hidden_size=32, num_hidden_layers=1, vocab_size=64)
-    with pytest.raises(ValueError, match=r"^the checkpoint has no 'model\.layers\.0\.mlp\.down_proj\.weight' to quantize "
-                                         r"\(it holds QINS codes for it: give config\.json its quantization_config instead\)"):
-        on_load._process_model_before_weight_loading(skeleton, checkpoint_files=[str(tmp_path / "q" / "model.safetensors")])
+    with pytest.raises(ValueError,
+                       match=r"^the checkpoint has no 'model\.layers\.0\.mlp\.down_proj\.weight' to quantize "
+                             r"\(it holds QINS codes for it: give config\.json its quantization_config instead\)"):
+        on_load._process_model_before_weight_loading(
+            skeleton, checkpoint_files=[str(tmp_path / "q" / "model.safetensors")])
 
 
 @pytest.mark.slow  # reads SmolLM2's GGUF metadata

@@ -17,8 +17,10 @@ from qins.integrations.transformers import quantizer as hf_quantizer
 from qins.integrations.transformers import registration
 from tests.strategies import tiny_phi3
 
+_DEFAULT_CONFIG = QinsConfig()
 
-def _quantizer(major: int, *, skip=("lm_head",), cache_weight: bool = True, config: QinsConfig = QinsConfig()):
+
+def _quantizer(major: int, *, skip=("lm_head",), cache_weight: bool = True, config: QinsConfig = _DEFAULT_CONFIG):
     config_cls, quantizer_cls = hf_quantizer.build_classes(major)
     hf_config = config_cls(packed=config.packed, log_range=config.log_range, per_row=config.per_row,
                            spacing=config.spacing, skip=list(skip), cache_weight=cache_weight)
@@ -48,7 +50,8 @@ LAYER = "model.layers.0.mlp.down_proj"
     ("auto", "auto", None),
     (None, None, None),
 ])
-def test_transformers_4_loads_in_float32_and_casts_after_so_the_logs_are_never_cast(name, given, loads_in, cast_after) -> None:
+def test_transformers_4_loads_in_float32_and_casts_after_so_the_logs_are_never_cast(
+        name, given, loads_in, cast_after) -> None:
     quantizer = _quantizer(4)
     assert getattr(quantizer, name)(given) == loads_in
     assert quantizer._target_dtype == cast_after
@@ -94,8 +97,9 @@ def test_a_log_cast_by_the_loader_is_refused_naming_the_key_and_the_fix() -> Non
     quantizer = _quantizer(4)
     layer = model.get_submodule(LAYER)
     before = layer.log_min
-    with pytest.raises(ValueError, match=rf"^{LAYER}\.log_min: transformers cast the float32 QINS log to torch\.bfloat16 "
-                                         r"while loading; pass torch_dtype=<a torch\.dtype> \(not 'auto'\) to from_pretrained$"):
+    with pytest.raises(ValueError,
+                       match=rf"^{LAYER}\.log_min: transformers cast the float32 QINS log to torch\.bfloat16 "
+                             r"while loading; pass torch_dtype=<a torch\.dtype> \(not 'auto'\) to from_pretrained$"):
         quantizer.create_quantized_param(model, layer.log_min.to(torch.bfloat16), f"{LAYER}.log_min", "cpu")
     assert layer.log_min is before
     stored = layer.stored.to(torch.int64)  # only the logs are checked for a cast
@@ -158,7 +162,8 @@ def test_before_loading_the_model_gets_qins_layers_of_the_configs_format(cache_w
     assert sorted(layers) == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_up_proj",
                               "model.layers.0.self_attn.qkv_proj"]
     assert all(m.config == config and m.cache_weight is cache_weight for m in layers.values())
-    assert [r.getMessage() for r in caplog.records if r.name == "qins.integrations.transformers.quantizer"] == ["qins: rebuilt 3 QINS layers before loading"]
+    assert [r.getMessage() for r in caplog.records if r.name == "qins.integrations.transformers.quantizer"] == [
+        "qins: rebuilt 3 QINS layers before loading"]
 
 
 def _loaded(major: int):
@@ -190,8 +195,9 @@ def test_after_loading_a_buffer_still_on_meta_is_named_as_missing(major: int) ->
     model = _loaded(major)
     layer = model.get_submodule(LAYER)
     layer._buffers["stored"] = torch.empty_like(layer.stored, device="meta")
-    with pytest.raises(ValueError, match=rf"^QINS checkpoint is missing \['{LAYER}\.stored'\]: the quantization_config's "
-                                         r"skip list does not match the saved layers$"):
+    with pytest.raises(ValueError,
+                       match=rf"^QINS checkpoint is missing \['{LAYER}\.stored'\]: the quantization_config's "
+                             r"skip list does not match the saved layers$"):
         _quantizer(major)._process_model_after_weight_loading(model)
 
 
@@ -247,7 +253,8 @@ def test_after_loading_a_log_of_the_wrong_shape_is_named_as_a_shape_error(major:
     layer._buffers["log_min"] = layer.log_min.min().reshape(())
     layer.log_min._is_hf_initialized = True
     rows = layer.out_features
-    with pytest.raises(ValueError, match=rf"^QINS checkpoint, layer {LAYER}: log_min: shape must be \({rows},\), got \(\)$"):
+    with pytest.raises(ValueError,
+                       match=rf"^QINS checkpoint, layer {LAYER}: log_min: shape must be \({rows},\), got \(\)$"):
         _quantizer(major)._process_model_after_weight_loading(model)
 
 

@@ -100,7 +100,8 @@ def test_tables_bit_identical(data, packed, rows, spacing):
 
 
 @settings(max_examples=30)
-@given(st.integers(1, 200), st.integers(1, 20), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1), st.sampled_from(SPACINGS))
+@given(st.integers(1, 200), st.integers(1, 20), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1),
+       st.sampled_from(SPACINGS))
 def test_decode_bit_identical(inn, out, packed, per_row, seed, spacing):
     mod = native()
     gen = torch.Generator().manual_seed(seed)
@@ -193,7 +194,7 @@ def test_gemv_knobs_that_keep_the_order_keep_the_result_bit_identical(packed, ba
     """Row chunk, prefetch distance and the pipelined table only schedule work: every row still
     sums its columns in the same order, so the result is bit-identical; a column block changes the
     order (within the bound). 37 rows: chunks of 2, 3 and 16 all leave a remainder."""
-    mod = native()
+    native()
     gen = torch.Generator().manual_seed(batch + 10 * packed)
     out, inn = 37, 200
     codes, sign = qins_codes(gen, out, inn, packed, 0.05)
@@ -554,7 +555,8 @@ def test_build_failure_under_qins_kernel_native_raises_from_the_build_error(monk
     monkeypatch.setenv("QINS_KERNEL", "native")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: it is an error
-        with pytest.raises(RuntimeError, match="^QINS_KERNEL=native but the native CPU kernels failed to build$") as info:
+        with pytest.raises(RuntimeError,
+                           match="^QINS_KERNEL=native but the native CPU kernels failed to build$") as info:
             qk.native_module()
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.args == ("no compiler",)
 

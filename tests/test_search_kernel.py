@@ -131,7 +131,7 @@ def _ranges_case(seed: int, rows: int, cols: int, ranges: int, packed: bool, zer
 def test_range_codes_match_the_reference_codes_exactly_and_errors_within_float64_summation(
     seed, rows, cols, ranges, packed, zero_frac, write
 ):
-    mod = native()
+    native()
     from qins.formats import num_levels
 
     write = min(write, ranges - 1)

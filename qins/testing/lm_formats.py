@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ def calibration_for(model: nn.Module, batches: list[torch.Tensor]) -> Calibratio
 
 
 @torch.no_grad()
-def quantized_copy(model: nn.Module, fmt: str, calibration: Optional[Calibration] = None) -> nn.Module:
+def quantized_copy(model: nn.Module, fmt: str, calibration: Calibration | None = None) -> nn.Module:
     """A deep copy of ``model`` with its decoder Linears in format ``fmt`` (see :data:`FORMATS`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
@@ -96,9 +96,9 @@ class FormatRun:
     formats. ``bos``: as :func:`qins.testing.perplexity.token_nll`."""
 
     def __init__(self, model: nn.Module, wins: Sequence[torch.Tensor], calibration_batches: list[torch.Tensor],
-                 bos: Optional[int] = None):
+                 bos: int | None = None):
         self.model, self.wins, self.batches, self.bos = model, wins, calibration_batches, bos
-        self.calibration: Optional[Calibration] = None
+        self.calibration: Calibration | None = None
         self.calibrate_s = 0.0
         self.nll: dict[str, torch.Tensor] = {}
         self.convert_s: dict[str, float] = {}

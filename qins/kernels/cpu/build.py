@@ -28,9 +28,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 try:
     import fcntl
@@ -88,7 +88,8 @@ def _compile_unit(cxx: str, src: str, flags: list[str], out_dir: Path) -> Path:
     if obj.exists():
         return obj
     tmp = out_dir / f"{obj.name}.{os.getpid()}.tmp"
-    cmd = [*shlex.split(cxx), *COMMON_FLAGS, *DEFINES, *flags, "-c", str(SOURCE_DIR / src), "-o", str(tmp)]  # "ccache c++" too
+    # shlex.split: "ccache c++" too
+    cmd = [*shlex.split(cxx), *COMMON_FLAGS, *DEFINES, *flags, "-c", str(SOURCE_DIR / src), "-o", str(tmp)]
     logger.debug("qins: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -116,7 +117,8 @@ def _build_lock(out_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[No
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"qins: another process has been building in {out_dir} for over {timeout_s:.0f} s") from None
+                    raise TimeoutError(f"qins: another process has been building in {out_dir} "
+                                       f"for over {timeout_s:.0f} s") from None
                 time.sleep(0.2)
         try:
             stale = out_dir / "lock"
