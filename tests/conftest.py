@@ -28,6 +28,14 @@ if "mutmut" in sys.modules:  # inside a mutmut run: its max_stack_depth, fixed (
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist workers share the cores: each gets its share of torch threads. OpenMP regions (torch's
+# and the native kernels') with more threads than free cores wait at every barrier for a descheduled
+# thread: a 576x1536 layer took 15.6 ms a call at 2 threads beside another busy process, 0.58 ms at 1.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if os.environ.get("PYTEST_XDIST_WORKER") and _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
+
 _SNAPSHOT: dict[str, dict] | None = None
 
 
