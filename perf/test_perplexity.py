@@ -19,13 +19,12 @@ are stated met or missed in the summary (``perf_gate.accuracy_target``):
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from qins.testing import lm_formats as F
 from qins.testing import perplexity as P
+from qins.testing.cores import usable_cores
 from qins.testing.real_lm import MissingRealAsset, load_smollm2, news_text, wiki_text
 from tests.accuracy_utils import in_ci
 
@@ -56,7 +55,7 @@ def _run(windows: int) -> F.FormatRun:
 @pytest.fixture(scope="module")
 def run(request) -> F.FormatRun:
     threads = torch.get_num_threads()  # the perf suite runs at --perf-threads (1 by default); perplexity is not timed
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    torch.set_num_threads(usable_cores())
     yield _run(request.config.getoption("perf_ppl_windows"))
     torch.set_num_threads(threads)
 

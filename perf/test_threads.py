@@ -16,14 +16,13 @@ run, a miss re-measured once; a speed target, stated met or missed, asserted onl
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from perf import timing
 from perf.gate import HIGHER, Rule
 from perf.timing import WARMUP_S, paired_again, plan, slowed, synced
+from qins.testing.cores import usable_cores
 
 SHAPE = (3072, 8192)
 BATCHES = {"b1": 1, "b32": 32}
@@ -33,11 +32,7 @@ BUDGET_S = 1.5
 TARGET_SLACK = 1.05
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-THREADS = {"1thread": 1, "allcores": _cores()}
+THREADS = {"1thread": 1, "allcores": usable_cores()}
 
 
 @pytest.fixture(autouse=True)

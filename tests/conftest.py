@@ -33,8 +33,10 @@ if not torch.cuda.is_available():
 # thread: a 576x1536 layer took 15.6 ms a call at 2 threads beside another busy process, 0.58 ms at 1.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
 if os.environ.get("PYTEST_XDIST_WORKER") and _WORKERS > 1:
-    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, _CORES // _WORKERS))
+    # imported only here: outside xdist workers conftest's own load stays without ``import qins``
+    from qins.testing.cores import usable_cores
+
+    torch.set_num_threads(max(1, usable_cores() // _WORKERS))
 
 _SNAPSHOT: dict[str, dict] | None = None
 
