@@ -16,16 +16,21 @@ target, a speed target, is stated met or missed in the summary and asserted only
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 import qins.kernels
-from perf.gate import HIGHER, LOWER, Rule
-from perf.test_memory import run_probe
+from perf.e2e import E2EBench, skip_unless_proc
 
 NEW_TOKENS = 128
 MODES = ["fp32", "qins-packed-memsave", "qins-split-memsave"]
+BENCH = E2EBench(
+    model="large",
+    modes=tuple(MODES),
+    new_tokens=NEW_TOKENS,
+    figures=("tokens_per_s", "fp32_tokens_per_s", "tokens_per_s_vs_fp32", "linear_bytes", "linear_bytes_vs_fp32",
+             "peak_generate_delta", "fp32_peak_generate_delta", "peak_generate_vs_fp32", "model_bytes"),
+    bytes_figure="linear_bytes_vs_fp32",
+)
 #: the targets for the packed memory-saving model, against FP32 (asserted). The peak counts
 #: what the process allocates while generating: each probe child maps its shared libraries before
 #: it measures (perf/memprobe.py), so the page cache no longer moves it (it put this ratio at 0.51
@@ -40,44 +45,16 @@ TARGETS = {
 SPEED_TARGETS = frozenset({"tokens_per_s_vs_fp32"})
 
 
-def _figures(probes: dict, mode: str) -> dict:
-    fp32, r = probes["fp32"], probes[mode]
-    peak = lambda p: p["peak_generate"] - p["rss_start"]  # noqa: E731
-    return {
-        "tokens_per_s": r["tokens_per_s"],
-        "fp32_tokens_per_s": fp32["tokens_per_s"],
-        "tokens_per_s_vs_fp32": r["tokens_per_s"] / fp32["tokens_per_s"],
-        "linear_bytes": r["linear_bytes"],
-        "linear_bytes_vs_fp32": r["linear_bytes"] / fp32["linear_bytes"],
-        "peak_generate_delta": peak(r),
-        "fp32_peak_generate_delta": peak(fp32),
-        "peak_generate_vs_fp32": peak(r) / peak(fp32),
-        "model_bytes": r["model_memory"]["total"],
-    }
-
-
 @pytest.fixture(scope="module")
 def probes(perf_state):
-    if not sys.platform.startswith("linux"):
-        pytest.skip("process memory figures read /proc (Linux only)")
-    return run_probe(MODES, perf_state.settings.threads, NEW_TOKENS, "large")
+    skip_unless_proc()
+    return BENCH.probe(perf_state.settings.threads)
 
 
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_generate_large_model(benchmark, perf_gate, perf_state, probes, mode):
     benchmark.group = "e2e Phi-3 1024x8, 128 tokens"
-    figures = _figures(probes, mode)
-    benchmark.pedantic(lambda: None, rounds=1)  # the figures come from the fresh processes above
-    rules = {
-        "tokens_per_s_vs_fp32": Rule(LOWER, perf_gate.tol["e2e"]),
-        "linear_bytes_vs_fp32": Rule(HIGHER, 0.01),
-        "peak_generate_vs_fp32": Rule(HIGHER, perf_gate.tol["memory"]),
-    }
-
-    def remeasure():
-        return _figures(run_probe(MODES, perf_state.settings.threads, NEW_TOKENS, "large"), mode)
-
-    perf_gate.check(benchmark, figures, rules, remeasure, key=f"e2e-large/{mode}")
+    figures, remeasure = BENCH.gate(benchmark, perf_gate, perf_state.settings.threads, probes, mode)
     if mode != "qins-packed-memsave":
         return
     benchmark.extra_info["targets"] = {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}

@@ -17,46 +17,30 @@ memory while generating, above the process's start). Gated against the baseline;
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 import qins.kernels
-from perf.gate import HIGHER, LOWER, Rule
-from perf.test_memory import run_probe
+from perf.e2e import E2EBench, skip_unless_proc
 
 NEW_TOKENS = 64
 MODES = ["fp32", "qins-packed-memsave", "qins-packed-memsave-emb"]
+BENCH = E2EBench(
+    model="smollm2",
+    modes=tuple(MODES),
+    new_tokens=NEW_TOKENS,
+    figures=("tokens_per_s", "fp32_tokens_per_s", "tokens_per_s_vs_fp32", "model_bytes", "fp32_model_bytes",
+             "model_bytes_vs_fp32", "linear_bytes_vs_fp32", "peak_generate_delta", "fp32_peak_generate_delta",
+             "peak_generate_vs_fp32"),
+    bytes_figure="model_bytes_vs_fp32",
+)
 #: the memory target holds on every kernel path; the speed target is for the AVX-512 kernels
 MODEL_BYTES_TARGET = 0.3
 TOKENS_TARGET = 1.5
 
 
-def _figures(probes: dict, mode: str) -> dict:
-    fp32, r = probes["fp32"], probes[mode]
-    peak = lambda p: p["peak_generate"] - p["rss_start"]  # noqa: E731
-    return {
-        "tokens_per_s": r["tokens_per_s"],
-        "fp32_tokens_per_s": fp32["tokens_per_s"],
-        "tokens_per_s_vs_fp32": r["tokens_per_s"] / fp32["tokens_per_s"],
-        "model_bytes": r["model_memory"]["total"],
-        "fp32_model_bytes": fp32["model_memory"]["total"],
-        "model_bytes_vs_fp32": r["model_memory"]["total"] / fp32["model_memory"]["total"],
-        "linear_bytes_vs_fp32": r["linear_bytes"] / fp32["linear_bytes"],
-        "peak_generate_delta": peak(r),
-        "fp32_peak_generate_delta": peak(fp32),
-        "peak_generate_vs_fp32": peak(r) / peak(fp32),
-    }
-
-
-def _probe(threads: int) -> dict:
-    return run_probe(MODES, threads, NEW_TOKENS, "smollm2")
-
-
 @pytest.fixture(scope="module")
 def probes(perf_state):
-    if not sys.platform.startswith("linux"):
-        pytest.skip("process memory figures read /proc (Linux only)")
+    skip_unless_proc()
     pytest.importorskip("gguf", reason="SmolLM2's GGUF needs the gguf package (the `real` extra)")
     from qins.testing.real_lm import MissingRealAsset, smollm2_path
 
@@ -64,24 +48,13 @@ def probes(perf_state):
         smollm2_path()
     except MissingRealAsset as exc:
         pytest.skip(str(exc))
-    return _probe(perf_state.settings.threads)
+    return BENCH.probe(perf_state.settings.threads)
 
 
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_generate_smollm2(benchmark, perf_gate, perf_state, probes, mode):
     benchmark.group = "e2e SmolLM2-135M, 64 tokens"
-    figures = _figures(probes, mode)
-    benchmark.pedantic(lambda: None, rounds=1)  # the figures come from the fresh processes above
-    rules = {
-        "tokens_per_s_vs_fp32": Rule(LOWER, perf_gate.tol["e2e"]),
-        "model_bytes_vs_fp32": Rule(HIGHER, 0.01),
-        "peak_generate_vs_fp32": Rule(HIGHER, perf_gate.tol["memory"]),
-    }
-
-    def remeasure():
-        return _figures(_probe(perf_state.settings.threads), mode)
-
-    perf_gate.check(benchmark, figures, rules, remeasure, key=f"e2e-smollm2/{mode}")
+    figures, remeasure = BENCH.gate(benchmark, perf_gate, perf_state.settings.threads, probes, mode)
     if mode != "qins-packed-memsave-emb":
         return
     benchmark.extra_info["targets"] = {"model_bytes_vs_fp32": f"<= {MODEL_BYTES_TARGET}",
