@@ -13,20 +13,18 @@ and on disk.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from . import kernels
+from .coded import QinsCodedModule, resolve_config
 from .encode import encode
-from .formats import QinsConfig, decode_codes, level_table
-from .state import check_qins_state, format_metadata
+from .formats import QinsConfig, level_table
 
 __all__ = ["ProjectiveEmbedding", "ProjectiveTiedHead"]
 
 
-class ProjectiveEmbedding(nn.Module):
+class ProjectiveEmbedding(QinsCodedModule):
     """``nn.Embedding`` with QINS-coded rows: ``forward(ids)`` is ``ŵ[ids]`` in the compute dtype.
 
     State (all in the ``state_dict``): ``stored`` (uint8 ``[num_embeddings, embedding_dim]``, sign in
@@ -42,13 +40,6 @@ class ProjectiveEmbedding(nn.Module):
     :func:`qins.state.check_qins_state` before anything changes, as for :class:`qins.ProjectiveLinear`.
     """
 
-    _version = 2
-
-    stored: torch.Tensor
-    sign: torch.Tensor | None
-    log_min: torch.Tensor
-    log_max: torch.Tensor
-
     def __init__(
         self,
         num_embeddings: int,
@@ -63,9 +54,7 @@ class ProjectiveEmbedding(nn.Module):
         if num_embeddings <= 0 or embedding_dim <= 0:
             raise ValueError(f"num_embeddings and embedding_dim must be positive, got {num_embeddings}, "
                              f"{embedding_dim}")
-        self.config = config if config is not None else QinsConfig()
-        if not isinstance(self.config, QinsConfig):
-            raise TypeError(f"config must be a QinsConfig, got {type(self.config).__name__}")
+        self.config = resolve_config(config)
         if not self.config.per_row:
             raise ValueError("ProjectiveEmbedding needs a per-row config (one log range per token row, decoded alone); "
                              "pass QinsConfig(per_row=True, ...)")
@@ -76,15 +65,7 @@ class ProjectiveEmbedding(nn.Module):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        shape = (num_embeddings, embedding_dim)
-        self.register_buffer("stored", torch.zeros(shape, dtype=torch.uint8, device=device))
-        self.register_buffer("sign", None if self.config.packed else torch.ones(shape, dtype=torch.int8, device=device))
-        self.register_buffer("log_min", torch.zeros(num_embeddings, dtype=torch.float32, device=device))
-        self.register_buffer("log_max", torch.zeros(num_embeddings, dtype=torch.float32, device=device))
-        # A 0-element tensor that records the output dtype; it follows .to()/.half().
-        marker = torch.empty(0, dtype=dtype or torch.float32, device=device)
-        self.register_buffer("_dtype_marker", marker, persistent=False)
-        self.register_state_dict_post_hook(_record_format)
+        self._register_codes(num_embeddings, embedding_dim, (num_embeddings,), device, dtype)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, config: QinsConfig | None = None) -> ProjectiveEmbedding:
@@ -107,27 +88,13 @@ class ProjectiveEmbedding(nn.Module):
             if weight.is_meta:
                 return module
             stored, sign, log_min, log_max = encode(weight, module.config)
-            module.stored.copy_(stored)
-            if sign is not None:
-                module.sign.copy_(sign)
-            module.log_min.copy_(log_min)
-            module.log_max.copy_(log_max)
+            module._set_codes(stored, sign, log_min, log_max)
             return module
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype rows are decoded to (follows ``.to(dtype)``/``.half()``)."""
-        return self._dtype_marker.dtype
 
     @property
     def qins_weight_shape(self) -> tuple[int, int]:
         """``(rows, columns)`` of the coded weight, as :func:`qins.state.check_qins_state` checks it."""
         return self.num_embeddings, self.embedding_dim
-
-    def decode_weight(self) -> torch.Tensor:
-        """The whole decoded table ``[num_embeddings, embedding_dim]`` in the compute dtype (a fresh tensor)."""
-        return decode_codes(self.stored, self.sign, self.log_min, self.log_max, dtype=self.compute_dtype,
-                            spacing=self.config.spacing)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -150,24 +117,6 @@ class ProjectiveEmbedding(nn.Module):
         if self.sign is not None:
             rows = rows * self.sign.index_select(0, flat)
         return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        check_qins_state(self, state_dict, prefix, local_metadata)  # raises before anything changes
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> ProjectiveEmbedding:
-        # .half()/.to(dtype) must not cast the float32 logs; they only follow the codes' device.
-        logs = {name: getattr(self, name) for name in ("log_min", "log_max")}
-        super()._apply(fn, recurse)
-        device = self.stored.device
-        for name, old in logs.items():
-            if old.is_meta or device.type == "meta":
-                setattr(self, name, torch.empty(old.shape, dtype=torch.float32, device=device))
-            else:
-                setattr(self, name, old.to(device=device, dtype=torch.float32))
-        return self
 
     def extra_repr(self) -> str:
         c = self.config
@@ -218,7 +167,3 @@ class ProjectiveTiedHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, tied"
-
-
-def _record_format(module: ProjectiveEmbedding, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    local_metadata["qins"] = format_metadata(module.config)

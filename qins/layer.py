@@ -9,14 +9,14 @@ from torch import nn
 
 from . import kernels
 from .calibrated import encode_calibrated
+from .coded import QinsCodedModule, resolve_config
 from .encode import encode
-from .formats import QinsConfig, decode_codes
-from .state import check_qins_state, format_metadata
+from .formats import QinsConfig
 
 __all__ = ["ProjectiveLinear"]
 
 
-class ProjectiveLinear(nn.Module):
+class ProjectiveLinear(QinsCodedModule):
     """Linear layer with QINS-coded weights: ``y = x @ ŵᵀ + b``.
 
     State (all in the ``state_dict``): ``stored`` (uint8 ``[out, in]``: codes, with the sign in bit 7
@@ -39,12 +39,6 @@ class ProjectiveLinear(nn.Module):
     graph nor recompiles when the log range changes. The output dtype equals the input dtype.
     """
 
-    _version = 2
-
-    stored: torch.Tensor
-    sign: torch.Tensor | None
-    log_min: torch.Tensor
-    log_max: torch.Tensor
     _cached_weight: torch.Tensor | None
 
     def __init__(
@@ -63,26 +57,15 @@ class ProjectiveLinear(nn.Module):
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features = in_features
         self.out_features = out_features
-        self.config = config if config is not None else QinsConfig()
-        if not isinstance(self.config, QinsConfig):
-            raise TypeError(f"config must be a QinsConfig, got {type(self.config).__name__}")
+        self.config = resolve_config(config)
         self.cache_weight = bool(cache_weight)
         log_shape = (out_features,) if self.config.per_row else ()
-        self.register_buffer("stored", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
-        sign = None if self.config.packed else torch.ones(out_features, in_features, dtype=torch.int8, device=device)
-        self.register_buffer("sign", sign)
-        self.register_buffer("log_min", torch.zeros(log_shape, dtype=torch.float32, device=device))
-        self.register_buffer("log_max", torch.zeros(log_shape, dtype=torch.float32, device=device))
-        # A 0-element float tensor that only records the compute dtype; it follows .to()/.half().
-        self.register_buffer(
-            "_dtype_marker", torch.empty(0, dtype=dtype or torch.float32, device=device), persistent=False
-        )
+        self._register_codes(out_features, in_features, log_shape, device, dtype)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
         else:
             self.register_parameter("bias", None)
         self.register_buffer("_cached_weight", None, persistent=False)
-        self.register_state_dict_post_hook(_record_format)
         self.register_load_state_dict_post_hook(self._refresh_after_load)
         self.invalidate_cache()
 
@@ -121,11 +104,7 @@ class ProjectiveLinear(nn.Module):
                 stored, sign, log_min, log_max = encode(weight, layer.config)
             else:
                 stored, sign, log_min, log_max = encode_calibrated(weight, input_moment, layer.config)
-            layer.stored.copy_(stored)
-            if sign is not None:
-                layer.sign.copy_(sign)
-            layer.log_min.copy_(log_min)
-            layer.log_max.copy_(log_max)
+            layer._set_codes(stored, sign, log_min, log_max)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
             layer.invalidate_cache()
@@ -133,19 +112,9 @@ class ProjectiveLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype the weight is decoded to (follows ``.to(dtype)``/``.half()``)."""
-        return self._dtype_marker.dtype
-
-    @property
     def qins_weight_shape(self) -> tuple[int, int]:
         """``(out_features, in_features)``: the codes' shape, as :func:`qins.state.check_qins_state` checks it."""
         return self.out_features, self.in_features
-
-    def decode_weight(self) -> torch.Tensor:
-        """Decode the weight now (ignoring the cache), ``[out, in]`` in the compute dtype."""
-        return decode_codes(self.stored, self.sign, self.log_min, self.log_max, dtype=self.compute_dtype,
-                            spacing=self.config.spacing)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -179,24 +148,9 @@ class ProjectiveLinear(nn.Module):
     def _refresh_after_load(module: ProjectiveLinear, incompatible_keys: Any) -> None:
         module.invalidate_cache()
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:  # noqa: E501
-        # Validate the whole QINS group first: a bad state raises before anything is changed.
-        check_qins_state(self, state_dict, prefix, local_metadata)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
     def _apply(self, fn: Any, recurse: bool = True) -> ProjectiveLinear:
-        # nn.Module._apply would cast the float32 logs with .half()/.to(dtype) and lose precision;
-        # they always stay float32 and only follow the device of the codes (meta and to_empty too).
-        logs = {name: getattr(self, name) for name in ("log_min", "log_max")}
+        # QinsCodedModule._apply keeps the logs float32; the cache, cast by it, is re-decoded below
         super()._apply(fn, recurse)
-        device = self.stored.device
-        for name, old in logs.items():
-            if old.is_meta or device.type == "meta":
-                setattr(self, name, torch.empty(old.shape, dtype=torch.float32, device=device))
-            else:
-                setattr(self, name, old.to(device=device, dtype=torch.float32))
         if self._cached_weight is not None:
             # Re-decode rather than keep a cast copy: float16 -> float32 must not keep fp16 rounding.
             with torch.no_grad():
@@ -232,8 +186,3 @@ class ProjectiveLinear(nn.Module):
             f"cache_weight={self.cache_weight}"
             + ("" if self.cache_weight else f", kernel={kernels.backend_name(self.stored.device)}")
         )
-
-
-def _record_format(module: ProjectiveLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    local_metadata["qins"] = format_metadata(module.config)
-

@@ -23,7 +23,7 @@ PACKAGE = ROOT / "qins"
 
 CORE = ["qins.formats", "qins.kernels", "qins.encode", "qins.layer", "qins.state", "qins.convert",
         "qins.serialization", "qins.mulaw", "qins.calibrated", "qins.embedding", "qins.codec", "qins.calibration",
-        "qins.streaming", "qins.hf_config"]
+        "qins.streaming", "qins.hf_config", "qins.coded"]
 
 #: front ends that may import the integrations: the package itself (its public names) and the command line
 FRONT_ENDS = {"qins", "qins.__main__", "qins.cli"}
