@@ -30,7 +30,7 @@ inline __m256 pow2_8(__m256 n) {
 // stage across the vectors: one vector's chain is ~25 dependent ops, so a per-row table built one
 // vector at a time waits on latency.
 template <int NV>
-inline void qins_exp_n(const __m256* t, __m256* out) {
+inline void qins_exp_n(const __m256* t, __m256* out, bool exact_scale) {
   __m256 n[NV], f[NV], p[NV];
 #define QINS_EACH for (int v = 0; v < NV; ++v)
   QINS_EACH n[v] = _mm256_round_ps(_mm256_mul_ps(t[v], _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -42,6 +42,13 @@ inline void qins_exp_n(const __m256* t, __m256* out) {
   QINS_EACH p[v] = _mm256_add_ps(_mm256_mul_ps(p[v], f[v]), _mm256_set1_ps(kP4));
   QINS_EACH p[v] = _mm256_add_ps(_mm256_mul_ps(p[v], f[v]), _mm256_set1_ps(kP5));
   QINS_EACH p[v] = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p[v], f[v]), f[v]), f[v]), _mm256_set1_ps(1.0f));
+  if (exact_scale) {
+    // Every n in [-124, 126] (exp_scale_exact): y * 2**n is a normal float, so the reference's two
+    // exact power-of-two products equal one product with 2**n built from n's bits.
+    QINS_EACH out[v] = _mm256_mul_ps(p[v], _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvttps_epi32(n[v]), _mm256_set1_epi32(127)), 23)));
+    return;
+  }
   QINS_EACH {
     const __m256 a = _mm256_round_ps(_mm256_mul_ps(n[v], _mm256_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     out[v] = _mm256_mul_ps(_mm256_mul_ps(p[v], pow2_8(a)), pow2_8(_mm256_sub_ps(n[v], a)));
@@ -50,14 +57,12 @@ inline void qins_exp_n(const __m256* t, __m256* out) {
 }
 
 // Entries 8*v0 .. 8*(v0+NV)-1 of the unsigned table (entry i holds level i - 1) into t.
+// exact: exp_scale_exact of the row (qins_exp_n's one-product scaling).
 template <int NV>
-inline void table8_n(int v0, __m256 vhi, __m256 delta, __m256 vz, float* t) {
+inline void table8_n(int v0, __m256 vhi, __m256 delta, __m256 vz, bool exact, float* t) {
   __m256 arg[NV], e[NV];
-  for (int v = 0; v < NV; ++v) {
-    const __m256 j = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_set1_epi32(8 * (v0 + v) - 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    arg[v] = _mm256_sub_ps(vhi, _mm256_mul_ps(j, delta));
-  }
-  qins_exp_n<NV>(arg, e);
+  for (int v = 0; v < NV; ++v) arg[v] = _mm256_sub_ps(vhi, _mm256_mul_ps(_mm256_load_ps(kLevelIndex + 8 * (v0 + v)), delta));
+  qins_exp_n<NV>(arg, e, exact);
   for (int v = 0; v < NV; ++v) _mm256_store_ps(t + 8 * (v0 + v), _mm256_sub_ps(e[v], vz));
 }
 
@@ -65,11 +70,11 @@ inline void table8_n(int v0, __m256 vhi, __m256 delta, __m256 vz, float* t) {
 // magnitudes.
 void avx2_table_aligned(float lo, float hi, int packed, int mulaw, float* t) {
   const int K = packed ? 127 : 255;
-  const __m256 delta = _mm256_set1_ps((hi - lo) / table_steps(K, mulaw));
-  const __m256 vz = _mm256_set1_ps(table_offset(lo, mulaw));
-  const __m256 vhi = _mm256_set1_ps(hi);
-  table8_n<16>(0, vhi, delta, vz, t);
-  if (!packed) table8_n<16>(16, vhi, delta, vz, t);
+  const float d = (hi - lo) / table_steps(K, mulaw);
+  const __m256 delta = _mm256_set1_ps(d), vz = _mm256_set1_ps(table_offset(lo, mulaw)), vhi = _mm256_set1_ps(hi);
+  const bool exact = exp_scale_exact(hi, d, K);
+  table8_n<16>(0, vhi, delta, vz, exact, t);
+  if (!packed) table8_n<16>(16, vhi, delta, vz, exact, t);
   t[0] = 0.0f;
   if (packed) {
     const __m256 neg = _mm256_set1_ps(-0.0f);

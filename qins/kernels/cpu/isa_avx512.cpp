@@ -18,7 +18,7 @@ namespace {
 // leaves the scheduler waiting on latency (measured: 8 vectors 41 ns one by one, 26 ns interleaved).
 // a = floor(n / 2) and b = n - a in integers: n is integral, so floor(n * 0.5) == n >> 1.
 template <int NV>
-inline void qins_exp_n(const __m512* t, __m512* out) {
+inline void qins_exp_n(const __m512* t, __m512* out, bool exact_scale) {
   __m512 n[NV], f[NV], p[NV];
 #define QINS_EACH for (int v = 0; v < NV; ++v)
   QINS_EACH n[v] = _mm512_roundscale_ps(_mm512_mul_ps(t[v], _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -30,6 +30,12 @@ inline void qins_exp_n(const __m512* t, __m512* out) {
   QINS_EACH p[v] = _mm512_add_ps(_mm512_mul_ps(p[v], f[v]), _mm512_set1_ps(kP4));
   QINS_EACH p[v] = _mm512_add_ps(_mm512_mul_ps(p[v], f[v]), _mm512_set1_ps(kP5));
   QINS_EACH p[v] = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p[v], f[v]), f[v]), f[v]), _mm512_set1_ps(1.0f));
+  if (exact_scale) {
+    // Every n in [-124, 126] (exp_scale_exact): y * 2**n is a normal float, so the reference's two
+    // exact power-of-two products equal one vscalefps (one op for eleven).
+    QINS_EACH out[v] = _mm512_scalef_ps(p[v], n[v]);
+    return;
+  }
   QINS_EACH {
     // n clamped to [-252, 254] (NaN: -252) so that both halves are normal exponents, as pow2_bits
     // clamps each half to [-126, 127]: the same factors as the scalar path for any n.
@@ -43,15 +49,12 @@ inline void qins_exp_n(const __m512* t, __m512* out) {
 }
 
 // Unsigned table entries 16*v0 .. 16*(v0+NV)-1 (entry 0 = 0, entry i = level i - 1) into T[0..NV).
+// exact: exp_scale_exact(hi, delta, levels) of the row (qins_exp_n's one-op scaling).
 template <int NV>
-inline void table16_n(int v0, __m512 vhi, __m512 delta, __m512 vz, __m512* T) {
+inline void table16_n(int v0, __m512 vhi, __m512 delta, __m512 vz, bool exact, __m512* T) {
   __m512 t[NV];
-  for (int v = 0; v < NV; ++v) {
-    const __m512 j = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_set1_epi32(16 * (v0 + v) - 1),
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)));
-    t[v] = _mm512_sub_ps(vhi, _mm512_mul_ps(j, delta));
-  }
-  qins_exp_n<NV>(t, T);
+  for (int v = 0; v < NV; ++v) t[v] = _mm512_sub_ps(vhi, _mm512_mul_ps(_mm512_load_ps(kLevelIndex + 16 * (v0 + v)), delta));
+  qins_exp_n<NV>(t, T, exact);
   for (int v = 0; v < NV; ++v) T[v] = _mm512_sub_ps(T[v], vz);
   if (v0 == 0) T[0] = _mm512_mask_mov_ps(T[0], 1, _mm512_setzero_ps());
 }
@@ -82,15 +85,16 @@ inline void planes_from_table(const __m512* T, __m512i* P) {
 }
 
 template <int H>
-inline __m512 table_delta(float lo, float hi, int mulaw) {
-  return _mm512_set1_ps((hi - lo) / table_steps(H == 2 ? 127 : 255, mulaw));
+inline float table_delta_scalar(float lo, float hi, int mulaw) {
+  return (hi - lo) / table_steps(H == 2 ? 127 : 255, mulaw);
 }
 
 template <int H>
 inline void make_planes(float lo, float hi, int mulaw, __m512i* P) {
-  const __m512 delta = table_delta<H>(lo, hi, mulaw), vhi = _mm512_set1_ps(hi), vz = _mm512_set1_ps(table_offset(lo, mulaw));
+  const float d = table_delta_scalar<H>(lo, hi, mulaw);
+  const __m512 delta = _mm512_set1_ps(d), vhi = _mm512_set1_ps(hi), vz = _mm512_set1_ps(table_offset(lo, mulaw));
   __m512 T[4 * H];
-  table16_n<4 * H>(0, vhi, delta, vz, T);
+  table16_n<4 * H>(0, vhi, delta, vz, exp_scale_exact(hi, d, H == 2 ? 127 : 255), T);
   planes_from_table<H>(T, P);
 }
 
@@ -135,10 +139,11 @@ inline void load_codes(const uint8_t* c, const int8_t* s, int64_t k, int64_t in,
 
 void avx512_table(float lo, float hi, int packed, int mulaw, float* t) {
   const int K = packed ? 127 : 255;
-  const __m512 delta = _mm512_set1_ps((hi - lo) / table_steps(K, mulaw));
-  const __m512 vhi = _mm512_set1_ps(hi), vz = _mm512_set1_ps(table_offset(lo, mulaw));
+  const float d = (hi - lo) / table_steps(K, mulaw);
+  const __m512 delta = _mm512_set1_ps(d), vhi = _mm512_set1_ps(hi), vz = _mm512_set1_ps(table_offset(lo, mulaw));
+  const bool exact = exp_scale_exact(hi, d, K);
   __m512 T[16];
-  if (packed) table16_n<8>(0, vhi, delta, vz, T); else table16_n<16>(0, vhi, delta, vz, T);
+  if (packed) table16_n<8>(0, vhi, delta, vz, exact, T); else table16_n<16>(0, vhi, delta, vz, exact, T);
   for (int v = 0; v < (packed ? 8 : 16); ++v) _mm512_storeu_ps(t + 16 * v, T[v]);
   if (packed)
     for (int v = 0; v < 8; ++v)
@@ -215,8 +220,10 @@ void gemv_pipelined(const Args& a, int64_t r0, int64_t r1) {
   const int64_t pf = a.prefetch;
   for (int64_t r = r0; r < r1; ++r) {
     const bool next = r + 1 < r1;
-    const __m512 vhi = _mm512_set1_ps(next ? a.log_max[r + 1] : 0.0f);
-    const __m512 delta = next ? table_delta<H>(a.log_min[r + 1], a.log_max[r + 1], a.mulaw) : _mm512_setzero_ps();
+    const float hn = next ? a.log_max[r + 1] : 0.0f;
+    const float dn = next ? table_delta_scalar<H>(a.log_min[r + 1], hn, a.mulaw) : 0.0f;
+    const bool exact = exp_scale_exact(hn, dn, NV * 16 - 1);
+    const __m512 vhi = _mm512_set1_ps(hn), delta = _mm512_set1_ps(dn);
     const __m512 vz = _mm512_set1_ps(next ? table_offset(a.log_min[r + 1], a.mulaw) : 0.0f);
     int piece = next ? 0 : NV;
     int64_t countdown = 0;
@@ -227,7 +234,7 @@ void gemv_pipelined(const Args& a, int64_t r0, int64_t r1) {
       for (int j = 0; j < A; ++j) acc[b][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < a.kpad; k += 64) {
       if (piece < NV && countdown-- == 0) {
-        table16_n<1>(piece, vhi, delta, vz, T + piece);
+        table16_n<1>(piece, vhi, delta, vz, exact, T + piece);
         ++piece;
         countdown = step - 1;
       }
@@ -244,7 +251,7 @@ void gemv_pipelined(const Args& a, int64_t r0, int64_t r1) {
         for (int q = 0; q < 4; ++q) acc[b][q % A] = _mm512_fmadd_ps(W[q], _mm512_loadu_ps(x + 16 * q), acc[b][q % A]);
       }
     }
-    for (; piece < NV; ++piece) table16_n<1>(piece, vhi, delta, vz, T + piece);
+    for (; piece < NV; ++piece) table16_n<1>(piece, vhi, delta, vz, exact, T + piece);
     for (int b = 0; b < B; ++b) {
       __m512 t = acc[b][0];
       for (int j = 1; j < A; ++j) t = _mm512_add_ps(t, acc[b][j]);

@@ -45,6 +45,26 @@ inline float qins_exp_scalar(float t) {
   return (y * pow2_bits(a)) * pow2_bits(n - a);
 }
 
+// Whether every level t_j = hi - j * delta (j = 0 .. levels - 1, float32 as the kernels compute
+// it) has n = rint(t_j * log2e) in [-124, 126]: there y * 2**n (y in [0.70, 1.42]) is a normal float,
+// so the reference's two power-of-two products are exact and equal one scaling by 2**n, which the
+// vector paths then use. t_j * log2e is monotone in j, so its two ends bound every level. NaN and
+// infinities fail the comparisons (the reference sequence then runs, clamps included).
+inline bool exp_scale_exact(float hi, float delta, int levels) {
+  const float a = hi * kLog2e, b = (hi - static_cast<float>(levels - 1) * delta) * kLog2e;
+  return a >= -124.0f && a <= 126.0f && b >= -124.0f && b <= 126.0f;
+}
+
+// kLevelIndex[i] = i - 1 (float): the j of table entry i (entry 0 is the zero code, level j = i - 1).
+struct LevelIndex {
+  alignas(64) float v[256];
+  constexpr LevelIndex() : v() {
+    for (int i = 0; i < 256; ++i) v[i] = static_cast<float>(i - 1);
+  }
+};
+inline constexpr LevelIndex kLevelIndexTable{};
+inline constexpr const float* kLevelIndex = kLevelIndexTable.v;
+
 // Level spacing (qins.formats.level_table): log (0) divides the span by K - 1 steps and subtracts
 // nothing; mulaw (1) divides by K steps and subtracts z = qins_exp(lo) from every level.
 inline float table_steps(int K, int mulaw) { return static_cast<float>(mulaw ? K : K - 1); }
