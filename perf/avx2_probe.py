@@ -52,7 +52,7 @@ def build_old(rev: str):
     files = {Path(n).name: _git("show", f"{rev}:{n}", text=False) for n in names if n.endswith((".cpp", ".h"))}
     digest = hashlib.sha256(repr(sorted(files.items())).encode() + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    out = root / f"qins_old_{digest}"
+    out = root / f"qins_old_omp_{digest}"
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -64,8 +64,10 @@ def build_old(rev: str):
             cmd = ["c++", *b.COMMON_FLAGS, *b.DEFINES, *flags, "-c", str(src / unit), "-o", str(obj)]
             subprocess.run(cmd, check=True)
         objs.append(str(obj))
-    return load(name=out.name, sources=[str(src / "ops.cpp")], extra_cflags=[*b.COMMON_FLAGS, *b.DEFINES],
-                extra_ldflags=objs, extra_include_paths=[str(src)], build_directory=str(out), verbose=False)
+    # OpenMP as build.load_native compiles it (without it at::parallel_for runs on one thread)
+    omp = getattr(b, "OPENMP_FLAGS", [])
+    return load(name=out.name, sources=[str(src / "ops.cpp")], extra_cflags=[*b.COMMON_FLAGS, *b.DEFINES, *omp],
+                extra_ldflags=objs + omp, extra_include_paths=[str(src)], build_directory=str(out), verbose=False)
 
 
 def layers(o: int, n: int, fmt: str, count: int):

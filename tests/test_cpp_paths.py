@@ -27,9 +27,10 @@ from tests.test_kernels import TUNING_FIELDS, check_close, env, native, native_i
 
 KMAX_GEMV_BATCH = 8  # qins_kernels.h kMaxGemvBatch
 KOWN_GEMM_MAX_BATCH = 96  # qins_kernels.h kOwnGemmMaxBatch
-#: The first and last batch of each path and one inside: GEMV, own micro-GEMM, BLAS.
+TALL_BLOCK_BATCH = 257  # ops.cpp: above 256 rows of x, the BLAS path's blocks are 8 x gemm_rows tall
+#: The first and last batch of each path and one inside: GEMV, own micro-GEMM, BLAS (and its tall blocks).
 PATH_BATCHES = (1, 5, KMAX_GEMV_BATCH, KMAX_GEMV_BATCH + 1, 40, 64, 65, KOWN_GEMM_MAX_BATCH,
-                KOWN_GEMM_MAX_BATCH + 1, 130)
+                KOWN_GEMM_MAX_BATCH + 1, 130, TALL_BLOCK_BATCH - 1, TALL_BLOCK_BATCH)
 
 
 def _layer_case(seed: int, batch: int, out: int, inn: int, packed: bool, per_row: bool, spacing: int,

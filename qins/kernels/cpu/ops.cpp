@@ -183,13 +183,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
         }
       });
     } else {
-      // Blocks of rb rows x kb columns: rb = gemm_rows (2x for batches > 64), kb such that the
-      // scratch stays within gemm_rows x gemm_cols floats and the columns split evenly. Small
-      // layers are spread over the threads (blocks of >= 16 rows).
+      // Blocks of rb rows x kb columns: rb = gemm_rows (2x for batches > 64, 8x for the BLAS path),
+      // kb such that the scratch stays within gemm_rows x gemm_cols floats and the columns split
+      // evenly; each thread gets the same number of blocks (of >= 16 rows). The BLAS path trades
+      // columns for rows: every at::mm packs its slice of x again, so fewer, taller blocks pack x
+      // fewer times (3072x3072, batch 512, 1 thread, Intel Xeon 6/207: 256x1536 blocks 1.15-1.17x
+      // nn.Linear, 1024x384 1.09-1.10x; docs/perf.md).
       const int64_t budget = tune.gemm_rows * tune.gemm_cols;
-      const int64_t per_thread = (out + at::get_num_threads() - 1) / at::get_num_threads();
-      const int64_t rows = B > 64 ? 2 * tune.gemm_rows : tune.gemm_rows;
-      const int64_t rb = std::max<int64_t>(16, std::min(rows, (per_thread + 15) / 16 * 16));
+      const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+      const int64_t per_thread = (out + threads - 1) / threads;
+      const int64_t rows = B > 256 ? 8 * tune.gemm_rows : (B > 64 ? 2 * tune.gemm_rows : tune.gemm_rows);
+      const int64_t blocks_per_thread = (per_thread + rows - 1) / rows;
+      const int64_t rb = std::max<int64_t>(16, ((per_thread + blocks_per_thread - 1) / blocks_per_thread + 15) / 16 * 16);
       const int64_t max_kb = std::max<int64_t>(64, budget / rb / 64 * 64);
       const int64_t nk = (kpad + max_kb - 1) / max_kb;
       const int64_t kb = std::min(kpad, ((kpad + nk - 1) / nk + 63) / 64 * 64);
