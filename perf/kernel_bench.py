@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-cold", action="store_true")
     p.add_argument("--json", default=None)
-    p.add_argument("--tuning", default=None, help="GEMV_COL_BLOCK,GEMM_ROWS,GEMM_COLS,PREFETCH (native knobs)")
+    p.add_argument("--tuning", default=None,
+                   help="COL_BLOCK,GEMM_ROWS,GEMM_COLS,PREFETCH,PIPELINE,OWN_GEMM,ROW_CHUNK (native knobs, in "
+                        "set_tuning's order; a prefix sets the first ones, the rest keep their values)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
@@ -135,7 +137,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     backend = qk.backend_name("cpu")
     if args.tuning and qk.native_module() is not None:
-        qk.native_module().set_tuning(*(int(v) for v in args.tuning.split(",")))
+        knobs = list(qk.native_module().get_tuning())
+        given = [int(v) for v in args.tuning.split(",")]
+        if len(given) > len(knobs):
+            p.error(f"--tuning takes at most {len(knobs)} values, got {len(given)}")
+        qk.native_module().set_tuning(*given, *knobs[len(given):])
     if qk.native_module() is not None:
         backend += " tuning=" + ",".join(str(v) for v in qk.native_module().get_tuning())
     print(f"# cpu: {cpu_model()}  L3: {l3_bytes() >> 20} MiB  backend: {backend} (ready in "
