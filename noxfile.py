@@ -25,7 +25,10 @@ The versions are chosen to bracket every API change the compat patch handles:
 """
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import nox
 
@@ -46,12 +49,50 @@ TRITON = "triton==3.9.0"
 
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
+# uv builds the venvs and installs into them where it is installed (the test extra's nox[uv]): the same
+# packages as pip's resolver picks, in a fraction of pip's time; virtualenv + pip where it is not.
+nox.options.default_venv_backend = "uv|virtualenv"
+
+# pip's settings that uv must see too: uv reads neither pip.conf nor PIP_* variables. find-links is where
+# a machine keeps its CPU torch wheel (torch==2.13.0+cpu): without it uv would resolve torch==2.13.0 from
+# the index alone, which on Linux is the CUDA build.
+_PIP_TO_UV = {"find-links": ("UV_FIND_LINKS", ","), "constraint": ("UV_CONSTRAINT", " ")}
+
+
+def _uv_env(session: nox.Session) -> dict[str, str]:
+    """UV_FIND_LINKS / UV_CONSTRAINT from pip's configuration (environment first, then its files).
+
+    Empty under the virtualenv backend (pip reads its own configuration) and for a variable already set.
+    """
+    if session.venv_backend != "uv":
+        return {}
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                            check=False).stdout
+    config: dict[str, str] = {}
+    for line in listed.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            config[key.strip()] = value.strip().strip("'\"")
+    env = {}
+    for name, (variable, separator) in _PIP_TO_UV.items():
+        if variable in os.environ:
+            continue
+        for section in (":env:", "install", "global"):  # pip's precedence: PIP_* variables, then [install], [global]
+            if config.get(f"{section}.{name}"):
+                env[variable] = separator.join(config[f"{section}.{name}"].split())
+                break
+    return env
+
+
+def _pip_install(session: nox.Session, *args: str) -> None:
+    """session.install with pip's find-links and constraints, whichever of pip and uv installs."""
+    session.install(*args, env=_uv_env(session))
 
 
 def _install(session: nox.Session, transformers_version: str) -> None:
     """torch pinned first (CPU wheel), then the package with its test extra and the pinned transformers."""
-    session.install(TORCH)
-    session.install("-e", ".[test]", f"transformers=={transformers_version}", TORCH)
+    _pip_install(session, TORCH)
+    _pip_install(session, "-e", ".[test]", f"transformers=={transformers_version}", TORCH)
 
 
 @nox.session(name="triton", reuse_venv=True, default=False)
@@ -62,9 +103,10 @@ def triton(session: nox.Session) -> None:
     triton in one resolver run with the torch pin repeated, so triton cannot pull another torch.
     ``QINS_REQUIRE_TRITON=1`` turns the test file's skip-if-missing into a failure.
     """
-    session.install(TORCH)
-    session.install("-e", ".[test]", TRITON, TORCH)
-    session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")
+    _pip_install(session, TORCH)
+    _pip_install(session, "-e", ".[test]", TRITON, TORCH)
+    session.run("python", "-c", "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, "
+                "'triton', triton.__version__)")
     env = {"TRITON_INTERPRET": "1", "QINS_REQUIRE_TRITON": "1"}
     session.run("python", "-m", "pytest", "tests/test_triton.py", "-p", "no:cacheprovider", "--run-slow",
                 *(session.posargs or ["-q"]), env=env)
@@ -80,8 +122,8 @@ def mutation(session: nox.Session) -> None:
     functions that changed (``nox -s mutation -- "qins.encode*"`` re-tests one module). The report
     (``docs/mutation.py --check``) fails below a 95% score or on a stale equivalents entry.
     """
-    session.install(TORCH)
-    session.install("-e", ".[test,real,mutation]", TRITON, TORCH)  # triton: its kernel's tests run too
+    _pip_install(session, TORCH)
+    _pip_install(session, "-e", ".[test,real,mutation]", TRITON, TORCH)  # triton: its kernel's tests run too
     env = {"CI": "true", "HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TRITON_INTERPRET": "1"}
     session.run("python", "docs/mutation.py", "--restore-ledger", env=env)  # continue the committed run
@@ -99,8 +141,8 @@ def order(session: nox.Session) -> None:
     ``nox -s order -- -q --randomly-seed=N`` replays the order of seed N. Hypothesis uses the
     ``ci`` profile, as CI does.
     """
-    session.install(TORCH)
-    session.install("-e", ".[test,real,mutation]", TORCH)
+    _pip_install(session, TORCH)
+    _pip_install(session, "-e", ".[test,real,mutation]", TORCH)
     env = {"HYPOTHESIS_PROFILE": "ci", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     args = list(session.posargs or ["-q"])
     if not any(a.startswith("--randomly-seed") for a in args):
@@ -116,8 +158,8 @@ for _version in TRANSFORMERS_VERSIONS:
     @nox.session(name=f"matrix-{_version}", reuse_venv=True)
     def _matrix(session: nox.Session, _v: str = _version) -> None:
         _install(session, _v)
-        session.run("python", "-c", "import torch, transformers; "
-                    "print('torch', torch.__version__, 'transformers', transformers.__version__)")
+        session.run("python", "-c", "import torch, transformers; print('torch', torch.__version__, "
+                    "'cuda', torch.version.cuda, 'transformers', transformers.__version__)")
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         # every test (--run-slow), on every core; a module's tests stay in one worker (its fixtures are built once)
         session.run("python", "-m", "pytest", *TESTS, "-p", "no:cacheprovider", "--run-slow", "-n", "auto",
