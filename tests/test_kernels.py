@@ -99,6 +99,57 @@ def test_tables_bit_identical(data, packed, rows, spacing):
         assert torch.equal(got, ref), f"{isa}: {(got != ref).sum().item()} table entries differ"
 
 
+def _edge_rows(edges: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_min, log_max)`` rows whose first or last level has ``t·log2e`` at, and a few ulps either
+    side of, each edge (a fixed partner log at the other end, or both ends near the edge), plus
+    ordinary rows."""
+    log2e = 1.4426950408889634
+    vals = []
+    for edge in edges:
+        t = torch.tensor(edge / log2e, dtype=torch.float32)
+        for k in range(-3, 4):
+            vals.append(t + k * torch.finfo(torch.float32).eps * t.abs())
+    t = torch.stack(vals + [torch.tensor(-6.0), torch.tensor(-1.0), torch.tensor(0.0)])
+    return torch.cat([t, torch.full_like(t, -6.0), t]), torch.cat([torch.full_like(t, 0.5), t, t + 3.0])
+
+
+#: the vector paths' one-scaling region (n in [-124, 126], exp_scale_exact) and the subnormal levels
+IN_DOMAIN_EDGES = (-126.0, -125.0, -124.5, -124.0, 126.0, 126.5, 127.0)
+#: the exponent clamps of the kernels' scaling (n in [-252, 254]) and past them
+CLAMP_EDGES = (-254.0, -252.5, -252.0, 128.0, 254.0, 255.0)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+def test_tables_bit_identical_at_the_edges_of_the_one_scaling_region(packed, spacing):
+    """Rows on either side of the region where the vector paths scale by 2**n in one step, down to
+    subnormal levels: the reference's bits on every ISA path."""
+    mod = native()
+    lo, hi = _edge_rows(IN_DOMAIN_EDGES)
+    ref = level_table(lo, hi, packed, spacing).view(torch.int32)
+    for isa in native_isas():
+        got = mod.table(lo, hi, packed, SPACINGS.index(spacing), qk.ISAS[isa]).view(torch.int32)
+        bad = (got != ref).any(1).nonzero().flatten()
+        rows = bad[:5]
+        assert bad.numel() == 0, f"{isa}: rows {rows.tolist()} (lo {lo[rows].tolist()}, hi {hi[rows].tolist()})"
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
+def test_every_isa_path_computes_the_same_table_for_any_logs_clamps_included(packed, spacing):
+    """Far outside any valid range (levels of 2**±250, overflow) the ISA paths still agree bit for
+    bit, NaNs included. (The torch reference overflows to 0 past 2**254 where the kernels give inf;
+    such levels are never valid: qins.formats.valid_levels.)"""
+    mod = native()
+    lo, hi = _edge_rows(IN_DOMAIN_EDGES + CLAMP_EDGES)
+    tables = {isa: mod.table(lo, hi, packed, SPACINGS.index(spacing), qk.ISAS[isa]).view(torch.int32)
+              for isa in native_isas()}
+    first = tables.pop("scalar")
+    for isa, got in tables.items():
+        bad = (got != first).any(1).nonzero().flatten()
+        assert bad.numel() == 0, f"{isa} vs scalar: rows {bad[:5].tolist()}"
+
+
 @settings(max_examples=30)
 @given(st.integers(1, 200), st.integers(1, 20), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1),
        st.sampled_from(SPACINGS))
