@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import isolation, mutmut_depth, slow
+from tests import isolation, mutmut_depth, slow, xdist_order
 
 if "mutmut" in sys.modules:  # inside a mutmut run: its max_stack_depth, fixed (tests/mutmut_depth.py)
     mutmut_depth.install()
@@ -55,6 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
     run against a private copy of the build directory instead, so they cannot disturb the shared one.
     """
     config.pluginmanager.register(slow.SlowDeselection(), "qins-slow-deselection")
+    # --dist loadfile: a module of slow tests on one shared fixture (the real LM) starts first (tests/xdist_order.py)
+    config.pluginmanager.register(xdist_order.LongestModuleFirst(shares_a_module_fixture), "qins-xdist-order")
     mutant = os.environ.get("MUTANT_UNDER_TEST")
     if mutant is None:
         return
