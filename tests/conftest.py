@@ -111,11 +111,8 @@ def mutation_order(items: list, seconds: dict[str, float], grouped=shares_a_modu
     seconds, its own order kept, so that no shared module fixture is set up twice; the items of
     other modules are ranked one by one.
     """
-    blocks: dict[str, list] = {}
-    for item in items:
-        blocks.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
     units = []
-    for group in blocks.values():
+    for group in xdist_order.by_module(items):
         units.extend([group] if any(grouped(i) for i in group) else [[i] for i in group])
     units.sort(key=lambda unit: sum(seconds.get(i.nodeid, 0.0) for i in unit))  # stable: ties keep their order
     return [item for unit in units for item in unit]

@@ -23,18 +23,24 @@ _SCOPED = ("loadfile", "loadscope")
 FLAG = "qins_longest_module_first"
 
 
+def by_module(items: list) -> list[list]:
+    """``items`` in blocks of one module each (its node id up to ``::``), modules in order of first
+    appearance, each block's items in their order."""
+    blocks: dict[str, list] = {}
+    for item in items:
+        blocks.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    return list(blocks.values())
+
+
 def longest_first(items: list, grouped: Callable[[object], bool]) -> list:
     """``items`` by module: the modules whose every test is marked slow and one of which uses a shared
     (module, class or package) fixture first, in their order; then the others, most tests first (ties
     keep their order), as xdist orders them. Each module's own items keep their order."""
-    blocks: dict[str, list] = {}
-    for item in items:
-        blocks.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
 
     def first(group: list) -> bool:
         return all(i.get_closest_marker("slow") is not None for i in group) and any(grouped(i) for i in group)
 
-    ordered = sorted(blocks.values(), key=lambda group: (0, 0) if first(group) else (1, -len(group)))
+    ordered = sorted(by_module(items), key=lambda group: (0, 0) if first(group) else (1, -len(group)))
     return [item for group in ordered for item in group]
 
 
