@@ -25,6 +25,7 @@ The versions are chosen to bracket every API change the compat patch handles:
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -64,8 +65,12 @@ def _uv_env(session: nox.Session) -> dict[str, str]:
 
     Empty under the virtualenv backend (pip reads its own configuration) and for a variable already set.
     """
-    if session.venv_backend != "uv":
-        return {}
+    return dict(_pip_settings_for_uv()) if session.venv_backend == "uv" else {}
+
+
+@functools.cache
+def _pip_settings_for_uv() -> tuple[tuple[str, str], ...]:
+    """:func:`_uv_env`'s variables, read once per nox run (``pip config list`` is a subprocess)."""
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
                             check=False).stdout
     config: dict[str, str] = {}
@@ -81,7 +86,7 @@ def _uv_env(session: nox.Session) -> dict[str, str]:
             if config.get(f"{section}.{name}"):
                 env[variable] = separator.join(config[f"{section}.{name}"].split())
                 break
-    return env
+    return tuple(env.items())
 
 
 def _pip_install(session: nox.Session, *args: str) -> None:
