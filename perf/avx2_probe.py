@@ -65,9 +65,9 @@ def build_old(rev: str):
             subprocess.run(cmd, check=True)
         objs.append(str(obj))
     # OpenMP as build.load_native compiles it (without it at::parallel_for runs on one thread)
-    omp = getattr(b, "OPENMP_FLAGS", [])
-    return load(name=out.name, sources=[str(src / "ops.cpp")], extra_cflags=[*b.COMMON_FLAGS, *b.DEFINES, *omp],
-                extra_ldflags=objs + omp, extra_include_paths=[str(src)], build_directory=str(out), verbose=False)
+    return load(name=out.name, sources=[str(src / "ops.cpp")],
+                extra_cflags=[*b.COMMON_FLAGS, *b.DEFINES, *b.OPENMP_FLAGS], extra_ldflags=objs + b.OPENMP_FLAGS,
+                extra_include_paths=[str(src)], build_directory=str(out), verbose=False)
 
 
 def layers(o: int, n: int, fmt: str, count: int):
