@@ -21,12 +21,14 @@ by design (error feedback moves weights to absorb their neighbours' errors).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .codec import _validate
 from .encode import Encoded, encode
 from .formats import LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels, spacing_steps
-from .mulaw import _bracket, mulaw_range, nearest_codes
+from .mulaw import SharedRange, _bracket, mulaw_range, nearest_codes, shared_mulaw_range
 from .rounding import _level_step, _mag_codes
 
 __all__ = ["encode_calibrated", "weighted_error", "output_error"]
@@ -146,6 +148,18 @@ def _mulaw_ranges(w: torch.Tensor, h: torch.Tensor, packed: bool) -> tuple[torch
     return torch.where(keep, lo, lo0), torch.where(keep, hi, hi0), torch.where(keep, table_new, table_old)
 
 
+def _shared_ranges(w: torch.Tensor, h: torch.Tensor, packed: bool, tables: int) -> SharedRange:
+    """The ``shared_tables`` ranges searched for the least ``Σ_r Σ_j h_j·(w_rj - ŵ_rj)²`` over the
+    layer; the data-free ones where they are as good (compared exactly), as :func:`_mulaw_ranges` per row."""
+    mag = w.abs()
+    best, best_err = None, math.inf
+    for cand in (shared_mulaw_range(mag, packed, tables), shared_mulaw_range(mag, packed, tables, column_weight=h)):
+        err = float(weighted_error(w, _mulaw_values(w, cand.lo, cand.hi, packed, cand.table), h).sum())
+        if best is None or err < best_err:
+            best, best_err = cand, err
+    return best
+
+
 def _feedback_codes(w: torch.Tensor, moment: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool,
                     spacing: str = "log", table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-style codes: magnitude codes (uint8 ``[R, N]``) and the negative mask of the values rounded.
@@ -255,8 +269,9 @@ def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: QinsCo
                       error_feedback: bool = True) -> Encoded:
     """Encode a 2-d ``weight`` ``[out, in]`` for inputs of second moment ``moment`` ``[in, in]``.
 
-    Returns ``(codes, sign, log_min, log_max)`` exactly as :func:`qins.encode` (same format, same
-    decode). ``config`` must be per row (the default ``QinsConfig()``); its ``log_range`` is not used.
+    Returns the tensors of :func:`qins.encode` for ``config`` (``row_scale`` too when
+    ``shared_tables``; same format, same decode). ``config`` must be per row (the default ``QinsConfig()``);
+    its ``log_range`` is not used.
     With ``error_feedback=False`` only the ranges change and the codes round each weight to its
     nearest level. Deterministic. Raises ``ValueError`` for a per-tensor config, a moment of the
     wrong shape or with NaN/Inf, and the inputs :func:`qins.encode` refuses.
@@ -276,8 +291,11 @@ def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: QinsCo
         h = torch.diagonal(moment).to(torch.float64).clamp_min(0)
         h = h / h.mean().clamp_min(1e-300)
         spacing = config.spacing
-        table = None
-        if spacing == "mulaw":
+        table = shared = None
+        if config.shared_tables:
+            shared = _shared_ranges(w, h, config.packed, config.shared_tables)
+            lo, hi, table = shared.lo, shared.hi, shared.table
+        elif spacing == "mulaw":
             lo, hi, table = _mulaw_ranges(w, h, config.packed)
         else:
             _, _, lo0, hi0 = encode(w, QinsConfig(packed=config.packed, log_range="mse", per_row=True, spacing="log"))
@@ -292,4 +310,6 @@ def encode_calibrated(weight: torch.Tensor, moment: torch.Tensor, config: QinsCo
         else:
             codes, sign = mags, torch.where(negative, -1, 1).to(torch.int8)
         assert int(mags.max()) <= num_levels(config.packed)
+        if shared is not None:
+            return codes, sign, shared.log_min, shared.log_max, shared.row_table, shared.row_scale.reshape(-1)
         return codes, sign, lo.reshape(-1), hi.reshape(-1)

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--log-range", choices=("mse", "minmax"), default="mse",
                    help="range rule of the log spacing (default mse; minmax needs --spacing log)")
     q.add_argument("--per-tensor", action="store_true", help="one log range per tensor instead of per row")
+    q.add_argument("--shared-tables", type=int, default=0, metavar="N",
+                   help="N (1-16) mulaw tables per layer shared by its rows, each row scaled (faster kernels); "
+                        "default 0: a range per row")
     q.add_argument("--skip", action="append", metavar="PATTERN",
                    help="leave Linears with this name or glob unconverted (repeatable; default: lm_head)")
     q.add_argument("--memory-saving", action="store_true",
@@ -88,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = QinsConfig(packed=args.format == "packed", log_range=args.log_range, per_row=not args.per_tensor,
-                            spacing=args.spacing)
+                            spacing=args.spacing, shared_tables=args.shared_tables)
     except (TypeError, ValueError) as exc:
         print(f"qins quantize: {exc}", file=sys.stderr)
         return 2
@@ -105,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"qins quantize: {args.src} -> {args.dst}")
     print(f"  layers quantized: {summary.layers} ({summary.tensors} tensors read, {len(summary.files)} shard(s))")
     rule = config.spacing if config.spacing == "mulaw" else f"log {config.log_range}"
-    print(f"  format: {args.format}, {rule}, {'per row' if config.per_row else 'per tensor'}; "
+    rows = (f"{config.shared_tables} shared tables" if config.shared_tables else "per row") if config.per_row \
+        else "per tensor"
+    print(f"  format: {args.format}, {rule}, {rows}; "
           f"skip {list(args.skip or ('lm_head',))}; cache_weight {not args.memory_saving}")
     ratio = summary.bytes_after / summary.bytes_before if summary.bytes_before else float("nan")
     print(f"  bytes: {_mib(summary.bytes_before)} -> {_mib(summary.bytes_after)} ({ratio:.3f}x)")

@@ -65,7 +65,8 @@ class ProjectiveEmbedding(QinsCodedModule):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self._register_codes(num_embeddings, embedding_dim, (num_embeddings,), device, dtype)
+        log_shape = (num_embeddings,) if self.config.log_shape_per_row else (self.config.shared_tables,)
+        self._register_codes(num_embeddings, embedding_dim, log_shape, device, dtype)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, config: QinsConfig | None = None) -> ProjectiveEmbedding:
@@ -87,8 +88,7 @@ class ProjectiveEmbedding(QinsCodedModule):
                          device=weight.device, dtype=weight.dtype)
             if weight.is_meta:
                 return module
-            stored, sign, log_min, log_max = encode(weight, module.config)
-            module._set_codes(stored, sign, log_min, log_max)
+            module._set_codes(*encode(weight, module.config))
             return module
 
     @property
@@ -105,17 +105,24 @@ class ProjectiveEmbedding(QinsCodedModule):
         """Rows ``ids`` (any shape, int32/int64 in ``[0, num_embeddings)``) -> ``[*ids.shape, dim]``.
 
         Only the read rows are decoded: ``n = ids.numel()`` rows of codes and logs are gathered and
-        ``n`` tables built. No ``.item()``, no data-dependent flow: traceable by ``torch.compile``.
+        ``n`` tables built (the shared tables once, and ``n`` row scales, with ``shared_tables``). No
+        ``.item()``, no data-dependent flow: traceable by ``torch.compile``.
         """
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ProjectiveEmbedding expects int64 or int32 indices, got {ids.dtype}")
         flat = ids.reshape(-1)
         codes = self.stored.index_select(0, flat).to(torch.int64)
-        table = level_table(self.log_min.index_select(0, flat), self.log_max.index_select(0, flat),
-                            self.config.packed, self.config.spacing)
-        rows = torch.gather(table, 1, codes)
+        if self.row_scale is None:
+            table = level_table(self.log_min.index_select(0, flat), self.log_max.index_select(0, flat),
+                                self.config.packed, self.config.spacing)
+            rows = torch.gather(table, 1, codes)
+        else:  # the shared tables, each row's one, then its scale (as qins.formats.decode_codes)
+            tables = level_table(self.log_min, self.log_max, self.config.packed, self.config.spacing)
+            rows = tables[self.row_table.index_select(0, flat).to(torch.int64).unsqueeze(1), codes]
         if self.sign is not None:
             rows = rows * self.sign.index_select(0, flat)
+        if self.row_scale is not None:
+            rows = rows * self.row_scale.index_select(0, flat).unsqueeze(1)
         return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
@@ -163,7 +170,8 @@ class ProjectiveTiedHead(nn.Module):
         if not x.dtype.is_floating_point:
             raise TypeError(f"ProjectiveTiedHead expects a floating-point input, got {x.dtype}")
         e = self._embedding
-        return kernels.fused_linear(x, e.stored, e.sign, e.log_min, e.log_max, self.bias, e.config.spacing_id)
+        return kernels.fused_linear(x, e.stored, e.sign, e.log_min, e.log_max, self.bias, e.config.spacing_id,
+                                    e.row_table, e.row_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, tied"

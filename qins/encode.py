@@ -1,8 +1,10 @@
 """Encoding a float weight in any :class:`~qins.formats.QinsConfig` format, and the MSE range search.
 
 :func:`encode` returns ``(codes, sign, log_min, log_max)``: uint8 codes, int8 sign (``None`` when
-packed), and float32 logs, 0-d per tensor or ``[out]`` per row. The seed config returns exactly the
-codes of :func:`qins.convert_to_qins`.
+packed), and float32 logs, 0-d per tensor or ``[out]`` per row; a ``shared_tables`` config has
+``[n]`` logs and adds ``row_table`` (uint8 ``[out]``) and ``row_scale`` (float32 ``[out]``)
+(:class:`qins.formats.QinsConfig`). The seed config returns exactly the codes of
+:func:`qins.convert_to_qins`.
 
 Guarantees (``δ = (log_max - log_min)/S``, ``S = 126`` packed or ``254`` split, per row or tensor):
 
@@ -25,12 +27,13 @@ import torch
 from . import kernels
 from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
-from .mulaw import encode_rows, mulaw_range
+from .mulaw import encode_rows, mulaw_range, shared_mulaw_range
 from .rounding import _chunks, _mag_codes, _sq_error
 
 __all__ = ["encode"]
 
-Encoded = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
+#: ``(codes, sign, log_min, log_max)``, plus ``row_table, row_scale`` for ``shared_tables`` configs
+Encoded = tuple[torch.Tensor, ...]
 
 _COARSE = 48  # candidate spans in the first pass (fractions c/48 of the minmax span)
 _FINE = 16  # candidates in the refinement pass, between the coarse neighbours of the best
@@ -194,7 +197,11 @@ def encode(weight: torch.Tensor, config: QinsConfig | None = None) -> Encoded:
 
     Returns ``(codes, sign, log_min, log_max)``: ``codes`` uint8 of ``weight``'s shape; ``sign`` int8
     ±1 (split) or ``None`` (packed, sign in bit 7); ``log_min``/``log_max`` float32, 0-d per tensor
-    or ``[out]`` per row. Guarantees in the module docstring. Raises ``ValueError`` for NaN/±Inf,
+    or ``[out]`` per row. With ``config.shared_tables = n``: ``(codes, sign, log_min, log_max,
+    row_table, row_scale)``, ``[n]`` logs (the layer's tables), uint8 ``row_table`` and float32
+    ``row_scale`` ``[out]``; each ``|w|`` is coded to the nearest of its row's decoded values
+    (``row_scale[r]`` times its table) or 0, exactly. Guarantees in the module docstring. Raises
+    ``ValueError`` for NaN/±Inf,
     non-float, 0-d or empty input (as :func:`qins.convert_to_qins`).
     """
     with torch.no_grad():
@@ -206,6 +213,11 @@ def encode(weight: torch.Tensor, config: QinsConfig | None = None) -> Encoded:
             return (codes, sign, *_capped(lo, hi))
         w = _rows(weight, config.per_row)
         mag = w.abs()
+        if config.shared_tables:
+            r = shared_mulaw_range(mag, config.packed, config.shared_tables)
+            codes = encode_rows(mag, r.lo, r.hi, config.packed, r.table)
+            return (*_with_sign(weight, w, codes, r.log_min, r.log_max, config), r.row_table,
+                    r.row_scale.reshape(-1))
         if config.spacing == "mulaw":
             lo, hi = mulaw_range(mag, config.packed)
             return _with_sign(weight, w, encode_rows(mag, lo, hi, config.packed), lo, hi, config)

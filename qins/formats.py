@@ -35,10 +35,12 @@ from typing import Literal
 
 import torch
 
-__all__ = ["QinsConfig", "qins_exp", "level_table", "decode_codes", "num_levels", "SPACINGS"]
+__all__ = ["QinsConfig", "qins_exp", "level_table", "decode_codes", "num_levels", "SPACINGS", "MAX_SHARED_TABLES"]
 
 LogRange = Literal["minmax", "mse"]
 Spacing = Literal["log", "mulaw"]
+#: the most tables a ``shared_tables`` layer may have (the kernels' ``kMaxTables``)
+MAX_SHARED_TABLES = 16
 #: level spacings, in their kernel id order (``spacing_id``): ``"log"`` 0, ``"mulaw"`` 1
 SPACINGS = ("log", "mulaw")
 
@@ -79,6 +81,13 @@ class QinsConfig:
         spacing: ``"mulaw"`` (levels geometric in ``|w| + exp(log_min)``: logarithmic at the top,
             uniform near zero; the range is the MSE-best μ per row or tensor, ``log_range`` unused)
             or ``"log"`` (geometric levels, the seed's spacing). Module docstring.
+        shared_tables: ``0`` (default): every row has its own range and table. ``n`` in 1..16: the
+            layer has ``n`` μ-law tables (``[n]`` ``log_min``/``log_max``, top level ~1); each row
+            decodes through one of them (``row_table``, uint8 ``[out]``) scaled by its ``row_scale``
+            (float32 ``[out]``, the row's ``max|w|``), as int8 scales one grid per channel. The
+            kernels then build ``n`` tables per call instead of one per row, which is what narrow
+            rows (a few hundred columns) spend most of their time on. Needs ``per_row=True`` and
+            ``spacing="mulaw"``.
 
     The default (packed, mse, per row) is the smallest and, per byte, the most accurate format
     measured here (README, "Choosing a format"). ``QinsConfig.codec_compatible()`` reproduces the seed's
@@ -89,10 +98,18 @@ class QinsConfig:
     log_range: LogRange = "mse"
     per_row: bool = True
     spacing: Spacing = "mulaw"
+    shared_tables: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.packed, bool) or not isinstance(self.per_row, bool):
             raise TypeError(f"packed and per_row must be bool, got {self.packed!r}, {self.per_row!r}")
+        if isinstance(self.shared_tables, bool) or not isinstance(self.shared_tables, int):
+            raise TypeError(f"shared_tables must be an int, got {self.shared_tables!r}")
+        if not 0 <= self.shared_tables <= MAX_SHARED_TABLES:
+            raise ValueError(f"shared_tables must be in 0..{MAX_SHARED_TABLES}, got {self.shared_tables}")
+        if self.shared_tables and not (self.per_row and self.spacing == "mulaw"):
+            raise ValueError("shared_tables scales shared mulaw tables per output row: it needs per_row=True and "
+                             f"spacing='mulaw', got per_row={self.per_row!r}, spacing={self.spacing!r}")
         if self.log_range not in ("minmax", "mse"):
             raise ValueError(f"log_range must be 'minmax' or 'mse', got {self.log_range!r}")
         if self.spacing not in SPACINGS:
@@ -117,6 +134,11 @@ class QinsConfig:
     def spacing_id(self) -> int:
         """The kernels' id of :attr:`spacing` (0 log, 1 mulaw)."""
         return SPACINGS.index(self.spacing)
+
+    @property
+    def log_shape_per_row(self) -> bool:
+        """Whether ``log_min``/``log_max`` are ``[out]`` (per-row ranges) rather than 0-d."""
+        return self.per_row and not self.shared_tables
 
     @property
     def levels(self) -> int:
@@ -210,19 +232,30 @@ def decode_codes(
     *,
     dtype: torch.dtype = torch.float32,
     spacing: str,
+    row_table: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode ``[out, in]`` codes to weights in ``dtype``. ``sign is None`` means packed codes;
     ``spacing`` (required: ``config.spacing``) as :func:`level_table`.
 
     Per tensor (0-d logs): one gather from the 256-entry table. Per row (``[out]`` logs): a row-wise
     gather. Split codes are multiplied by their ±1 sign (exact; code 0 with sign -1 gives -0.0).
+    Shared tables (``[n]`` logs, ``row_table`` uint8 ``[out]`` and ``row_scale`` float32 ``[out]``):
+    row ``r`` reads table ``row_table[r]`` and is then multiplied by ``row_scale[r]``, one
+    correctly rounded product per weight.
     """
+    if (row_table is None) != (row_scale is None):
+        raise ValueError("decode_codes: row_table and row_scale come together (shared_tables formats)")
     table = level_table(log_min, log_max, packed=sign is None, spacing=spacing)
     idx = codes.to(torch.int64)
-    if table.shape[0] == 1:
+    if row_table is not None:
+        w = table[row_table.to(torch.int64).unsqueeze(1), idx]
+    elif table.shape[0] == 1:
         w = table[0][idx]
     else:
         w = torch.gather(table, 1, idx)
     if sign is not None:
         w = w * sign
+    if row_scale is not None:
+        w = w * row_scale.to(torch.float32).reshape(-1, 1)
     return w.to(dtype)

@@ -52,6 +52,8 @@ def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weig
     }
     if embeddings:
         out["embeddings"] = True
+    if config.shared_tables:  # written only when set, as "embeddings"
+        out["shared_tables"] = config.shared_tables
     return out
 
 

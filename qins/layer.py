@@ -21,8 +21,10 @@ class ProjectiveLinear(QinsCodedModule):
 
     State (all in the ``state_dict``): ``stored`` (uint8 ``[out, in]``: codes, with the sign in bit 7
     when ``config.packed``), ``sign`` (int8 ``[out, in]``, split format only), ``log_min``/``log_max``
-    (float32, 0-d per tensor or ``[out]`` per row) and the ``bias`` Parameter (or None). Weight
-    storage: 1 byte per weight packed, 2 split (plus 8 bytes per row when per row).
+    (float32, 0-d per tensor, ``[out]`` per row, ``[n]`` with ``n`` shared tables), ``row_table``
+    (uint8 ``[out]``) and ``row_scale`` (float32 ``[out]``) with shared tables only, and the ``bias``
+    Parameter (or None). Weight storage: 1 byte per weight packed, 2 split (plus 8 bytes per row
+    with per-row ranges, 5 with shared tables).
 
     ``cache_weight=True`` decodes once, at construction, into a non-persistent buffer in the
     module's compute dtype (4 more bytes per weight in fp32); ``.to()``/``.half()`` convert it,
@@ -59,7 +61,8 @@ class ProjectiveLinear(QinsCodedModule):
         self.out_features = out_features
         self.config = resolve_config(config)
         self.cache_weight = bool(cache_weight)
-        log_shape = (out_features,) if self.config.per_row else ()
+        log_shape = (out_features,) if self.config.log_shape_per_row else (
+            (self.config.shared_tables,) if self.config.shared_tables else ())
         self._register_codes(out_features, in_features, log_shape, device, dtype)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
@@ -101,10 +104,10 @@ class ProjectiveLinear(QinsCodedModule):
             if weight.is_meta:
                 return layer
             if input_moment is None:
-                stored, sign, log_min, log_max = encode(weight, layer.config)
+                encoded = encode(weight, layer.config)
             else:
-                stored, sign, log_min, log_max = encode_calibrated(weight, input_moment, layer.config)
-            layer._set_codes(stored, sign, log_min, log_max)
+                encoded = encode_calibrated(weight, input_moment, layer.config)
+            layer._set_codes(*encoded)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
             layer.invalidate_cache()
@@ -168,7 +171,8 @@ class ProjectiveLinear(QinsCodedModule):
             # accumulates in float32 and returns x.dtype. Gradients flow through its reference
             # formula, so training code works too. Eager no-grad CPU calls skip the dispatcher.
             return kernels.fused_linear(
-                x, self.stored, self.sign, self.log_min, self.log_max, bias, self.config.spacing_id
+                x, self.stored, self.sign, self.log_min, self.log_max, bias, self.config.spacing_id, self.row_table,
+                self.row_scale
             )
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
@@ -182,7 +186,7 @@ class ProjectiveLinear(QinsCodedModule):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={'packed' if c.packed else 'split'}, spacing={c.spacing}"
             + (f", log_range={c.log_range}" if c.spacing == "log" else "")
-            + f", per_row={c.per_row}, "
+            + f", per_row={c.per_row}" + (f", shared_tables={c.shared_tables}" if c.shared_tables else "") + ", "
             f"cache_weight={self.cache_weight}"
             + ("" if self.cache_weight else f", kernel={kernels.backend_name(self.stored.device)}")
         )

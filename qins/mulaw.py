@@ -23,13 +23,14 @@ rounding of the levels) for ``|w|`` up to the top level.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from .codec import SMALLEST_NORMAL
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, level_table, num_levels, spacing_steps
 
-__all__ = ["mulaw_range", "nearest_codes", "SPANS"]
+__all__ = ["mulaw_range", "shared_mulaw_range", "SharedRange", "nearest_codes", "SPANS"]
 
 #: candidate spans ``D`` (nats): geometric from 0.02 (close to int8's uniform grid) to 24
 SPANS = tuple(0.02 * (1200.0 ** (i / 191)) for i in range(192))
@@ -89,9 +90,11 @@ def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
     return [(slice(r, min(rows, r + per)), slice(None)) for r in range(0, rows, per)]
 
 
-def encode_rows(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool) -> torch.Tensor:
-    """uint8 magnitude codes of ``mag`` ``[R, N]`` for ranges ``[R, 1]``, block by block."""
-    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw")
+def encode_rows(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool,
+                table: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 magnitude codes of ``mag`` ``[R, N]`` for ranges ``[R, 1]``, block by block; ``table``
+    (``[R, 256]``): the values the codes decode to, when not the ranges' own ``level_table``."""
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw") if table is None else table
     out = torch.empty(mag.shape, dtype=torch.uint8, device=mag.device)
     for r, c in _blocks(*mag.shape):
         out[r, c] = nearest_codes(mag[r, c], lo[r], hi[r], table[r], packed).to(torch.uint8)
@@ -99,9 +102,10 @@ def encode_rows(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: b
 
 
 def _exact_error(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: bool,
-                 c: torch.Tensor | None) -> torch.Tensor:
-    """Row-wise ``Σ c·(|w| - |ŵ|)²`` (float64 ``[R]``) of the nearest-level codes of ranges ``[R, 1]``."""
-    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw")
+                 c: torch.Tensor | None, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-wise ``Σ c·(|w| - |ŵ|)²`` (float64 ``[R]``) of the nearest-level codes of ranges ``[R, 1]``
+    (``table``: as :func:`encode_rows`)."""
+    table = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw") if table is None else table
     err = torch.zeros(mag.shape[0], dtype=torch.float64, device=mag.device)
     for r, cols in _blocks(*mag.shape):
         m = mag[r, cols]
@@ -172,3 +176,111 @@ def mulaw_range(mag: torch.Tensor, packed: bool,
             best_lo = torch.where(better.unsqueeze(1), lo_i, best_lo)
             best_hi = torch.where(better.unsqueeze(1), hi_i, best_hi)
     return best_lo, best_hi
+
+
+
+class SharedRange(NamedTuple):
+    """A ``shared_tables`` range: the layer's tables and each row's view of its table.
+
+    ``log_min``/``log_max``: float32 ``[n]``, tables whose top level is ~1; ``row_table``: uint8
+    ``[R]``, each row's table; ``row_scale``: float32 ``[R, 1]``, positive; ``table``: ``[R, 256]``,
+    row ``r`` = ``row_scale[r]`` times its table (the values its codes decode to, as
+    :func:`qins.formats.decode_codes` computes them); ``lo``/``hi``: float32 ``[R, 1]`` logs of the
+    scaled rows (``log + ln row_scale``), only to bracket a magnitude between two levels before the
+    exact comparison on ``table``."""
+
+    log_min: torch.Tensor
+    log_max: torch.Tensor
+    row_table: torch.Tensor
+    row_scale: torch.Tensor
+    table: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
+def _scale_below(top: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """float32 row scales: ``max|w| / level`` (the top level on the largest weight, up to two
+    roundings; 1 for an all-zero row), stepped down to the largest float32 whose product by the
+    row's top ``level`` is finite."""
+    s = torch.where(top > 0, top.double() / level.double(), 1.0).to(torch.float32)
+    bad = ~torch.isfinite(s * level)
+    while bool(bad.any()):
+        s = torch.where(bad, torch.nextafter(s, torch.zeros_like(s)), s)
+        bad = ~torch.isfinite(s * level)
+    return s
+
+
+def shared_range(mag: torch.Tensor, packed: bool, spans: torch.Tensor, row_table: torch.Tensor) -> SharedRange:
+    """The :class:`SharedRange` of tables of spans ``spans`` (nats, float64 ``[n]``) with rows
+    ``mag`` ``[R, N]`` on tables ``row_table`` (int ``[R]``): each table's top level is
+    ``qins_exp(hi) - qins_exp(lo) ~ 1``, each row's scale puts its top level on its ``max|w|``."""
+    d = spans.to(torch.float64).reshape(-1, 1)
+    lo, hi = _ranges(_top_log(torch.ones_like(d), d), d)  # [n, 1]
+    tables = level_table(lo.reshape(-1), hi.reshape(-1), packed, "mulaw")  # [n, 256]
+    idx = row_table.long()
+    scale = _scale_below(mag.amax(1, keepdim=True), tables[idx, 1:2])
+    shift = scale.double().log()
+    lo_r = (lo[idx].double() + shift).to(torch.float32)
+    hi_r = (hi[idx].double() + shift).to(torch.float32)
+    return SharedRange(lo.reshape(-1), hi.reshape(-1), row_table.to(torch.uint8), scale, tables[idx] * scale,
+                       lo_r, hi_r)
+
+
+def shared_mulaw_range(mag: torch.Tensor, packed: bool, tables: int,
+                       column_weight: torch.Tensor | None = None) -> SharedRange:
+    """The ``shared_tables`` range of rows ``mag`` ``[R, N]`` (``|w|``): ``tables`` spans of
+    :data:`SPANS` and a span per row that together minimise the layer's ``Σ_r Σ_i c_i·(|w_ri| -
+    |ŵ_ri|)²``, each row scaled to its ``max|w|`` (no weight clipped).
+
+    The row model of :func:`mulaw_range` (units of each row's ``max|w|``, weighted by ``max|w|²``)
+    scores every span for every row at once. The spans are chosen greedily: the best one for the
+    whole layer, then each next the one that lowers the layer's modelled error most, each row
+    taking the best chosen span for it. Then each row's best :data:`_EXACT` chosen spans are scored
+    exactly (every 4th column of rows of 256 columns or more), as :func:`mulaw_range` does.
+    Always ``tables`` tables (repeating the first where no other span pays); deterministic;
+    ``tables`` in 1..16."""
+    rows, k = mag.shape[0], num_levels(packed)
+    top = mag.amax(1, keepdim=True).double()
+    u = mag * torch.where(top > 0, 1.0 / top, 0.0).to(torch.float32)
+    if column_weight is None:
+        a0 = torch.full_like(top, float(mag.shape[1]))
+        a1 = u.sum(1, keepdim=True, dtype=torch.float64)
+    else:
+        c = column_weight.to(torch.float32).reshape(1, -1)
+        a0 = column_weight.to(torch.float64).sum().expand_as(top)
+        u.mul_(c.sqrt())
+        a1 = (u * c.sqrt()).sum(1, keepdim=True, dtype=torch.float64)
+    a2 = (u * u).sum(1, keepdim=True, dtype=torch.float64)
+    del u
+    spans = torch.tensor(SPANS, dtype=torch.float64, device=mag.device).reshape(1, -1)
+    zu = 1.0 / torch.expm1(spans)
+    # relative to the largest row, so nothing overflows for weights near float32's maximum
+    w2 = (top / top.max().clamp_min(1e-300)).square() if rows else top
+    model = (spans / k).square() * (a2 + 2 * zu * a1 + zu.square() * a0) * w2  # [R, C]
+    chosen = [int(model.sum(0).argmin())] if rows else [0]
+    best = model[:, chosen[0]].clone()
+    while len(chosen) < min(tables, len(SPANS)) and rows:
+        gain = (best.unsqueeze(1) - model).clamp_min(0).sum(0)
+        gain[chosen] = -1.0
+        j = int(gain.argmax())
+        if float(gain[j]) <= 0:
+            break  # no span lowers any row's model: the rest repeat the first (a layer has n tables)
+        chosen.append(j)
+        best = torch.minimum(best, model[:, j])
+    chosen.sort()
+    chosen += [chosen[0]] * (tables - len(chosen))
+    picks = torch.tensor(chosen, device=mag.device)
+    sub = model[:, picks]  # [R, n]
+    order = sub.argsort(1)[:, :_EXACT]
+    cand = shared_range(mag, packed, spans[0, picks], order[:, 0])
+    if _EXACT > 1 and rows and len(chosen) > 1:
+        step = _SAMPLE if mag.shape[1] >= 64 * _SAMPLE else 1
+        c64 = None if column_weight is None else column_weight.to(torch.float64).reshape(1, -1)[:, ::step]
+        err = _exact_error(mag[:, ::step], cand.lo, cand.hi, packed, c64, cand.table)
+        for i in range(1, _EXACT):
+            alt = shared_range(mag, packed, spans[0, picks], order[:, i])
+            err_i = _exact_error(mag[:, ::step], alt.lo, alt.hi, packed, c64, alt.table)
+            better = err_i < err
+            err = torch.where(better, err_i, err)
+            cand = shared_range(mag, packed, spans[0, picks], torch.where(better, order[:, i], cand.row_table.long()))
+    return cand

@@ -4,7 +4,8 @@ The file holds the model's ``state_dict`` tensors (a tensor shared by several na
 embeddings, is written once and the other names are listed under ``qins.aliases``; only names for the
 same view count: identical storage, storage offset, shape, stride and dtype) and string
 metadata: ``qins.format_version`` (``"2"``) and ``qins.layers``, a JSON object mapping every QINS
-layer's qualified name to its format ``{"packed", "per_row", "log_range", "spacing", "cache_weight"}``.
+layer's qualified name to its format ``{"packed", "per_row", "log_range", "spacing", "cache_weight"}``
+(and ``"shared_tables"`` when set).
 A model with QINS embeddings (``convert_model_to_projective(..., embeddings=True)``) also has
 ``qins.embeddings`` (name -> format and ``padding_idx``) and, when a head is tied to one,
 ``qins.tied_heads`` (head name -> embedding name; the head has no codes of its own, so the codes are
@@ -139,7 +140,7 @@ def _config(name: str, entry: Any) -> tuple[QinsConfig, bool]:
         # files written before the mulaw spacing have no "spacing": their layers are log-spaced
         # version 1 entries have no "spacing": every layer of those files is log-spaced
         cfg = QinsConfig(packed=entry["packed"], log_range=entry["log_range"], per_row=entry["per_row"],
-                         spacing=entry.get("spacing", "log"))
+                         spacing=entry.get("spacing", "log"), shared_tables=entry.get("shared_tables", 0))
         cache = entry.get("cache_weight", True)
         if not isinstance(cache, bool):
             raise TypeError(f"cache_weight must be bool, got {cache!r}")

@@ -1,9 +1,10 @@
 """Versioned, validated state for :class:`~qins.ProjectiveLinear`.
 
-A layer's ``state_dict`` holds ``stored``, ``sign`` (split only), ``log_min``, ``log_max`` and
-``bias``; its metadata (``state_dict._metadata[prefix]``) holds ``version`` (2) and ``"qins"``:
-``{"packed": bool, "per_row": bool, "log_range": str, "spacing": str}`` (no ``spacing``: ``"log"``,
-the only spacing before ``"mulaw"``). Version 1 (or no metadata, e.g. after a
+A layer's ``state_dict`` holds ``stored``, ``sign`` (split only), ``log_min``, ``log_max``,
+``row_table`` and ``row_scale`` (shared tables only) and ``bias``; its metadata
+(``state_dict._metadata[prefix]``) holds ``version`` (2) and ``"qins"``: ``{"packed": bool, "per_row":
+bool, "log_range": str, "spacing": str}``, plus ``"shared_tables": n`` for those formats (no
+``spacing``: ``"log"``, the only spacing before ``"mulaw"``). Version 1 (or no metadata, e.g. after a
 plain safetensors round trip) is read from the keys and shapes: ``sign`` present means split,
 ``[out]`` logs mean per row; the seed's states are split and per tensor.
 
@@ -17,9 +18,9 @@ from typing import Any, Protocol
 
 import torch
 
-from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, valid_levels
+from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, level_table, valid_levels
 
-__all__ = ["check_qins_state", "format_metadata"]
+__all__ = ["check_qins_state", "format_metadata", "CODE_BUFFERS"]
 
 
 class QinsCoded(Protocol):
@@ -32,21 +33,26 @@ class QinsCoded(Protocol):
     @property
     def qins_weight_shape(self) -> tuple[int, int]: ...
 
-_QINS_KEYS = ("stored", "sign", "log_min", "log_max")
+#: a coded module's buffers in the order :func:`qins.encode` returns them (sign: split only;
+#: row_table, row_scale: shared tables only)
+CODE_BUFFERS = ("stored", "sign", "log_min", "log_max", "row_table", "row_scale")
+_QINS_KEYS = CODE_BUFFERS
 
 
 def format_metadata(config: QinsConfig) -> dict[str, Any]:
-    """The ``"qins"`` metadata entry for ``config`` (plain JSON-able values)."""
-    return {
+    """The ``"qins"`` metadata entry for ``config`` (plain JSON-able values; ``shared_tables`` only
+    when set, so the other formats' entries are those written before it existed)."""
+    meta = {
         "packed": config.packed, "per_row": config.per_row, "log_range": config.log_range, "spacing": config.spacing
     }
+    if config.shared_tables:
+        meta["shared_tables"] = config.shared_tables
+    return meta
 
 
-def _describe(packed: bool, per_row: bool) -> str:
-    return (
-        f"{'packed (1 byte/weight)' if packed else 'split (2 bytes/weight)'}, "
-        f"{'per row' if per_row else 'per tensor'}"
-    )
+def _describe(packed: bool, per_row: bool, shared: int = 0) -> str:
+    rows = f"{shared} shared table(s) scaled per row" if shared else "per row"
+    return f"{'packed (1 byte/weight)' if packed else 'split (2 bytes/weight)'}, {rows if per_row else 'per tensor'}"
 
 
 def check_qins_state(
@@ -57,13 +63,16 @@ def check_qins_state(
     ``layer`` is a :class:`~qins.ProjectiveLinear` or :class:`~qins.ProjectiveEmbedding`: anything with
     ``config`` and ``qins_weight_shape`` (``(rows, columns)`` of the codes; per-row logs are ``[rows]``).
 
-    Checked, in order: the QINS keys come together (all of ``stored``, ``log_min``, ``log_max`` and,
-    split only, ``sign`` — or none of them, which leaves the layer's codes alone, as a partial
+    Checked, in order: the QINS keys come together (all of ``stored``, ``log_min``, ``log_max``,
+    split only ``sign``, shared tables only ``row_table`` and ``row_scale`` — or none of them, which leaves
+    the layer's codes alone, as a partial
     ``strict=False`` load of other modules expects); the format (recorded metadata, else keys and
     shapes) matches the layer's; dtypes (``stored`` uint8, ``sign`` int8, logs float32); shapes;
     ``sign`` values in {-1, +1}; finite logs with ``log_min <= log_max``; ``log_max <=
     LOG_FLOAT32_MAX`` and ``log_min >= LOG_FLOAT32_MIN`` (:mod:`qins.formats`), so that every level of
-    the decode table is a finite, normal float32. Nothing is modified.
+    the decode table is a finite, normal float32; ``row_table`` naming one of the tables and
+    ``row_scale`` positive, finite and with a finite product by its table's top level. Nothing is
+    modified.
     """
     cfg = layer.config
     where = prefix.rstrip(".") or type(layer).__name__
@@ -74,15 +83,20 @@ def check_qins_state(
     has_sign = prefix + "sign" in state_dict
     if meta is not None:
         packed, per_row = bool(meta.get("packed")), bool(meta.get("per_row"))
+        shared = meta.get("shared_tables", 0)
     else:
         log_min = state_dict.get(prefix + "log_min")
         packed = not has_sign
-        per_row = isinstance(log_min, torch.Tensor) and log_min.dim() == 1
-    if (packed, per_row) != (cfg.packed, cfg.per_row):
+        shared = 0
+        if prefix + "row_table" in state_dict and isinstance(log_min, torch.Tensor) and log_min.dim() == 1:
+            shared = log_min.shape[0]
+        per_row = bool(shared) or (isinstance(log_min, torch.Tensor) and log_min.dim() == 1)
+    if (packed, per_row, shared) != (cfg.packed, cfg.per_row, cfg.shared_tables):
+        hint = f"packed={packed}, per_row={per_row}" + (f", shared_tables={shared!r}" if shared else "")
         raise ValueError(
-            f"{where}: the state is {_describe(packed, per_row)} "
-            f"but the layer is {_describe(cfg.packed, cfg.per_row)}; "
-            f"build the layer with QinsConfig(packed={packed}, per_row={per_row}) to load it"
+            f"{where}: the state is {_describe(packed, per_row, shared)} "
+            f"but the layer is {_describe(cfg.packed, cfg.per_row, cfg.shared_tables)}; "
+            f"build the layer with QinsConfig({hint}) to load it"
         )
     # states written before the mulaw spacing record none: they are log-spaced; a state without any
     # metadata (a plain safetensors round trip) cannot tell, and the layer's spacing is trusted
@@ -91,13 +105,17 @@ def check_qins_state(
         raise ValueError(f"{where}: the state's level spacing is {spacing!r} but the layer's is {cfg.spacing!r}; "
                          f"build the layer with QinsConfig(spacing={spacing!r}, ...) to load it")
     needed = ["stored", "log_min", "log_max"] + ([] if cfg.packed else ["sign"])
+    needed += ["row_table", "row_scale"] if cfg.shared_tables else []
     missing = [prefix + k for k in needed if prefix + k not in state_dict]
     if missing:
         raise ValueError(f"{where}: incomplete QINS state, missing {missing} (codes, sign and logs load together)")
     if cfg.packed and has_sign:
         raise ValueError(f"{prefix}sign: unexpected in a packed state (the sign is bit 7 of 'stored')")
+    for key in ("row_table", "row_scale"):
+        if not cfg.shared_tables and prefix + key in state_dict:
+            raise ValueError(f"{prefix}{key}: unexpected in a state without shared tables")
     out, inp = layer.qins_weight_shape
-    log_shape = (out,) if cfg.per_row else ()
+    log_shape = (out,) if cfg.log_shape_per_row else ((cfg.shared_tables,) if cfg.shared_tables else ())
     expect = {
         "stored": (torch.uint8, (out, inp)),
         "log_min": (torch.float32, log_shape),
@@ -105,6 +123,9 @@ def check_qins_state(
     }
     if not cfg.packed:
         expect["sign"] = (torch.int8, (out, inp))
+    if cfg.shared_tables:
+        expect["row_table"] = (torch.uint8, (out,))
+        expect["row_scale"] = (torch.float32, (out,))
     for key, (dtype, shape) in expect.items():
         t = state_dict[prefix + key]
         if not isinstance(t, torch.Tensor):
@@ -146,3 +167,23 @@ def check_qins_state(
             where = "" if lo.dim() == 0 else f" at row {int(torch.nonzero(bad)[0])}"
             raise ValueError(f"{prefix}log_min/log_max{where}: the mulaw levels of this range are not strictly "
                              "decreasing normal floats (span too small or offset subnormal); corrupt range")
+    if cfg.shared_tables:
+        _check_rows(state_dict[prefix + "row_table"], state_dict[prefix + "row_scale"], lo, hi, cfg, prefix)
+
+
+def _check_rows(table: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cfg: QinsConfig,
+                prefix: str) -> None:
+    """``row_table`` names one of the tables; ``row_scale`` positive and finite, and every row's
+    largest decoded value finite."""
+    bad = table.to(torch.int64) >= lo.shape[0]
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{prefix}row_table: row {row} names table {int(table[row])}, the layer has {lo.shape[0]}")
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{prefix}row_scale: must be positive and finite, got {float(scale[row])!r} at row {row}")
+    top = level_table(lo, hi, cfg.packed, cfg.spacing)[table.to(torch.int64), 1]
+    bad = ~torch.isfinite(scale * top)
+    if bool(bad.any()):
+        raise ValueError(f"{prefix}row_scale: row {int(torch.nonzero(bad)[0])}'s top level overflows float32")

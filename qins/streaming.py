@@ -20,6 +20,7 @@ import torch
 from .encode import encode
 from .formats import QinsConfig
 from .layer import ProjectiveLinear
+from .state import CODE_BUFFERS
 
 __all__ = ["ROW_BLOCK_ELEMENTS", "encode_rows", "encoded_layer"]
 
@@ -29,9 +30,11 @@ ROW_BLOCK_ELEMENTS = 1 << 20
 
 def encode_rows(weight: torch.Tensor, config: QinsConfig, dtype: torch.dtype | None = None,
                 block_elements: int = ROW_BLOCK_ELEMENTS,
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``encode(weight.to(dtype), config)`` (``stored``, ``sign`` or None, ``log_min``, ``log_max``),
-    computed block by block of rows when ``config.per_row``. ``weight``: 2-D ``[out, in]``, any float
+                ) -> tuple[torch.Tensor | None, ...]:
+    """``encode(weight.to(dtype), config)`` (``stored``, ``sign`` or None, ``log_min``, ``log_max``,
+    and with shared tables ``row_table``, ``row_scale``), computed block by block of rows when
+    ``config.per_row`` without shared tables (those are chosen for the whole layer at once). ``weight``: 2-D
+    ``[out, in]``, any float
     dtype; ``dtype`` defaults to ``weight.dtype``. Raises ``ValueError`` as :func:`qins.encode` does
     (a NaN/±Inf weight), naming the row index as seen in the whole weight."""
     dtype = dtype or weight.dtype
@@ -41,7 +44,8 @@ def encode_rows(weight: torch.Tensor, config: QinsConfig, dtype: torch.dtype | N
     # never a one-row block: encode reads a one-row input as a whole tensor (a finer histogram for
     # the mse search), which would change that row's range
     step = max(2, block_elements // max(1, cols))
-    if not config.per_row or step >= rows - 1:
+    # shared tables are chosen for the whole layer: encoded at once (the float weight in memory)
+    if not config.per_row or config.shared_tables or step >= rows - 1:
         return encode(weight.to(dtype), config)
     starts = list(range(0, rows, step))
     if rows - starts[-1] == 1:
@@ -74,7 +78,7 @@ def encoded_layer(weight: torch.Tensor, config: QinsConfig, *, cache_weight: boo
         codes = encode_rows(weight.to(device), config, dtype)
         layer = ProjectiveLinear(weight.shape[1], weight.shape[0], bias=False, config=config,
                                  cache_weight=False, device=device, dtype=dtype)
-        for name, value in zip(("stored", "sign", "log_min", "log_max"), codes):
+        for name, value in zip(CODE_BUFFERS, codes):
             if value is not None:
                 getattr(layer, name).copy_(value)
         del codes

@@ -474,3 +474,45 @@ ACCURACY_SENTENCES = [
     "The kettle clicked off just as the phone began to ring.",
     "Astronomers detected water vapour in the atmosphere of a distant planet.",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared tables (QinsConfig(shared_tables=n))
+# ----------------------------------------------------------------------------------------------
+
+#: the table counts the suites draw: one table, a few, and the most a layer may have
+SHARED_TABLE_COUNTS = (1, 2, 4, 16)
+SHARED_CONFIGS = [QinsConfig(packed=p, shared_tables=n) for p in (True, False) for n in (1, 4)]
+
+
+@dataclass
+class SharedCase:
+    """Arguments of ``torch.ops.qins.linear`` for a shared-tables layer: ``[n]`` logs, a table per row
+    and a scale per row."""
+
+    x: torch.Tensor
+    codes: torch.Tensor
+    sign: torch.Tensor | None
+    log_min: torch.Tensor
+    log_max: torch.Tensor
+    bias: torch.Tensor | None
+    row_table: torch.Tensor
+    row_scale: torch.Tensor
+
+    def args(self) -> tuple:
+        return (self.x, self.codes, self.sign, self.log_min, self.log_max, self.bias, 1, self.row_table,
+                self.row_scale)
+
+
+def shared_case(seed: int, batch: int, out: int, inn: int, packed: bool, tables: int, bias: bool) -> SharedCase:
+    """Random codes (with exact zeros) on ``tables`` mulaw tables of spans 0.5..12 nats, each row on a
+    random table with a scale spread over six decades, x ~ N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes, sign = qins_codes(gen, out, inn, packed, 0.05)
+    span = 0.5 + torch.rand(tables, generator=gen, dtype=torch.float64) * 11.5
+    hi = -torch.log(-torch.expm1(-span))  # top level ~1, as the encoder's tables
+    row_table = torch.randint(0, tables, (out,), generator=gen, dtype=torch.uint8)
+    scale = torch.exp(torch.rand(out, generator=gen) * 14 - 10).to(torch.float32)
+    b = torch.randn(out, generator=gen) if bias else None
+    return SharedCase(torch.randn(batch, inn, generator=gen), codes, sign, (hi - span).float(), hi.float(), b,
+                      row_table, scale)

@@ -182,24 +182,28 @@ def linear(
     log_max: torch.Tensor,
     bias: torch.Tensor | None,
     spacing: int = 0,
+    row_table: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ decode_codes(codes, sign, log_min, log_max, spacing)ᵀ + bias`` in float32, returned in
-    ``x.dtype``. ``spacing``: 0 log, 1 mulaw (``QinsConfig.spacing_id``)."""
-    return _dispatch(x, codes, sign, log_min, log_max, bias, spacing)
+    """``x @ decode_codes(codes, sign, log_min, log_max, spacing, row_table, row_scale)ᵀ + bias`` in
+    float32, returned in ``x.dtype``. ``spacing``: 0 log, 1 mulaw (``QinsConfig.spacing_id``).
+    Shared tables: ``[n]`` logs, ``row_table`` uint8 ``[out]`` and ``row_scale`` float32 ``[out]``,
+    the scale applied to each output after its dot product."""
+    return _dispatch(x, codes, sign, log_min, log_max, bias, spacing, row_table, row_scale)
 
 
-def _dispatch(x, codes, sign, log_min, log_max, bias, spacing=0) -> torch.Tensor:
+def _dispatch(x, codes, sign, log_min, log_max, bias, spacing=0, row_table=None, row_scale=None) -> torch.Tensor:
     """The op's body: the Triton, native or reference backend, as :func:`backend_name` reports.
     CPU calls outside ``QINS_KERNEL=triton`` (the common case) read the environment once and never
     ask about Triton."""
     kind = _kernel_env()
     on_cpu = x.device.type == "cpu"
     if (kind == "triton" or not on_cpu) and _use_triton(x.device, x.numel() // max(x.shape[-1], 1)):  # rows of x
-        return triton_module().linear(x, codes, sign, log_min, log_max, bias, spacing)
+        return triton_module().linear(x, codes, sign, log_min, log_max, bias, spacing, row_table, row_scale)
     native = native_module() if on_cpu and kind != "reference" else None
     if native is not None:
-        return native.linear(x, codes, sign, log_min, log_max, bias, spacing, cpu_isa())
-    return reference.linear(x, codes, sign, log_min, log_max, bias, spacing)
+        return native.linear(x, codes, sign, log_min, log_max, bias, spacing, cpu_isa(), row_table, row_scale)
+    return reference.linear(x, codes, sign, log_min, log_max, bias, spacing, row_table, row_scale)
 
 
 def fused_linear(
@@ -210,6 +214,8 @@ def fused_linear(
     log_max: torch.Tensor,
     bias: torch.Tensor | None = None,
     spacing: int = 0,
+    row_table: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``qins::linear`` as layers call it: the same result, the op's body run directly when nothing
     needs the op itself.
@@ -231,8 +237,8 @@ def fused_linear(
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0
     ):
-        return _dispatch(x, codes, sign, log_min, log_max, bias, spacing)
-    return linear(x, codes, sign, log_min, log_max, bias, spacing)
+        return _dispatch(x, codes, sign, log_min, log_max, bias, spacing, row_table, row_scale)
+    return linear(x, codes, sign, log_min, log_max, bias, spacing, row_table, row_scale)
 
 
 def rounding_deviation(
@@ -265,12 +271,12 @@ def range_codes(
     return err, (codes if write >= 0 else None)
 
 
-def _linear_fake(x, codes, sign, log_min, log_max, bias, spacing=0):
+def _linear_fake(x, codes, sign, log_min, log_max, bias, spacing=0, row_table=None, row_scale=None):
     """The op's fake (meta) implementation: shape checks and an empty ``[..., out]`` in ``x.dtype``.
 
     It is also what the dispatcher picks when only some inputs are on the meta device: then it must
     refuse (an empty tensor on ``x``'s real device would be uninitialised memory), not compute."""
-    devices = {t.device for t in (x, codes, sign, log_min, log_max, bias) if t is not None}
+    devices = {t.device for t in (x, codes, sign, log_min, log_max, bias, row_table, row_scale) if t is not None}
     torch._check(
         len(devices) == 1, lambda: f"qins::linear: every tensor must be on one device, got {sorted(map(str, devices))}"
     )
@@ -282,22 +288,23 @@ linear.register_fake(_linear_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, codes, sign, log_min, log_max, bias, spacing = inputs
-    ctx.save_for_backward(codes, sign, log_min, log_max)
+    x, codes, sign, log_min, log_max, bias, spacing, row_table, row_scale = inputs
+    ctx.save_for_backward(codes, sign, log_min, log_max, row_table, row_scale)
     ctx.spacing = spacing
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
-    codes, sign, log_min, log_max = ctx.saved_tensors
+    codes, sign, log_min, log_max, row_table, row_scale = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32, spacing=SPACINGS[ctx.spacing])
+        w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32, spacing=SPACINGS[ctx.spacing],
+                         row_table=row_table, row_scale=row_scale)
         grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
         grad_bias = grad.to(torch.float32).reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_bias, None
+    return grad_x, None, None, None, None, grad_bias, None, None, None
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)

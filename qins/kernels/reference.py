@@ -19,14 +19,18 @@ def linear(
     log_max: torch.Tensor,
     bias: torch.Tensor | None,
     spacing: int = 0,
+    row_table: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x @ ŵᵀ + bias`` with ``ŵ = decode_codes(codes, sign, log_min, log_max)`` in level
-    spacing ``SPACINGS[spacing]`` (0 log, 1 mulaw).
+    """``y = x @ ŵᵀ + bias`` with ``ŵ = decode_codes(codes, sign, log_min, log_max, row_table=row_table,
+    row_scale=row_scale)``
+    in level spacing ``SPACINGS[spacing]`` (0 log, 1 mulaw).
 
     x is converted to float32, the product and the bias are computed in float32 and the result is
     cast back to ``x.dtype``. Materialises the full fp32 weight (this is the slow, simple path).
     """
-    w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32, spacing=SPACINGS[spacing])
+    w = decode_codes(codes, sign, log_min, log_max, dtype=torch.float32, spacing=SPACINGS[spacing],
+                     row_table=row_table, row_scale=row_scale)
     b = None if bias is None else bias.to(torch.float32)
     return F.linear(x.to(torch.float32), w, b).to(x.dtype)
 

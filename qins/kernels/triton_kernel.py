@@ -262,12 +262,18 @@ def linear(
     log_max: torch.Tensor,
     bias: torch.Tensor | None,
     spacing: int = 0,
+    row_table: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
     config: Config | None = None,
 ) -> torch.Tensor:
-    """``x @ decode_codes(codes, sign, log_min, log_max)ᵀ + bias`` (float32 math, ``x.dtype`` out).
+    """``x @ decode_codes(codes, sign, log_min, log_max, row_table=..., row_scale=...)ᵀ + bias``
+    (float32 math, ``x.dtype`` out).
 
-    ``spacing``: 0 log, 1 mulaw (:func:`qins.formats.level_table`). ``config``: the launch configuration,
-    :func:`default_config` of the batch when ``None``."""
+    ``spacing``: 0 log, 1 mulaw (:func:`qins.formats.level_table`). Shared tables (``[n]`` logs,
+    ``row_table`` uint8 and ``row_scale`` float32 ``[out]``): each row's table is gathered into
+    per-row tables for the kernel, each output is multiplied by its row's scale after the dot
+    product, then the bias is added. ``config``: the launch configuration, :func:`default_config`
+    of the batch when ``None``."""
     torch._check(codes.dim() == 2 and codes.dtype == torch.uint8, lambda: "codes must be uint8 [out, in]")
     out_f, in_f = codes.shape
     torch._check(x.shape[-1] == in_f, lambda: f"x has {x.shape[-1]} features, codes {in_f}")
@@ -275,15 +281,22 @@ def linear(
         torch._check(sign.shape == codes.shape and sign.dtype == torch.int8, lambda: "sign must be int8 like codes")
     per_row = log_min.dim() == 1
     torch._check(log_min.shape == log_max.shape, lambda: "log_min and log_max must have the same shape")
-    torch._check(log_min.dim() == 0 or tuple(log_min.shape) == (out_f,), lambda: "logs must be 0-d or [out]")
+    torch._check(log_min.dim() == 0 or tuple(log_min.shape) == (out_f,) or row_table is not None,
+                 lambda: "logs must be 0-d or [out]")
     # the kernel reads out_f bias values: a shorter bias would be read out of bounds
     torch._check(
         bias is None or tuple(bias.shape) == (out_f,), lambda: f"bias must be [{out_f}], got {tuple(bias.shape)}"
     )
+    torch._check((row_table is None) == (row_scale is None), lambda: "row_table and row_scale come together")
     lead = x.shape[:-1]
     m = math.prod(lead)
     x2 = x.reshape(m, in_f)
     b = None if bias is None else bias.to(torch.float32).contiguous()
+    if row_scale is not None and m and in_f and out_f:
+        idx = row_table.to(torch.int64)  # per-row logs of each row's table: the same table values
+        y = linear(x2.to(torch.float32), codes, sign, log_min[idx], log_max[idx], None, spacing, None, None, config)
+        y = y * row_scale.to(torch.float32)
+        return (y if b is None else y + b).to(x.dtype).reshape(*lead, out_f)
     if m == 0 or in_f == 0 or out_f == 0:
         y = torch.zeros((m, out_f), dtype=torch.float32, device=x.device)
         if b is not None:

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Iterable
 from typing import Any
 
-from ...formats import SPACINGS, QinsConfig
+from ...formats import MAX_SHARED_TABLES, SPACINGS, QinsConfig
 from ...hf_config import (
     _READABLE_VERSIONS,
     FORMAT_VERSION,
@@ -56,7 +56,8 @@ def spacing_for(spacing: Any, format_version: Any) -> str:
 
 
 def check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any, cache_weight: Any,
-                        format_version: Any, extra: dict, spacing: Any = "log", embeddings: Any = False) -> None:
+                        format_version: Any, extra: dict, spacing: Any = "log", embeddings: Any = False,
+                        shared_tables: Any = 0) -> None:
     """Refuse a ``quantization_config`` that is not exactly what :func:`quantization_config_dict`
     writes, before any weight loads: each error names the field and the fix (a JSON ``"false"`` is a
     string, and ``bool("false")`` would be True). Pops ``quant_method`` from ``extra``."""
@@ -78,6 +79,13 @@ def check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any,
     if spacing == "mulaw" and log_range != "mse":
         raise ValueError(f"quantization_config field 'log_range' {log_range!r} is a rule of the log spacing; "
                          "set \"spacing\": \"log\" with it, or \"log_range\": \"mse\"; fix config.json")
+    if isinstance(shared_tables, bool) or not isinstance(shared_tables, int) \
+            or not 0 <= shared_tables <= MAX_SHARED_TABLES:
+        raise ValueError(f"quantization_config field 'shared_tables' must be an integer in 0..{MAX_SHARED_TABLES}, "
+                         f"got {shared_tables!r}; fix config.json")
+    if shared_tables and (not per_row or spacing != "mulaw"):
+        raise ValueError("quantization_config field 'shared_tables' needs \"per_row\": true and \"spacing\": "
+                         "\"mulaw\"; fix config.json")
     if embeddings and not per_row:
         raise ValueError("quantization_config field 'embeddings' true needs \"per_row\": true (QINS embeddings keep "
                          "one log range per token row); fix config.json")
@@ -86,8 +94,8 @@ def check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any,
         raise ValueError(f"quantization_config field 'quant_method' must be {QUANT_METHOD!r}, got {method!r}")
     if extra:
         raise ValueError(f"quantization_config has unknown fields {sorted(extra)} (QINS knows packed, log_range, "
-                         "per_row, spacing, skip, cache_weight, embeddings, format_version); remove them from "
-                         "config.json")
+                         "per_row, spacing, shared_tables, skip, cache_weight, embeddings, format_version); remove "
+                         "them from config.json")
 
 
 class QinsMethod(str, enum.Enum):
@@ -109,15 +117,16 @@ def build_config_class() -> type:
         def __init__(self, packed: bool = True, log_range: str = "mse", per_row: bool = True,
                      skip: Iterable[str] | None = None, cache_weight: bool = True,
                      format_version: int = FORMAT_VERSION, spacing: str | None = None, embeddings: bool = False,
-                     **kwargs: Any) -> None:
+                     shared_tables: int = 0, **kwargs: Any) -> None:
             spacing = spacing_for(spacing, format_version)
             if skip is None:
                 skip = [] if embeddings is True else ["lm_head"]
             check_config_fields(packed=packed, log_range=log_range, per_row=per_row, skip=skip,
                                 cache_weight=cache_weight, format_version=format_version, extra=kwargs,
-                                spacing=spacing, embeddings=embeddings)
+                                spacing=spacing, embeddings=embeddings, shared_tables=shared_tables)
             self.quant_method = QinsMethod.QINS
-            self.qins_config = QinsConfig(packed, log_range, per_row, spacing=spacing)
+            self.qins_config = QinsConfig(packed, log_range, per_row, spacing=spacing, shared_tables=shared_tables)
+            self.shared_tables = shared_tables
             self.packed, self.log_range, self.per_row, self.spacing = packed, log_range, per_row, spacing
             self.skip, self.cache_weight, self.embeddings = list(skip), cache_weight, embeddings
             self.format_version = FORMAT_VERSION

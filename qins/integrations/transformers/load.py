@@ -41,13 +41,14 @@ from ...convert import _matches, select_linears
 from ...embedding import ProjectiveEmbedding
 from ...formats import QinsConfig
 from ...layer import ProjectiveLinear
+from ...state import CODE_BUFFERS
 from ...streaming import encoded_layer
 from .tying import install_embedding
 
 __all__ = ["check_against_checkpoint", "checkpoint_keys", "conversion_targets", "install_encoded",
            "local_checkpoint_files", "quantize_op"]
 
-_QINS_BUFFERS = ("stored", "sign", "log_min", "log_max")
+_QINS_BUFFERS = CODE_BUFFERS
 
 
 def conversion_targets(model: nn.Module, skip: Iterable[str]) -> set[str]:

@@ -22,7 +22,7 @@ import torch
 from ...convert import convert_model_to_projective
 from ...embedding import ProjectiveEmbedding
 from ...layer import ProjectiveLinear
-from ...state import check_qins_state, format_metadata
+from ...state import CODE_BUFFERS, check_qins_state, format_metadata
 from . import load
 from .config import build_config_class, transformers_version
 from .tying import embedding_targets, stop_transformers_tying, tie_input_and_output_embeddings
@@ -31,7 +31,7 @@ __all__ = ["build_classes", "build_quantizer_class"]
 
 log = logging.getLogger(__name__)
 
-_QINS_BUFFERS = ("stored", "sign", "log_min", "log_max")
+_QINS_BUFFERS = CODE_BUFFERS
 #: the modules that hold QINS codes of their own (a tied head reads its embedding's)
 _CODED = (ProjectiveLinear, ProjectiveEmbedding)
 

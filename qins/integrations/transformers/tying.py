@@ -20,6 +20,7 @@ from torch import nn
 from ...convert import _matches
 from ...embedding import ProjectiveEmbedding, ProjectiveTiedHead
 from ...formats import QinsConfig
+from ...state import CODE_BUFFERS
 from ...streaming import encode_rows
 
 __all__ = ["embedding_targets", "install_embedding", "stop_transformers_tying", "tie_input_and_output_embeddings"]
@@ -136,7 +137,7 @@ def install_embedding(model: nn.Module, param_name: str, value: torch.Tensor, co
     except ValueError as exc:
         raise ValueError(f"cannot quantize embedding {module_name!r} while loading: {exc}") from exc
     new = ProjectiveEmbedding(*expected, emb.padding_idx, config=config, device=device, dtype=dtype)
-    for name, code in zip(("stored", "sign", "log_min", "log_max"), codes):
+    for name, code in zip(CODE_BUFFERS, codes):
         if code is not None:
             buf = code.to(device)
             buf._is_hf_initialized = True  # 5.x: loaded, not to be initialised

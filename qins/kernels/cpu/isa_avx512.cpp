@@ -175,7 +175,8 @@ void gemv_block(const Args& a, const __m512i* planes, int64_t nr, int64_t r0, in
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t r = r0 + i;
     __m512i P[4 * H];
-    for (int j = 0; j < 4 * H; ++j) P[j] = _mm512_load_si512(planes + (a.per_row ? i : 0) * 4 * H + j);
+    const int64_t t = a.per_row ? i : (a.row_table ? a.row_table[r] : 0);  // this row's planes
+    for (int j = 0; j < 4 * H; ++j) P[j] = _mm512_load_si512(planes + t * 4 * H + j);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
     __m512 acc[B][A];
@@ -267,8 +268,9 @@ void gemv_t(const Args& a, int64_t r0, int64_t r1) {
   // 8 lookups per chunk) and costs the packed one (4 lookups leave little to hide it behind).
   if (a.per_row && a.col_block >= a.kpad && (a.pipeline == 2 || (a.pipeline == 1 && SPLIT)))
     return gemv_pipelined<H, SPLIT, B>(a, r0, r1);
-  alignas(64) __m512i planes[kMaxRowChunk * 4 * H];
-  if (!a.per_row) make_planes<H>(a.log_min[0], a.log_max[0], a.mulaw, planes);
+  alignas(64) __m512i planes[std::max(kMaxRowChunk, kMaxTables) * 4 * H];
+  if (!a.per_row)
+    for (int64_t g = 0; g < a.ntables; ++g) make_planes<H>(a.log_min[g], a.log_max[g], a.mulaw, planes + g * 4 * H);
   const int64_t nblk = (a.kpad + a.col_block - 1) / a.col_block;
   const int64_t kb = ((a.kpad / 64 + nblk - 1) / nblk) * 64;
   const int64_t chunk = std::min(std::max<int64_t>(a.row_chunk, 1), kMaxRowChunk);
@@ -302,10 +304,12 @@ void avx512_gemv(const Args& a, int64_t r0, int64_t r1) {
 
 template <int H, bool SPLIT>
 void decode_t(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
-  __m512i P[4 * H];
-  if (!a.per_row) make_planes<H>(a.log_min[0], a.log_max[0], a.mulaw, P);
+  alignas(64) __m512i planes[kMaxTables * 4 * H];
+  if (!a.per_row)
+    for (int64_t g = 0; g < a.ntables; ++g) make_planes<H>(a.log_min[g], a.log_max[g], a.mulaw, planes + g * 4 * H);
   for (int64_t r = r0; r < r1; ++r) {
-    if (a.per_row) make_planes<H>(a.log_min[r], a.log_max[r], a.mulaw, P);
+    if (a.per_row) make_planes<H>(a.log_min[r], a.log_max[r], a.mulaw, planes);
+    const __m512i* P = planes + (a.row_table ? a.row_table[r] : 0) * 4 * H;
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
     float* wr = w + (r - r0) * (k1 - k0) - k0;

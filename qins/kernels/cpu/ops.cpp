@@ -120,7 +120,8 @@ void check_tuning(const Tuning& t) {
 // contiguous float32 copies by the callers (so any strides and, for x and the bias, any floating
 // dtype are fine); codes and sign are read in place.
 void check_args(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
-                const at::Tensor& log_min, const at::Tensor& log_max, const c10::optional<at::Tensor>& bias) {
+                const at::Tensor& log_min, const at::Tensor& log_max, const c10::optional<at::Tensor>& bias,
+                const c10::optional<at::Tensor>& row_table = c10::nullopt) {
   TORCH_CHECK(codes.device().is_cpu(), "qins native linear: CPU tensors only, codes is on ", codes.device());
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
               "qins: codes must be a contiguous uint8 [out, in] tensor");
@@ -137,8 +138,22 @@ void check_args(const at::Tensor& x, const at::Tensor& codes, const c10::optiona
   TORCH_CHECK(log_min.scalar_type() == at::kFloat && log_max.scalar_type() == at::kFloat,
               "qins: log_min/log_max must be float32");
   TORCH_CHECK(log_min.sizes() == log_max.sizes(), "qins: log_min and log_max must have the same shape");
-  TORCH_CHECK(log_min.dim() == 0 || (log_min.dim() == 1 && log_min.size(0) == codes.size(0)),
-              "qins: log_min/log_max must be 0-d or [out]");
+  if (row_table.has_value()) {
+    // shared tables: every index is read as an offset into the call's tables, so each is checked
+    TORCH_CHECK(row_table->device().is_cpu(), "qins native linear: CPU tensors only, row_table is on ", row_table->device());
+    TORCH_CHECK(row_table->scalar_type() == at::kByte && row_table->dim() == 1 && row_table->size(0) == codes.size(0) &&
+                row_table->is_contiguous(), "qins: row_table must be a contiguous uint8 [out] tensor");
+    TORCH_CHECK(log_min.dim() == 1 && log_min.size(0) >= 1 && log_min.size(0) <= kMaxTables,
+                "qins: with row_table, log_min/log_max must be [n] with 1 <= n <= ", kMaxTables);
+    const uint8_t* t = row_table->data_ptr<uint8_t>();
+    uint8_t top = 0;
+    for (int64_t r = 0; r < row_table->size(0); ++r) top = std::max(top, t[r]);
+    TORCH_CHECK(row_table->size(0) == 0 || top < log_min.size(0), "qins: row_table names table ", int(top), " of ",
+                log_min.size(0));
+  } else {
+    TORCH_CHECK(log_min.dim() == 0 || (log_min.dim() == 1 && log_min.size(0) == codes.size(0)),
+                "qins: log_min/log_max must be 0-d or [out]");
+  }
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu(), "qins native linear: CPU tensors only, bias is on ", bias->device());
     TORCH_CHECK(bias->is_floating_point(), "qins: bias must be floating point");
@@ -146,13 +161,28 @@ void check_args(const at::Tensor& x, const at::Tensor& codes, const c10::optiona
   }
 }
 
+// y[b, r] *= s[r] for rows [r0, r1) of B outputs with leading dimension ld: the shared tables
+// formats' per-row scale, applied to each finished dot product (one rounding, after the sum).
+void scale_rows(float* y, int64_t ld, int64_t B, const float* s, int64_t r0, int64_t r1) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = r0; r < r1; ++r) y[b * ld + r] *= s[r];
+}
+
 }  // namespace
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
                   const at::Tensor& log_min, const at::Tensor& log_max, const c10::optional<at::Tensor>& bias,
-                  int64_t spacing, int64_t isa) {
+                  int64_t spacing, int64_t isa, const c10::optional<at::Tensor>& row_table,
+                  const c10::optional<at::Tensor>& row_scale) {
   TORCH_CHECK(spacing == 0 || spacing == 1, "qins: spacing must be 0 (log) or 1 (mulaw), got ", spacing);
-  check_args(x, codes, sign, log_min, log_max, bias);
+  TORCH_CHECK(row_table.has_value() == row_scale.has_value(), "qins: row_table and row_scale come together");
+  check_args(x, codes, sign, log_min, log_max, bias, row_table);
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->device().is_cpu(), "qins native linear: CPU tensors only, row_scale is on ", row_scale->device());
+    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->dim() == 1 && row_scale->size(0) == codes.size(0) &&
+                row_scale->is_contiguous(), "qins: row_scale must be a contiguous float32 [out] tensor");
+  }
+  const float* rs = row_scale.has_value() ? row_scale->data_ptr<float>() : nullptr;
   const IsaKernels& K = kernels(isa);
   const Tuning tune = tuning_snapshot();
   const int64_t out = codes.size(0), in = codes.size(1);
@@ -168,7 +198,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
     Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr,
            lmin.data_ptr<float>(), lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad,
            xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, tune.gemv_col_block / 64 * 64),
-           tune.prefetch, tune.pipeline, tune.own_gemm, tune.row_chunk, static_cast<int>(spacing)};
+           tune.prefetch, tune.pipeline, tune.own_gemm, tune.row_chunk, static_cast<int>(spacing),
+           row_table.has_value() ? row_table->data_ptr<uint8_t>() : nullptr, row_table.has_value() ? lmin.size(0) : 1};
+    if (row_table.has_value()) a.per_row = 0;
     if (B <= kMaxGemvBatch) {
       const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
       // x rows in groups of <= 4 (measured at 3072x3072: B = 4 0.8 ms, B = 8 in one pass 3.0 ms,
@@ -180,6 +212,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
           g.y += b0 * out;
           g.B = std::min(kGemvGroup, B - b0);
           K.gemv(g, r0, r1);
+          if (rs) scale_rows(g.y, out, g.B, rs, r0, r1);
         }
       });
     } else {
@@ -216,6 +249,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
             if (k0 == 0) at::mm_out(ys, xs, wt.t());
             else ys.addmm_(xs, wt.t());
           }
+          if (rs) scale_rows(y.data_ptr<float>(), out, B, rs, r0, r1);
         }
       });
     }
@@ -287,9 +321,9 @@ at::Tensor table(const at::Tensor& log_min, const at::Tensor& log_max, bool pack
 // Debug: decoded weights [out, kpad] and the prepared x [B, kpad], in the ISA's column order.
 std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optional<at::Tensor>& sign,
                                      const at::Tensor& log_min, const at::Tensor& log_max, const at::Tensor& x,
-                                     int64_t spacing, int64_t isa) {
+                                     int64_t spacing, int64_t isa, const c10::optional<at::Tensor>& row_table) {
   TORCH_CHECK(spacing == 0 || spacing == 1, "qins: spacing must be 0 (log) or 1 (mulaw), got ", spacing);
-  check_args(x, codes, sign, log_min, log_max, c10::nullopt);
+  check_args(x, codes, sign, log_min, log_max, c10::nullopt, row_table);
   const IsaKernels& K = kernels(isa);
   const int64_t out = codes.size(0), in = codes.size(1), kpad = K.kpad(in);
   at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
@@ -299,6 +333,11 @@ std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optiona
   Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr, lmin.data_ptr<float>(),
          lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad, xp.data_ptr<float>(), x2.size(0), nullptr, kpad};
   a.mulaw = static_cast<int>(spacing);
+  if (row_table.has_value()) {
+    a.per_row = 0;
+    a.row_table = row_table->data_ptr<uint8_t>();
+    a.ntables = lmin.size(0);
+  }
   K.decode(a, 0, out, 0, kpad, w.data_ptr<float>());
   return {w, xp};
 }
@@ -306,11 +345,15 @@ std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optiona
 }  // namespace qins
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &qins::linear, "QINS linear (fp32 accumulation)");
+  m.def("linear", &qins::linear, "QINS linear (fp32 accumulation)", py::arg("x"), py::arg("codes"), py::arg("sign"),
+        py::arg("log_min"), py::arg("log_max"), py::arg("bias"), py::arg("spacing"), py::arg("isa"),
+        py::arg("row_table") = py::none(), py::arg("row_scale") = py::none());
   m.def("range_codes", &qins::range_codes, "the mse search's final codes and exact errors");
   m.def("rounding_deviation", &qins::rounding_deviation, "the mse search's rounding-deviation score [R, C]");
   m.def("table", &qins::table, "debug: the ISA's [R, 256] level tables");
-  m.def("decode_debug", &qins::decode_debug, "debug: decoded weights and prepared x");
+  m.def("decode_debug", &qins::decode_debug, "debug: decoded weights (unscaled) and prepared x", py::arg("codes"),
+        py::arg("sign"), py::arg("log_min"), py::arg("log_max"), py::arg("x"), py::arg("spacing"), py::arg("isa"),
+        py::arg("row_table") = py::none());
   m.def("supported", &qins::supported, "whether an ISA path (1 scalar, 2 avx2, 3 avx512) runs here");
   m.def("best_isa", &qins::best_isa, "the ISA path chosen by default");
   m.def("set_tuning", [](int64_t col_block, int64_t gemm_rows, int64_t gemm_cols, int64_t prefetch, int64_t pipeline,

@@ -75,7 +75,7 @@ inline float table_offset(float lo, int mulaw) { return mulaw ? qins_exp_scalar(
 struct Args {
   const uint8_t* codes;   // [out, in]
   const int8_t* sign;     // [out, in] or nullptr (packed format)
-  const float* log_min;   // [out] if per_row else [1]
+  const float* log_min;   // [out] if per_row, [ntables] with row_table, else [1]
   const float* log_max;
   int per_row;
   int64_t in, out, kpad;
@@ -88,8 +88,13 @@ struct Args {
   int64_t own_gemm = 1;   // decoded blocks: the ISA's gemm when it has one (0: at::mm)
   int64_t row_chunk = 2;  // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk)
   int mulaw = 0;          // level spacing: 0 log, 1 mulaw (table_steps, table_offset)
+  // Shared tables (per_row = 0): row r decodes through table row_table[r] of the ntables built once
+  // per call; nullptr: table 0. The per-row scale is applied by the caller, after the dot products.
+  const uint8_t* row_table = nullptr;
+  int64_t ntables = 1;
 };
 constexpr int64_t kMaxRowChunk = 16;
+constexpr int64_t kMaxTables = 16;  // shared tables per layer (QinsConfig.shared_tables)
 
 // The rounding-deviation score of the mse range search (qins/encode.py), rows [r0, r1) of
 // [R, cols] magnitudes and gaps: for candidate i of row r,
