@@ -34,9 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--log-range", choices=("mse", "minmax"), default="mse",
                    help="range rule of the log spacing (default mse; minmax needs --spacing log)")
     q.add_argument("--per-tensor", action="store_true", help="one log range per tensor instead of per row")
-    q.add_argument("--shared-tables", type=int, default=0, metavar="N",
+    q.add_argument("--shared-tables", type=int, default=None, metavar="N",
                    help="N (1-16) mulaw tables per layer shared by its rows, each row scaled (faster kernels); "
-                        "default 0: a range per row")
+                        "0: a range per row; default: QinsConfig's")
     q.add_argument("--skip", action="append", metavar="PATTERN",
                    help="leave Linears with this name or glob unconverted (repeatable; default: lm_head)")
     q.add_argument("--memory-saving", action="store_true",

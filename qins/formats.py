@@ -35,12 +35,15 @@ from typing import Literal
 
 import torch
 
-__all__ = ["QinsConfig", "qins_exp", "level_table", "decode_codes", "num_levels", "SPACINGS", "MAX_SHARED_TABLES"]
+__all__ = ["QinsConfig", "qins_exp", "level_table", "decode_codes", "num_levels", "SPACINGS", "MAX_SHARED_TABLES",
+           "DEFAULT_SHARED_TABLES"]
 
 LogRange = Literal["minmax", "mse"]
 Spacing = Literal["log", "mulaw"]
 #: the most tables a ``shared_tables`` layer may have (the kernels' ``kMaxTables``)
 MAX_SHARED_TABLES = 16
+#: ``QinsConfig().shared_tables``: per-row mulaw configs share this many tables unless told otherwise
+DEFAULT_SHARED_TABLES = 0
 #: level spacings, in their kernel id order (``spacing_id``): ``"log"`` 0, ``"mulaw"`` 1
 SPACINGS = ("log", "mulaw")
 
@@ -81,7 +84,8 @@ class QinsConfig:
         spacing: ``"mulaw"`` (levels geometric in ``|w| + exp(log_min)``: logarithmic at the top,
             uniform near zero; the range is the MSE-best μ per row or tensor, ``log_range`` unused)
             or ``"log"`` (geometric levels, the seed's spacing). Module docstring.
-        shared_tables: ``0`` (default): every row has its own range and table. ``n`` in 1..16: the
+        shared_tables: ``None`` (default): :data:`DEFAULT_SHARED_TABLES` for per-row mulaw
+            configs, else 0. ``0``: every row has its own range and table. ``n`` in 1..16: the
             layer has ``n`` μ-law tables (``[n]`` ``log_min``/``log_max``, top level ~1); each row
             decodes through one of them (``row_table``, uint8 ``[out]``) scaled by its ``row_scale``
             (float32 ``[out]``, the row's ``max|w|``), as int8 scales one grid per channel. The
@@ -98,11 +102,14 @@ class QinsConfig:
     log_range: LogRange = "mse"
     per_row: bool = True
     spacing: Spacing = "mulaw"
-    shared_tables: int = 0
+    shared_tables: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.packed, bool) or not isinstance(self.per_row, bool):
             raise TypeError(f"packed and per_row must be bool, got {self.packed!r}, {self.per_row!r}")
+        if self.shared_tables is None:  # the default: shared tables wherever the format allows them
+            auto = DEFAULT_SHARED_TABLES if self.per_row and self.spacing == "mulaw" else 0
+            object.__setattr__(self, "shared_tables", auto)
         if isinstance(self.shared_tables, bool) or not isinstance(self.shared_tables, int):
             raise TypeError(f"shared_tables must be an int, got {self.shared_tables!r}")
         if not 0 <= self.shared_tables <= MAX_SHARED_TABLES:

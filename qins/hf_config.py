@@ -23,9 +23,10 @@ __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "UnsupportedTransformersError", "qu
 
 QUANT_METHOD = "qins"
 
-#: ``format_version`` written: 3 records the level ``spacing``; 2 (no ``spacing``: log-spaced) is read too
-FORMAT_VERSION = 3
-_READABLE_VERSIONS = (2, 3)
+#: ``format_version`` written: 4 records ``shared_tables`` (3 has none: a range per row), 3 the level
+#: ``spacing`` (2 has none: log-spaced); all three are read
+FORMAT_VERSION = 4
+_READABLE_VERSIONS = (2, 3, 4)
 
 
 class UnsupportedTransformersError(RuntimeError):
@@ -52,8 +53,7 @@ def quantization_config_dict(config: QinsConfig, skip: Iterable[str], cache_weig
     }
     if embeddings:
         out["embeddings"] = True
-    if config.shared_tables:  # written only when set, as "embeddings"
-        out["shared_tables"] = config.shared_tables
+    out["shared_tables"] = config.shared_tables
     return out
 
 

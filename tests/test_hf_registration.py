@@ -83,7 +83,7 @@ def test_a_half_registration_is_completed_not_a_key_error(auto, monkeypatch: pyt
 
 def test_the_config_class_defaults_are_the_library_defaults() -> None:
     """``QinsHfConfig()`` (what transformers builds before ``from_dict`` fills it) describes
-    ``QinsConfig()`` in the cached mode with ``lm_head`` skipped, format version 3."""
+    ``QinsConfig()`` in the cached mode with ``lm_head`` skipped, format version 4."""
     from qins import QinsConfig
     from qins.integrations.transformers import quantization_config_dict
 
@@ -91,20 +91,36 @@ def test_the_config_class_defaults_are_the_library_defaults() -> None:
     config = config_cls()
     assert config.qins_config == QinsConfig()
     assert (config.packed, config.log_range, config.per_row) == (True, "mse", True)
-    assert config.skip == ["lm_head"] and config.cache_weight is True and config.format_version == 3
-    assert config.spacing == "mulaw"
+    assert config.skip == ["lm_head"] and config.cache_weight is True and config.format_version == 4
+    assert config.spacing == "mulaw" and config.shared_tables == QinsConfig().shared_tables
     assert config.to_dict() == quantization_config_dict(QinsConfig(), ["lm_head"], True)
 
 
-def test_a_format_version_other_than_2_or_3_is_refused_by_name() -> None:
+def test_a_format_version_other_than_2_3_or_4_is_refused_by_name() -> None:
     config_cls, _ = register_with_transformers()
-    for bad in (4, 1, "2", 2.0, True):
+    for bad in (5, 1, "2", 2.0, True):
         with pytest.raises(
             ValueError,
-            match=r"^quantization_config: QINS format_version .* is not supported \(this qins reads 2 and 3\)",
+            match=r"^quantization_config: QINS format_version .* is not supported \(this qins reads 2, 3 and 4\)",
         ):
             config_cls(format_version=bad)
-    assert config_cls(format_version=2).format_version == 3  # read as version 2, written as the current one
+    assert config_cls(format_version=2).format_version == 4  # read as version 2, written as the current one
+
+
+def test_a_version_3_config_has_a_range_per_row_and_version_4_records_its_shared_tables() -> None:
+    from qins import QinsConfig
+
+    config_cls, _ = register_with_transformers()
+    assert config_cls(format_version=3).qins_config == QinsConfig(shared_tables=0)  # written before the field
+    with pytest.raises(ValueError, match="'shared_tables' 4 needs format_version 4"):
+        config_cls(format_version=3, shared_tables=4)
+    four = config_cls(shared_tables=4)
+    assert four.qins_config == QinsConfig(shared_tables=4) and four.to_dict()["shared_tables"] == 4
+    assert config_cls(**config_cls(shared_tables=0).to_dict()).qins_config == QinsConfig(shared_tables=0)
+    assert config_cls(per_row=False).qins_config == QinsConfig(per_row=False)  # no shared tables per tensor
+    for bad in (17, -1, True, "4"):
+        with pytest.raises(ValueError, match="'shared_tables' must be an integer in 0..16"):
+            config_cls(shared_tables=bad)
 
 
 def test_a_version_2_config_without_spacing_is_log_spaced_and_version_3_names_its_spacing() -> None:

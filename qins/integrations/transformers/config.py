@@ -11,7 +11,7 @@ import enum
 from collections.abc import Iterable
 from typing import Any
 
-from ...formats import MAX_SHARED_TABLES, SPACINGS, QinsConfig
+from ...formats import DEFAULT_SHARED_TABLES, MAX_SHARED_TABLES, SPACINGS, QinsConfig
 from ...hf_config import (
     _READABLE_VERSIONS,
     FORMAT_VERSION,
@@ -55,6 +55,20 @@ def spacing_for(spacing: Any, format_version: Any) -> str:
     return spacing
 
 
+def shared_tables_for(shared_tables: Any, format_version: Any, per_row: Any, spacing: str) -> Any:
+    """The ``shared_tables`` of a ``quantization_config``: configs before version 4 have none (a range
+    per row: 0); from version 4 a missing field is the library default for the format
+    (``QinsConfig(per_row=..., spacing=...).shared_tables``). Other values go to the checks as given."""
+    if format_version in (2, 3):
+        if shared_tables not in (None, 0):
+            raise ValueError(f"quantization_config field 'shared_tables' {shared_tables!r} needs format_version 4; "
+                             "fix config.json")
+        return 0
+    if shared_tables is None:
+        return DEFAULT_SHARED_TABLES if per_row is True and spacing == "mulaw" else 0
+    return shared_tables
+
+
 def check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any, cache_weight: Any,
                         format_version: Any, extra: dict, spacing: Any = "log", embeddings: Any = False,
                         shared_tables: Any = 0) -> None:
@@ -75,7 +89,7 @@ def check_config_fields(*, packed: Any, log_range: Any, per_row: Any, skip: Any,
     if isinstance(format_version, bool) or format_version not in _READABLE_VERSIONS \
             or not isinstance(format_version, int):
         raise ValueError(f"quantization_config: QINS format_version {format_version!r} is not supported (this qins "
-                         "reads 2 and 3); upgrade qins or re-convert the checkpoint")
+                         "reads 2, 3 and 4); upgrade qins or re-convert the checkpoint")
     if spacing == "mulaw" and log_range != "mse":
         raise ValueError(f"quantization_config field 'log_range' {log_range!r} is a rule of the log spacing; "
                          "set \"spacing\": \"log\" with it, or \"log_range\": \"mse\"; fix config.json")
@@ -117,8 +131,9 @@ def build_config_class() -> type:
         def __init__(self, packed: bool = True, log_range: str = "mse", per_row: bool = True,
                      skip: Iterable[str] | None = None, cache_weight: bool = True,
                      format_version: int = FORMAT_VERSION, spacing: str | None = None, embeddings: bool = False,
-                     shared_tables: int = 0, **kwargs: Any) -> None:
+                     shared_tables: int | None = None, **kwargs: Any) -> None:
             spacing = spacing_for(spacing, format_version)
+            shared_tables = shared_tables_for(shared_tables, format_version, per_row, spacing)
             if skip is None:
                 skip = [] if embeddings is True else ["lm_head"]
             check_config_fields(packed=packed, log_range=log_range, per_row=per_row, skip=skip,
