@@ -111,6 +111,12 @@ class QinsCodedModule(nn.Module):
                 setattr(self, name, torch.empty(old.shape, dtype=torch.float32, device=device))
             else:
                 setattr(self, name, old.to(device=device, dtype=torch.float32))
+        if self.row_table is not None and device.type != "meta" and logs["row_scale"].is_meta:
+            # to_empty: the codes and logs are undefined until a load, but every row must name a
+            # table that exists (table 0, scale 1), or decoding the empty layer would index out of range
+            with torch.no_grad():
+                self.row_table.zero_()
+                self.row_scale.fill_(1.0)
         return self
 
 

@@ -43,7 +43,7 @@ Spacing = Literal["log", "mulaw"]
 #: the most tables a ``shared_tables`` layer may have (the kernels' ``kMaxTables``)
 MAX_SHARED_TABLES = 16
 #: ``QinsConfig().shared_tables``: per-row mulaw configs share this many tables unless told otherwise
-DEFAULT_SHARED_TABLES = 0
+DEFAULT_SHARED_TABLES = 16
 #: level spacings, in their kernel id order (``spacing_id``): ``"log"`` 0, ``"mulaw"`` 1
 SPACINGS = ("log", "mulaw")
 
@@ -236,14 +236,15 @@ def decode_codes(
     sign: torch.Tensor | None,
     log_min: torch.Tensor,
     log_max: torch.Tensor,
+    row_table: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     spacing: str,
-    row_table: torch.Tensor | None = None,
-    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode ``[out, in]`` codes to weights in ``dtype``. ``sign is None`` means packed codes;
-    ``spacing`` (required: ``config.spacing``) as :func:`level_table`.
+    ``spacing`` (required: ``config.spacing``) as :func:`level_table`. The positional arguments are
+    :func:`qins.encode`'s tensors in its order: ``decode_codes(*encode(w, config), spacing=...)``.
 
     Per tensor (0-d logs): one gather from the 256-entry table. Per row (``[out]`` logs): a row-wise
     gather. Split codes are multiplied by their ±1 sign (exact; code 0 with sign -1 gives -0.0).

@@ -185,9 +185,11 @@ class SharedRange(NamedTuple):
     ``log_min``/``log_max``: float32 ``[n]``, tables whose top level is ~1; ``row_table``: uint8
     ``[R]``, each row's table; ``row_scale``: float32 ``[R, 1]``, positive; ``table``: ``[R, 256]``,
     row ``r`` = ``row_scale[r]`` times its table (the values its codes decode to, as
-    :func:`qins.formats.decode_codes` computes them); ``lo``/``hi``: float32 ``[R, 1]`` logs of the
+    :func:`qins.formats.decode_codes` computes them); ``lo``/``hi``: float64 ``[R, 1]`` logs of the
     scaled rows (``log + ln row_scale``), only to bracket a magnitude between two levels before the
-    exact comparison on ``table``."""
+    exact comparison on ``table``: float64, because a row scaled near float32's maximum (or its
+    smallest normal) has logs whose ``exp`` leaves float32's range, and a bracket computed in
+    float32 would put every magnitude under the top level."""
 
     log_min: torch.Tensor
     log_max: torch.Tensor
@@ -220,8 +222,8 @@ def shared_range(mag: torch.Tensor, packed: bool, spans: torch.Tensor, row_table
     idx = row_table.long()
     scale = _scale_below(mag.amax(1, keepdim=True), tables[idx, 1:2])
     shift = scale.double().log()
-    lo_r = (lo[idx].double() + shift).to(torch.float32)
-    hi_r = (hi[idx].double() + shift).to(torch.float32)
+    lo_r = lo[idx].double() + shift
+    hi_r = hi[idx].double() + shift
     return SharedRange(lo.reshape(-1), hi.reshape(-1), row_table.to(torch.uint8), scale, tables[idx] * scale,
                        lo_r, hi_r)
 

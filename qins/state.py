@@ -91,19 +91,25 @@ def check_qins_state(
         if prefix + "row_table" in state_dict and isinstance(log_min, torch.Tensor) and log_min.dim() == 1:
             shared = log_min.shape[0]
         per_row = bool(shared) or (isinstance(log_min, torch.Tensor) and log_min.dim() == 1)
-    if (packed, per_row, shared) != (cfg.packed, cfg.per_row, cfg.shared_tables):
-        hint = f"packed={packed}, per_row={per_row}" + (f", shared_tables={shared!r}" if shared else "")
-        raise ValueError(
+    def mismatch() -> ValueError:
+        hint = f"packed={packed}, per_row={per_row}" + (f", shared_tables={shared!r}" if per_row else "")
+        return ValueError(
             f"{where}: the state is {_describe(packed, per_row, shared)} "
             f"but the layer is {_describe(cfg.packed, cfg.per_row, cfg.shared_tables)}; "
             f"build the layer with QinsConfig({hint}) to load it"
         )
+
+    if (packed, per_row) != (cfg.packed, cfg.per_row):
+        raise mismatch()
     # states written before the mulaw spacing record none: they are log-spaced; a state without any
-    # metadata (a plain safetensors round trip) cannot tell, and the layer's spacing is trusted
+    # metadata (a plain safetensors round trip) cannot tell, and the layer's spacing is trusted.
+    # Checked before the shared tables: a log-spaced state needs a log layer, which has none.
     spacing = meta.get("spacing", "log") if meta is not None else cfg.spacing
     if spacing != cfg.spacing:
         raise ValueError(f"{where}: the state's level spacing is {spacing!r} but the layer's is {cfg.spacing!r}; "
                          f"build the layer with QinsConfig(spacing={spacing!r}, ...) to load it")
+    if shared != cfg.shared_tables:
+        raise mismatch()
     needed = ["stored", "log_min", "log_max"] + ([] if cfg.packed else ["sign"])
     needed += ["row_table", "row_scale"] if cfg.shared_tables else []
     missing = [prefix + k for k in needed if prefix + k not in state_dict]

@@ -90,7 +90,8 @@ from qins.formats import QinsConfig  # noqa: E402
 
 #: Every format: the mulaw spacing's (packed, per_row) combinations, then the log spacing's
 #: (packed, log_range, per_row) ones, with readable ids for parametrize.
-MULAW_CONFIGS = [QinsConfig(packed=p, per_row=row) for p in (True, False) for row in (True, False)]
+#: per-row ranges named explicitly (shared_tables=0): the default shares tables (tests/test_shared_tables.py)
+MULAW_CONFIGS = [QinsConfig(packed=p, per_row=row, shared_tables=0) for p in (True, False) for row in (True, False)]
 LOG_CONFIGS = [
     QinsConfig(p, r, row, spacing="log") for p in (True, False) for r in ("mse", "minmax") for row in (True, False)
 ]

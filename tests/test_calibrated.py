@@ -32,7 +32,7 @@ def test_calibrated_ranges_never_have_a_larger_weighted_error_than_the_data_free
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * torch.exp(torch.randn(rows, 1, generator=g))
     h_moment = _moment(_correlated_inputs(64, cols, seed))
-    config = qins.QinsConfig(packed=packed, spacing=spacing)
+    config = qins.QinsConfig(packed=packed, spacing=spacing, shared_tables=0)  # ranges per row, compared per row
     codes, sign, lo, hi = encode_calibrated(w, h_moment, config, error_feedback=False)
     calibrated = qins.decode_codes(codes, sign, lo, hi, spacing=spacing)
     free = qins.decode_codes(*qins.encode(w, config), spacing=spacing)
@@ -40,6 +40,22 @@ def test_calibrated_ranges_never_have_a_larger_weighted_error_than_the_data_free
     assert torch.all(weighted_error(w, calibrated, h) <= weighted_error(w, free, h) * (1 + 1e-12))
     # without feedback every weight sits on its own row's level (log rounding, or the nearest for mulaw)
     assert torch.equal(calibrated, _round(w, lo.reshape(-1, 1), hi.reshape(-1, 1), packed, spacing=spacing)[1])
+
+
+@pytest.mark.slow
+@given(rows=st.integers(1, 9), cols=st.integers(2, 40), seed=st.integers(0, 2**16), packed=st.booleans(),
+       tables=st.sampled_from([1, 4, 16]))
+def test_calibrated_shared_tables_never_have_a_larger_layer_weighted_error_than_the_data_free_ones(
+        rows, cols, seed, packed, tables):
+    # the tables are chosen for the whole layer, so the comparison is the layer's, not each row's
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.exp(torch.randn(rows, 1, generator=g))
+    h_moment = _moment(_correlated_inputs(64, cols, seed))
+    config = qins.QinsConfig(packed=packed, shared_tables=tables)
+    calibrated = qins.decode_codes(*encode_calibrated(w, h_moment, config, error_feedback=False), spacing="mulaw")
+    free = qins.decode_codes(*qins.encode(w, config), spacing="mulaw")
+    h = torch.diagonal(h_moment)
+    assert weighted_error(w, calibrated, h).sum() <= weighted_error(w, free, h).sum() * (1 + 1e-12)
 
 
 @pytest.mark.slow
@@ -62,7 +78,8 @@ def test_calibrated_encoding_is_deterministic_and_in_the_unchanged_format():
     torch.manual_seed(3)
     w = torch.randn(17, 33)
     h_moment = _moment(_correlated_inputs(200, 33, 4))
-    a, b = encode_calibrated(w, h_moment), encode_calibrated(w, h_moment)
+    per_row = qins.QinsConfig(shared_tables=0)
+    a, b = encode_calibrated(w, h_moment, per_row), encode_calibrated(w, h_moment, per_row)
     assert all(torch.equal(x, y) for x, y in zip(a, b) if x is not None)
     codes, sign, lo, hi = a
     assert codes.dtype == torch.uint8 and sign is None and lo.dtype == hi.dtype == torch.float32
@@ -74,6 +91,27 @@ def test_calibrated_encoding_is_deterministic_and_in_the_unchanged_format():
     assert torch.all(hi_log <= torch.log(w.abs().amax(1)) + 1e-6)  # log: log_max is ln max|w| or a clip below it
     codes2, sign2, *_ = encode_calibrated(w, h_moment, qins.QinsConfig(packed=False))
     assert sign2.dtype == torch.int8 and int(codes2.max()) <= 255
+
+
+def test_calibrated_shared_tables_are_deterministic_scaled_to_each_rows_largest_weight_and_loadable():
+    torch.manual_seed(3)
+    w = torch.randn(17, 33) * torch.rand(17, 1)
+    h_moment = _moment(_correlated_inputs(200, 33, 4))
+    config = qins.QinsConfig(shared_tables=4)
+    a, b = encode_calibrated(w, h_moment, config), encode_calibrated(w, h_moment, config)
+    assert all(torch.equal(x, y) for x, y in zip(a, b) if x is not None)
+    codes, sign, lo, hi, row_table, row_scale = a
+    assert lo.shape == hi.shape == (4,) and row_table.shape == row_scale.shape == (17,) and sign is None
+    top = qins.level_table(lo, hi, True, "mulaw")[row_table.long(), 1] * row_scale
+    assert torch.allclose(top, w.abs().amax(1), rtol=1e-6, atol=0)
+    layer = qins.ProjectiveLinear(33, 17, bias=False, config=config)
+    layer.load_state_dict({"stored": codes, "log_min": lo, "log_max": hi, "row_table": row_table,
+                           "row_scale": row_scale})  # the state checks accept it
+    dec = layer.decode_weight()
+    data_free = qins.ProjectiveLinear.from_linear(torch.nn.Linear(33, 17, bias=False), config)
+    with torch.no_grad():
+        data_free._set_codes(*qins.encode(w, config))
+    assert output_error(w, dec, h_moment) < output_error(w, data_free.decode_weight(), h_moment)
 
 
 def test_a_calibrated_layer_computes_with_its_decoded_weight_and_survives_save_and_load(tmp_path):

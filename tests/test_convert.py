@@ -105,7 +105,8 @@ def test_skip_given_as_one_string_is_one_pattern_not_its_characters() -> None:
     assert converted == decoder_linear_names()
 
 
-@pytest.mark.parametrize("config", [QinsConfig.codec_compatible(), QinsConfig()], ids=["split-tensor", "packed-row"])
+@pytest.mark.parametrize("config", [QinsConfig.codec_compatible(), QinsConfig(shared_tables=0), QinsConfig()],
+                         ids=["split-tensor", "packed-row", "packed-shared"])
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
 def test_conversion_report_and_memory_match_hand_count(cache_weight: bool, config: QinsConfig) -> None:
     model = tiny_phi3()
@@ -116,8 +117,11 @@ def test_conversion_report_and_memory_match_hand_count(cache_weight: bool, confi
     assert type(model.lm_head) is nn.Linear
 
     params = (EMBED + NORMS + V * H) * F32
-    if config.packed:  # one byte per weight, two float32 logs per output row
-        codes = LINEAR_WEIGHTS + 2 * F32 * L * sum(o for o, _ in LAYER_LINEARS.values())
+    rows = L * sum(o for o, _ in LAYER_LINEARS.values())
+    if config.shared_tables:  # one byte per weight, a table index and a float32 scale per row, n tables' logs
+        codes = LINEAR_WEIGHTS + (1 + F32) * rows + len(report.converted) * config.shared_tables * 2 * F32
+    elif config.packed:  # one byte per weight, two float32 logs per output row
+        codes = LINEAR_WEIGHTS + 2 * F32 * rows
     else:  # uint8 code + int8 sign, two 0-d logs
         codes = LINEAR_WEIGHTS * 2 + len(report.converted) * 2 * F32
     caches = LINEAR_WEIGHTS * F32 if cache_weight else 0
@@ -143,9 +147,18 @@ def test_cached_mode_costs_more_than_fp32_and_memory_saving_mode_less() -> None:
 def test_packed_memory_saving_decoder_linears_cost_a_quarter_of_fp32_plus_row_logs() -> None:
     fp32 = model_memory(tiny_phi3()).total
     packed = tiny_phi3()
-    convert_model_to_projective(packed, QinsConfig(), cache_weight=False)
+    convert_model_to_projective(packed, QinsConfig(shared_tables=0), cache_weight=False)
     rows = L * sum(o for o, _ in LAYER_LINEARS.values())
     assert fp32 - model_memory(packed).total == LINEAR_WEIGHTS * 3 - rows * 2 * F32
+
+
+def test_the_default_memory_saving_decoder_linears_cost_a_quarter_of_fp32_plus_five_bytes_a_row() -> None:
+    fp32 = model_memory(tiny_phi3()).total
+    packed = tiny_phi3()
+    report = convert_model_to_projective(packed, QinsConfig(), cache_weight=False)
+    rows = L * sum(o for o, _ in LAYER_LINEARS.values())
+    tables = len(report.converted) * QinsConfig().shared_tables * 2 * F32
+    assert fp32 - model_memory(packed).total == LINEAR_WEIGHTS * 3 - rows * (1 + F32) - tables
 
 
 def test_tied_head_is_skipped_not_duplicated() -> None:

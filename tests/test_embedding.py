@@ -48,7 +48,7 @@ def test_lookup_equals_the_same_rows_of_the_full_decode_bit_for_bit(config: Qins
 def test_lookup_builds_decode_tables_only_for_the_rows_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     import qins.embedding as module
 
-    emb = ProjectiveEmbedding.from_embedding(source_embedding(num=1000))
+    emb = ProjectiveEmbedding.from_embedding(source_embedding(num=1000), QinsConfig(shared_tables=0))
     rows: list[int] = []
     real = module.level_table
 
@@ -59,6 +59,10 @@ def test_lookup_builds_decode_tables_only_for_the_rows_it_reads(monkeypatch: pyt
     monkeypatch.setattr(module, "level_table", spy)
     emb(torch.tensor([[5, 9, 5]]))
     assert rows == [3]
+    shared = ProjectiveEmbedding.from_embedding(source_embedding(num=1000), QinsConfig(shared_tables=4))
+    rows.clear()
+    shared(torch.tensor([[5, 9, 5]]))
+    assert rows == [4]  # the layer's shared tables, however many rows are read
 
 
 def test_padding_idx_is_kept_normalised_and_its_zero_row_decodes_to_zeros() -> None:
@@ -117,7 +121,8 @@ def test_tied_head_reads_the_embedding_codes_one_copy_in_memory_state_dict_and_f
     qins.save(model, path)
     with safe_open(str(path), "pt") as f:
         assert sorted(k for k in f.keys() if "embed" in k or "lm_head" in k) == [
-            "model.embed_tokens.log_max", "model.embed_tokens.log_min", "model.embed_tokens.stored"]
+            "model.embed_tokens.log_max", "model.embed_tokens.log_min", "model.embed_tokens.row_scale",
+            "model.embed_tokens.row_table", "model.embed_tokens.stored"]
     fresh = qins.load(tiny_phi3(seed=3, tie_word_embeddings=True), path)
     assert type(fresh.lm_head) is ProjectiveTiedHead and fresh.lm_head.embedding is fresh.model.embed_tokens
     assert fresh.lm_head.embedding.stored.data_ptr() == fresh.model.embed_tokens.stored.data_ptr()
@@ -205,7 +210,7 @@ def test_refusals_name_the_problem() -> None:
     (lambda s: s.pop("log_max"), "incomplete QINS state"),
     (lambda s: s.__setitem__("stored", s["stored"][:-1]), "shape must be"),
     (lambda s: s.__setitem__("log_min", s["log_max"] + 1), "log_min > log_max"),
-    (lambda s: s["log_max"].__setitem__(7, float("nan")), "must be finite"),
+    (lambda s: s["log_max"].__setitem__(-1, float("nan")), "must be finite"),
     (lambda s: s.__setitem__("stored", s["stored"].to(torch.int16)), "dtype must be torch.uint8"),
 ], ids=["missing", "shape", "swapped", "nan", "dtype"])
 def test_a_bad_state_is_refused_before_anything_changes(corrupt, match: str) -> None:

@@ -24,7 +24,7 @@ from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, SPACINGS, decode_code
 TINY = torch.finfo(torch.float32).tiny
 CONFIGS = [
     QinsConfig(), QinsConfig.codec_compatible(), QinsConfig(packed=False, per_row=True),
-    QinsConfig(packed=True, per_row=False),
+    QinsConfig(packed=True, per_row=False), QinsConfig(shared_tables=0), QinsConfig(packed=False, shared_tables=0),
 ]
 #: log-spaced formats: their smallest level is exp(log_min), so log_min's floor alone keeps it normal
 LOG_SPACED = [QinsConfig(spacing="log"), QinsConfig.codec_compatible(), QinsConfig(packed=False, spacing="log"),
@@ -183,7 +183,7 @@ def test_weights_at_float32_extremes_encode_inside_the_bounds_and_reload(config:
         [TINY, -fmax, 0.5, TINY / 4], [TINY * 1.00001, TINY, -TINY, 0.0], [1.0, 2.0, -3.0, 4.0],
         [fmax, fmax, -TINY, 1e-30],
     ])
-    codes, sign, lo, hi = encode(w, config)
+    codes, sign, lo, hi, *rows = encode(w, config)
     assert float(lo.min()) >= LOG_FLOAT32_MIN and float(hi.max()) <= LOG_FLOAT32_MAX and bool((lo <= hi).all())
     src = nn.Linear(4, 4)
     with torch.no_grad():
@@ -197,6 +197,13 @@ def test_weights_at_float32_extremes_encode_inside_the_bounds_and_reload(config:
         # 2**-126 sits 4.3e-5 nats below the floor: it rounds to the smallest level (within 5e-5), never 0
         normal = w.abs() >= TINY
         assert bool((decoded.abs()[normal] > 0).all())
+    elif config.shared_tables:
+        # each row scales its table to its largest weight: 2**-126 beside float32's max is 0, a row of
+        # magnitudes near 2**-126 keeps them (its values are the products, subnormal or not), and an
+        # ordinary row keeps every weight
+        assert bool((decoded[0, [0, 2, 3]] == 0).all()) and float(decoded[0, 1]) < -3.3e38
+        assert torch.allclose(decoded[1], w[1], rtol=1e-4, atol=0) and bool((decoded[2] != 0).all())
+        assert bool((rows[1] > 0).all())
     else:
         # mulaw rounds to the nearest level: 2**-126 beside float32's max is 0; a row of magnitudes all
         # below K·2**-126 flushes (its levels would be subnormal); an ordinary row keeps every weight

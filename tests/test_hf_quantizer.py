@@ -15,6 +15,7 @@ import torch
 from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective
 from qins.integrations.transformers import quantizer as hf_quantizer
 from qins.integrations.transformers import registration
+from qins.state import CODE_BUFFERS
 from tests.strategies import tiny_phi3
 
 _DEFAULT_CONFIG = QinsConfig()
@@ -171,8 +172,8 @@ def _loaded(major: int):
     model = _converted(cache_weight=True)
     for layer in model.modules():
         if isinstance(layer, ProjectiveLinear):
-            for n in ("stored", "sign", "log_min", "log_max"):
-                if getattr(layer, n) is not None:  # packed: no separate sign
+            for n in CODE_BUFFERS:
+                if getattr(layer, n) is not None:  # packed: no separate sign; per-row ranges: no row table
                     getattr(layer, n)._is_hf_initialized = True
             layer._cached_weight = torch.zeros_like(layer._cached_weight)
     return model
@@ -252,7 +253,7 @@ def test_after_loading_a_log_of_the_wrong_shape_is_named_as_a_shape_error(major:
     layer = model.get_submodule(LAYER)
     layer._buffers["log_min"] = layer.log_min.min().reshape(())
     layer.log_min._is_hf_initialized = True
-    rows = layer.out_features
+    rows = layer.config.shared_tables or layer.out_features  # the layer's log shape: its tables, or its rows
     with pytest.raises(ValueError,
                        match=rf"^QINS checkpoint, layer {LAYER}: log_min: shape must be \({rows},\), got \(\)$"):
         _quantizer(major)._process_model_after_weight_loading(model)

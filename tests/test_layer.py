@@ -9,6 +9,7 @@ from torch import nn
 
 from qins import ProjectiveLinear, QinsConfig
 from qins.codec import SMALLEST_NORMAL
+from qins.formats import DEFAULT_SHARED_TABLES
 from tests.strategies import LAYER_CONFIGS, config_id, default_dtype
 
 CONFIGS = pytest.mark.parametrize("config", LAYER_CONFIGS, ids=config_id)
@@ -30,8 +31,13 @@ def output_error_bound(layer: ProjectiveLinear, x: torch.Tensor, linear: nn.Line
     |w̃ - w| <= (1+u)E + u|w|. A float32-accumulated dot of length n (bias included) adds at most
     γ_n·Σ|x||w̃|, and rounding the output adds u·|result|. With S = |x|@|W|ᵀ + |b| and B = |x|@Eᵀ:
         |ŷ - y| <= (1+u)B + u·S + (γ_n + u(1+γ_n))(1+u)(S + B).
+    Shared tables: row r's levels are its table's scaled by ``row_scale[r]``, the levels of the logs
+    ``log + ln row_scale[r]`` (up to the product's rounding, inside ε), so the same bound holds per row.
     """
     lo, hi = layer.log_min.to(F64), layer.log_max.to(F64)
+    if layer.row_table is not None:
+        idx, shift = layer.row_table.long(), layer.row_scale.to(F64).log()
+        lo, hi = lo[idx] + shift, hi[idx] + shift
     steps = layer.config.levels - 1
     eps = 2.0**-20 * (1 + lo.abs() + hi.abs())
     beta = (hi - lo) / steps / 2 + eps
@@ -124,7 +130,7 @@ def test_state_dict_holds_codes_and_logs_but_never_the_cache() -> None:
 
 
 def test_packed_per_row_state_dict_has_one_byte_codes_no_sign_and_row_logs() -> None:
-    layer = ProjectiveLinear.from_linear(make_linear(), QinsConfig(packed=True, per_row=True))
+    layer = ProjectiveLinear.from_linear(make_linear(), QinsConfig(packed=True, per_row=True, shared_tables=0))
     sd = layer.state_dict()
     assert set(sd) == {"stored", "log_min", "log_max", "bias"}
     assert sd["stored"].dtype == torch.uint8 and sd["stored"].shape == (24, 48)
@@ -132,6 +138,19 @@ def test_packed_per_row_state_dict_has_one_byte_codes_no_sign_and_row_logs() -> 
     assert sd._metadata[""] == {
         "version": 2, "qins": {"packed": True, "per_row": True, "log_range": "mse", "spacing": "mulaw"}
     }
+
+
+def test_the_default_state_dict_has_one_byte_codes_shared_tables_and_a_table_and_scale_per_row() -> None:
+    layer = ProjectiveLinear.from_linear(make_linear())
+    sd = layer.state_dict()
+    n = QinsConfig().shared_tables
+    assert n == DEFAULT_SHARED_TABLES > 0
+    assert set(sd) == {"stored", "log_min", "log_max", "row_table", "row_scale", "bias"}
+    assert sd["log_min"].shape == sd["log_max"].shape == (n,) and sd["log_min"].dtype == torch.float32
+    assert sd["row_table"].dtype == torch.uint8 and sd["row_table"].shape == (24,)
+    assert sd["row_scale"].dtype == torch.float32 and sd["row_scale"].shape == (24,)
+    assert sd._metadata[""] == {"version": 2, "qins": {"packed": True, "per_row": True, "log_range": "mse",
+                                                       "spacing": "mulaw", "shared_tables": n}}
 
 
 @pytest.mark.parametrize("cache_weight", [True, False], ids=["cached", "memory_saving"])
@@ -259,7 +278,7 @@ def test_repr_names_sizes_bias_format_and_mode(cache_weight: bool) -> None:
     packed = ProjectiveLinear(3, 2, bias=False)
     assert repr(packed) == (
         "ProjectiveLinear(in_features=3, out_features=2, bias=False, format=packed, spacing=mulaw, per_row=True, "
-        "cache_weight=True)"
+        f"shared_tables={DEFAULT_SHARED_TABLES}, cache_weight=True)"
     )
 
 

@@ -67,7 +67,7 @@ def test_mulaw_table_is_the_log_table_of_one_more_step_minus_the_offset(packed: 
 
 @settings(max_examples=80, deadline=None)
 @given(float32_weights(), mulaw_configs)
-@example(torch.tensor([[1.0, 0.5, -0.25, 0.0, -0.0, 1e-3]]), QinsConfig())
+@example(torch.tensor([[1.0, 0.5, -0.25, 0.0, -0.0, 1e-3]]), QinsConfig(shared_tables=0))
 def test_every_weight_decodes_to_the_nearest_level_of_its_row_or_zero_with_its_sign(
     w: torch.Tensor, config: QinsConfig
 ) -> None:
@@ -139,10 +139,10 @@ def test_the_span_search_covers_int8s_uniform_grid_to_the_log_grid() -> None:
     assert spans[0] < 0.1 < spans[1] < min(spans[2], spans[3])
 
 
-def test_mulaw_rows_have_less_squared_error_than_int8_absmax_on_gaussian_rows() -> None:
+@pytest.mark.parametrize("tables", [0, 4], ids=["per_row", "shared_tables"])
+def test_mulaw_rows_have_less_squared_error_than_int8_absmax_on_gaussian_rows(tables: int) -> None:
     w = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
-    codes, sign, lo, hi = encode(w, QinsConfig())
-    err = (decode_codes(codes, sign, lo, hi, spacing="mulaw") - w).square().sum(1)
+    err = (decode_codes(*encode(w, QinsConfig(shared_tables=tables)), spacing="mulaw") - w).square().sum(1)
     s = w.abs().amax(1, keepdim=True) / 127
     int8 = ((w / s).round().clamp(-127, 127) * s - w).square().sum(1)
     assert bool((err < int8).all())

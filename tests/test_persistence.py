@@ -130,7 +130,7 @@ def test_save_pretrained_writes_the_qins_quantization_config_and_safetensors(rou
     saved = json.loads((base / name / "config.json").read_text())["quantization_config"]
     assert saved == {"quant_method": "qins", "packed": config.packed, "log_range": config.log_range,
                      "per_row": config.per_row, "spacing": config.spacing, "skip": ["lm_head"],
-                     "cache_weight": cache_weight, "format_version": 3}
+                     "cache_weight": cache_weight, "format_version": 4, "shared_tables": config.shared_tables}
     assert list((base / name).glob("*.safetensors")) and not list((base / name).glob("*.bin"))
 
 

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qins
@@ -36,7 +36,7 @@ def _decode(case: SharedCase) -> torch.Tensor:
                         row_table=case.row_table, row_scale=case.row_scale)
 
 
-def _check_close(case: SharedCase, y: torch.Tensor, y_ref: torch.Tensor) -> None:
+def check_close_shared(case: SharedCase, y: torch.Tensor, y_ref: torch.Tensor) -> None:
     """|y - y_ref| within the float32 bound of two sums of n products in any order, plus the two
     roundings that differ: the reference rounds each ``scale·level``, the kernels each scaled sum."""
     w = _decode(case).double()
@@ -59,8 +59,18 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+#: rows scaled to float32's maximum and smallest normal: their logs leave float32's exp range
+EXTREME_ROWS = torch.tensor([
+    [2.0**-126, -FLOAT32_MAX, 0.5, 2.0**-128], [2.0**-126 * 1.00001, 2.0**-126, -(2.0**-126), 0.0],
+    [1.0, 2.0, -3.0, 4.0], [FLOAT32_MAX, FLOAT32_MAX, -(2.0**-126), 1e-30],
+])
+
+
 @settings(max_examples=80, deadline=None)
 @given(w=float32_weights(max_elems=96), packed=st.booleans(), tables=st.sampled_from(SHARED_TABLE_COUNTS))
+@example(w=EXTREME_ROWS, packed=True, tables=4)
+@example(w=EXTREME_ROWS, packed=False, tables=1)
 def test_every_weight_decodes_to_the_nearest_of_its_rows_values_or_zero(w, packed, tables):
     w = _rows(w)
     codes, sign, lo, hi, row_table, row_scale = qins.encode(w, QinsConfig(packed=packed, shared_tables=tables))
@@ -170,7 +180,7 @@ def test_every_isa_and_batch_path_computes_the_reference_with_shared_tables(
         with tuning(gemm_rows=gemm[0], gemm_cols=gemm[1], col_block=col_block, own_gemm=own_gemm):
             for isa in native_isas():
                 with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
-                    _check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
+                    check_close_shared(case, torch.ops.qins.linear(*case.args()), y_ref)
     finally:
         torch.set_num_threads(old)
 
@@ -260,12 +270,12 @@ def test_a_corrupt_shared_tables_state_is_refused_before_anything_changes(corrup
 
 
 def test_a_per_row_state_and_a_shared_tables_layer_name_the_config_that_loads_each_other():
-    per_row = qins.ProjectiveLinear.from_linear(torch.nn.Linear(40, 12), QinsConfig())
+    per_row = qins.ProjectiveLinear.from_linear(torch.nn.Linear(40, 12), QinsConfig(shared_tables=0))
     shared = qins.ProjectiveLinear(40, 12, config=QinsConfig(shared_tables=4))
-    with pytest.raises(ValueError, match=r"QinsConfig\(packed=True, per_row=True\)"):
+    with pytest.raises(ValueError, match=r"QinsConfig\(packed=True, per_row=True, shared_tables=0\)"):
         shared.load_state_dict(per_row.state_dict())
-    with pytest.raises(ValueError, match=r"shared_tables=4"):
-        qins.ProjectiveLinear(40, 12, config=QinsConfig()).load_state_dict(
+    with pytest.raises(ValueError, match=r"QinsConfig\(packed=True, per_row=True, shared_tables=4\)"):
+        qins.ProjectiveLinear(40, 12, config=QinsConfig(shared_tables=0)).load_state_dict(
             qins.ProjectiveLinear.from_linear(torch.nn.Linear(40, 12), QinsConfig(shared_tables=4)).state_dict())
 
 

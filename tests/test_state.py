@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qins import ProjectiveLinear, QinsConfig, convert_to_qins
+from qins.formats import DEFAULT_SHARED_TABLES
 
 SEED = QinsConfig.codec_compatible()
+ROW = QinsConfig(shared_tables=0)  # a range per row: the corruptions of one row's logs
+N = DEFAULT_SHARED_TABLES
 
 
 def _linear(seed: int = 0) -> nn.Linear:
@@ -120,9 +123,9 @@ CORRUPTIONS = [
         r"sign: values must be -1 or \+1, got 5",
     ),
     ("swapped-logs", SEED, _swap_logs, r"log_min > log_max \("),
-    ("rows-2-and-4-swapped", QinsConfig(), _swap_rows(2, 4), r"log_min > log_max at row 2 \("),
+    ("rows-2-and-4-swapped", ROW, _swap_rows(2, 4), r"log_min > log_max at row 2 \("),
     ("log-min-a-float", SEED, _set("log_min", lambda t: t.item()), "log_min: expected a tensor, got float"),
-    ("swapped-row-logs", QinsConfig(), _swap_logs, "log_min > log_max at row"),
+    ("swapped-row-logs", ROW, _swap_logs, "log_min > log_max at row"),
     ("nan-log-min", SEED, _set("log_min", lambda t: torch.full_like(t, float("nan"))), "log_min: must be finite"),
     (
         "inf-log-max",
@@ -145,7 +148,16 @@ CORRUPTIONS = [
     ),
     ("float64-logs", QinsConfig(), _set("log_min", lambda t: t.double()), "log_min: dtype must be torch.float32"),
     ("wrong-shape-codes", SEED, _set("stored", lambda t: t[:, :-1].contiguous()), r"stored: shape must be \(5, 12\)"),
-    ("wrong-shape-row-logs", QinsConfig(), _set("log_max", lambda t: t[:-1]), r"log_max: shape must be \(5,\)"),
+    ("wrong-shape-row-logs", ROW, _set("log_max", lambda t: t[:-1]), r"log_max: shape must be \(5,\)"),
+    ("wrong-shape-table-logs", QinsConfig(), _set("log_max", lambda t: t[:-1]),
+     rf"log_max: shape must be \({DEFAULT_SHARED_TABLES},\)"),
+    ("row-table-past-the-tables", QinsConfig(), _set("row_table", lambda t: t.fill_(DEFAULT_SHARED_TABLES)),
+     f"row_table: row 0 names table {DEFAULT_SHARED_TABLES}"),
+    ("row-scale-zero", QinsConfig(), _set("row_scale", lambda t: t.index_fill(0, torch.tensor([2]), 0.0)),
+     "row_scale: must be positive and finite, got 0.0 at row 2"),
+    ("missing-row-scale", QinsConfig(), _drop("row_scale"), "incomplete QINS state, missing \\['row_scale'\\]"),
+    ("row-table-in-a-per-row-state", ROW, lambda sd: sd.__setitem__("row_table", torch.zeros(5, dtype=torch.uint8)),
+     "row_table: unexpected in a state without shared tables"),
     ("missing-sign", SEED, _drop("sign"), "ProjectiveLinear: incomplete QINS state, missing \\['sign'\\]"),
     ("missing-log-max", QinsConfig(), _drop("log_max"), "incomplete QINS state, missing \\['log_max'\\]"),
     ("missing-codes", SEED, _drop("stored"), "incomplete QINS state, missing \\['stored'\\]"),
@@ -192,7 +204,7 @@ def test_non_strict_load_without_qins_keys_leaves_codes_alone_and_loads_the_bias
     layer = ProjectiveLinear.from_linear(_linear(1))
     codes = layer.stored.clone()
     result = layer.load_state_dict({"bias": torch.zeros(5)}, strict=False)
-    assert set(result.missing_keys) == {"stored", "log_min", "log_max"}
+    assert set(result.missing_keys) == {"stored", "log_min", "log_max", "row_table", "row_scale"}
     assert torch.equal(layer.stored, codes) and bool((layer.bias == 0).all())
 
 
@@ -205,13 +217,14 @@ def test_format_mismatch_message_names_the_layer_and_both_formats_in_full() -> N
     with pytest.raises(ValueError) as info:
         check_qins_state(dst, state, "block.proj.", {})
     assert str(info.value) == (
-        "block.proj: the state is packed (1 byte/weight), per row but the layer is split (2 bytes/weight), "
-        "per tensor; build the layer with QinsConfig(packed=True, per_row=True) to load it"
+        f"block.proj: the state is packed (1 byte/weight), {N} shared table(s) scaled per row but the layer is split "
+        f"(2 bytes/weight), per tensor; build the layer with QinsConfig(packed=True, per_row=True, shared_tables={N}) "
+        "to load it"
     )
     with pytest.raises(ValueError, match=r"^mlp\.X: the state is packed"):  # only the trailing dot goes
         check_qins_state(dst, {"mlp.X." + k: v for k, v in src.state_dict().items()}, "mlp.X.", {})
     # no prefix: the layer's class names it; metadata that is not a mapping is ignored
-    with pytest.raises(ValueError, match=r"^ProjectiveLinear: the state is packed \(1 byte/weight\), per row but"):
+    with pytest.raises(ValueError, match=rf"^ProjectiveLinear: the state is packed \(1 byte/weight\), {N} shared"):
         check_qins_state(dst, src.state_dict(), "", None)
 
 

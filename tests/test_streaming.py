@@ -63,7 +63,9 @@ def test_the_encoded_layer_is_the_one_from_linear_makes(cache_weight) -> None:
 def test_a_non_finite_weight_names_the_rows_of_its_block() -> None:
     w = _weight()
     w[20, 3] = float("inf")
-    with pytest.raises(ValueError, match=r"^rows 20-21: "):
-        encode_rows(w, QinsConfig(), block_elements=70 * 2)
+    with pytest.raises(ValueError, match=r"^rows 20-21: "):  # per-row ranges are encoded block by block
+        encode_rows(w, QinsConfig(shared_tables=0), block_elements=70 * 2)
+    with pytest.raises(ValueError, match=r"first at index \(20, 3\)"):  # shared tables: the whole layer at once
+        encode_rows(w, QinsConfig(shared_tables=4), block_elements=70 * 2)
     with pytest.raises(ValueError, match=r"expected a 2-D weight"):
         encode_rows(w[0], QinsConfig())

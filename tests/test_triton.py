@@ -309,3 +309,17 @@ def test_table_kernel_compiles_for_a_gpu_to_ieee_round_to_nearest_float32_ops_on
         assert set(found[kind]) <= _IEEE_OPS, f"{kind}: {sorted(set(found[kind]) - _IEEE_OPS)}"
         assert "div.rn.f32" in found[kind] and "mul.rn.f32" in found[kind]
     assert "fma.rn.f32" in found["fused"]  # enable_fp_fusion=True would contract: the check can fail
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 9), out=st.integers(1, 70), inn=st.integers(1, 100),
+       packed=st.booleans(), tables=st.sampled_from([1, 4, 16]), bias=st.booleans())
+def test_shared_tables_match_the_reference(seed, batch, out, inn, packed, tables, bias):
+    from tests.strategies import shared_case
+    from tests.test_shared_tables import check_close_shared
+
+    case = shared_case(seed, batch, out, inn, packed, tables, bias)
+    y = tk.linear(*case.args())
+    check_close_shared(case, y, reference.linear(*case.args()))
+    with env(QINS_KERNEL="triton"):
+        assert torch.equal(torch.ops.qins.linear(*case.args()), y)
