@@ -115,19 +115,13 @@ def _exact_error(mag: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, packed: 
     return err
 
 
-def mulaw_range(mag: torch.Tensor, packed: bool,
-                column_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 range ``(lo, hi)`` (``[R, 1]`` each) of rows ``mag`` ``[R, N]`` (``|w|``) that
-    minimises ``Σ_i c_i·(|w_i| - |ŵ_i|)²`` over :data:`SPANS`, with ``c = column_weight`` ``[N]``
-    (``>= 0``) or 1. Module docstring: the model picks, the best :data:`_EXACT` are scored exactly.
-
-    A row whose largest magnitude is 0 or too small for normal levels (below about ``K·2**-126``)
-    gets the range of ``X = 1, D = 1`` and flushes to zero (every ``|w|`` there is below 1.6e-36).
-    A row near float32's maximum gets the widest span, its top level capped 1e-5 below ``max|w|``."""
-    rows = mag.shape[0]
+def _row_model(mag: torch.Tensor, packed: bool, column_weight: torch.Tensor | None):
+    """``(top, spans, zu, model)``: each row's ``max|w|`` (float64 ``[R, 1]``), :data:`SPANS` ``[1, C]``,
+    the offset ``z`` of each span in units of ``max|w|`` (``[1, C]``) and the modelled error ``[R, C]``
+    of every row and span in units of ``max|w|²`` (scale-free: the same argmin per row, and nothing
+    overflows near float32's maximum). Module docstring: ``E(D)``."""
     k = num_levels(packed)
     top = mag.amax(1, keepdim=True).double()
-    # the model in units of max|w| (scale-free: same argmin), so nothing overflows near float32's max
     u = mag * torch.where(top > 0, 1.0 / top, 0.0).to(torch.float32)
     if column_weight is None:
         a0 = torch.full_like(top, float(mag.shape[1]))
@@ -140,8 +134,22 @@ def mulaw_range(mag: torch.Tensor, packed: bool,
         a2 = (u * u).sum(1, keepdim=True, dtype=torch.float64)
     del u
     spans = torch.tensor(SPANS, dtype=torch.float64, device=mag.device).reshape(1, -1)
-    zu = 1.0 / torch.expm1(spans)  # the offset z in units of max|w|
-    model = (spans / k).square() * (a2 + 2 * zu * a1 + zu.square() * a0)  # [R, C]
+    zu = 1.0 / torch.expm1(spans)
+    return top, spans, zu, (spans / k).square() * (a2 + 2 * zu * a1 + zu.square() * a0)
+
+
+def mulaw_range(mag: torch.Tensor, packed: bool,
+                column_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 range ``(lo, hi)`` (``[R, 1]`` each) of rows ``mag`` ``[R, N]`` (``|w|``) that
+    minimises ``Σ_i c_i·(|w_i| - |ŵ_i|)²`` over :data:`SPANS`, with ``c = column_weight`` ``[N]``
+    (``>= 0``) or 1. Module docstring: the model picks, the best :data:`_EXACT` are scored exactly.
+
+    A row whose largest magnitude is 0 or too small for normal levels (below about ``K·2**-126``)
+    gets the range of ``X = 1, D = 1`` and flushes to zero (every ``|w|`` there is below 1.6e-36).
+    A row near float32's maximum gets the widest span, its top level capped 1e-5 below ``max|w|``."""
+    rows = mag.shape[0]
+    k = num_levels(packed)
+    top, spans, zu, model = _row_model(mag, packed, column_weight)
     z = top * zu
     # spans whose smallest level (≈ z·δ) would not be a normal float32, or whose logs leave the range
     hi64 = _top_log(top, spans)
@@ -241,24 +249,10 @@ def shared_mulaw_range(mag: torch.Tensor, packed: bool, tables: int,
     exactly (every 4th column of rows of 256 columns or more), as :func:`mulaw_range` does.
     Always ``tables`` tables (repeating the first where no other span pays); deterministic;
     ``tables`` in 1..16."""
-    rows, k = mag.shape[0], num_levels(packed)
-    top = mag.amax(1, keepdim=True).double()
-    u = mag * torch.where(top > 0, 1.0 / top, 0.0).to(torch.float32)
-    if column_weight is None:
-        a0 = torch.full_like(top, float(mag.shape[1]))
-        a1 = u.sum(1, keepdim=True, dtype=torch.float64)
-    else:
-        c = column_weight.to(torch.float32).reshape(1, -1)
-        a0 = column_weight.to(torch.float64).sum().expand_as(top)
-        u.mul_(c.sqrt())
-        a1 = (u * c.sqrt()).sum(1, keepdim=True, dtype=torch.float64)
-    a2 = (u * u).sum(1, keepdim=True, dtype=torch.float64)
-    del u
-    spans = torch.tensor(SPANS, dtype=torch.float64, device=mag.device).reshape(1, -1)
-    zu = 1.0 / torch.expm1(spans)
-    # relative to the largest row, so nothing overflows for weights near float32's maximum
-    w2 = (top / top.max().clamp_min(1e-300)).square() if rows else top
-    model = (spans / k).square() * (a2 + 2 * zu * a1 + zu.square() * a0) * w2  # [R, C]
+    rows = mag.shape[0]
+    top, spans, _, model = _row_model(mag, packed, column_weight)
+    # in each row's max|w|² relative to the largest row's, so nothing overflows near float32's maximum
+    model = model * ((top / top.max().clamp_min(1e-300)).square() if rows else top)
     chosen = [int(model.sum(0).argmin())] if rows else [0]
     best = model[:, chosen[0]].clone()
     while len(chosen) < min(tables, len(SPANS)) and rows:

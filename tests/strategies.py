@@ -487,22 +487,14 @@ SHARED_CONFIGS = [QinsConfig(packed=p, shared_tables=n) for p in (True, False) f
 
 
 @dataclass
-class SharedCase:
-    """Arguments of ``torch.ops.qins.linear`` for a shared-tables layer: ``[n]`` logs, a table per row
-    and a scale per row."""
+class SharedCase(LinearCase):
+    """A :class:`LinearCase` of a shared-tables layer (mulaw): ``[n]`` logs, and a table and a scale per row."""
 
-    x: torch.Tensor
-    codes: torch.Tensor
-    sign: torch.Tensor | None
-    log_min: torch.Tensor
-    log_max: torch.Tensor
-    bias: torch.Tensor | None
-    row_table: torch.Tensor
-    row_scale: torch.Tensor
+    row_table: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
 
     def args(self) -> tuple:
-        return (self.x, self.codes, self.sign, self.log_min, self.log_max, self.bias, 1, self.row_table,
-                self.row_scale)
+        return (*super().args(), self.row_table, self.row_scale)
 
 
 def shared_case(seed: int, batch: int, out: int, inn: int, packed: bool, tables: int, bias: bool) -> SharedCase:
@@ -515,5 +507,5 @@ def shared_case(seed: int, batch: int, out: int, inn: int, packed: bool, tables:
     row_table = torch.randint(0, tables, (out,), generator=gen, dtype=torch.uint8)
     scale = torch.exp(torch.rand(out, generator=gen) * 14 - 10).to(torch.float32)
     b = torch.randn(out, generator=gen) if bias else None
-    return SharedCase(torch.randn(batch, inn, generator=gen), codes, sign, (hi - span).float(), hi.float(), b,
+    return SharedCase(torch.randn(batch, inn, generator=gen), codes, sign, (hi - span).float(), hi.float(), b, 1,
                       row_table, scale)

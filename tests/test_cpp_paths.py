@@ -43,27 +43,35 @@ def _layer_case(seed: int, batch: int, out: int, inn: int, packed: bool, per_row
     return LinearCase(torch.randn(batch, inn, generator=gen), codes, sign, lo, lo + 6, b, spacing)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+#: a layer at every batch path, odd shapes, and the knobs that make several column blocks:
+#: budget = gemm_rows * gemm_cols floats of scratch (16 x 64 gives blocks of 64 columns)
+PATH_DRAWS = dict(
     seed=st.integers(0, 2**31 - 1),
     batch=st.sampled_from(PATH_BATCHES),
     out=st.integers(1, 70),
     inn=st.one_of(st.integers(1, 70), st.integers(65, 400)),
     packed=st.booleans(),
-    per_row=st.booleans(),
-    spacing=st.sampled_from([0, 1]),
     bias=st.booleans(),
-    # budget = gemm_rows * gemm_cols floats of scratch: 16 x 64 gives blocks of 64 columns
     gemm=st.sampled_from([(16, 64), (16, 200), (1, 1), (128, 3072)]),
     col_block=st.sampled_from([64, 128, 1 << 30]),
     own_gemm=st.sampled_from([0, 1]),
     threads=st.sampled_from([1, 2]),
 )
+
+
+@settings(max_examples=40, deadline=None)
+@given(**PATH_DRAWS, per_row=st.booleans(), spacing=st.sampled_from([0, 1]))
 def test_every_batch_path_sums_every_column_block_at_every_isa(
     seed, batch, out, inn, packed, per_row, spacing, bias, gemm, col_block, own_gemm, threads
 ):
-    native()
     case = _layer_case(seed, batch, out, inn, packed, per_row, spacing, bias)
+    every_isa_with_knobs(case, check_close, gemm=gemm, col_block=col_block, own_gemm=own_gemm, threads=threads)
+
+
+def every_isa_with_knobs(case, check, *, gemm: tuple[int, int], col_block: int, own_gemm: int, threads: int) -> None:
+    """``check(case, y, y_ref)`` for the op on every native ISA path, at ``threads`` torch threads
+    and the tuning knobs given (``gemm``: ``(gemm_rows, gemm_cols)``), against the reference."""
+    native()
     y_ref = reference.linear(*case.args())
     old = torch.get_num_threads()
     try:
@@ -71,7 +79,7 @@ def test_every_batch_path_sums_every_column_block_at_every_isa(
         with tuning(gemm_rows=gemm[0], gemm_cols=gemm[1], col_block=col_block, own_gemm=own_gemm):
             for isa in native_isas():
                 with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
-                    check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
+                    check(case, torch.ops.qins.linear(*case.args()), y_ref)
     finally:
         torch.set_num_threads(old)
 

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 import qins
 import qins.kernels as qk
 from qins.formats import MAX_SHARED_TABLES, QinsConfig, decode_codes, level_table, num_levels
-from qins.kernels import reference
 from tests.strategies import (
     SHARED_CONFIGS,
     SHARED_TABLE_COUNTS,
@@ -27,8 +26,8 @@ from tests.strategies import (
     float32_weights,
     shared_case,
 )
-from tests.test_cpp_paths import PATH_BATCHES
-from tests.test_kernels import U, env, native, native_isas, tuning
+from tests.test_cpp_paths import PATH_DRAWS, every_isa_with_knobs
+from tests.test_kernels import U, native, native_isas
 
 
 def _decode(case: SharedCase) -> torch.Tensor:
@@ -155,34 +154,13 @@ def test_a_config_with_impossible_shared_tables_is_refused(kwargs, error):
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    batch=st.sampled_from(PATH_BATCHES),
-    out=st.integers(1, 70),
-    inn=st.one_of(st.integers(1, 70), st.integers(65, 400)),
-    packed=st.booleans(),
-    tables=st.sampled_from(SHARED_TABLE_COUNTS),
-    bias=st.booleans(),
-    gemm=st.sampled_from([(16, 64), (1, 1), (128, 3072)]),
-    col_block=st.sampled_from([64, 1 << 30]),
-    own_gemm=st.sampled_from([0, 1]),
-    threads=st.sampled_from([1, 2]),
-)
+@given(**PATH_DRAWS, tables=st.sampled_from(SHARED_TABLE_COUNTS))
 def test_every_isa_and_batch_path_computes_the_reference_with_shared_tables(
     seed, batch, out, inn, packed, tables, bias, gemm, col_block, own_gemm, threads
 ):
-    native()
     case = shared_case(seed, batch, out, inn, packed, tables, bias)
-    y_ref = reference.linear(*case.args())
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with tuning(gemm_rows=gemm[0], gemm_cols=gemm[1], col_block=col_block, own_gemm=own_gemm):
-            for isa in native_isas():
-                with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
-                    check_close_shared(case, torch.ops.qins.linear(*case.args()), y_ref)
-    finally:
-        torch.set_num_threads(old)
+    every_isa_with_knobs(case, check_close_shared, gemm=gemm, col_block=col_block, own_gemm=own_gemm,
+                         threads=threads)
 
 
 @settings(max_examples=30, deadline=None)

@@ -155,21 +155,6 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The shared tables (every table of a call without per-row ranges) into tabs[ntables][256].
-void avx2_shared_tables(const Args& a, bool packed, float (*tabs)[256]) {
-  if (!a.per_row)
-    for (int64_t g = 0; g < a.ntables; ++g) avx2_table_aligned(a.log_min[g], a.log_max[g], packed, a.mulaw, tabs[g]);
-}
-
-// Row r's table: its own (built into tabs[0]) with per-row ranges, else its shared one.
-const float* avx2_row_tab(const Args& a, bool packed, float (*tabs)[256], int64_t r) {
-  if (a.per_row) {
-    avx2_table_aligned(a.log_min[r], a.log_max[r], packed, a.mulaw, tabs[0]);
-    return tabs[0];
-  }
-  return tabs[a.row_table ? a.row_table[r] : 0];
-}
-
 // Rows [r0, r1) for B rows of x. Each row's sum: 32-column steps into A accumulators per x row
 // (A = 4 at B = 1: four independent FMA chains hide the FMA latency), then 8-column steps into the
 // first, the horizontal sum, and the scalar tail; the order depends only on the shape, never on the
@@ -180,10 +165,11 @@ template <bool SPLIT, int B>
 void gemv_b(const Args& a, int64_t r0, int64_t r1) {
   constexpr int A = B == 1 ? 4 : (B == 2 ? 2 : 1);
   alignas(32) float tabs[kMaxTables][256];
-  avx2_shared_tables(a, !SPLIT, tabs);
+  auto build = [&](float lo, float hi, float* t) { avx2_table_aligned(lo, hi, !SPLIT, a.mulaw, t); };
+  shared_tables(a, tabs, build);
   const int64_t in32 = a.in & ~int64_t(31), in8 = a.in & ~int64_t(7);
   for (int64_t r = r0; r < r1; ++r) {
-    const float* t = avx2_row_tab(a, !SPLIT, tabs, r);
+    const float* t = row_tab(a, tabs, r, build);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
     __m256 acc[B][A];
@@ -237,10 +223,11 @@ void avx2_gemv(const Args& a, int64_t r0, int64_t r1) {
 template <bool SPLIT>
 void decode_s(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
   alignas(32) float tabs[kMaxTables][256];
-  avx2_shared_tables(a, !SPLIT, tabs);
+  auto build = [&](float lo, float hi, float* t) { avx2_table_aligned(lo, hi, !SPLIT, a.mulaw, t); };
+  shared_tables(a, tabs, build);
   const int64_t k32 = k0 + ((k1 - k0) & ~int64_t(31)), k8 = k0 + ((k1 - k0) & ~int64_t(7));
   for (int64_t r = r0; r < r1; ++r) {
-    const float* t = avx2_row_tab(a, !SPLIT, tabs, r);
+    const float* t = row_tab(a, tabs, r, build);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
     float* wr = w + (r - r0) * (k1 - k0) - k0;

@@ -28,27 +28,13 @@ inline float weight(const float* t, uint8_t c, const int8_t* s, int64_t k) {
   return w;
 }
 
-// The shared tables (every table of a call without per-row ranges) into tabs[ntables][256].
-void shared_tables(const Args& a, int packed, float (*tabs)[256]) {
-  if (!a.per_row)
-    for (int64_t g = 0; g < a.ntables; ++g) scalar_table(a.log_min[g], a.log_max[g], packed, a.mulaw, tabs[g]);
-}
-
-// Row r's table: its own (built into tabs[0]) with per-row ranges, else its shared one.
-const float* row_tab(const Args& a, int packed, float (*tabs)[256], int64_t r) {
-  if (a.per_row) {
-    scalar_table(a.log_min[r], a.log_max[r], packed, a.mulaw, tabs[0]);
-    return tabs[0];
-  }
-  return tabs[a.row_table ? a.row_table[r] : 0];
-}
-
 void scalar_gemv(const Args& a, int64_t r0, int64_t r1) {
   float tabs[kMaxTables][256];
   const int packed = a.sign == nullptr;
-  shared_tables(a, packed, tabs);
+  auto build = [&](float lo, float hi, float* t) { scalar_table(lo, hi, packed, a.mulaw, t); };
+  shared_tables(a, tabs, build);
   for (int64_t r = r0; r < r1; ++r) {
-    const float* t = row_tab(a, packed, tabs, r);
+    const float* t = row_tab(a, tabs, r, build);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
     for (int64_t b = 0; b < a.B; ++b) {
@@ -63,9 +49,10 @@ void scalar_gemv(const Args& a, int64_t r0, int64_t r1) {
 void scalar_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
   float tabs[kMaxTables][256];
   const int packed = a.sign == nullptr;
-  shared_tables(a, packed, tabs);
+  auto build = [&](float lo, float hi, float* t) { scalar_table(lo, hi, packed, a.mulaw, t); };
+  shared_tables(a, tabs, build);
   for (int64_t r = r0; r < r1; ++r) {
-    const float* t = row_tab(a, packed, tabs, r);
+    const float* t = row_tab(a, tabs, r, build);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = a.sign ? a.sign + r * a.in : nullptr;
     float* wr = w + (r - r0) * (k1 - k0) - k0;

@@ -96,6 +96,24 @@ struct Args {
 constexpr int64_t kMaxRowChunk = 16;
 constexpr int64_t kMaxTables = 16;  // shared tables per layer (QinsConfig.shared_tables)
 
+// The [256] float tables of the ISAs that read them from memory (scalar, AVX2): build(lo, hi, t)
+// writes one. shared_tables builds every table of a call without per-row ranges, once; row_tab
+// gives row r's: its own (built into tabs[0]) with per-row ranges, else its shared one.
+template <class Build>
+void shared_tables(const Args& a, float (*tabs)[256], Build build) {
+  if (!a.per_row)
+    for (int64_t g = 0; g < a.ntables; ++g) build(a.log_min[g], a.log_max[g], tabs[g]);
+}
+
+template <class Build>
+const float* row_tab(const Args& a, float (*tabs)[256], int64_t r, Build build) {
+  if (a.per_row) {
+    build(a.log_min[r], a.log_max[r], tabs[0]);
+    return tabs[0];
+  }
+  return tabs[a.row_table ? a.row_table[r] : 0];
+}
+
 // The rounding-deviation score of the mse range search (qins/encode.py), rows [r0, r1) of
 // [R, cols] magnitudes and gaps: for candidate i of row r,
 //   dev[r, i] = sum_k a_k * d_ki^2 - (sum_k a_k) / 12,
