@@ -27,10 +27,10 @@ import torch
 from . import kernels
 from .codec import SMALLEST_NORMAL, _validate, convert_to_qins
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, QinsConfig, level_table, num_levels
-from .mulaw import encode_rows, mulaw_range, shared_mulaw_range
+from .mulaw import encode_rows, mulaw_range, shared_choice, shared_model, shared_rows
 from .rounding import _chunks, _mag_codes, _sq_error
 
-__all__ = ["encode"]
+__all__ = ["encode", "encode_shared"]
 
 #: ``(codes, sign, log_min, log_max)``, plus ``row_table, row_scale`` for ``shared_tables`` configs
 Encoded = tuple[torch.Tensor, ...]
@@ -214,10 +214,7 @@ def encode(weight: torch.Tensor, config: QinsConfig | None = None) -> Encoded:
         w = _rows(weight, config.per_row)
         mag = w.abs()
         if config.shared_tables:
-            r = shared_mulaw_range(mag, config.packed, config.shared_tables)
-            codes = encode_rows(mag, r.lo, r.hi, config.packed, r.table)
-            return (*_with_sign(weight, w, codes, r.log_min, r.log_max, config), r.row_table,
-                    r.row_scale.reshape(-1))
+            return encode_shared(w, config)
         if config.spacing == "mulaw":
             lo, hi = mulaw_range(mag, config.packed)
             return _with_sign(weight, w, encode_rows(mag, lo, hi, config.packed), lo, hi, config)
@@ -240,6 +237,54 @@ def encode(weight: torch.Tensor, config: QinsConfig | None = None) -> Encoded:
             if _sq_error(mag, seed[0].reshape(1, -1), seed_table) <= _sq_error(mag, codes, table):
                 return seed
         return _with_sign(weight, w, codes, lo, hi, config)
+
+
+def encode_shared(weight: torch.Tensor, config: QinsConfig, row_blocks: list[tuple[int, int]] | None = None,
+                  dtype: torch.dtype | None = None) -> Encoded:
+    """:func:`encode` of a 2-d ``weight`` in a ``shared_tables`` config, reading it block by block of
+    rows (``row_blocks``: ``[(start, end)]`` covering every row in order; default one block), each
+    block converted to ``dtype`` (default its own) and then float32.
+
+    Two passes: every row's model (:func:`qins.mulaw.shared_model`, ``[R, 192]`` float64), from
+    which the layer's tables are chosen; then each block's rows, ranges and codes. The transient
+    memory is a few float32 copies of one block plus the models, so a layer larger than the memory
+    can be encoded from a lazily read tensor. A NaN/±Inf is named with its block's rows when there
+    are several blocks. The codes equal those of one block: the tables depend only on the models,
+    and a row's range and codes only on its own weights."""
+    rows = weight.shape[0]
+    blocks = row_blocks or [(0, rows)]
+
+    def block(start: int, end: int) -> torch.Tensor:
+        w = weight[start:end] if dtype is None else weight[start:end].to(dtype)
+        try:
+            _validate(w)
+        except ValueError as exc:
+            if len(blocks) == 1:
+                raise
+            raise ValueError(f"rows {start}-{end - 1}: {exc}") from exc
+        return w.detach().to(torch.float32)
+
+    models = [shared_model(block(s, e).abs(), config.packed) for s, e in blocks]  # never in place: a view
+    picks, order = shared_choice(torch.cat([t for t, _ in models]), torch.cat([m for _, m in models]),
+                                 config.shared_tables)
+    del models
+    codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+    sign = None if config.packed else torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    row_table = torch.empty(rows, dtype=torch.uint8, device=weight.device)
+    row_scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    lo = hi = None
+    for start, end in blocks:
+        w = block(start, end)
+        mag = w.abs()
+        r = shared_rows(mag, config.packed, picks, order[start:end])
+        c, g, lo, hi = _with_sign(w, w, encode_rows(mag, r.lo, r.hi, config.packed, r.table), r.log_min, r.log_max,
+                                  config)
+        codes[start:end] = c
+        if sign is not None:
+            sign[start:end] = g
+        row_table[start:end] = r.row_table
+        row_scale[start:end] = r.row_scale.reshape(-1)
+    return codes, sign, lo, hi, row_table, row_scale
 
 
 def _with_sign(weight: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,

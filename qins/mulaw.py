@@ -30,7 +30,8 @@ import torch
 from .codec import SMALLEST_NORMAL
 from .formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, level_table, num_levels, spacing_steps
 
-__all__ = ["mulaw_range", "shared_mulaw_range", "SharedRange", "nearest_codes", "SPANS"]
+__all__ = ["mulaw_range", "shared_mulaw_range", "shared_model", "shared_choice", "shared_rows", "SharedRange",
+           "nearest_codes", "SPANS"]
 
 #: candidate spans ``D`` (nats): geometric from 0.02 (close to int8's uniform grid) to 24
 SPANS = tuple(0.02 * (1200.0 ** (i / 191)) for i in range(192))
@@ -240,18 +241,32 @@ def shared_mulaw_range(mag: torch.Tensor, packed: bool, tables: int,
                        column_weight: torch.Tensor | None = None) -> SharedRange:
     """The ``shared_tables`` range of rows ``mag`` ``[R, N]`` (``|w|``): ``tables`` spans of
     :data:`SPANS` and a span per row that together minimise the layer's ``Σ_r Σ_i c_i·(|w_ri| -
-    |ŵ_ri|)²``, each row scaled to its ``max|w|`` (no weight clipped).
+    |ŵ_ri|)²``, each row scaled to its ``max|w|`` (no weight clipped): :func:`shared_choice` of the
+    rows' models, then :func:`shared_rows`. Always ``tables`` tables; deterministic; ``tables`` in 1..16."""
+    top, _, _, model = _row_model(mag, packed, column_weight)
+    picks, order = shared_choice(top, model, tables)
+    return shared_rows(mag, packed, picks, order, column_weight)
 
-    The row model of :func:`mulaw_range` (units of each row's ``max|w|``, weighted by ``max|w|²``)
-    scores every span for every row at once. The spans are chosen greedily: the best one for the
-    whole layer, then each next the one that lowers the layer's modelled error most, each row
-    taking the best chosen span for it. Then each row's best :data:`_EXACT` chosen spans are scored
-    exactly (every 4th column of rows of 256 columns or more), as :func:`mulaw_range` does.
-    Always ``tables`` tables (repeating the first where no other span pays); deterministic;
-    ``tables`` in 1..16."""
-    rows = mag.shape[0]
-    top, spans, _, model = _row_model(mag, packed, column_weight)
-    # in each row's max|w|² relative to the largest row's, so nothing overflows near float32's maximum
+
+def shared_model(mag: torch.Tensor, packed: bool,
+                 column_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top, model)`` of rows ``mag``: each row's ``max|w|`` (float64 ``[R, 1]``) and modelled error
+    of every span (``[R, C]``, units of its ``max|w|²``), row by row, so blocks of rows can be
+    concatenated for :func:`shared_choice`."""
+    top, _, _, model = _row_model(mag, packed, column_weight)
+    return top, model
+
+
+def shared_choice(top: torch.Tensor, model: torch.Tensor, tables: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's spans and each row's candidates from the row models (:func:`shared_model`):
+    ``picks`` (int64 ``[tables]``, indices into :data:`SPANS`, ascending) and ``order`` (``[R,
+    _EXACT]``, indices into ``picks``, the row's best first).
+
+    Greedy: the best span for the whole layer, then each next the one that lowers the layer's
+    modelled error most, each row taking the best chosen span for it; where no other span lowers
+    any row's model the rest repeat the first (a layer always has ``tables`` tables)."""
+    rows = top.shape[0]
+    # each row's model in its max|w|² relative to the largest row's: nothing overflows near float32's max
     model = model * ((top / top.max().clamp_min(1e-300)).square() if rows else top)
     chosen = [int(model.sum(0).argmin())] if rows else [0]
     best = model[:, chosen[0]].clone()
@@ -260,23 +275,30 @@ def shared_mulaw_range(mag: torch.Tensor, packed: bool, tables: int,
         gain[chosen] = -1.0
         j = int(gain.argmax())
         if float(gain[j]) <= 0:
-            break  # no span lowers any row's model: the rest repeat the first (a layer has n tables)
+            break
         chosen.append(j)
         best = torch.minimum(best, model[:, j])
     chosen.sort()
     chosen += [chosen[0]] * (tables - len(chosen))
-    picks = torch.tensor(chosen, device=mag.device)
-    sub = model[:, picks]  # [R, n]
-    order = sub.argsort(1)[:, :_EXACT]
-    cand = shared_range(mag, packed, spans[0, picks], order[:, 0])
-    if _EXACT > 1 and rows and len(chosen) > 1:
+    picks = torch.tensor(chosen, device=model.device)
+    return picks, model[:, picks].argsort(1)[:, :_EXACT]
+
+
+def shared_rows(mag: torch.Tensor, packed: bool, picks: torch.Tensor, order: torch.Tensor,
+                column_weight: torch.Tensor | None = None) -> SharedRange:
+    """The :class:`SharedRange` of rows ``mag`` on the layer's spans ``picks`` with candidates
+    ``order`` (:func:`shared_choice`, these rows' part): each row's candidates are scored exactly
+    (every 4th column of rows of 256 columns or more), as :func:`mulaw_range` does, and the best kept."""
+    spans = torch.tensor(SPANS, dtype=torch.float64, device=mag.device)[picks]
+    cand = shared_range(mag, packed, spans, order[:, 0])
+    if order.shape[1] > 1 and mag.shape[0] and len(picks) > 1:
         step = _SAMPLE if mag.shape[1] >= 64 * _SAMPLE else 1
         c64 = None if column_weight is None else column_weight.to(torch.float64).reshape(1, -1)[:, ::step]
         err = _exact_error(mag[:, ::step], cand.lo, cand.hi, packed, c64, cand.table)
-        for i in range(1, _EXACT):
-            alt = shared_range(mag, packed, spans[0, picks], order[:, i])
+        for i in range(1, order.shape[1]):
+            alt = shared_range(mag, packed, spans, order[:, i])
             err_i = _exact_error(mag[:, ::step], alt.lo, alt.hi, packed, c64, alt.table)
             better = err_i < err
             err = torch.where(better, err_i, err)
-            cand = shared_range(mag, packed, spans[0, picks], torch.where(better, order[:, i], cand.row_table.long()))
+            cand = shared_range(mag, packed, spans, torch.where(better, order[:, i], cand.row_table.long()))
     return cand

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .encode import encode
+from .encode import encode, encode_shared
 from .formats import QinsConfig
 from .layer import ProjectiveLinear
 from .state import CODE_BUFFERS
@@ -33,7 +33,7 @@ def encode_rows(weight: torch.Tensor, config: QinsConfig, dtype: torch.dtype | N
                 ) -> tuple[torch.Tensor | None, ...]:
     """``encode(weight.to(dtype), config)`` (``stored``, ``sign`` or None, ``log_min``, ``log_max``,
     and with shared tables ``row_table``, ``row_scale``), computed block by block of rows when
-    ``config.per_row`` without shared tables (those are chosen for the whole layer at once). ``weight``: 2-D
+    ``config.per_row`` (shared tables: :func:`qins.encode.encode_shared`'s two passes over the blocks). ``weight``: 2-D
     ``[out, in]``, any float
     dtype; ``dtype`` defaults to ``weight.dtype``. Raises ``ValueError`` as :func:`qins.encode` does
     (a NaN/±Inf weight), naming the row index as seen in the whole weight."""
@@ -44,12 +44,13 @@ def encode_rows(weight: torch.Tensor, config: QinsConfig, dtype: torch.dtype | N
     # never a one-row block: encode reads a one-row input as a whole tensor (a finer histogram for
     # the mse search), which would change that row's range
     step = max(2, block_elements // max(1, cols))
-    # shared tables are chosen for the whole layer: encoded at once (the float weight in memory)
-    if not config.per_row or config.shared_tables or step >= rows - 1:
+    if not config.per_row or step >= rows - 1:
         return encode(weight.to(dtype), config)
     starts = list(range(0, rows, step))
     if rows - starts[-1] == 1:
         starts.pop()  # the last row joins the block before it
+    if config.shared_tables:  # the layer's tables from every row's model, then the codes, block by block
+        return encode_shared(weight, config, list(zip(starts, starts[1:] + [rows])), dtype)
     stored = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
     sign = None if config.packed else torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     log_min = torch.empty(rows, dtype=torch.float32, device=weight.device)

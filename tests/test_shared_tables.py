@@ -306,3 +306,14 @@ def test_torch_compile_runs_a_shared_tables_layer_as_one_op():
     x = torch.randn(3, 40)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [None, [(0, 7), (7, 20)]], ids=["whole", "blocks"])
+def test_encoding_leaves_the_float32_weight_it_reads_unchanged(blocks):
+    from qins.encode import encode_shared
+
+    w = torch.randn(20, 33, generator=torch.Generator().manual_seed(5))
+    before = w.clone()
+    qins.encode(w, QinsConfig(shared_tables=4))
+    encode_shared(w, QinsConfig(shared_tables=4), blocks)
+    assert torch.equal(w, before)
