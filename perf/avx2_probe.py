@@ -3,8 +3,8 @@
     python -m perf.avx2_probe                      # old = HEAD's kernel sources
     python -m perf.avx2_probe --old 0be90df --rounds 41 --shapes 3072x3072 3072x8192 --formats packed split
 
-The memory-saving layer (``ProjectiveLinear(cache_weight=False)``, MSE ranges per row, as in
-``perf/test_kernels.py``) runs under ``QINS_CPU_ISA`` (``avx2`` unless set); the old revision's
+The memory-saving layer (``ProjectiveLinear(cache_weight=False)``, a range per row unless
+``--shared-tables N``) runs under ``QINS_CPU_ISA`` (``avx2`` unless set); the old revision's
 ``qins/kernels/cpu`` sources are extracted with ``git show`` and built as a second extension, and
 called on the same codes and logs. One torch thread; each round times ``nn.Linear``, the new layer
 and the old kernel back to back (thread CPU time), so the three see the same machine load; the
@@ -70,7 +70,7 @@ def build_old(rev: str):
                 extra_include_paths=[str(src)], build_directory=str(out), verbose=False)
 
 
-def layers(o: int, n: int, fmt: str, count: int):
+def layers(o: int, n: int, fmt: str, count: int, shared_tables: int = 0):
     from qins import ProjectiveLinear, QinsConfig
 
     torch.manual_seed(o + n)
@@ -78,7 +78,8 @@ def layers(o: int, n: int, fmt: str, count: int):
     lins = [lin] + [torch.nn.Linear(n, o, bias=False).eval() for _ in range(count - 1)]
     for extra in lins[1:]:
         extra.weight.data.copy_(lin.weight.data)
-    first = ProjectiveLinear.from_linear(lin, QinsConfig(packed=fmt == "packed"), cache_weight=False).eval()
+    config = QinsConfig(packed=fmt == "packed", shared_tables=shared_tables)
+    first = ProjectiveLinear.from_linear(lin, config, cache_weight=False).eval()
     qs = [first]
     for _ in range(count - 1):  # the same codes in distinct memory: as cold as distinct weights
         c = ProjectiveLinear(n, o, bias=False, config=first.config, cache_weight=False).eval()
@@ -99,12 +100,15 @@ def measure(lins, qs, old, isa: int, batch: int, rounds: int, repeat: int):
     def run_new():
         cyc_q.__next__()(x)
 
+    def call_old(m):  # the shared tables' arguments only for them (older builds take none)
+        rows = () if m.row_table is None else (m.row_table, m.row_scale)
+        return old.linear(x, m.stored, m.sign, m.log_min, m.log_max, None, spacing, isa, *rows)
+
     def run_old():
-        m = cyc_q.__next__()
-        old.linear(x, m.stored, m.sign, m.log_min, m.log_max, None, spacing, isa)
+        call_old(cyc_q.__next__())
 
     m = qs[0]
-    y_old = old.linear(x, m.stored, m.sign, m.log_min, m.log_max, None, spacing, isa)
+    y_old = call_old(m)
     y_new = m(x)
     diff = (y_old - y_new).abs().max().item() / max(y_new.abs().max().item(), 1e-30)
     fns = {"linear": run_lin, "new": run_new, "old": run_old}
@@ -128,6 +132,9 @@ def main(argv=None) -> None:
     p.add_argument("--formats", nargs="+", default=["packed"], choices=["packed", "split"])
     p.add_argument("--cases", nargs="+", default=["b1-cold", "b32"], choices=["b1-cold", "b1-hot", "b32"])
     p.add_argument("--rounds", type=int, default=31)
+    p.add_argument("--shared-tables", type=int, default=0,
+                   help="the layers' QinsConfig.shared_tables (default 0: a range per row, which every old build "
+                        "reads; shared tables need an --old revision that has them)")
     args = p.parse_args(argv)
     os.environ.setdefault("QINS_CPU_ISA", "avx2")
     torch.set_num_threads(1)
@@ -150,7 +157,7 @@ def main(argv=None) -> None:
             o, n = map(int, shape.split("x"))
             count = max(2, math.ceil(2 * _l3_bytes() / (4 * o * n))) if "b1-cold" in args.cases else 1
             for fmt in args.formats:
-                lins, qs = layers(o, n, fmt, count)
+                lins, qs = layers(o, n, fmt, count, args.shared_tables)
                 for case in args.cases:
                     batch = 32 if case == "b32" else 1
                     stack = slice(None) if case == "b1-cold" else slice(0, 1)

@@ -1,7 +1,7 @@
 """The memory-saving layer (fused ``qins::linear``) against ``nn.Linear`` fp32, with the absolute targets.
 
 Shapes ``[out, in]`` 3072x3072 and 3072x8192; formats packed (1 B/weight) and split (2 B/weight),
-both MSE ranges per row (``QinsConfig(packed=...)``); cases:
+both the default (``QinsConfig(packed=...)``: 16 shared tables); cases:
 
 * ``b1-hot``: batch 1, one layer called repeatedly (its codes stay in cache);
 * ``b1-cold``: batch 1, round-robin over a stack of distinct layers (and distinct ``nn.Linear`` s)
