@@ -309,7 +309,10 @@ void decode_t(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, flo
     for (int64_t g = 0; g < a.ntables; ++g) make_planes<H>(a.log_min[g], a.log_max[g], a.mulaw, planes + g * 4 * H);
   for (int64_t r = r0; r < r1; ++r) {
     if (a.per_row) make_planes<H>(a.log_min[r], a.log_max[r], a.mulaw, planes);
-    const __m512i* P = planes + (a.row_table ? a.row_table[r] : 0) * 4 * H;
+    // the row's planes into locals, as gemv_block does: registers, not a load per chunk
+    const __m512i* src = planes + (a.row_table ? a.row_table[r] : 0) * 4 * H;
+    __m512i P[4 * H];
+    for (int j = 0; j < 4 * H; ++j) P[j] = _mm512_load_si512(src + j);
     const uint8_t* c = a.codes + r * a.in;
     const int8_t* s = SPLIT ? a.sign + r * a.in : nullptr;
     float* wr = w + (r - r0) * (k1 - k0) - k0;
