@@ -1,10 +1,11 @@
 """QINS token embeddings and a tied output head that reads the same codes.
 
 :class:`ProjectiveEmbedding` replaces an ``nn.Embedding`` ``[vocab, dim]``: its weight is stored as
-QINS codes with one log range per token row (``per_row=True``), and a lookup decodes only the rows it
-reads: it gathers the codes and logs of the requested ids, builds the ``[n, 256]`` decode tables of
-those ``n`` rows (:func:`qins.formats.level_table`) and gathers from them. The decoded rows equal, bit
-for bit, the same rows of :func:`qins.formats.decode_codes` of the whole table.
+QINS codes with one log range per token row, or shared tables scaled per row (``per_row=True``), and
+a lookup decodes only the rows it reads: it gathers the codes (and logs, or table indices and scales)
+of the requested ids and decodes them with :func:`qins.formats.decode_codes`, building the ``[n,
+256]`` tables of those ``n`` rows (or the layer's shared ones). The decoded rows equal, bit for bit,
+the same rows of :func:`qins.formats.decode_codes` of the whole table.
 
 :class:`ProjectiveTiedHead` is an output projection (``lm_head``) whose weight was tied to an input
 embedding: it holds no codes of its own and runs the fused ``qins::linear`` op on the embedding's
@@ -19,7 +20,7 @@ from torch import nn
 from . import kernels
 from .coded import QinsCodedModule, resolve_config
 from .encode import encode
-from .formats import QinsConfig, level_table
+from .formats import QinsConfig, decode_codes
 
 __all__ = ["ProjectiveEmbedding", "ProjectiveTiedHead"]
 
@@ -65,8 +66,7 @@ class ProjectiveEmbedding(QinsCodedModule):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        log_shape = (num_embeddings,) if self.config.log_shape_per_row else (self.config.shared_tables,)
-        self._register_codes(num_embeddings, embedding_dim, log_shape, device, dtype)
+        self._register_codes(num_embeddings, embedding_dim, self.config.log_shape(num_embeddings), device, dtype)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, config: QinsConfig | None = None) -> ProjectiveEmbedding:
@@ -111,19 +111,15 @@ class ProjectiveEmbedding(QinsCodedModule):
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ProjectiveEmbedding expects int64 or int32 indices, got {ids.dtype}")
         flat = ids.reshape(-1)
-        codes = self.stored.index_select(0, flat).to(torch.int64)
-        if self.row_scale is None:
-            table = level_table(self.log_min.index_select(0, flat), self.log_max.index_select(0, flat),
-                                self.config.packed, self.config.spacing)
-            rows = torch.gather(table, 1, codes)
-        else:  # the shared tables, each row's one, then its scale (as qins.formats.decode_codes)
-            tables = level_table(self.log_min, self.log_max, self.config.packed, self.config.spacing)
-            rows = tables[self.row_table.index_select(0, flat).to(torch.int64).unsqueeze(1), codes]
-        if self.sign is not None:
-            rows = rows * self.sign.index_select(0, flat)
-        if self.row_scale is not None:
-            rows = rows * self.row_scale.index_select(0, flat).unsqueeze(1)
-        return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, flat)
+
+        # the read rows as a small coded weight: per-row logs are per read row, shared tables stay whole
+        logs = (self.log_min, self.log_max) if self.row_table is not None else (take(self.log_min), take(self.log_max))
+        rows = decode_codes(take(self.stored), take(self.sign), *logs, take(self.row_table), take(self.row_scale),
+                            dtype=self.compute_dtype, spacing=self.config.spacing)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         c = self.config

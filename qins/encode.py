@@ -212,9 +212,9 @@ def encode(weight: torch.Tensor, config: QinsConfig | None = None) -> Encoded:
             lo, hi = (torch.tensor(v, dtype=torch.float32, device=weight.device) for v in (lo, hi))
             return (codes, sign, *_capped(lo, hi))
         w = _rows(weight, config.per_row)
-        mag = w.abs()
         if config.shared_tables:
             return encode_shared(w, config)
+        mag = w.abs()
         if config.spacing == "mulaw":
             lo, hi = mulaw_range(mag, config.packed)
             return _with_sign(weight, w, encode_rows(mag, lo, hi, config.packed), lo, hi, config)

@@ -142,10 +142,12 @@ class QinsConfig:
         """The kernels' id of :attr:`spacing` (0 log, 1 mulaw)."""
         return SPACINGS.index(self.spacing)
 
-    @property
-    def log_shape_per_row(self) -> bool:
-        """Whether ``log_min``/``log_max`` are ``[out]`` (per-row ranges) rather than 0-d."""
-        return self.per_row and not self.shared_tables
+    def log_shape(self, rows: int) -> tuple[int, ...]:
+        """The shape of ``log_min``/``log_max`` for a weight of ``rows`` rows: ``(n,)`` with ``n``
+        shared tables, ``(rows,)`` per row, ``()`` per tensor."""
+        if self.shared_tables:
+            return (self.shared_tables,)
+        return (rows,) if self.per_row else ()
 
     @property
     def levels(self) -> int:

@@ -61,9 +61,7 @@ class ProjectiveLinear(QinsCodedModule):
         self.out_features = out_features
         self.config = resolve_config(config)
         self.cache_weight = bool(cache_weight)
-        log_shape = (out_features,) if self.config.log_shape_per_row else (
-            (self.config.shared_tables,) if self.config.shared_tables else ())
-        self._register_codes(out_features, in_features, log_shape, device, dtype)
+        self._register_codes(out_features, in_features, self.config.log_shape(out_features), device, dtype)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
         else:

@@ -243,8 +243,7 @@ def shared_mulaw_range(mag: torch.Tensor, packed: bool, tables: int,
     :data:`SPANS` and a span per row that together minimise the layer's ``Σ_r Σ_i c_i·(|w_ri| -
     |ŵ_ri|)²``, each row scaled to its ``max|w|`` (no weight clipped): :func:`shared_choice` of the
     rows' models, then :func:`shared_rows`. Always ``tables`` tables; deterministic; ``tables`` in 1..16."""
-    top, _, _, model = _row_model(mag, packed, column_weight)
-    picks, order = shared_choice(top, model, tables)
+    picks, order = shared_choice(*shared_model(mag, packed, column_weight), tables)
     return shared_rows(mag, packed, picks, order, column_weight)
 
 
@@ -300,5 +299,9 @@ def shared_rows(mag: torch.Tensor, packed: bool, picks: torch.Tensor, order: tor
             err_i = _exact_error(mag[:, ::step], alt.lo, alt.hi, packed, c64, alt.table)
             better = err_i < err
             err = torch.where(better, err_i, err)
-            cand = shared_range(mag, packed, spans, torch.where(better, order[:, i], cand.row_table.long()))
+            # a row's fields depend only on its own table: take each row's from the better candidate
+            keep = better.unsqueeze(1)
+            cand = cand._replace(row_table=torch.where(better, alt.row_table, cand.row_table),
+                                 **{f: torch.where(keep, getattr(alt, f), getattr(cand, f))
+                                    for f in ("row_scale", "table", "lo", "hi")})
     return cand

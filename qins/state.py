@@ -121,7 +121,7 @@ def check_qins_state(
         if not cfg.shared_tables and prefix + key in state_dict:
             raise ValueError(f"{prefix}{key}: unexpected in a state without shared tables")
     out, inp = layer.qins_weight_shape
-    log_shape = (out,) if cfg.log_shape_per_row else ((cfg.shared_tables,) if cfg.shared_tables else ())
+    log_shape = cfg.log_shape(out)
     expect = {
         "stored": (torch.uint8, (out, inp)),
         "log_min": (torch.float32, log_shape),

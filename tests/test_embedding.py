@@ -46,7 +46,7 @@ def test_lookup_equals_the_same_rows_of_the_full_decode_bit_for_bit(config: Qins
 
 
 def test_lookup_builds_decode_tables_only_for_the_rows_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import qins.embedding as module
+    import qins.formats as module  # the lookup decodes the read rows with qins.formats.decode_codes
 
     emb = ProjectiveEmbedding.from_embedding(source_embedding(num=1000), QinsConfig(shared_tables=0))
     rows: list[int] = []

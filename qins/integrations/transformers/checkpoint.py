@@ -163,13 +163,12 @@ def _plan(path: Path, targets: set[str], prefix: str,
         if len(shape) != 2 or not dtype.is_floating_point:
             raise ValueError(f"{path.name}: {key}: a Linear weight must be a 2-D float tensor, "
                              f"got {entry['dtype']} {list(shape)}")
-        n = config.shared_tables
-        logs = (n,) if n else ((shape[0],) if config.per_row else ())
+        logs = config.log_shape(shape[0])
         outs = [(f"{layer}.stored", torch.uint8, shape)]
         if not config.packed:
             outs.append((f"{layer}.sign", torch.int8, shape))
         outs += [(f"{layer}.log_min", torch.float32, logs), (f"{layer}.log_max", torch.float32, logs)]
-        if n:  # in qins.encode's order, as the codes are written
+        if config.shared_tables:  # in qins.encode's order, as the codes are written
             outs += [(f"{layer}.row_table", torch.uint8, shape[:1]), (f"{layer}.row_scale", torch.float32, shape[:1])]
         plan.append((key, layer, outs))
     return plan, header, data_start
