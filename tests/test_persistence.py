@@ -50,6 +50,7 @@ qins.patch_transformers()
 qins.register_with_transformers()
 jobs, out = eval(sys.argv[1]), sys.argv[2]
 ids = torch.load(sys.argv[3], weights_only=True)
+torch.set_num_threads(int(sys.argv[4]))
 results = {}
 for name, directory, kind, dtype in jobs:
     kwargs = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
@@ -116,7 +117,11 @@ def round_trip(patched, tmp_path_factory: pytest.TempPathFactory):
         references[name] = (model, logits, tokens)
         jobs.append((name, str(base / name), kind, dtype))
     env = child_environ(dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT)))
-    proc = subprocess.run([sys.executable, "-c", CHILD, repr(jobs), str(base / "out.pt"), str(base / "ids.pt")],
+    # The child computes at this process's thread count: an fp32 GEMM may sum in another order at another
+    # count (on AMD EPYC family 26 the logits of 1 and 2 threads differ), so they are bit-comparable only
+    # at equal counts (an xdist worker runs at its share of the cores, a fresh process at all of them).
+    args = [repr(jobs), str(base / "out.pt"), str(base / "ids.pt"), str(torch.get_num_threads())]
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return references, torch.load(base / "out.pt", weights_only=True), base
