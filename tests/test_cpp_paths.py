@@ -3,7 +3,9 @@
 * The batch paths of ``qins::linear`` (``qins_kernels.h``): up to ``kMaxGemvBatch`` rows the LUT-GEMV
   straight from the codes; then decoded blocks of rows x columns, multiplied by the ISA's own
   micro-GEMM up to ``kOwnGemmMaxBatch`` rows and by ATen's BLAS above (``at::mm_out`` for the first
-  column block, ``addmm_`` for the others). tests/test_kernels.py draws batches of at most 65, so the
+  column block, ``addmm_`` for the others) with ``own_gemm=1`` (the default on Intel), by the own
+  micro-GEMM at every batch with ``own_gemm=2`` (the default elsewhere), by the BLAS at every batch
+  with ``own_gemm=0``. tests/test_kernels.py draws batches of at most 65, so the
   BLAS path was never run with more than one column block. Here every path runs with several
   column blocks: on small odd layers through the tuning knobs (a scratch of a few columns), and on
   the real 11008-wide down-projection (slow).
@@ -27,7 +29,7 @@ from tests.test_kernels import TUNING_FIELDS, check_close, env, native, native_i
 
 KMAX_GEMV_BATCH = 8  # qins_kernels.h kMaxGemvBatch
 KOWN_GEMM_MAX_BATCH = 96  # qins_kernels.h kOwnGemmMaxBatch
-TALL_BLOCK_BATCH = 257  # ops.cpp: above 256 rows of x, the BLAS path's blocks are 8 x gemm_rows tall
+TALL_BLOCK_BATCH = 257  # ops.cpp: above 256 rows of x, the BLAS path's blocks are 8 x gemm_rows tall (own_gemm < 2)
 #: The first and last batch of each path and one inside: GEMV, own micro-GEMM, BLAS (and its tall blocks).
 PATH_BATCHES = (1, 5, KMAX_GEMV_BATCH, KMAX_GEMV_BATCH + 1, 40, 64, 65, KOWN_GEMM_MAX_BATCH,
                 KOWN_GEMM_MAX_BATCH + 1, 130, TALL_BLOCK_BATCH - 1, TALL_BLOCK_BATCH)
@@ -54,7 +56,7 @@ PATH_DRAWS = dict(
     bias=st.booleans(),
     gemm=st.sampled_from([(16, 64), (16, 200), (1, 1), (128, 3072)]),
     col_block=st.sampled_from([64, 128, 1 << 30]),
-    own_gemm=st.sampled_from([0, 1]),
+    own_gemm=st.sampled_from([0, 1, 2]),
     threads=st.sampled_from([1, 2]),
 )
 
@@ -85,18 +87,21 @@ def every_isa_with_knobs(case, check, *, gemm: tuple[int, int], col_block: int, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("own_gemm", [1, 2])
 @pytest.mark.parametrize("batch", [KOWN_GEMM_MAX_BATCH, KOWN_GEMM_MAX_BATCH + 1, 160])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
-def test_the_real_down_projection_sums_every_column_block_on_the_own_gemm_and_the_blas_path(batch, packed):
+def test_the_real_down_projection_sums_every_column_block_on_the_own_gemm_and_the_blas_path(batch, packed, own_gemm):
     """A Llama down-projection at prefill (300 x 11008, every ISA), at the largest batch of the
-    own micro-GEMM and on ATen's BLAS above it: 11008 columns are several column blocks of the
-    default scratch, so each output sums the first block's ``mm_out`` and the others' ``addmm_``."""
+    own micro-GEMM and above it (ATen's BLAS with ``own_gemm=1``, the own micro-GEMM with 2): 11008
+    columns are several column blocks of the default scratch, so each output sums the first block's
+    and the others' products (``mm_out`` then ``addmm_`` on the BLAS path)."""
     native()
     case = _layer_case(batch + packed, batch, 300, 11008, packed, True, 1, True)
     y_ref = reference.linear(*case.args())
-    for isa in native_isas():
-        with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
-            check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
+    with tuning(own_gemm=own_gemm):
+        for isa in native_isas():
+            with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
+                check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 
 @pytest.mark.slow
@@ -107,7 +112,7 @@ def test_an_odd_wide_layer_on_the_blas_path_matches_the_reference(batch):
     native()
     case = _layer_case(batch, batch, 45, 11011, False, False, 0, False)
     y_ref = reference.linear(*case.args())
-    with tuning(gemm_rows=16, gemm_cols=1024):
+    with tuning(gemm_rows=16, gemm_cols=1024, own_gemm=1):
         for isa in native_isas():
             with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
                 check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
@@ -159,7 +164,7 @@ def test_a_magnitude_at_half_the_smallest_level_flushes_to_it_and_its_neighbours
 
 #: set_tuning's accepted range of each knob (ops.cpp check_tuning)
 TUNING_RANGES = {"col_block": (1, 1 << 40), "gemm_rows": (1, 1 << 20), "gemm_cols": (1, 1 << 24),
-                 "prefetch": (0, 1 << 20), "pipeline": (0, 2), "own_gemm": (0, 1), "row_chunk": (1, 16)}
+                 "prefetch": (0, 1 << 20), "pipeline": (0, 2), "own_gemm": (0, 2), "row_chunk": (1, 16)}
 
 
 def test_every_tuning_knob_takes_both_ends_of_its_range_and_refuses_one_past_each():

@@ -68,6 +68,15 @@ float* scratch(int64_t floats) {
   return buf.p;
 }
 
+int64_t default_own_gemm() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel") ? 1 : 2;
+#else
+  return 1;
+#endif
+}
+
 // Tuning knobs (set_tuning; perf/kernel_bench.py explores them).
 struct Tuning {
   int64_t gemv_col_block = 1 << 30;  // gemv column block (no blocking by default, see notes)
@@ -82,7 +91,11 @@ struct Tuning {
   // % of the streaming floor): 4 KiB 62-76%, 8 KiB 73-77%, 12 KiB 77-78%, 16 KiB 71%.
   int64_t prefetch = 12288;
   int64_t pipeline = 1;              // gemv: next row's table built inside the row loop (0 off, 1 split, 2 all)
-  int64_t own_gemm = 1;              // decoded blocks: the ISA's own GEMM if it has one (0: at::mm)
+  // Decoded blocks: 0 at::mm; 1 the ISA's own GEMM (if it has one) up to kOwnGemmMaxBatch, at::mm
+  // above; 2 the own GEMM at every batch. ATen's fp32 GEMM is MKL's, whose fastest kernels run on
+  // Intel CPUs: on AMD EPYC family 26 the own AVX-512 GEMM was ~0.74x nn.Linear at batch 512 and
+  // at::mm on the decoded blocks ~0.97x (docs/perf.md), so the default depends on the vendor.
+  int64_t own_gemm = default_own_gemm();
   // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk). A burst of
   // table work stalls the memory stream; measured (3072x3072 / 3072x8192 per-row packed, batch 1,
   // cold, % of the streaming floor, same runs): 16 rows 61-69%, 4 rows 71-75%, 2 rows 73-77%, 1 row 70-75%.
@@ -110,7 +123,7 @@ void check_tuning(const Tuning& t) {
   in("gemm_cols", t.gemm_cols, 1, int64_t{1} << 24);
   in("prefetch", t.prefetch, 0, int64_t{1} << 20);
   in("pipeline", t.pipeline, 0, 2);
-  in("own_gemm", t.own_gemm, 0, 1);
+  in("own_gemm", t.own_gemm, 0, 2);
   in("row_chunk", t.row_chunk, 1, kMaxRowChunk);
 }
 
@@ -216,7 +229,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
         }
       });
     } else {
-      // Blocks of rb rows x kb columns: rb = gemm_rows (2x for batches > 64, 8x for the BLAS path),
+      // Blocks of rb rows x kb columns: rb = gemm_rows (2x for batches > 64, 8x above 256 on the BLAS path),
       // kb such that the scratch stays within gemm_rows x gemm_cols floats and the columns split
       // evenly; each thread gets the same number of blocks (of >= 16 rows). The BLAS path trades
       // columns for rows: every at::mm packs its slice of x again, so fewer, taller blocks pack x
@@ -225,7 +238,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
       const int64_t budget = tune.gemm_rows * tune.gemm_cols;
       const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
       const int64_t per_thread = (out + threads - 1) / threads;
-      const int64_t rows = B > 256 ? 8 * tune.gemm_rows : (B > 64 ? 2 * tune.gemm_rows : tune.gemm_rows);
+      const bool own = K.gemm && (tune.own_gemm == 2 || (tune.own_gemm == 1 && B <= kOwnGemmMaxBatch));
+      const int64_t rows = !own && B > 256 ? 8 * tune.gemm_rows : (B > 64 ? 2 * tune.gemm_rows : tune.gemm_rows);
       const int64_t blocks_per_thread = (per_thread + rows - 1) / rows;
       const int64_t rb = std::max<int64_t>(16, ((per_thread + blocks_per_thread - 1) / blocks_per_thread + 15) / 16 * 16);
       const int64_t max_kb = std::max<int64_t>(64, budget / rb / 64 * 64);
@@ -240,7 +254,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
           for (int64_t k0 = 0; k0 < kpad; k0 += kb) {
             const int64_t k1 = std::min(kpad, k0 + kb);
             K.decode(a, r0, r1, k0, k1, w);
-            if (K.gemm && tune.own_gemm && B <= kOwnGemmMaxBatch) {
+            if (own) {
               K.gemm(xp.data_ptr<float>() + k0, kpad, B, w, r1 - r0, k1 - k0, y.data_ptr<float>() + r0, out, k0 > 0);
               continue;
             }

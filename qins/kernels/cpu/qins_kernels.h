@@ -85,7 +85,7 @@ struct Args {
   int64_t col_block;      // gemv: columns per block (multiple of 64; >= kpad: no blocking)
   int64_t prefetch = 0;   // gemv: software prefetch distance in bytes (0: none)
   int64_t pipeline = 1;   // gemv: next row's table built inside the row loop (0 off, 1 split only, 2 all)
-  int64_t own_gemm = 1;   // decoded blocks: the ISA's gemm when it has one (0: at::mm)
+  int64_t own_gemm = 1;   // decoded blocks: 0 at::mm; 1 the ISA's gemm up to kOwnGemmMaxBatch; 2 at every batch
   int64_t row_chunk = 2;  // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk)
   int mulaw = 0;          // level spacing: 0 log, 1 mulaw (table_steps, table_offset)
   // Shared tables (per_row = 0): row r decodes through table row_table[r] of the ntables built once
@@ -216,10 +216,11 @@ inline float dev_block(const DevArgs& a, int64_t r, int64_t k0, int64_t n, int64
 }
 
 constexpr int64_t kMaxGemvBatch = 8;  // larger batches: decoded blocks + GEMM
-// Batches above this hand the decoded blocks to ATen's BLAS (at::mm / addmm) instead of the ISA's
-// micro-GEMM, whose per-output dot products and reductions fall behind a blocked sgemm as the batch
-// grows. Measured at 3072x3072 packed, 1 thread, Intel Xeon 6/207, own/BLAS vs nn.Linear: batch 64
-// 1.05/1.43, 96 1.09/1.13, 128 1.13/1.08, 512 2.97/1.24 (docs/perf.md).
+// With own_gemm = 1, batches above this hand the decoded blocks to ATen's BLAS (at::mm / addmm)
+// instead of the ISA's micro-GEMM, whose per-output dot products and reductions fall behind a blocked
+// sgemm as the batch grows where the BLAS runs its best kernels. Measured at 3072x3072 packed, 1
+// thread, Intel Xeon 6/207, own/BLAS vs nn.Linear: batch 64 1.05/1.43, 96 1.09/1.13, 128 1.13/1.08,
+// 512 2.97/1.24. On AMD EPYC the BLAS is the slower one (own_gemm = 2 there, docs/perf.md).
 constexpr int64_t kOwnGemmMaxBatch = 96;
 constexpr int64_t kGemvGroup = 4;     // x rows per gemv pass
 
