@@ -66,6 +66,11 @@ def resolve_revision(repo: Path, rev: str | None, baseline_label: str) -> str:
     return got.stdout.strip()
 
 
+def has_path(repo: Path, rev: str, path: str) -> bool:
+    """Whether the (resolved) revision ``rev`` of ``repo`` has the file ``path``."""
+    return _git(repo, "cat-file", "-e", f"{rev}:{path}", check=False).returncode == 0
+
+
 def export_revision(repo: Path, rev: str, dest: Path) -> Path:
     """``git archive rev | tar -x`` into ``dest``: the old tree, independent of this checkout's state."""
     dest.mkdir(parents=True, exist_ok=True)

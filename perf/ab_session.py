@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from perf.ab_verdicts import ab_decide, apply_ab_confirmation, apply_fresh_confirmation, backstop_decide
+from perf.ab_verdicts import ab_decide, apply_ab_confirmation, apply_fresh_confirmation, backstop_decide, predating
 from perf.baseline import Baseline
 from perf.state import PerfState, state_of
 
@@ -182,6 +182,18 @@ def confirm_by_ab(state: PerfState, request: pytest.FixtureRequest, benchmark, f
 
     rev = str((state.compare.baseline.commit_info or {}).get("id") or "") if state.compare.baseline is not None else ""
     config = request.config
+    if rev and not state.confirm.error and any(o.status == "missing" for o in failed):
+        # A figure the baseline lacks, of a benchmark added after it: the baseline's revision cannot run
+        # the benchmark, so nothing is measured there (and a later failure, of a benchmark it has, is
+        # still confirmed)
+        path = request.node.nodeid.split("::")[0]
+        try:
+            full = ab.resolve_revision(config.rootpath, rev, state.compare.baseline.label)
+        except ab.RevisionError as exc:
+            state.confirm.error = str(exc).splitlines()[0]
+        else:
+            if not ab.has_path(config.rootpath, full, path):
+                return predating(failed, rev, path)
     why = state.confirm.error or ("" if rev else "the baseline records no git revision")
     if not why and state.confirm.regressed:
         why = "a regression is already confirmed by A/B in this run (the run fails; no more A/B spent)"

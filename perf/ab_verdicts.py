@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from perf.gate import GATE_KEY, RULES_KEY, Outcome, Rule, fmt, rule_from_json
+from perf.gate import GATE_KEY, RULES_KEY, SAVE_COMMAND, Outcome, Rule, fmt, rule_from_json
 
 
 @dataclass
@@ -156,6 +156,24 @@ def apply_ab_confirmation(failed: Sequence[Outcome], verdicts: Sequence[ABOutcom
     by_figure = {(v.test, v.figure): v for v in verdicts}
     no_verdict = f"not confirmable by A/B against {rev[:12]}: no verdict"
     return [o for o in failed if rejudge(o, by_figure.get((o.test, o.figure)), rev, no_verdict=no_verdict)]
+
+
+def predating(failed: Sequence[Outcome], rev: str, path: str) -> list[Outcome]:
+    """Stored-baseline failures of a benchmark whose test file ``path`` the baseline's revision ``rev``
+    does not have, so no A/B can measure it there. A figure the baseline lacks ("missing") is then
+    "new", not gated, as an A/B reports a benchmark the old revision lacks (perf/README.md): the
+    baseline predates the benchmark, so there is nothing it can have regressed from. Any other failure
+    stays failed. Returns the figures that still fail."""
+    still = []
+    for o in failed:
+        if o.status == "missing":
+            o.status = "new"
+            o.note = (f"this CPU's baseline predates it and its revision {rev[:12]} has no {path}; gated once the "
+                      f"baseline is refreshed: {SAVE_COMMAND}")
+        else:
+            o.note = f"not confirmed by A/B: revision {rev[:12]} has no {path}"
+            still.append(o)
+    return still
 
 
 def rejudge(o, verdict: ABOutcome | None, rev: str, *, prefix: str = "", kept: str = "", no_verdict: str) -> bool:

@@ -135,7 +135,7 @@ class Outcome:
     baseline: float | None = None
     baseline_source: str | None = None
     confirmation: float | None = None
-    status: str = "pass"  # pass | unconfirmed | regressed | refuted | missing | not-compared | ungated
+    status: str = "pass"  # pass | unconfirmed | regressed | refuted | missing | new | not-compared | ungated
     note: str = ""
 
     @property
@@ -168,6 +168,8 @@ class Outcome:
                 f"{self.test}: figure {self.figure!r} = {fmt(self.value)} has no baseline value in "
                 f"{self.baseline_source} ({self.note}). Refresh the baseline with: {SAVE_COMMAND}"
             )
+        if self.status == "new":
+            return f"{self.test}: {self.figure} = {fmt(self.value)}: new, not gated ({self.note})"
         if self.status == "not-compared":
             return f"{self.test}: {self.figure} = {fmt(self.value)} (not compared: {self.note})"
         if self.status == "ungated":

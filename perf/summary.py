@@ -76,12 +76,18 @@ def report(tr, state: PerfState) -> None:
                           "(this revision against the baseline's, measured here):", yellow=True)
             for o in refuted:
                 tr.write_line("  " + o.message(), yellow=True)
+        new = [o for o in compared if o.status == "new"]
+        if new:
+            tr.write_line(f"{len(new)} figure(s) new, not gated (benchmarks this CPU's baseline and its revision "
+                          "predate):", yellow=True)
+            for o in new:
+                tr.write_line("  " + o.message(), yellow=True)
         if bad:
             tr.write_line(f"GATE FAILED: {len(bad)} figure(s) regressed:", red=True, bold=True)
             for o in bad:
                 tr.write_line("  " + o.message(), red=True)
         else:
-            tr.write_line(f"gate passed: {len(compared)} figure(s) within limits.", green=True)
+            tr.write_line(f"gate passed: {len(compared) - len(new)} figure(s) within limits.", green=True)
     _report_accuracy(tr, state)
     report_targets(tr, state)
     if state.confirm.backstop_failed:

@@ -93,6 +93,47 @@ def test_apply_ab_confirmation_keeps_failures_the_ab_cannot_judge():
     assert absent.failed and absent.note == "not confirmable by A/B against aaaaaaaaaaaa: no verdict"
 
 
+def _benchmark_added_after_the_baseline(synth_git) -> None:
+    """Save a baseline at HEAD, then commit a second benchmark (``test_a_new.py``, which runs first)."""
+    rc, out = synth_git("--benchmark-save=baseline")
+    assert rc == 0, out
+    (synth_git.repo / "test_a_new.py").write_text(SYNTH_AB_TEST)
+    _git(synth_git.repo, "add", "-A")
+    _git(synth_git.repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a new benchmark")
+
+
+def test_a_benchmark_added_after_the_baseline_is_new_not_gated_and_passes(synth_git):
+    _benchmark_added_after_the_baseline(synth_git)
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 0, out
+    assert "test_a_new.py::test_layer: ratio_vs_linear = 2: new, not gated (this CPU's baseline predates it" in out
+    assert "has no test_a_new.py" in out and "A/B against" not in out  # nothing to measure at that revision
+    assert "1 figure(s) new, not gated" in out and "gate passed: 1 figure(s) within limits." in out
+
+
+def test_a_new_benchmark_does_not_stop_a_later_regression_being_confirmed_by_ab(synth_git):
+    _benchmark_added_after_the_baseline(synth_git)
+    (synth_git.repo / "ratio.txt").write_text("3.0")  # both benchmarks read it: the old one regresses 1.5x
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 1, out
+    assert "test_a_new.py::test_layer: ratio_vs_linear = 3: new, not gated" in out
+    assert out.count("beyond the stored baseline twice; A/B against") == 1
+    assert "test_synth.py::test_layer: ratio_vs_linear REGRESSED" in out and "REGRESSED in A/B against" in out
+
+
+def test_predating_makes_only_figures_the_baseline_lacks_new():
+    from perf.ab_verdicts import predating
+
+    missing = G.Outcome(test="p.py::a", figure="x", value=2.0, rule=Rule(HIGHER, 0.15), status="missing")
+    regressed = G.Outcome(test="p.py::a", figure="y", value=2.0, rule=Rule(HIGHER, 0.15), baseline=1.0,
+                          status="regressed")
+    still = predating([missing, regressed], "b" * 40, "p.py")
+    assert still == [regressed] and regressed.failed
+    assert regressed.note == "not confirmed by A/B: revision bbbbbbbbbbbb has no p.py"
+    assert missing.status == "new" and not missing.failed and G.SAVE_COMMAND in missing.note
+    assert missing.message().startswith("p.py::a: x = 2: new, not gated (this CPU's baseline predates it")
+
+
 def test_after_one_confirmed_regression_later_failures_spend_no_more_ab(synth_git):
     (synth_git.repo / "test_synth2.py").write_text(SYNTH_AB_TEST)  # a second benchmark, same figure file
     _git(synth_git.repo, "add", "-A")
