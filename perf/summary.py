@@ -17,6 +17,14 @@ from perf.state import PerfState
 from perf.targets import report_targets
 
 
+def _list(tr, outcomes: list, what: str, *, prefix: str = "", **colour: bool) -> None:
+    """``prefix`` + "<count> ``what``" and one line per outcome's message, in ``colour`` (nothing when empty)."""
+    if not outcomes:
+        return
+    tr.write_line(f"{prefix}{len(outcomes)} {what}", bold="red" in colour, **colour)
+    for o in outcomes:
+        tr.write_line("  " + o.message(), **colour)
+
 def backstop_tripped(terminalreporter, config: pytest.Config, state: PerfState) -> None:
     """pytest-benchmark's absolute backstop (--benchmark-compare-fail) fired; it has already
     printed which benchmark and field. Confirm it by A/B, and report it as a failed run (without a
@@ -70,22 +78,13 @@ def report(tr, state: PerfState) -> None:
         unconfirmed = [o for o in compared if o.status == "unconfirmed"]
         if unconfirmed:
             tr.write_line(f"{len(unconfirmed)} figure(s) exceeded once but passed the confirmation re-measure.")
-        refuted = [o for o in compared if o.status == "refuted"]
-        if refuted:
-            tr.write_line(f"{len(refuted)} figure(s) beyond the stored baseline twice passed the A/B confirmation "
-                          "(this revision against the baseline's, measured here):", yellow=True)
-            for o in refuted:
-                tr.write_line("  " + o.message(), yellow=True)
+        _list(tr, [o for o in compared if o.status == "refuted"], "figure(s) beyond the stored baseline twice "
+              "passed the A/B confirmation (this revision against the baseline's, measured here):", yellow=True)
         new = [o for o in compared if o.status == "new"]
-        if new:
-            tr.write_line(f"{len(new)} figure(s) new, not gated (benchmarks this CPU's baseline and its revision "
-                          "predate):", yellow=True)
-            for o in new:
-                tr.write_line("  " + o.message(), yellow=True)
+        _list(tr, new, "figure(s) new, not gated (benchmarks this CPU's baseline and its revision predate):",
+              yellow=True)
         if bad:
-            tr.write_line(f"GATE FAILED: {len(bad)} figure(s) regressed:", red=True, bold=True)
-            for o in bad:
-                tr.write_line("  " + o.message(), red=True)
+            _list(tr, bad, "figure(s) regressed:", prefix="GATE FAILED: ", red=True)
         else:
             tr.write_line(f"gate passed: {len(compared) - len(new)} figure(s) within limits.", green=True)
     _report_accuracy(tr, state)

@@ -66,8 +66,11 @@ FILE_ISAS: dict[str, tuple[str, ...]] = {
 }
 #: tests that read ``QINS_CPU_ISA`` as unset: left out where it is set
 AUTO_ONLY = ("tests/test_kernels.py::test_backend_name",)
-#: the kernel tests run against each mutant (fast ones; the slow 11008-wide layers included)
-SELECTION = ("tests/test_cpp_paths.py", "tests/test_search_kernel.py", "tests/test_kernels.py")
+#: the kernel tests run against each mutant (fast ones; the slow 11008-wide layers included), and the
+#: shared tables' (their op refusals and batch paths at every ISA: without them the op's row_table checks
+#: survived every mutant)
+SELECTION = ("tests/test_cpp_paths.py", "tests/test_search_kernel.py", "tests/test_kernels.py",
+             "tests/test_shared_tables.py")
 REPORT = ROOT / "docs" / "cpp_mutation.json"
 SUMMARY = ROOT / "docs" / "cpp_mutation.md"
 EQUIVALENTS = ROOT / "tests" / "cpp_mutation_equivalents.txt"
