@@ -17,13 +17,15 @@ from perf.state import PerfState
 from perf.targets import report_targets
 
 
-def _list(tr, outcomes: list, what: str, *, prefix: str = "", **colour: bool) -> None:
-    """``prefix`` + "<count> ``what``" and one line per outcome's message, in ``colour`` (nothing when empty)."""
+def _list(tr, outcomes: list, what: str, *, prefix: str = "", bold: bool = False, **colour: bool) -> None:
+    """``prefix`` + "<count> ``what``" (``bold`` if asked) and one line per outcome's message, in ``colour``
+    (nothing when empty)."""
     if not outcomes:
         return
-    tr.write_line(f"{prefix}{len(outcomes)} {what}", bold="red" in colour, **colour)
+    tr.write_line(f"{prefix}{len(outcomes)} {what}", bold=bold, **colour)
     for o in outcomes:
         tr.write_line("  " + o.message(), **colour)
+
 
 def backstop_tripped(terminalreporter, config: pytest.Config, state: PerfState) -> None:
     """pytest-benchmark's absolute backstop (--benchmark-compare-fail) fired; it has already
@@ -84,7 +86,7 @@ def report(tr, state: PerfState) -> None:
         _list(tr, new, "figure(s) new, not gated (benchmarks this CPU's baseline and its revision predate):",
               yellow=True)
         if bad:
-            _list(tr, bad, "figure(s) regressed:", prefix="GATE FAILED: ", red=True)
+            _list(tr, bad, "figure(s) regressed:", prefix="GATE FAILED: ", bold=True, red=True)
         else:
             tr.write_line(f"gate passed: {len(compared) - len(new)} figure(s) within limits.", green=True)
     _report_accuracy(tr, state)
