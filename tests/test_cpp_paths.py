@@ -25,7 +25,7 @@ import qins.kernels as qk
 from qins.formats import level_table, num_levels
 from qins.kernels import reference
 from tests.strategies import LinearCase, qins_codes
-from tests.test_kernels import TUNING_FIELDS, check_close, env, native, native_isas, tuning
+from tests.test_kernels import TUNING_FIELDS, check_close, env, native, native_isas, native_paths, on_path, tuning
 
 KMAX_GEMV_BATCH = 8  # qins_kernels.h kMaxGemvBatch
 KOWN_GEMM_MAX_BATCH = 96  # qins_kernels.h kOwnGemmMaxBatch
@@ -79,8 +79,8 @@ def every_isa_with_knobs(case, check, *, gemm: tuple[int, int], col_block: int, 
     try:
         torch.set_num_threads(threads)
         with tuning(gemm_rows=gemm[0], gemm_cols=gemm[1], col_block=col_block, own_gemm=own_gemm):
-            for isa in native_isas():
-                with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
+            for isa, gather in native_paths():
+                with on_path(isa, gather):
                     check(case, torch.ops.qins.linear(*case.args()), y_ref)
     finally:
         torch.set_num_threads(old)
@@ -99,8 +99,8 @@ def test_the_real_down_projection_sums_every_column_block_on_the_own_gemm_and_th
     case = _layer_case(batch + packed, batch, 300, 11008, packed, True, 1, True)
     y_ref = reference.linear(*case.args())
     with tuning(own_gemm=own_gemm):
-        for isa in native_isas():
-            with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
+        for isa, gather in native_paths():
+            with on_path(isa, gather):
                 check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 
@@ -113,8 +113,8 @@ def test_an_odd_wide_layer_on_the_blas_path_matches_the_reference(batch):
     case = _layer_case(batch, batch, 45, 11011, False, False, 0, False)
     y_ref = reference.linear(*case.args())
     with tuning(gemm_rows=16, gemm_cols=1024, own_gemm=1):
-        for isa in native_isas():
-            with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
+        for isa, gather in native_paths():
+            with on_path(isa, gather):
                 check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 

@@ -612,10 +612,10 @@ def test_native_table_refuses_mismatched_or_foreign_logs(lo: torch.Tensor, hi: t
         mod.table(lo, hi, True, 0, 0)
 
 
-_TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk")
+_TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk", "gather")
 _TUNING_BAD = [(f, v) for f in _TUNING_FIELDS for v in (2**63 - 1, -1)] + [
     ("col_block", 0), ("gemm_rows", 0), ("gemm_cols", 0), ("pipeline", 3), ("own_gemm", 3), ("row_chunk", 0),
-    ("row_chunk", 17)]
+    ("row_chunk", 17), ("gather", 2)]
 
 
 @pytest.mark.parametrize("field, value", _TUNING_BAD, ids=[f"{f}={v}" for f, v in _TUNING_BAD])
@@ -634,7 +634,7 @@ def test_native_set_tuning_accepts_the_edges_of_each_range_and_linear_runs_with_
     args = _linear_args()
     w = decode_codes(args["codes"], args["sign"], args["log_min"], args["log_max"], spacing="log")
     try:
-        for values in ((1, 1, 1, 0, 0, 0, 1), (2**40, 2**20, 2**24, 2**20, 2, 2, 16)):
+        for values in ((1, 1, 1, 0, 0, 0, 1, 0), (2**40, 2**20, 2**24, 2**20, 2, 2, 16, 1)):
             mod.set_tuning(*values)
             assert list(mod.get_tuning()) == list(values)
             for batch in (3, 40, 70):  # gemv, decoded blocks, decoded blocks of twice the rows

@@ -162,14 +162,15 @@ def test_decode_bit_identical(inn, out, packed, per_row, seed, spacing):
     hi = lo + torch.rand(shape, generator=gen) * 10
     ref = decode_codes(codes, sign, lo, hi, spacing=spacing).view(torch.int32)
     col = torch.arange(1, inn + 1, dtype=torch.float32)
-    for isa in native_isas():
-        w, xp = mod.decode_debug(codes, sign, lo, hi, col, SPACINGS.index(spacing), qk.ISAS[isa])
+    for isa, gather in native_paths():
+        with on_path(isa, gather):
+            w, xp = mod.decode_debug(codes, sign, lo, hi, col, SPACINGS.index(spacing), qk.ISAS[isa])
         perm = xp[0].long()  # column (1-based) at each position; 0 = padding
         assert sorted(perm[perm > 0].tolist()) == list(range(1, inn + 1))
         assert (w[:, perm == 0] == 0).all()
         nat = torch.empty(out, inn)
         nat[:, perm[perm > 0] - 1] = w[:, perm > 0]
-        assert torch.equal(nat.view(torch.int32), ref), isa
+        assert torch.equal(nat.view(torch.int32), ref), (isa, gather)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +184,8 @@ def test_linear_matches_reference_all_paths(case):
     y_ref = reference.linear(*case.args())
     with env(QINS_KERNEL="reference"):
         assert torch.equal(torch.ops.qins.linear(*case.args()), y_ref)
-    for isa in native_isas():
-        with env(QINS_CPU_ISA=isa, QINS_KERNEL=None):
+    for isa, gather in native_paths():
+        with on_path(isa, gather):
             check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 
@@ -199,8 +200,8 @@ def test_wide_and_tall_layers(packed, batch):
     lo = torch.rand(out, generator=gen) * -8 - 4
     case = LinearCase(torch.randn(batch, inn, generator=gen), codes, sign, lo, lo + 6, torch.randn(out, generator=gen))
     y_ref = reference.linear(*case.args())
-    for isa in native_isas():
-        with env(QINS_CPU_ISA=isa):
+    for isa, gather in native_paths():
+        with on_path(isa, gather):
             check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 
@@ -223,7 +224,22 @@ def test_large_batch_gemm_sums_every_column_block_of_a_long_row(packed, batch):
             check_close(case, torch.ops.qins.linear(*case.args()), y_ref)
 
 
-TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk")
+TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk", "gather")
+
+
+def native_paths() -> list[tuple[str, int | None]]:
+    """Every native kernel path as ``(ISA name, gather knob)``: the AVX2 path's two ways of looking
+    up the table (``gather=1``: half by vgatherdps, half by scalar loads; ``0``: scalar loads only)
+    are two paths; the other ISAs ignore the knob (``None``: left as it is)."""
+    return [(isa, g) for isa in native_isas() for g in ((1, 0) if isa == "avx2" else (None,))]
+
+
+@contextlib.contextmanager
+def on_path(isa: str, gather: int | None):
+    """The op dispatched to ``isa`` (``QINS_CPU_ISA``) with the gather knob set (see native_paths)."""
+    knob = contextlib.nullcontext() if gather is None else tuning(gather=gather)
+    with env(QINS_CPU_ISA=isa, QINS_KERNEL=None), knob:
+        yield
 
 
 @contextlib.contextmanager
@@ -242,9 +258,10 @@ def tuning(**changes: int):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gemv_knobs_that_keep_the_order_keep_the_result_bit_identical(packed, batch):
-    """Row chunk, prefetch distance and the pipelined table only schedule work: every row still
-    sums its columns in the same order, so the result is bit-identical; a column block changes the
-    order (within the bound). 37 rows: chunks of 2, 3 and 16 all leave a remainder."""
+    """Row chunk, prefetch distance, the pipelined table and AVX2's gathers only schedule work or
+    fetch the same table entries another way: every row still sums its columns in the same order,
+    so the result is bit-identical; a column block changes the order (within the bound). 37 rows:
+    chunks of 2, 3 and 16 all leave a remainder."""
     native()
     gen = torch.Generator().manual_seed(batch + 10 * packed)
     out, inn = 37, 200
@@ -257,7 +274,8 @@ def test_gemv_knobs_that_keep_the_order_keep_the_result_bit_identical(packed, ba
             y0 = torch.ops.qins.linear(*case.args())
             check_close(case, y0, y_ref)
             for knobs in ({"row_chunk": 1}, {"row_chunk": 3}, {"row_chunk": 16}, {"prefetch": 0}, {"prefetch": 64},
-                          {"pipeline": 0}, {"pipeline": 2}, {"pipeline": 2, "prefetch": 0}):
+                          {"pipeline": 0}, {"pipeline": 2}, {"pipeline": 2, "prefetch": 0}, {"gather": 0},
+                          {"gather": 1}):
                 with tuning(**knobs):
                     assert torch.equal(torch.ops.qins.linear(*case.args()), y0), (isa, knobs)
             with tuning(col_block=64):
@@ -278,15 +296,16 @@ def _intel() -> bool:
 def test_tuning_defaults_and_refusals():
     mod = native()
     # own_gemm: the BLAS above kOwnGemmMaxBatch on Intel (MKL's best kernels run there), the own
-    # micro-GEMM at every batch elsewhere (ops.cpp default_own_gemm)
+    # micro-GEMM at every batch elsewhere (ops.cpp default_own_gemm); gather: AVX2's vgatherdps on
+    # Intel only (AMD's are slower than scalar loads)
     assert dict(zip(TUNING_FIELDS, mod.get_tuning())) == {
         "col_block": 1 << 30, "gemm_rows": 128, "gemm_cols": 3072, "prefetch": 12288, "pipeline": 1,
-        "own_gemm": 1 if _intel() else 2, "row_chunk": 2}
+        "own_gemm": 1 if _intel() else 2, "row_chunk": 2, "gather": 1 if _intel() else 0}
     for bad in (0, 17):
         with pytest.raises(RuntimeError, match=r"row_chunk must be in \[1, 16\]"):
             with tuning(row_chunk=bad):
                 pass
-    assert mod.get_tuning()[-1] == 2  # a refused call changes nothing
+    assert dict(zip(TUNING_FIELDS, mod.get_tuning()))["row_chunk"] == 2  # a refused call changes nothing
 
 
 @pytest.mark.parametrize("batch", [1, 5, 64])

@@ -27,7 +27,7 @@ from tests.strategies import (
     shared_case,
 )
 from tests.test_cpp_paths import PATH_DRAWS, every_isa_with_knobs
-from tests.test_kernels import U, native, native_isas
+from tests.test_kernels import U, native, native_paths, on_path
 
 
 def _decode(case: SharedCase) -> torch.Tensor:
@@ -172,12 +172,13 @@ def test_every_isa_decodes_each_row_through_its_own_table_bit_for_bit(seed, out,
     mod = native()
     case = shared_case(seed, 1, out, inn, packed, tables, False)
     idx = case.row_table.long()
-    for isa in native_isas():
-        shared, _ = mod.decode_debug(case.codes, case.sign, case.log_min, case.log_max, case.x, 1, qk.ISAS[isa],
-                                     case.row_table)
-        per_row, _ = mod.decode_debug(case.codes, case.sign, case.log_min[idx], case.log_max[idx], case.x, 1,
-                                      qk.ISAS[isa])
-        assert torch.equal(shared.view(torch.int32), per_row.view(torch.int32)), isa
+    for isa, gather in native_paths():
+        with on_path(isa, gather):
+            shared, _ = mod.decode_debug(case.codes, case.sign, case.log_min, case.log_max, case.x, 1, qk.ISAS[isa],
+                                         case.row_table)
+            per_row, _ = mod.decode_debug(case.codes, case.sign, case.log_min[idx], case.log_max[idx], case.x, 1,
+                                          qk.ISAS[isa])
+        assert torch.equal(shared.view(torch.int32), per_row.view(torch.int32)), (isa, gather)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -1,8 +1,10 @@
-// AVX2 + FMA kernels (no VBMI): the row's signed table sits in L1; of each 32 weights, 16 are
-// looked up by two vgatherdps and 16 by scalar loads assembled with vpinsrd (lookup8). A gather is
-// bound by the load ports, the scalar half mostly by the integer and shuffle ports, so the halves
-// overlap. Measured on an Intel Xeon 6/207, 3072x3072 packed codes, 1 thread, one table (a
-// standalone loop, ms per pass): all gathers 2.0, all scalar 2.6, half and half 1.8-1.9.
+// AVX2 + FMA kernels (no VBMI): the row's signed table sits in L1; each 32 weights are looked up
+// either half by two vgatherdps and half by scalar loads assembled with vpinsrd (lookup8), or all by
+// scalar loads (the gather knob, Args::gather). A gather is bound by the load ports, the scalar half
+// mostly by the integer and shuffle ports, so on Intel the halves overlap; AMD's gathers are slower
+// than the loads they replace. Measured (3072x3072 packed codes, 1 thread, a standalone loop, ms per
+// pass): Intel Xeon 6/207 all gathers 2.0, all scalar 2.6, half and half 1.8-1.9; AMD EPYC family 25
+// model 1 (Zen 3) all gathers 4.2, half and half 3.1, all scalar 2.1.
 // Byte-plane shuffles (vpshufb over 16-entry chunks, as the AVX-512 path does with vpermi2b) lose
 // on AVX2: a 128-entry float table is 32 16-byte planes, twice the 16 ymm registers, so each
 // shuffle reloads its plane and the loop is load-bound (4.1). Compiled with -mavx2 -mfma
@@ -98,13 +100,6 @@ inline __m256 signed8(__m256 w, __m128i s8) {
   return _mm256_xor_ps(w, _mm256_castsi256_ps(_mm256_and_si256(sv, _mm256_set1_epi32(INT32_MIN))));
 }
 
-// 8 signed weights at column k of a row.
-inline __m256 load_w8(const float* t, const uint8_t* c, const int8_t* s) {
-  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
-  const __m256 w = _mm256_i32gather_ps(t, idx, 4);
-  return s ? signed8(w, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))) : w;
-}
-
 // The 8 table entries of the codes in u's bytes, by scalar loads: each pair with vmovd + vpinsrd,
 // the pairs joined by vpunpcklqdq and vinserti128. Written out because that is the sequence that
 // runs beside the gathers best: scalar stores to a buffer reloaded as a vector stall on store
@@ -120,19 +115,44 @@ inline __m256 lookup8(const float* t, uint64_t u) {
   return _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
 }
 
-// 32 signed weights at column k of a row, W[q] = columns 8q .. 8q+7: columns 0..15 by two gathers,
-// 16..31 by scalar loads (lookup8). A gather spends its time on the load ports, the scalar
-// lookups on the integer ports and the shuffle port, so the two halves overlap.
-template <bool SPLIT>
+// 8 signed weights at column k of a row: one vgatherdps (GATHER) or scalar loads (lookup8).
+template <bool GATHER>
+inline __m256 load_w8(const float* t, const uint8_t* c, const int8_t* s) {
+  __m256 w;
+  if (GATHER) {
+    w = _mm256_i32gather_ps(t, _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))), 4);
+  } else {
+    uint64_t u;
+    std::memcpy(&u, c, 8);
+    w = lookup8(t, u);
+  }
+  return s ? signed8(w, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))) : w;
+}
+
+// 32 signed weights at column k of a row, W[q] = columns 8q .. 8q+7. GATHER: columns 0..15 by two
+// gathers, 16..31 by scalar loads (lookup8); a gather spends its time on the load ports, the scalar
+// lookups on the integer ports and the shuffle port, so the two halves overlap (Intel's best).
+// Otherwise all 32 by scalar loads: AMD's vgatherdps is microcoded and slower than the scalar
+// loads it replaces (the gather knob, ops.cpp).
+template <bool SPLIT, bool GATHER>
 inline void load_w32(const float* t, const uint8_t* c, const int8_t* s, __m256* W) {
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
-  W[0] = _mm256_i32gather_ps(t, _mm256_cvtepu8_epi32(lo), 4);
-  W[1] = _mm256_i32gather_ps(t, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)), 4);
-  uint64_t u, v;
-  std::memcpy(&u, c + 16, 8);
-  std::memcpy(&v, c + 24, 8);
-  W[2] = lookup8(t, u);
-  W[3] = lookup8(t, v);
+  // each 8 codes loaded straight into a register (one 32-byte copy to the stack, reloaded 8 bytes
+  // at a time, stalls on store forwarding)
+  auto codes8 = [c](int q) {
+    uint64_t u;
+    std::memcpy(&u, c + 8 * q, 8);
+    return u;
+  };
+  if (GATHER) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+    W[0] = _mm256_i32gather_ps(t, _mm256_cvtepu8_epi32(lo), 4);
+    W[1] = _mm256_i32gather_ps(t, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo)), 4);
+  } else {
+    W[0] = lookup8(t, codes8(0));
+    W[1] = lookup8(t, codes8(1));
+  }
+  W[2] = lookup8(t, codes8(2));
+  W[3] = lookup8(t, codes8(3));
   if (SPLIT) {
     const __m256i sv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
     const __m128i s0 = _mm256_castsi256_si128(sv), s1 = _mm256_extracti128_si256(sv, 1);
@@ -161,7 +181,7 @@ inline float hsum8(__m256 v) {
 // tuning knobs. Codes (and signs) are prefetched a.prefetch bytes ahead: measured at batch 1, cold,
 // 1 thread, ratio to nn.Linear without / with 1-12 KiB: 3072x3072 packed 1.03 / 0.93-0.95, split
 // 1.25 / 1.12-1.15, 3072x8192 packed 0.96 / 0.83-0.87 (the default 12 KiB among the best).
-template <bool SPLIT, int B>
+template <bool SPLIT, bool GATHER, int B>
 void gemv_b(const Args& a, int64_t r0, int64_t r1) {
   constexpr int A = B == 1 ? 4 : (B == 2 ? 2 : 1);
   alignas(32) float tabs[kMaxTables][256];
@@ -181,14 +201,14 @@ void gemv_b(const Args& a, int64_t r0, int64_t r1) {
         if (SPLIT) _mm_prefetch(reinterpret_cast<const char*>(s + k + a.prefetch), _MM_HINT_T0);
       }
       __m256 W[4];
-      load_w32<SPLIT>(t, c + k, SPLIT ? s + k : nullptr, W);
+      load_w32<SPLIT, GATHER>(t, c + k, SPLIT ? s + k : nullptr, W);
       for (int b = 0; b < B; ++b) {
         const float* x = a.xp + b * a.kpad + k;
         for (int q = 0; q < 4; ++q) acc[b][q % A] = _mm256_fmadd_ps(W[q], _mm256_loadu_ps(x + 8 * q), acc[b][q % A]);
       }
     }
     for (int64_t k = in32; k < in8; k += 8) {
-      const __m256 w = load_w8(t, c + k, s ? s + k : nullptr);
+      const __m256 w = load_w8<GATHER>(t, c + k, s ? s + k : nullptr);
       for (int b = 0; b < B; ++b) acc[b][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a.xp + b * a.kpad + k), acc[b][0]);
     }
     for (int b = 0; b < B; ++b) {
@@ -201,26 +221,24 @@ void gemv_b(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
-template <bool SPLIT>
+// B <= kGemvGroup (ops.cpp calls gemv with at most 4 rows of x at a time).
+template <bool SPLIT, bool GATHER>
 void gemv_s(const Args& a, int64_t r0, int64_t r1) {
+  static_assert(kGemvGroup == 4, "gemv_s instantiates batches 1..4");
   switch (a.B) {
-    case 1: return gemv_b<SPLIT, 1>(a, r0, r1);
-    case 2: return gemv_b<SPLIT, 2>(a, r0, r1);
-    case 3: return gemv_b<SPLIT, 3>(a, r0, r1);
-    case 4: return gemv_b<SPLIT, 4>(a, r0, r1);
-    case 5: return gemv_b<SPLIT, 5>(a, r0, r1);
-    case 6: return gemv_b<SPLIT, 6>(a, r0, r1);
-    case 7: return gemv_b<SPLIT, 7>(a, r0, r1);
-    default: return gemv_b<SPLIT, 8>(a, r0, r1);
+    case 1: return gemv_b<SPLIT, GATHER, 1>(a, r0, r1);
+    case 2: return gemv_b<SPLIT, GATHER, 2>(a, r0, r1);
+    case 3: return gemv_b<SPLIT, GATHER, 3>(a, r0, r1);
+    default: return gemv_b<SPLIT, GATHER, 4>(a, r0, r1);
   }
 }
 
 void avx2_gemv(const Args& a, int64_t r0, int64_t r1) {
-  if (a.sign) return gemv_s<true>(a, r0, r1);
-  return gemv_s<false>(a, r0, r1);
+  if (a.gather) return a.sign ? gemv_s<true, true>(a, r0, r1) : gemv_s<false, true>(a, r0, r1);
+  return a.sign ? gemv_s<true, false>(a, r0, r1) : gemv_s<false, false>(a, r0, r1);
 }
 
-template <bool SPLIT>
+template <bool SPLIT, bool GATHER>
 void decode_s(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
   alignas(32) float tabs[kMaxTables][256];
   auto build = [&](float lo, float hi, float* t) { avx2_table_aligned(lo, hi, !SPLIT, a.mulaw, t); };
@@ -233,17 +251,17 @@ void decode_s(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, flo
     float* wr = w + (r - r0) * (k1 - k0) - k0;
     for (int64_t k = k0; k < k32; k += 32) {
       __m256 W[4];
-      load_w32<SPLIT>(t, c + k, SPLIT ? s + k : nullptr, W);
+      load_w32<SPLIT, GATHER>(t, c + k, SPLIT ? s + k : nullptr, W);
       for (int q = 0; q < 4; ++q) _mm256_storeu_ps(wr + k + 8 * q, W[q]);
     }
-    for (int64_t k = k32; k < k8; k += 8) _mm256_storeu_ps(wr + k, load_w8(t, c + k, s ? s + k : nullptr));
+    for (int64_t k = k32; k < k8; k += 8) _mm256_storeu_ps(wr + k, load_w8<GATHER>(t, c + k, s ? s + k : nullptr));
     for (int64_t k = k8; k < k1; ++k) wr[k] = w1(t, c, s, k);
   }
 }
 
 void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* w) {
-  if (a.sign) return decode_s<true>(a, r0, r1, k0, k1, w);
-  return decode_s<false>(a, r0, r1, k0, k1, w);
+  if (a.gather) return a.sign ? decode_s<true, true>(a, r0, r1, k0, k1, w) : decode_s<false, true>(a, r0, r1, k0, k1, w);
+  return a.sign ? decode_s<true, false>(a, r0, r1, k0, k1, w) : decode_s<false, false>(a, r0, r1, k0, k1, w);
 }
 
 // The rounding-deviation score, 8 columns a step, as avx512_deviation (the block is zero-padded

@@ -68,14 +68,16 @@ float* scratch(int64_t floats) {
   return buf.p;
 }
 
-int64_t default_own_gemm() {
+bool is_intel() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
-  return __builtin_cpu_is("intel") ? 1 : 2;
+  return __builtin_cpu_is("intel");
 #else
-  return 1;
+  return true;
 #endif
 }
+
+int64_t default_own_gemm() { return is_intel() ? 1 : 2; }
 
 // Tuning knobs (set_tuning; perf/kernel_bench.py explores them).
 struct Tuning {
@@ -100,6 +102,11 @@ struct Tuning {
   // table work stalls the memory stream; measured (3072x3072 / 3072x8192 per-row packed, batch 1,
   // cold, % of the streaming floor, same runs): 16 rows 61-69%, 4 rows 71-75%, 2 rows 73-77%, 1 row 70-75%.
   int64_t row_chunk = 2;
+  // AVX2 table lookups: 1 half by vgatherdps and half by scalar loads, 0 all by scalar loads.
+  // Measured (3072x3072 packed, batch 1, 1 thread, docs/perf.md): on an Intel Xeon 6/207 the mix
+  // wins (1.8-1.9 ms a pass; scalar only 2.6); on AMD EPYC family 25 model 1 (Zen 3, AVX2 only) the
+  // gathers lose (mix 3.2 ms, scalar only 2.1-2.4), so the default depends on the vendor.
+  int64_t gather = is_intel() ? 1 : 0;
 };
 // Written by set_tuning, read by every call: each call takes one snapshot under the lock, so a call
 // never sees half of a set_tuning (and the kernels read their own copy, not the global).
@@ -125,6 +132,7 @@ void check_tuning(const Tuning& t) {
   in("pipeline", t.pipeline, 0, 2);
   in("own_gemm", t.own_gemm, 0, 2);
   in("row_chunk", t.row_chunk, 1, kMaxRowChunk);
+  in("gather", t.gather, 0, 1);
 }
 
 // Every tensor the kernels read through a raw pointer is checked for device, dtype, shape and
@@ -214,6 +222,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
            tune.prefetch, tune.pipeline, tune.own_gemm, tune.row_chunk, static_cast<int>(spacing),
            row_table.has_value() ? row_table->data_ptr<uint8_t>() : nullptr, row_table.has_value() ? lmin.size(0) : 1};
     if (row_table.has_value()) a.per_row = 0;
+    a.gather = tune.gather;
     if (B <= kMaxGemvBatch) {
       const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
       // x rows in groups of <= 4 (measured at 3072x3072: B = 4 0.8 ms, B = 8 in one pass 3.0 ms,
@@ -347,6 +356,7 @@ std::vector<at::Tensor> decode_debug(const at::Tensor& codes, const c10::optiona
   Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr, lmin.data_ptr<float>(),
          lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad, xp.data_ptr<float>(), x2.size(0), nullptr, kpad};
   a.mulaw = static_cast<int>(spacing);
+  a.gather = tuning_snapshot().gather;
   if (row_table.has_value()) {
     a.per_row = 0;
     a.row_table = row_table->data_ptr<uint8_t>();
@@ -371,15 +381,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &qins::supported, "whether an ISA path (1 scalar, 2 avx2, 3 avx512) runs here");
   m.def("best_isa", &qins::best_isa, "the ISA path chosen by default");
   m.def("set_tuning", [](int64_t col_block, int64_t gemm_rows, int64_t gemm_cols, int64_t prefetch, int64_t pipeline,
-                         int64_t own_gemm, int64_t row_chunk) {
-    const qins::Tuning t{col_block, gemm_rows, gemm_cols, prefetch, pipeline, own_gemm, row_chunk};
+                         int64_t own_gemm, int64_t row_chunk, int64_t gather) {
+    const qins::Tuning t{col_block, gemm_rows, gemm_cols, prefetch, pipeline, own_gemm, row_chunk, gather};
     qins::check_tuning(t);  // all checked before any is set: a refused call changes nothing
     std::lock_guard<std::mutex> lock(qins::g_tuning_mutex);
     qins::g_tuning = t;
   }, "tuning knobs (the Tuning struct's fields, in order; each range-checked)");
   m.def("get_tuning", []() {
     const qins::Tuning t = qins::tuning_snapshot();
-    return std::vector<int64_t>{t.gemv_col_block, t.gemm_rows, t.gemm_cols, t.prefetch, t.pipeline, t.own_gemm, t.row_chunk};
+    return std::vector<int64_t>{t.gemv_col_block, t.gemm_rows, t.gemm_cols, t.prefetch, t.pipeline, t.own_gemm, t.row_chunk, t.gather};
   });
   m.def("scratch_bytes_max", []() { return qins::g_scratch_max.load(); }, "largest per-thread scratch");
 }

@@ -92,6 +92,8 @@ struct Args {
   // per call; nullptr: table 0. The per-row scale is applied by the caller, after the dot products.
   const uint8_t* row_table = nullptr;
   int64_t ntables = 1;
+  // AVX2 table lookups: 1 half by vgatherdps, half by scalar loads; 0 all by scalar loads.
+  int64_t gather = 1;
 };
 constexpr int64_t kMaxRowChunk = 16;
 constexpr int64_t kMaxTables = 16;  // shared tables per layer (QinsConfig.shared_tables)
@@ -165,7 +167,7 @@ struct IsaKernels {
   void (*table)(float lo, float hi, int packed, int mulaw, float* out256);
   int64_t (*kpad)(int64_t in);
   void (*xprep)(const float* x, int64_t B, int64_t in, int64_t kpad, float* xp);
-  // y[:, r0:r1] for B <= kMaxGemvBatch, straight from the codes.
+  // y[:, r0:r1] for B <= kGemvGroup, straight from the codes.
   void (*gemv)(const Args& a, int64_t r0, int64_t r1);
   // Decode rows [r0, r1), columns [k0, k1) (multiples of 64 or k1 == kpad) into w
   // ([r1 - r0, k1 - k0] fp32, in the column order of xprep).
