@@ -329,6 +329,32 @@ def test_threads_agree(batch):
     check_close(case, ys[1], y_ref)
 
 
+@pytest.mark.parametrize("own_gemm", [0, 1, 2])
+@pytest.mark.parametrize("batch", [3, 32, 130])
+def test_every_batch_path_runs_on_several_threads_inside_inference_mode(batch, own_gemm):
+    """``torch.inference_mode()`` is thread-local, and ``at::parallel_for``'s worker threads do not
+    inherit it: the BLAS path's ``mm_out``/``addmm_`` into the op's output (an inference tensor)
+    raised "Inplace update to inference tensor outside InferenceMode" on a worker. 2 threads, several
+    row blocks each, several column blocks (5000 columns), every kernel path and GEMM choice."""
+    native()
+    gen = torch.Generator().manual_seed(batch)
+    out, inn = 300, 5000
+    codes, sign = qins_codes(gen, out, inn, False, 0.05)
+    lo = torch.rand(out, generator=gen) * -8 - 4
+    case = LinearCase(torch.randn(batch, inn, generator=gen), codes, sign, lo, lo + 6, torch.randn(out, generator=gen))
+    y_ref = reference.linear(*case.args())
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with tuning(own_gemm=own_gemm):
+            for isa, gather in native_paths():
+                with on_path(isa, gather), torch.inference_mode():
+                    y = torch.ops.qins.linear(*case.args())
+                check_close(case, y, y_ref)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_empty_and_bad_inputs():
     native()
     codes = torch.zeros(4, 5, dtype=torch.uint8)

@@ -4,6 +4,7 @@
 // single-threaded GEMM into y[:, rows]).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -219,7 +220,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
     Args a{codes.data_ptr<uint8_t>(), sign.has_value() ? sign->data_ptr<int8_t>() : nullptr,
            lmin.data_ptr<float>(), lmax.data_ptr<float>(), lmin.dim() == 1, in, out, kpad,
            xp.data_ptr<float>(), B, y.data_ptr<float>(), std::max<int64_t>(64, tune.gemv_col_block / 64 * 64),
-           tune.prefetch, tune.pipeline, tune.own_gemm, tune.row_chunk, static_cast<int>(spacing),
+           tune.prefetch, tune.pipeline, tune.row_chunk, static_cast<int>(spacing),
            row_table.has_value() ? row_table->data_ptr<uint8_t>() : nullptr, row_table.has_value() ? lmin.size(0) : 1};
     if (row_table.has_value()) a.per_row = 0;
     a.gather = tune.gather;
@@ -255,7 +256,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
       const int64_t nk = (kpad + max_kb - 1) / max_kb;
       const int64_t kb = std::min(kpad, ((kpad + nk - 1) / nk + 63) / 64 * 64);
       const int64_t nblocks = (out + rb - 1) / rb;
+      // The BLAS path runs ATen ops (mm_out, addmm_) on the worker threads, which do not inherit the
+      // caller's thread-local state: under torch.inference_mode() y is an inference tensor, and an
+      // in-place update of it outside InferenceMode raises. Each worker takes the caller's state.
+      const at::ThreadLocalState caller_state;
       at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        const at::ThreadLocalStateGuard state_guard(caller_state);
         float* w = scratch(rb * kb);
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t r0 = blk * rb, r1 = std::min(out, r0 + rb);

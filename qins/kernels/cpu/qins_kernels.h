@@ -85,7 +85,6 @@ struct Args {
   int64_t col_block;      // gemv: columns per block (multiple of 64; >= kpad: no blocking)
   int64_t prefetch = 0;   // gemv: software prefetch distance in bytes (0: none)
   int64_t pipeline = 1;   // gemv: next row's table built inside the row loop (0 off, 1 split only, 2 all)
-  int64_t own_gemm = 1;   // decoded blocks: 0 at::mm; 1 the ISA's gemm up to kOwnGemmMaxBatch; 2 at every batch
   int64_t row_chunk = 2;  // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk)
   int mulaw = 0;          // level spacing: 0 log, 1 mulaw (table_steps, table_offset)
   // Shared tables (per_row = 0): row r decodes through table row_table[r] of the ntables built once
