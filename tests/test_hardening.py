@@ -20,6 +20,7 @@ from torch import nn
 import qins.kernels as qk
 from qins import ProjectiveLinear, QinsConfig, encode
 from qins.formats import LOG_FLOAT32_MAX, LOG_FLOAT32_MIN, SPACINGS, decode_codes, level_table, num_levels, qins_exp
+from tests.test_kernels import TUNING_FIELDS
 
 TINY = torch.finfo(torch.float32).tiny
 CONFIGS = [
@@ -612,7 +613,7 @@ def test_native_table_refuses_mismatched_or_foreign_logs(lo: torch.Tensor, hi: t
         mod.table(lo, hi, True, 0, 0)
 
 
-_TUNING_FIELDS = ("col_block", "gemm_rows", "gemm_cols", "prefetch", "pipeline", "own_gemm", "row_chunk", "gather")
+_TUNING_FIELDS = TUNING_FIELDS
 _TUNING_BAD = [(f, v) for f in _TUNING_FIELDS for v in (2**63 - 1, -1)] + [
     ("col_block", 0), ("gemm_rows", 0), ("gemm_cols", 0), ("pipeline", 3), ("own_gemm", 3), ("row_chunk", 0),
     ("row_chunk", 17), ("gather", 2)]

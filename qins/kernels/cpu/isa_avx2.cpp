@@ -132,8 +132,8 @@ inline __m256 load_w8(const float* t, const uint8_t* c, const int8_t* s) {
 // 32 signed weights at column k of a row, W[q] = columns 8q .. 8q+7. GATHER: columns 0..15 by two
 // gathers, 16..31 by scalar loads (lookup8); a gather spends its time on the load ports, the scalar
 // lookups on the integer ports and the shuffle port, so the two halves overlap (Intel's best).
-// Otherwise all 32 by scalar loads: AMD's vgatherdps is microcoded and slower than the scalar
-// loads it replaces (the gather knob, ops.cpp).
+// Otherwise all 32 by scalar loads: on AMD (Zen 3 measured) the gathers are slower than the scalar
+// loads they replace (the gather knob, ops.cpp).
 template <bool SPLIT, bool GATHER>
 inline void load_w32(const float* t, const uint8_t* c, const int8_t* s, __m256* W) {
   // each 8 codes loaded straight into a register (one 32-byte copy to the stack, reloaded 8 bytes
