@@ -613,8 +613,7 @@ def test_native_table_refuses_mismatched_or_foreign_logs(lo: torch.Tensor, hi: t
         mod.table(lo, hi, True, 0, 0)
 
 
-_TUNING_FIELDS = TUNING_FIELDS
-_TUNING_BAD = [(f, v) for f in _TUNING_FIELDS for v in (2**63 - 1, -1)] + [
+_TUNING_BAD = [(f, v) for f in TUNING_FIELDS for v in (2**63 - 1, -1)] + [
     ("col_block", 0), ("gemm_rows", 0), ("gemm_cols", 0), ("pipeline", 3), ("own_gemm", 3), ("row_chunk", 0),
     ("row_chunk", 17), ("gather", 2)]
 
@@ -623,9 +622,9 @@ _TUNING_BAD = [(f, v) for f in _TUNING_FIELDS for v in (2**63 - 1, -1)] + [
 def test_native_set_tuning_refuses_a_value_out_of_range_and_changes_nothing(field: str, value: int) -> None:
     mod = _native()
     before = list(mod.get_tuning())
-    new = dict(zip(_TUNING_FIELDS, before), **{field: value})
+    new = dict(zip(TUNING_FIELDS, before), **{field: value})
     with pytest.raises(RuntimeError, match=rf"{field} must be in \["):
-        mod.set_tuning(*(new[f] for f in _TUNING_FIELDS))
+        mod.set_tuning(*(new[f] for f in TUNING_FIELDS))
     assert list(mod.get_tuning()) == before
 
 
