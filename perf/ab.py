@@ -71,6 +71,21 @@ def has_path(repo: Path, rev: str, path: str) -> bool:
     return _git(repo, "cat-file", "-e", f"{rev}:{path}", check=False).returncode == 0
 
 
+def lacks_node(tree: Path, nodeid: str, timeout_s: float = 300) -> bool:
+    """Whether the suite in ``tree`` (an exported revision) says it has no test ``nodeid``: pytest's
+    collection there (as :func:`run_suite` runs it) reports the id not found (exit 4) or collects
+    nothing (exit 5). Any other failure to collect is not taken for an absence (``False``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", nodeid]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    out = proc.stdout + proc.stderr
+    return proc.returncode == 5 or (proc.returncode == 4 and "not found" in out)
+
+
 def export_revision(repo: Path, rev: str, dest: Path) -> Path:
     """``git archive rev | tar -x`` into ``dest``: the old tree, independent of this checkout's state."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -183,17 +183,20 @@ def confirm_by_ab(state: PerfState, request: pytest.FixtureRequest, benchmark, f
     rev = str((state.compare.baseline.commit_info or {}).get("id") or "") if state.compare.baseline is not None else ""
     config = request.config
     if rev and not state.confirm.error and any(o.status == "missing" for o in failed):
-        # A figure the baseline lacks, of a benchmark added after it: the baseline's revision cannot run
-        # the benchmark, so nothing is measured there (and a later failure, of a benchmark it has, is
-        # still confirmed)
+        # A figure the baseline lacks, of a benchmark added after it (a new file, or a new test or
+        # parametrization in a file the baseline's revision has): that revision cannot run the benchmark,
+        # so nothing is measured there (and a later failure, of a benchmark it has, is still confirmed)
         path = request.node.nodeid.split("::")[0]
         try:
             full = ab.resolve_revision(config.rootpath, rev, state.compare.baseline.label)
-        except ab.RevisionError as exc:
-            state.confirm.error = str(exc).splitlines()[0]
-        else:
             if not ab.has_path(config.rootpath, full, path):
                 return predating(failed, rev, path)
+            if state.confirm.old is None:
+                state.confirm.old = ab.OldSide(config.rootpath, full, [path], None, None, ab_options(config, state))
+            if ab.lacks_node(state.confirm.old.tree, request.node.nodeid):
+                return predating(failed, rev, request.node.nodeid)
+        except ab.RevisionError as exc:
+            state.confirm.error = str(exc).splitlines()[0]
     why = state.confirm.error or ("" if rev else "the baseline records no git revision")
     if not why and state.confirm.regressed:
         why = "a regression is already confirmed by A/B in this run (the run fails; no more A/B spent)"

@@ -93,6 +93,38 @@ def test_apply_ab_confirmation_keeps_failures_the_ab_cannot_judge():
     assert absent.failed and absent.note == "not confirmable by A/B against aaaaaaaaaaaa: no verdict"
 
 
+#: a parametrized benchmark for test_synth.py: ``{cases}`` is the list of its ids
+PARAMETRIZED_TEST = textwrap.dedent(
+    """
+    import pytest as _pytest
+
+    @_pytest.mark.parametrize("case", {cases})
+    def test_case(benchmark, perf_gate, case):
+        benchmark.pedantic(lambda: None, rounds=3)
+        perf_gate.check(benchmark, {{"ratio_vs_linear": 2.0}}, {{"ratio_vs_linear": Rule(HIGHER, 0.15)}},
+                        lambda: {{"ratio_vs_linear": 2.0}})
+    """
+)
+
+
+def test_a_case_added_to_a_benchmark_after_the_baseline_is_new_not_gated_and_passes(synth_git):
+    """A new parametrization in a file the baseline's revision has: that revision cannot run it (its
+    pytest does not find the id), so the figure is new, as for a new file."""
+    repo = synth_git.repo
+    for cases in ('["b1"]', '["b1", "b8"]'):
+        (repo / "test_synth.py").write_text(SYNTH_AB_TEST + PARAMETRIZED_TEST.format(cases=cases))
+        _git(repo, "add", "-A")
+        _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", f"cases {cases}")
+        if cases == '["b1"]':
+            rc, out = synth_git("--benchmark-save=baseline")
+            assert rc == 0, out
+    rc, out = synth_git("--benchmark-compare")
+    assert rc == 0, out
+    assert "test_synth.py::test_case[b8]: ratio_vs_linear = 2: new, not gated (this CPU's baseline predates it" in out
+    assert "has no test_synth.py::test_case[b8]" in out and "A/B against" not in out
+    assert "1 figure(s) new, not gated" in out and "gate passed: 2 figure(s) within limits." in out
+
+
 def _benchmark_added_after_the_baseline(synth_git) -> None:
     """Save a baseline at HEAD, then commit a second benchmark (``test_a_new.py``, which runs first)."""
     rc, out = synth_git("--benchmark-save=baseline")
