@@ -30,6 +30,9 @@ from tests.test_kernels import TUNING_FIELDS, check_close, env, native, native_i
 KMAX_GEMV_BATCH = 8  # qins_kernels.h kMaxGemvBatch
 KOWN_GEMM_MAX_BATCH = 96  # qins_kernels.h kOwnGemmMaxBatch
 TALL_BLOCK_BATCH = 257  # ops.cpp: above 256 rows of x, the BLAS path's blocks are 8 x gemm_rows tall (own_gemm < 2)
+#: Every batch of the LUT-GEMV: in one pass of up to 8 rows of x on AVX2 (kAvx2GemvGroup), in passes of
+#: up to 4 on the other ISAs (kGemvGroup), each pass size its own instantiation of the kernel.
+GEMV_BATCHES = tuple(range(1, KMAX_GEMV_BATCH + 1))
 #: The first and last batch of each path and one inside: GEMV, own micro-GEMM, BLAS (and its tall blocks).
 PATH_BATCHES = (1, 5, KMAX_GEMV_BATCH, KMAX_GEMV_BATCH + 1, 40, 64, 65, KOWN_GEMM_MAX_BATCH,
                 KOWN_GEMM_MAX_BATCH + 1, 130, TALL_BLOCK_BATCH - 1, TALL_BLOCK_BATCH)
@@ -66,6 +69,22 @@ PATH_DRAWS = dict(
 def test_every_batch_path_sums_every_column_block_at_every_isa(
     seed, batch, out, inn, packed, per_row, spacing, bias, gemm, col_block, own_gemm, threads
 ):
+    case = _layer_case(seed, batch, out, inn, packed, per_row, spacing, bias)
+    every_isa_with_knobs(case, check_close, gemm=gemm, col_block=col_block, own_gemm=own_gemm, threads=threads)
+
+
+#: PATH_DRAWS for a batch given apart (GEMV_BATCHES)
+GEMV_DRAWS = {k: v for k, v in PATH_DRAWS.items() if k != "batch"}
+
+
+@pytest.mark.parametrize("batch", GEMV_BATCHES)
+@settings(max_examples=6, deadline=None)
+@given(**GEMV_DRAWS, per_row=st.booleans(), spacing=st.sampled_from([0, 1]))
+def test_every_gemv_pass_size_matches_the_reference_at_every_isa(
+    batch, seed, out, inn, packed, per_row, spacing, bias, gemm, col_block, own_gemm, threads
+):
+    """Each batch 1..8 on every ISA path: one pass of ``batch`` rows of x on AVX2, passes of at most 4
+    elsewhere; odd shapes reach the 32- and 8-column steps' tails and the scalar tail of every row."""
     case = _layer_case(seed, batch, out, inn, packed, per_row, spacing, bias)
     every_isa_with_knobs(case, check_close, gemm=gemm, col_block=col_block, own_gemm=own_gemm, threads=threads)
 

@@ -26,7 +26,7 @@ from tests.strategies import (
     float32_weights,
     shared_case,
 )
-from tests.test_cpp_paths import PATH_DRAWS, every_isa_with_knobs
+from tests.test_cpp_paths import GEMV_BATCHES, GEMV_DRAWS, PATH_DRAWS, every_isa_with_knobs
 from tests.test_kernels import U, native, native_paths, on_path
 
 
@@ -157,6 +157,17 @@ def test_a_config_with_impossible_shared_tables_is_refused(kwargs, error):
 @given(**PATH_DRAWS, tables=st.sampled_from(SHARED_TABLE_COUNTS))
 def test_every_isa_and_batch_path_computes_the_reference_with_shared_tables(
     seed, batch, out, inn, packed, tables, bias, gemm, col_block, own_gemm, threads
+):
+    case = shared_case(seed, batch, out, inn, packed, tables, bias)
+    every_isa_with_knobs(case, check_close_shared, gemm=gemm, col_block=col_block, own_gemm=own_gemm,
+                         threads=threads)
+
+
+@pytest.mark.parametrize("batch", GEMV_BATCHES)
+@settings(max_examples=4, deadline=None)
+@given(**GEMV_DRAWS, tables=st.sampled_from(SHARED_TABLE_COUNTS))
+def test_every_gemv_pass_size_computes_the_reference_with_shared_tables(
+    batch, seed, out, inn, packed, tables, bias, gemm, col_block, own_gemm, threads
 ):
     case = shared_case(seed, batch, out, inn, packed, tables, bias)
     every_isa_with_knobs(case, check_close_shared, gemm=gemm, col_block=col_block, own_gemm=own_gemm,

@@ -221,15 +221,19 @@ void gemv_b(const Args& a, int64_t r0, int64_t r1) {
   }
 }
 
-// B <= kGemvGroup (ops.cpp calls gemv with at most 4 rows of x at a time).
+// B <= kAvx2GemvGroup (ops.cpp calls gemv with at most gemv_group rows of x at a time).
 template <bool SPLIT, bool GATHER>
 void gemv_s(const Args& a, int64_t r0, int64_t r1) {
-  static_assert(kGemvGroup == 4, "gemv_s instantiates batches 1..4");
+  static_assert(kAvx2GemvGroup == 8, "gemv_s instantiates batches 1..8");
   switch (a.B) {
     case 1: return gemv_b<SPLIT, GATHER, 1>(a, r0, r1);
     case 2: return gemv_b<SPLIT, GATHER, 2>(a, r0, r1);
     case 3: return gemv_b<SPLIT, GATHER, 3>(a, r0, r1);
-    default: return gemv_b<SPLIT, GATHER, 4>(a, r0, r1);
+    case 4: return gemv_b<SPLIT, GATHER, 4>(a, r0, r1);
+    case 5: return gemv_b<SPLIT, GATHER, 5>(a, r0, r1);
+    case 6: return gemv_b<SPLIT, GATHER, 6>(a, r0, r1);
+    case 7: return gemv_b<SPLIT, GATHER, 7>(a, r0, r1);
+    default: return gemv_b<SPLIT, GATHER, 8>(a, r0, r1);
   }
 }
 
@@ -344,6 +348,6 @@ void avx2_range_codes(const CodeArgs& a, int64_t r0, int64_t r1) {
 }  // namespace
 
 const IsaKernels kAvx2Kernels = {"avx2", 1, avx2_table, avx2_kpad, avx2_xprep, avx2_gemv, avx2_decode, nullptr,
-                                 avx2_deviation, avx2_range_codes};
+                                 avx2_deviation, avx2_range_codes, kAvx2GemvGroup, kAvx2MaxGemvBatch};
 
 }  // namespace qins

@@ -1,5 +1,5 @@
 // Torch binding of the QINS CPU kernels: argument checks, ISA dispatch, and the one
-// at::parallel_for region per call (batch <= kMaxGemvBatch: LUT-GEMV straight from the codes;
+// at::parallel_for region per call (batch <= the ISA's max_gemv_batch: LUT-GEMV straight from the codes;
 // larger batches: per-thread blocks of rows decoded into a reused thread-local scratch, then a
 // single-threaded GEMM into y[:, rows]).
 #include <torch/extension.h>
@@ -224,16 +224,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
            row_table.has_value() ? row_table->data_ptr<uint8_t>() : nullptr, row_table.has_value() ? lmin.size(0) : 1};
     if (row_table.has_value()) a.per_row = 0;
     a.gather = tune.gather;
-    if (B <= kMaxGemvBatch) {
+    if (B <= K.max_gemv_batch) {
       const int64_t grain = std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(in, 1));
-      // x rows in groups of <= 4 (measured at 3072x3072: B = 4 0.8 ms, B = 8 in one pass 3.0 ms,
-      // in two passes of 4 ~1.6 ms; the decoded-block path ~2.0 ms).
+      // x rows in passes of <= the ISA's gemv_group (qins_kernels.h: 4 on AVX-512, where one pass of
+      // 8 was slower than two of 4; 8 on AVX2, where each pass pays for its table lookups).
       at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) {
-        for (int64_t b0 = 0; b0 < B; b0 += kGemvGroup) {
+        for (int64_t b0 = 0; b0 < B; b0 += K.gemv_group) {
           Args g = a;
           g.xp += b0 * kpad;
           g.y += b0 * out;
-          g.B = std::min(kGemvGroup, B - b0);
+          g.B = std::min(K.gemv_group, B - b0);
           K.gemv(g, r0, r1);
           if (rs) scale_rows(g.y, out, g.B, rs, r0, r1);
         }

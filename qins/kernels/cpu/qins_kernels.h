@@ -166,7 +166,7 @@ struct IsaKernels {
   void (*table)(float lo, float hi, int packed, int mulaw, float* out256);
   int64_t (*kpad)(int64_t in);
   void (*xprep)(const float* x, int64_t B, int64_t in, int64_t kpad, float* xp);
-  // y[:, r0:r1] for B <= kGemvGroup, straight from the codes.
+  // y[:, r0:r1] for B <= gemv_group, straight from the codes.
   void (*gemv)(const Args& a, int64_t r0, int64_t r1);
   // Decode rows [r0, r1), columns [k0, k1) (multiples of 64 or k1 == kpad) into w
   // ([r1 - r0, k1 - k0] fp32, in the column order of xprep).
@@ -178,6 +178,8 @@ struct IsaKernels {
   void (*deviation)(const DevArgs& a, int64_t r0, int64_t r1);
   // The mse search's final codes and exact errors, rows [r0, r1) (see CodeArgs).
   void (*range_codes)(const CodeArgs& a, int64_t r0, int64_t r1);
+  int64_t gemv_group;      // x rows per gemv pass (gemv takes B <= gemv_group)
+  int64_t max_gemv_batch;  // batches up to this run gemv passes; larger ones decoded blocks + GEMM
 };
 
 // The scalar loop of range_codes over columns [k0, k1) of row r, range s (adds to err).
@@ -216,14 +218,23 @@ inline float dev_block(const DevArgs& a, int64_t r, int64_t k0, int64_t n, int64
   return ws;
 }
 
-constexpr int64_t kMaxGemvBatch = 8;  // larger batches: decoded blocks + GEMM
+// Batches up to max_gemv_batch run the LUT-GEMV in passes of gemv_group rows of x (IsaKernels); larger
+// ones decoded blocks + GEMM. AVX-512 and scalar: up to 8, in passes of 4 (AVX-512 at 3072x3072: batch
+// 4 0.8 ms, 8 in one pass 3.0 ms, in two passes of 4 ~1.6 ms, the decoded-block path ~2.0 ms).
+constexpr int64_t kMaxGemvBatch = 8;
 // With own_gemm = 1, batches above this hand the decoded blocks to ATen's BLAS (at::mm / addmm)
 // instead of the ISA's micro-GEMM, whose per-output dot products and reductions fall behind a blocked
 // sgemm as the batch grows where the BLAS runs its best kernels. Measured at 3072x3072 packed, 1
 // thread, Intel Xeon 6/207, own/BLAS vs nn.Linear: batch 64 1.05/1.43, 96 1.09/1.13, 128 1.13/1.08,
 // 512 2.97/1.24. On AMD EPYC the BLAS is the slower one (own_gemm = 2 there, docs/perf.md).
 constexpr int64_t kOwnGemmMaxBatch = 96;
-constexpr int64_t kGemvGroup = 4;     // x rows per gemv pass
+constexpr int64_t kGemvGroup = 4;
+// AVX2: up to 8 in one pass. Its lookups (scalar loads, ~2 weights a cycle) cost more than a pass's
+// FMAs, so one pass of 5-8 rows costs little more than one of 4: AMD EPYC Zen 3, 3072x3072, 1 thread,
+// batch 5-8 1.37-1.65x faster than passes of 4 (docs/perf.md). Past 8 the decoded blocks are as fast
+// as two passes of 8.
+constexpr int64_t kAvx2GemvGroup = 8;
+constexpr int64_t kAvx2MaxGemvBatch = 8;
 
 extern const IsaKernels kScalarKernels;
 #if defined(QINS_X86)
