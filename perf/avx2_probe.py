@@ -9,7 +9,7 @@ The memory-saving layer (``ProjectiveLinear(cache_weight=False)``, a range per r
 called on the same codes and logs. One torch thread; each round times ``nn.Linear``, the new layer
 and the old kernel back to back (thread CPU time), so the three see the same machine load; the
 figures are medians over rounds of the per-round ratios. ``b1-cold`` round-robins over a stack of
-distinct layers (and distinct ``nn.Linear`` s) whose fp32 weights exceed twice the L3 cache; ``b32``
+distinct layers (and distinct ``nn.Linear`` s) whose fp32 weights exceed twice the L3 cache; ``bN``
 calls one layer (hot), as ``perf/test_kernels.py`` does. Not a test: a measurement to report.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import itertools
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -125,12 +126,19 @@ def measure(lins, qs, old, isa: int, batch: int, rounds: int, repeat: int):
     return times, diff
 
 
+def _case_arg(case: str) -> str:
+    if case != "b1-cold" and not re.fullmatch(r"b[1-9][0-9]*(-hot)?", case):
+        raise argparse.ArgumentTypeError(f"{case!r}: b1-cold, or bN / bN-hot (a batch of N on one layer, hot)")
+    return case
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", default="HEAD", help="git revision of the old kernel sources (default HEAD)")
     p.add_argument("--shapes", nargs="+", default=["3072x3072", "3072x8192"])
     p.add_argument("--formats", nargs="+", default=["packed"], choices=["packed", "split"])
-    p.add_argument("--cases", nargs="+", default=["b1-cold", "b32"], choices=["b1-cold", "b1-hot", "b32"])
+    p.add_argument("--cases", nargs="+", default=["b1-cold", "b32"], type=_case_arg,
+                   help="b1-cold, or bN / bN-hot: batch N on one layer (hot); default b1-cold b32")
     p.add_argument("--rounds", type=int, default=31)
     p.add_argument("--shared-tables", type=int, default=0,
                    help="the layers' QinsConfig.shared_tables (default 0: a range per row, which every old build "
@@ -159,9 +167,9 @@ def main(argv=None) -> None:
             for fmt in args.formats:
                 lins, qs = layers(o, n, fmt, count, args.shared_tables)
                 for case in args.cases:
-                    batch = 32 if case == "b32" else 1
+                    batch = 1 if case == "b1-cold" else int(case[1:].removesuffix("-hot"))
                     stack = slice(None) if case == "b1-cold" else slice(0, 1)
-                    repeat = 1 if case == "b1-cold" else (3 if batch == 32 else 20)
+                    repeat = 1 if case == "b1-cold" else max(1, 20 // batch) if batch < 32 else 3
                     t, diff = measure(lins[stack], qs[stack], old, isa, batch, args.rounds, repeat)
                     med = {k: statistics.median(v) for k, v in t.items()}
                     r = {k: statistics.median(a / b for a, b in zip(t[k], t[ref])) for k, ref in
