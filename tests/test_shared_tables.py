@@ -153,25 +153,23 @@ def test_a_config_with_impossible_shared_tables_is_refused(kwargs, error):
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
-@given(**PATH_DRAWS, tables=st.sampled_from(SHARED_TABLE_COUNTS))
-def test_every_isa_and_batch_path_computes_the_reference_with_shared_tables(
-    seed, batch, out, inn, packed, tables, bias, gemm, col_block, own_gemm, threads
-):
+def _every_isa_shared(seed, batch, out, inn, packed, tables, bias, gemm, col_block, own_gemm, threads) -> None:
     case = shared_case(seed, batch, out, inn, packed, tables, bias)
     every_isa_with_knobs(case, check_close_shared, gemm=gemm, col_block=col_block, own_gemm=own_gemm,
                          threads=threads)
+
+
+@settings(max_examples=40, deadline=None)
+@given(**PATH_DRAWS, tables=st.sampled_from(SHARED_TABLE_COUNTS))
+def test_every_isa_and_batch_path_computes_the_reference_with_shared_tables(**draws):
+    _every_isa_shared(**draws)
 
 
 @pytest.mark.parametrize("batch", GEMV_BATCHES)
 @settings(max_examples=4, deadline=None)
 @given(**GEMV_DRAWS, tables=st.sampled_from(SHARED_TABLE_COUNTS))
-def test_every_gemv_pass_size_computes_the_reference_with_shared_tables(
-    batch, seed, out, inn, packed, tables, bias, gemm, col_block, own_gemm, threads
-):
-    case = shared_case(seed, batch, out, inn, packed, tables, bias)
-    every_isa_with_knobs(case, check_close_shared, gemm=gemm, col_block=col_block, own_gemm=own_gemm,
-                         threads=threads)
+def test_every_gemv_pass_size_computes_the_reference_with_shared_tables(batch, **draws):
+    _every_isa_shared(batch=batch, **draws)
 
 
 @settings(max_examples=30, deadline=None)
