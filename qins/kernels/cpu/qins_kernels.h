@@ -231,8 +231,8 @@ constexpr int64_t kOwnGemmMaxBatch = 96;
 constexpr int64_t kGemvGroup = 4;
 // AVX2: up to 8 in one pass. Its lookups (scalar loads, ~2 weights a cycle) cost more than a pass's
 // FMAs, so one pass of 5-8 rows costs little more than one of 4: AMD EPYC Zen 3, 3072x3072, 1 thread,
-// batch 5-8 1.37-1.65x faster than passes of 4 (docs/perf.md). Past 8 the decoded blocks are as fast
-// as two passes of 8.
+// batch 5-8 1.36-1.67x faster than passes of 4 (docs/perf.md). Past 8 the decoded blocks are faster
+// than a pass of 8 and one of the rest (batches 9-16 measured there).
 constexpr int64_t kAvx2GemvGroup = 8;
 constexpr int64_t kAvx2MaxGemvBatch = 8;
 
