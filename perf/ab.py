@@ -71,12 +71,21 @@ def has_path(repo: Path, rev: str, path: str) -> bool:
     return _git(repo, "cat-file", "-e", f"{rev}:{path}", check=False).returncode == 0
 
 
+def tree_env(tree: Path, *, drop_inject: bool = False) -> dict:
+    """This process's environment with ``tree`` first on ``PYTHONPATH`` (its ``qins`` and ``perf`` are the
+    ones a subprocess imports); ``drop_inject``: without the self-check's injected slowdown."""
+    env = dict(os.environ)
+    if drop_inject:
+        env.pop(INJECT_ENV, None)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
 def lacks_node(tree: Path, nodeid: str, timeout_s: float = 300) -> bool:
     """Whether the suite in ``tree`` (an exported revision) says it has no test ``nodeid``: pytest's
     collection there (as :func:`run_suite` runs it) reports the id not found (exit 4) or collects
     nothing (exit 5). Any other failure to collect is not taken for an absence (``False``)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = tree_env(tree)
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", nodeid]
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -229,10 +238,7 @@ def run_suite(tree: Path, selection: Sequence[str], options: Sequence[str], tmp:
         cmd += ["-k", keyword]
     if marker:
         cmd += ["-m", marker]
-    env = dict(os.environ)
-    if drop_inject:
-        env.pop(INJECT_ENV, None)
-    env["PYTHONPATH"] = os.pathsep.join([str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = tree_env(tree, drop_inject=drop_inject)
     t0 = time.perf_counter()
     try:
         with open(log, "w") as fh:

@@ -169,7 +169,7 @@ def main(argv=None) -> None:
                 for case in args.cases:
                     batch = 1 if case == "b1-cold" else int(case[1:].removesuffix("-hot"))
                     stack = slice(None) if case == "b1-cold" else slice(0, 1)
-                    repeat = 1 if case == "b1-cold" else max(1, 20 // batch) if batch < 32 else 3
+                    repeat = 1 if case == "b1-cold" else (3 if batch >= 32 else max(1, 20 // batch))
                     t, diff = measure(lins[stack], qs[stack], old, isa, batch, args.rounds, repeat)
                     med = {k: statistics.median(v) for k, v in t.items()}
                     r = {k: statistics.median(a / b for a, b in zip(t[k], t[ref])) for k, ref in
