@@ -6,8 +6,9 @@
      MODEL: tiny (hidden 256, 4 layers, vocab 32000) | large (hidden 1024, 8 layers, vocab 8192) |
             smollm2 (SmolLM2-135M-Instruct from its GGUF wheel, a real-news prompt))
 
-The parent imports torch/transformers/qins and runs a throwaway tiny model once (so lazily imported
-code is resident before anything is measured), then forks one child per mode: each mode's figures
+The parent imports torch/transformers/qins and runs a throwaway tiny model once, on one thread (so lazily
+imported code is resident before anything is measured, and no worker thread exists at a fork), then
+forks one child per mode: each mode's figures
 come from a process that never held another mode's model. Each child runs the same warm-up again
 before it measures anything: ``fork`` copies the page tables of the parent's anonymous memory but not
 those of its file mappings (libtorch and the other shared libraries), so without it every library
@@ -214,7 +215,10 @@ def main(argv: list[str]) -> int:
     if model_name not in MODELS:
         print(__doc__, file=sys.stderr)
         return 2
-    _warm_up(threads)
+    # The parent warms up on one thread: a fork copies only the calling thread, so a child forked from a
+    # parent whose OpenMP pool has workers would wait forever on them in its first parallel region (every
+    # probe at THREADS > 1 hung). Each child warms up at THREADS itself, and starts its own pool.
+    _warm_up(1)
     failed = 0
     for mode in modes:
         result = _in_child(mode, new_tokens, threads, model_name)
