@@ -2,9 +2,9 @@
 // table lookups: a dot product per row over ROWS x COLS random packed codes (one table), four FMA
 // chains, 1 thread. Not a test, and not part of the package: a measurement behind docs/perf.md.
 //
-//   g++ -O2 -std=c++17 -ffp-contract=off -mavx2 -mfma perf/native/avx2_decode_bench.cpp -o /tmp/avx2_decode_bench
-//   taskset -c 1 /tmp/avx2_decode_bench 1024 3072      # 3 MiB of codes (L3-resident: the decode alone)
-//   taskset -c 1 /tmp/avx2_decode_bench 3072 3072      # the perf suite's square shape
+//   g++ -O2 -std=c++17 -ffp-contract=off -mavx2 -mfma -I qins/kernels/cpu perf/native/avx2_decode_bench.cpp -o /tmp/adb
+//   taskset -c 1 /tmp/adb 1024 3072      # 3 MiB of codes (L3-resident: the decode alone)
+//   taskset -c 1 /tmp/adb 3072 3072      # the perf suite's square shape
 //
 // Variants (best of 20 passes, G weights/s):
 //   lookup8        the kernel's all-scalar path (isa_avx2.cpp lookup8: 8 scalar loads, vmovd/vpinsrd)
@@ -15,6 +15,8 @@
 //   factored       level = H[(c-1) >> 3] * L[(c-1) & 7] - z (H of 16 entries: two vpermps and a blend),
 //                  sign from bit 7: a 127-level table that this computation reproduces bit for bit,
 //                  with the range free (what the mulaw tables would have to become)
+#include "isa_avx2.cpp"  // lookup8 and hsum8 as the kernel has them
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -29,23 +31,8 @@
 
 namespace {
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline __m256 lookup8(const float* t, uint64_t u) {
-  auto bits = [&](int i) {
-    int32_t v;
-    std::memcpy(&v, t + ((u >> (8 * i)) & 255), 4);
-    return v;
-  };
-  auto pair = [&](int i) { return _mm_insert_epi32(_mm_cvtsi32_si128(bits(i)), bits(i + 1), 1); };
-  const __m128i lo = _mm_unpacklo_epi64(pair(0), pair(2)), hi = _mm_unpacklo_epi64(pair(4), pair(6));
-  return _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
-}
+using qins::hsum8;
+using qins::lookup8;
 
 struct Tabs {
   __m256 L, H0, H1, Z;
