@@ -11,7 +11,9 @@ memory-saving layer's time against ``nn.Linear`` fp32 per shape, format and batc
 (``perf/test_kernels.py``'s ``ratio_vs_linear``) and the end-to-end ratios against FP32
 (``perf/test_e2e.py``: tokens/s, decoder linear bytes, peak memory while generating), and SmolLM2's
 (``perf/test_e2e_real.py``: tokens/s and whole-model bytes, decoder Linears only and with the
-embedding and tied ``lm_head`` in QINS too). A baseline
+embedding and tied ``lm_head`` in QINS too), and thread scaling (``perf/test_threads.py``: the packed
+3072x8192 layer and Phi-3's generation at one thread and at every core, time over fp32's at the same
+thread count, wall clock). A baseline
 saved before those benchmarks existed shows what it has (the memory-saving layer of its revision).
 
 The chart's source (the baseline files and a SHA-256 of the plotted figures) is recorded in the
@@ -56,6 +58,14 @@ E2E_REAL = (("tokens_per_s_vs_fp32", "tokens/s vs FP32"), ("model_bytes_vs_fp32"
 LEGACY = (("3072-b1-memsave-eager", "3072×3072 batch 1, decode per call, eager"),
           ("3072-b1-memsave-compiled", "3072×3072 batch 1, decode per call, compiled"),
           ("3072-32x128-memsave-eager", "3072×3072 32×128 tokens, decode per call, eager"))
+#: thread scaling (perf/test_threads.py): case -> row label; each figure is the time over fp32's at the same
+#: thread count, wall clock (the layer against nn.Linear, generation against the FP32 model)
+THREADS = (("b1-1thread", "layer 3072×8192 packed, batch 1, 1 thread"),
+           ("b1-allcores", "layer 3072×8192 packed, batch 1, every core"),
+           ("b32-1thread", "layer 3072×8192 packed, batch 32, 1 thread"),
+           ("b32-allcores", "layer 3072×8192 packed, batch 32, every core"),
+           ("generate-1thread", "generation time (Phi-3, packed), 1 thread"),
+           ("generate-allcores", "generation time (Phi-3, packed), every core"))
 TICKS = (0.2, 0.3, 0.5, 1, 2, 3, 5)
 ISA_NAMES = (("avx512vbmi", "AVX-512 VBMI"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
@@ -111,6 +121,7 @@ def summarize(path: str, data: dict) -> dict:
     e2e: dict[str, dict[str, float]] = {}
     e2e_real: dict[str, dict[str, float]] = {}
     legacy: dict[str, float] = {}
+    threads: dict[str, float] = {}
     ppl: dict[str, dict] = {}
     paths = set()
     for bench in data.get("benchmarks", []):
@@ -121,6 +132,10 @@ def summarize(path: str, data: dict) -> dict:
             kernel.setdefault(f"{shape}-{batch}", {})[fmt] = float(f"{info['ratio_vs_linear']:.4g}")
             if info.get("kernel"):
                 paths.add(info["kernel"])
+        elif name.startswith("test_memory_saving_layer_thread_scaling[") and "ratio_vs_linear" in info:
+            threads[case] = float(f"{info['ratio_vs_linear']:.4g}")
+        elif name.startswith("test_generation_thread_scaling[") and "ratio_vs_fp32" in info:
+            threads[f"generate-{case}"] = float(f"{info['ratio_vs_fp32']:.4g}")
         elif name.startswith("test_generate_large_model[") and "tokens_per_s_vs_fp32" in info:
             fmt = "packed" if "packed" in case else "split"
             e2e[fmt] = {key: float(f"{info[key]:.4g}") for key, _ in E2E if key in info}
@@ -150,6 +165,7 @@ def summarize(path: str, data: dict) -> dict:
         "e2e": {k: e2e[k] for k in sorted(e2e)},
         "e2e_real": {k: e2e_real[k] for k in sorted(e2e_real)},
         "legacy": legacy,
+        "threads": {k: threads[k] for k in sorted(threads)},
         "perplexity": {k: ppl[k] for k in PPL_ORDER if k in ppl},
     }
 
@@ -204,6 +220,10 @@ def render_block(rs: list[dict]) -> str:
             cells = [_x(r.get("e2e_real", {}).get(mode, {}).get(key)) for r in rs]
             if any(c != "–" for c in cells):
                 lines.append(f"| SmolLM2-135M packed, {what}: {label} | " + " | ".join(cells) + " |")
+    for case, label in THREADS:
+        cells = [_x(r.get("threads", {}).get(case)) for r in rs]
+        if any(c != "–" for c in cells):
+            lines.append(f"| threads: {label} | " + " | ".join(cells) + " |")
     for case, label in LEGACY:
         cells = [_x(r["legacy"].get(case)) for r in rs]
         if any(c != "–" for c in cells):
