@@ -119,3 +119,36 @@ def test_the_accuracy_block_follows_the_newest_baseline_with_perplexity_figures(
     block = results.readme_block((root / results.README).read_text(), results.ACC_BEGIN, results.ACC_END)
     assert "| qins-packed-calibrated | 1 | +0.123% | +0.023 [-0.177, +0.223] | 12.5 |" in block
     assert new.split("/", 1)[1] in block and "- met: qins-packed-calibrated target" in block
+
+
+#: benchmark name in a baseline -> (its figure, the README row's label)
+_THREAD_ROWS = {
+    "test_memory_saving_layer_thread_scaling[b1-1thread]": ("ratio_vs_linear",
+                                                            "layer 3072×8192 packed, batch 1, 1 thread"),
+    "test_memory_saving_layer_thread_scaling[b1-allcores]": ("ratio_vs_linear",
+                                                             "layer 3072×8192 packed, batch 1, every core"),
+    "test_generation_thread_scaling[1thread]": ("ratio_vs_fp32", "generation time (Phi-3, packed), 1 thread"),
+    "test_generation_thread_scaling[allcores]": ("ratio_vs_fp32", "generation time (Phi-3, packed), every core"),
+}
+
+
+def test_the_thread_rows_show_each_cpus_baseline_figures_in_its_column() -> None:
+    """Read straight from each newest baseline's JSON: a CPU whose baseline has a thread-scaling
+    figure shows it (two decimals) in its column; one without shows a dash."""
+    lines = results.readme_block((ROOT / "README.md").read_text()).splitlines()
+    paths = list(results.newest_per_cpu(results.committed_baselines(ROOT)).values())
+    seen = 0
+    for name, (figure, label) in _THREAD_ROWS.items():
+        row = [line for line in lines if line.startswith(f"| threads: {label} |")]
+        want = []
+        for path in paths:
+            info = next((b["extra_info"] for b in json.loads((ROOT / path).read_text())["benchmarks"]
+                         if b["name"] == name), None)
+            want.append("–" if info is None else f"{info[figure]:.2f}x")
+        if set(want) == {"–"}:
+            assert row == []
+            continue
+        assert len(row) == 1, label
+        assert [c.strip() for c in row[0].strip().strip("|").split("|")[1:]] == want
+        seen += 1
+    assert seen, "no committed baseline has a thread-scaling figure"
