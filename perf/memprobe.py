@@ -66,7 +66,7 @@ def _reset_peak() -> bool:
 
 
 MODES = ("fp32", "qins-cached", "qins-memsave", "qins-packed-memsave", "qins-split-memsave", "qins-packed-memsave-emb")
-#: seeded Phi-3 configurations; ``smollm2`` is the real model (:func:`_build`)
+#: seeded Phi-3 configurations; ``smollm2`` is the real model (:func:`build`)
 MODELS = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, vocab_size=32000),
     "large": dict(hidden_size=1024, num_hidden_layers=8, vocab_size=8192),
@@ -75,7 +75,7 @@ MODELS = {
 PROMPT_LEN = 32
 
 
-def _convert(model, mode: str) -> None:
+def convert(model, mode: str) -> None:
     """QINS modes: the library default (packed, per row) unless the mode names split; lm_head and the
     embeddings stay fp32 unless the mode ends in ``-emb``."""
     from qins import QinsConfig, convert_model_to_projective
@@ -86,7 +86,7 @@ def _convert(model, mode: str) -> None:
                                     embeddings=mode.endswith("-emb"))
 
 
-def _build(model_name: str):
+def build(model_name: str):
     """``(model, prompt ids [1, PROMPT_LEN])``: a seeded Phi-3 with a seeded random prompt, or
     SmolLM2 with the first tokens of the real news text."""
     import torch
@@ -124,8 +124,8 @@ def probe(mode: str, new_tokens: int = 32, threads: int = 1, model_name: str = "
     rss_start = _status_kib("VmRSS") * 1024
     rss_file_start = _status_kib("RssFile") * 1024
     _reset_peak()
-    model, ids = _build(model_name)
-    _convert(model, mode)
+    model, ids = build(model_name)
+    convert(model, mode)
     peak_load = _status_kib("VmHWM") * 1024
     _trim()
     rss_loaded = _status_kib("VmRSS") * 1024
@@ -175,7 +175,7 @@ def _warm_up(threads: int) -> None:
     from qins.testing.models import tiny_phi3
 
     m = tiny_phi3()
-    _convert(m, "qins-memsave")
+    convert(m, "qins-memsave")
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)

@@ -30,7 +30,7 @@ import torch
 
 from perf import timing
 from perf.gate import HIGHER, Rule
-from perf.memprobe import MODELS, PROMPT_LEN
+from perf.memprobe import build, convert
 from perf.timing import WARMUP_S, paired_again, plan, slow_down_modules, slowed, synced
 from qins.testing.cores import usable_cores
 
@@ -87,8 +87,11 @@ def _scaling(benchmark, perf_gate, *, case: str, threads: str, target, reference
     """Time ``target`` against ``reference`` (interleaved pairs, wall clock) at this thread count,
     record and gate ``figure`` (their median ratio; ``reference_name``: the figure of the reference's
     median seconds), and judge the all-core target against the one-thread ratio of ``case`` from the
-    same run."""
+    same run. Sets torch's thread count; skips the all-core case on one core."""
     count = THREADS[threads]
+    if threads == "allcores" and count == 1:
+        pytest.skip("one core: nothing to scale to")
+    torch.set_num_threads(count)
     if benchmark.disabled:
         benchmark.pedantic(target, rounds=1)
         return
@@ -129,9 +132,6 @@ def _kernel(module) -> str:
 @pytest.mark.parametrize("threads", list(THREADS))
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_memory_saving_layer_thread_scaling(benchmark, perf_gate, device, layers, inject_factor, batch, threads):
-    if threads == "allcores" and THREADS[threads] == 1:
-        pytest.skip("one core: nothing to scale to")
-    torch.set_num_threads(THREADS[threads])
     o, n = SHAPE
     benchmark.group = f"threads {o}x{n} packed {batch}"
     lin, q = layers
@@ -147,19 +147,17 @@ def test_memory_saving_layer_thread_scaling(benchmark, perf_gate, device, layers
 
 @pytest.fixture(scope="module")
 def models(device, inject_factor):
-    """(FP32 Phi-3, its memory-saving packed copy, the prompt ids): perf/test_e2e.py's model, seed and
-    prompt, in this process. An injected slowdown slows every ProjectiveLinear forward."""
-    from qins import ProjectiveLinear, QinsConfig, convert_model_to_projective
-    from qins.testing.models import tiny_phi3
+    """(FP32 Phi-3, its memory-saving packed copy, the prompt ids): perf/test_e2e.py's model, prompt and
+    conversion (perf/memprobe.py's ``build`` and ``convert``), in this process. An injected slowdown slows
+    every ProjectiveLinear forward."""
+    from qins import ProjectiveLinear
 
-    spec = MODELS["large"]
-    fp32 = tiny_phi3(**spec).to(device).eval()
+    fp32, ids = build("large")
+    fp32 = fp32.to(device).eval()
     q = copy.deepcopy(fp32)
-    convert_model_to_projective(q, QinsConfig(), cache_weight=False)
+    convert(q, "qins-packed-memsave")
     slow_down_modules(q, ProjectiveLinear, inject_factor)
-    g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(3, spec["vocab_size"], (1, PROMPT_LEN), generator=g).to(device)
-    return fp32, q.eval(), ids
+    return fp32, q.eval(), ids.to(device)
 
 
 def _generate(model, ids, device):
@@ -177,9 +175,6 @@ def _generate(model, ids, device):
 def test_generation_thread_scaling(benchmark, perf_gate, device, models, threads):
     from qins import ProjectiveLinear
 
-    if threads == "allcores" and THREADS[threads] == 1:
-        pytest.skip("one core: nothing to scale to")
-    torch.set_num_threads(THREADS[threads])
     fp32, q, ids = models
     benchmark.group = "threads e2e Phi-3 1024x8 packed memory-saving"
     _scaling(benchmark, perf_gate, case="generate", threads=threads, target=_generate(q, ids, device),
