@@ -15,7 +15,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 namespace qins {
 namespace {
@@ -268,6 +270,153 @@ void avx2_decode(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, 
   return a.sign ? decode_s<true, false>(a, r0, r1, k0, k1, w) : decode_s<false, false>(a, r0, r1, k0, k1, w);
 }
 
+// Batches above kAvx2MaxGemvBatch, straight from the codes: outer products over the batch instead
+// of a decoded block and a GEMM. x is packed transposed into panels of 16 rows (pack_panels: panel
+// p, column k holds x[16p .. 16p + 15][k], zeros past B); a tile of NR <= 6 weight rows and one
+// panel keeps NR x 2 vector accumulators, and per column loads the panel's two vectors, broadcasts
+// each row's weight from its table (one byte load and one vbroadcastss: the decode costs two loads,
+// no shuffle) and issues 2 NR FMAs. The FMAs bound it (12 a column for 6 rows, 14 loads), so the
+// decode is nearly free from batch 9 up, and no weight is ever written out. Each output is summed
+// over k in column order, in one lane, whatever the tuning.
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// x [B, in] into panels (xt: panel_floats(B, in)), 8 rows x 8 columns a step.
+void avx2_pack_panels(const float* x, int64_t B, int64_t in, float* xt) {
+  const int64_t k8 = in & ~int64_t(7);
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, B - b0);
+    float* dst = xt + b0 / kPanel * in * kPanel + b0 % kPanel;
+    for (int64_t k = 0; k < k8; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = i < nb ? _mm256_loadu_ps(x + (b0 + i) * in + k) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (k + i) * kPanel, r[i]);
+    }
+    for (int64_t k = k8; k < in; ++k)
+      for (int i = 0; i < 8; ++i) dst[k * kPanel + i] = i < nb ? x[(b0 + i) * in + k] : 0.0f;
+  }
+}
+
+// NR weight rows times one panel (its first nb <= 8 NH rows of x): row j's weight at column k is
+// tl[j * TS + idx[j * in + k]] (tl: the tile's signed tables, TS floats apart).
+template <typename I, int TS, int NH, int NR>
+void codes_tile(const float* tl, const I* idx, int64_t in, const float* xt, float* y, int64_t ldy, int nb) {
+  __m256 acc[NR][NH];
+#pragma GCC unroll 6
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 2
+    for (int h = 0; h < NH; ++h) acc[j][h] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < in; ++k) {
+    __m256 xv[NH];
+#pragma GCC unroll 2
+    for (int h = 0; h < NH; ++h) xv[h] = _mm256_loadu_ps(xt + k * kPanel + 8 * h);
+#pragma GCC unroll 6
+    for (int j = 0; j < NR; ++j) {
+      const __m256 wv = _mm256_broadcast_ss(tl + j * TS + idx[j * in + k]);
+#pragma GCC unroll 2
+      for (int h = 0; h < NH; ++h) acc[j][h] = _mm256_fmadd_ps(xv[h], wv, acc[j][h]);
+    }
+  }
+  // through a buffer stored whole: indexing the accumulators by the runtime nb kept them in memory
+  alignas(32) float l[NR][8 * NH];
+#pragma GCC unroll 6
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 2
+    for (int h = 0; h < NH; ++h) _mm256_store_ps(l[j] + 8 * h, acc[j][h]);
+  for (int j = 0; j < NR; ++j)
+    for (int b = 0; b < nb; ++b) y[b * ldy + j] = l[j][b];
+}
+
+template <typename I, int TS>
+using TileFn = void (*)(const float*, const I*, int64_t, const float*, float*, int64_t, int);
+template <typename I, int TS, int NH>
+constexpr TileFn<I, TS> kTiles[6] = {codes_tile<I, TS, NH, 1>, codes_tile<I, TS, NH, 2>, codes_tile<I, TS, NH, 3>,
+                                     codes_tile<I, TS, NH, 4>, codes_tile<I, TS, NH, 5>, codes_tile<I, TS, NH, 6>};
+
+// Per-thread buffer of the split format's table indices (6 rows), reused across calls.
+uint16_t* index_buffer(int64_t n) {
+  struct Buf {
+    uint16_t* p = nullptr;
+    int64_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < n) {
+    std::free(buf.p);
+    buf.p = static_cast<uint16_t*>(std::aligned_alloc(64, ((n * 2 + 63) / 64) * 64));
+    if (!buf.p) throw std::bad_alloc();
+    buf.n = n;
+  }
+  return buf.p;
+}
+
+// Rows [r0, r1) of y for every row of x (xt: avx2_pack_panels of x), 6 rows a tile. Packed: the
+// signed 256-entry table, indexed by the code. Split: a 512-entry table (magnitudes, then their
+// negations), indexed by code + 256 for a negative sign, the tile's indices built first (16 a step).
+template <bool SPLIT>
+void code_gemm_s(const Args& a, const float* xt, int64_t r0, int64_t r1) {
+  constexpr int TS = SPLIT ? 512 : 256;
+  alignas(32) float tabs[kMaxTables][256];
+  alignas(32) float tl[6][TS];
+  auto build = [&](float lo, float hi, float* t) { avx2_table_aligned(lo, hi, !SPLIT, a.mulaw, t); };
+  shared_tables(a, tabs, build);
+  uint16_t* ib = SPLIT ? index_buffer(6 * a.in) : nullptr;
+  const int64_t in16 = a.in & ~int64_t(15);
+  for (int64_t t0 = r0; t0 < r1; t0 += 6) {
+    const int nr = static_cast<int>(std::min<int64_t>(6, r1 - t0));
+    for (int j = 0; j < nr; ++j) {
+      std::memcpy(tl[j], row_tab(a, tabs, t0 + j, build), 256 * sizeof(float));
+      if (SPLIT)
+        for (int i = 0; i < 256; i += 8)
+          _mm256_store_ps(tl[j] + 256 + i, _mm256_xor_ps(_mm256_load_ps(tl[j] + i), _mm256_set1_ps(-0.0f)));
+    }
+    const uint8_t* c = a.codes + t0 * a.in;
+    if (SPLIT) {
+      const int8_t* s = a.sign + t0 * a.in;
+      for (int j = 0; j < nr; ++j) {
+        const uint8_t* cj = c + j * a.in;
+        const int8_t* sj = s + j * a.in;
+        uint16_t* ij = ib + j * a.in;
+        for (int64_t k = 0; k < in16; k += 16) {
+          const __m256i cv = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cj + k)));
+          const __m256i sv = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sj + k)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(ij + k),
+                              _mm256_or_si256(cv, _mm256_slli_epi16(_mm256_srli_epi16(sv, 7), 8)));
+        }
+        for (int64_t k = in16; k < a.in; ++k) ij[k] = static_cast<uint16_t>(cj[k] | (sj[k] < 0 ? 256 : 0));
+      }
+    }
+    for (int64_t b0 = 0; b0 < a.B; b0 += kPanel) {
+      const int nb = static_cast<int>(std::min<int64_t>(kPanel, a.B - b0));
+      const float* panel = xt + b0 * a.in;
+      float* y = a.y + b0 * a.out + t0;
+      if (SPLIT) (nb > 8 ? kTiles<uint16_t, TS, 2> : kTiles<uint16_t, TS, 1>)[nr - 1](tl[0], ib, a.in, panel, y, a.out, nb);
+      else (nb > 8 ? kTiles<uint8_t, TS, 2> : kTiles<uint8_t, TS, 1>)[nr - 1](tl[0], c, a.in, panel, y, a.out, nb);
+    }
+  }
+}
+
+void avx2_code_gemm(const Args& a, const float* xt, int64_t r0, int64_t r1) {
+  return a.sign ? code_gemm_s<true>(a, xt, r0, r1) : code_gemm_s<false>(a, xt, r0, r1);
+}
+
 // The rounding-deviation score, 8 columns a step, as avx512_deviation (the block is zero-padded
 // to 8 columns by dev_block, so there is no tail).
 void avx2_deviation(const DevArgs& a, int64_t r0, int64_t r1) {
@@ -348,6 +497,6 @@ void avx2_range_codes(const CodeArgs& a, int64_t r0, int64_t r1) {
 }  // namespace
 
 const IsaKernels kAvx2Kernels = {"avx2", 1, avx2_table, avx2_kpad, avx2_xprep, avx2_gemv, avx2_decode, nullptr,
-                                 avx2_deviation, avx2_range_codes, kAvx2GemvGroup, kAvx2MaxGemvBatch};
+                                 avx2_pack_panels, avx2_code_gemm, avx2_deviation, avx2_range_codes, kAvx2GemvGroup, kAvx2MaxGemvBatch};
 
 }  // namespace qins

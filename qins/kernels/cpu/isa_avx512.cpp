@@ -455,6 +455,6 @@ void avx512_range_codes(const CodeArgs& a, int64_t r0, int64_t r1) {
 }  // namespace
 
 const IsaKernels kAvx512Kernels = {"avx512", 0, avx512_table, avx512_kpad, avx512_xprep, avx512_gemv, avx512_decode,
-                                   avx512_gemm, avx512_deviation, avx512_range_codes, kGemvGroup, kMaxGemvBatch};
+                                   avx512_gemm, nullptr, nullptr, avx512_deviation, avx512_range_codes, kGemvGroup, kMaxGemvBatch};
 
 }  // namespace qins

@@ -111,6 +111,6 @@ void scalar_range_codes(const CodeArgs& a, int64_t r0, int64_t r1) {
 }  // namespace
 
 const IsaKernels kScalarKernels = {"scalar", 1, scalar_table, scalar_kpad, scalar_xprep, scalar_gemv, scalar_decode, nullptr,
-                                   scalar_deviation, scalar_range_codes, kGemvGroup, kMaxGemvBatch};
+                                   nullptr, nullptr, scalar_deviation, scalar_range_codes, kGemvGroup, kMaxGemvBatch};
 
 }  // namespace qins

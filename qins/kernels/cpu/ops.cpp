@@ -1,7 +1,8 @@
 // Torch binding of the QINS CPU kernels: argument checks, ISA dispatch, and the one
 // at::parallel_for region per call (batch <= the ISA's max_gemv_batch: LUT-GEMV straight from the codes;
-// larger batches: per-thread blocks of rows decoded into a reused thread-local scratch, then a
-// single-threaded GEMM into y[:, rows]).
+// larger batches: the ISA's GEMM straight from the codes where it has one (AVX2) and own_gemm picks it,
+// else per-thread blocks of rows decoded into a reused thread-local scratch, then a single-threaded
+// GEMM into y[:, rows]).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -94,10 +95,12 @@ struct Tuning {
   // % of the streaming floor): 4 KiB 62-76%, 8 KiB 73-77%, 12 KiB 77-78%, 16 KiB 71%.
   int64_t prefetch = 12288;
   int64_t pipeline = 1;              // gemv: next row's table built inside the row loop (0 off, 1 split, 2 all)
-  // Decoded blocks: 0 at::mm; 1 the ISA's own GEMM (if it has one) up to kOwnGemmMaxBatch, at::mm
-  // above; 2 the own GEMM at every batch. ATen's fp32 GEMM is MKL's, whose fastest kernels run on
-  // Intel CPUs: on AMD EPYC family 26 the own AVX-512 GEMM was ~0.74x nn.Linear at batch 512 and
-  // at::mm on the decoded blocks ~0.97x (docs/perf.md), so the default depends on the vendor.
+  // Batches above max_gemv_batch: 0 at::mm on decoded blocks; 1 the ISA's own GEMM (if it has one: AVX2's
+  // from the codes, AVX-512's on decoded blocks) up to kOwnGemmMaxBatch, at::mm above; 2 the own GEMM at
+  // every batch. ATen's fp32 GEMM is MKL's, whose fastest kernels run on Intel CPUs: on AMD EPYC family
+  // 26 the own AVX-512 GEMM was ~0.74x nn.Linear at batch 512 and at::mm on the decoded blocks ~0.97x;
+  // on family 25 model 1 (Zen 3, AVX2) MKL runs batches 9-64 at 20-40 GFLOP/s and AVX2's code GEMM at
+  // 45-70 (docs/perf.md), so the default depends on the vendor. AVX2's code GEMM on Intel is unmeasured.
   int64_t own_gemm = default_own_gemm();
   // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk). A burst of
   // table work stalls the memory stream; measured (3072x3072 / 3072x8192 per-row packed, batch 1,
@@ -113,6 +116,9 @@ struct Tuning {
 // never sees half of a set_tuning (and the kernels read their own copy, not the global).
 std::mutex g_tuning_mutex;
 Tuning g_tuning;
+
+// Whether batch B runs the ISA's own GEMM (Tuning::own_gemm) rather than ATen's on decoded blocks.
+bool own_gemm(const Tuning& t, int64_t B) { return t.own_gemm == 2 || (t.own_gemm == 1 && B <= kOwnGemmMaxBatch); }
 
 Tuning tuning_snapshot() {
   std::lock_guard<std::mutex> lock(g_tuning_mutex);
@@ -238,6 +244,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
           if (rs) scale_rows(g.y, out, g.B, rs, r0, r1);
         }
       });
+    } else if (K.code_gemm && own_gemm(tune, B)) {
+      // The ISA's GEMM straight from the codes (AVX2): x packed once, rows in tiles across threads.
+      at::Tensor xt = at::empty({panel_floats(B, kpad)}, x2.options());
+      K.pack_panels(xp.data_ptr<float>(), B, kpad, xt.data_ptr<float>());
+      const int64_t grain = std::max<int64_t>(6, (1 << 16) / std::max<int64_t>(in, 1) / 6 * 6);
+      at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) {
+        K.code_gemm(a, xt.data_ptr<float>(), r0, r1);
+        if (rs) scale_rows(y.data_ptr<float>(), out, B, rs, r0, r1);
+      });
     } else {
       // Blocks of rb rows x kb columns: rb = gemm_rows (2x for batches > 64, 8x above 256 on the BLAS path),
       // kb such that the scratch stays within gemm_rows x gemm_cols floats and the columns split
@@ -248,7 +263,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
       const int64_t budget = tune.gemm_rows * tune.gemm_cols;
       const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
       const int64_t per_thread = (out + threads - 1) / threads;
-      const bool own = K.gemm && (tune.own_gemm == 2 || (tune.own_gemm == 1 && B <= kOwnGemmMaxBatch));
+      const bool own = K.gemm && own_gemm(tune, B);
       const int64_t rows = !own && B > 256 ? 8 * tune.gemm_rows : (B > 64 ? 2 * tune.gemm_rows : tune.gemm_rows);
       const int64_t blocks_per_thread = (per_thread + rows - 1) / rows;
       const int64_t rb = std::max<int64_t>(16, ((per_thread + blocks_per_thread - 1) / blocks_per_thread + 15) / 16 * 16);

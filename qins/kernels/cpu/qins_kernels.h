@@ -174,6 +174,11 @@ struct IsaKernels {
   // Optional single-threaded GEMM of a decoded block (nullptr: at::mm), see isa_avx512.cpp.
   void (*gemm)(const float* x, int64_t ldx, int64_t B, const float* w, int64_t R, int64_t kb, float* y,
                int64_t ldy, bool accumulate);
+  // Optional (nullptr: none): batches above max_gemv_batch straight from the codes, no decoded block.
+  // pack_panels writes x ([B, kpad] from xprep) transposed in panels of kPanel rows into xt
+  // (panel_floats(B, kpad) floats); code_gemm then computes y[:, r0:r1] for every row of x from xt.
+  void (*pack_panels)(const float* x, int64_t B, int64_t kpad, float* xt);
+  void (*code_gemm)(const Args& a, const float* xt, int64_t r0, int64_t r1);
   // The mse search's rounding-deviation score, rows [r0, r1) (see DevArgs).
   void (*deviation)(const DevArgs& a, int64_t r0, int64_t r1);
   // The mse search's final codes and exact errors, rows [r0, r1) (see CodeArgs).
@@ -234,6 +239,9 @@ constexpr int64_t kGemvGroup = 4;
 // batch 5-8 1.36-1.67x faster than passes of 4 (docs/perf.md). Past 8 the decoded blocks are faster
 // than a pass of 8 and one of the rest (batches 9-16 measured there).
 constexpr int64_t kAvx2GemvGroup = 8;
+// code_gemm's panels: kPanel rows of x, each column's kPanel floats contiguous, zeros past B.
+constexpr int64_t kPanel = 16;
+inline int64_t panel_floats(int64_t B, int64_t kpad) { return (B + kPanel - 1) / kPanel * kPanel * kpad; }
 constexpr int64_t kAvx2MaxGemvBatch = 8;
 
 extern const IsaKernels kScalarKernels;
