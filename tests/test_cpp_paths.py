@@ -5,8 +5,8 @@
   micro-GEMM up to ``kOwnGemmMaxBatch`` rows and by ATen's BLAS above (``at::mm_out`` for the first
   column block, ``addmm_`` for the others) with ``own_gemm=1`` (the default on Intel), by the own
   micro-GEMM at every batch with ``own_gemm=2`` (the default elsewhere), by the BLAS at every batch
-  with ``own_gemm=0``; on AVX2 the own GEMM is computed straight from the codes (``code_gemm``: x
-  packed in panels of 16 rows, tiles of 6 weight rows), with no decoded block. tests/test_kernels.py
+  with ``own_gemm=0``; on AVX2 the own GEMM computes batches up to 96 straight from the codes
+  (``code_gemm``: x packed in panels of 16 rows, tiles of 6 weight rows), with no decoded block. tests/test_kernels.py
   draws batches of at most 65, so the
   BLAS path was never run with more than one column block. Here every path runs with several
   column blocks: on small odd layers through the tuning knobs (a scratch of a few columns), and on

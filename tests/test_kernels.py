@@ -563,22 +563,22 @@ def test_no_weight_sized_temporary(batch):
 _SCRATCH_SCRIPT = """
 import sys, torch, qins.kernels as qk
 mod = qk.native_module()
+knobs = list(mod.get_tuning()); knobs[5] = 2; mod.set_tuning(*knobs)  # own_gemm: the own GEMM at every batch
 gen = torch.Generator().manual_seed(0)
 codes = torch.randint(0, 256, (40, 300), dtype=torch.uint8, generator=gen)
 sign = None if sys.argv[1] == "packed" else torch.randint(0, 2, (40, 300), dtype=torch.int8, generator=gen) * 2 - 1
-x, lo, hi = torch.randn(32, 300, generator=gen), torch.full((40,), -6.0), torch.zeros(40)
-for own in (2, 0):  # the own GEMM first: scratch_bytes_max only grows
-    knobs = list(mod.get_tuning()); knobs[5] = own; mod.set_tuning(*knobs)
-    torch.ops.qins.linear(x, codes, sign, lo, hi, None)
+for batch in (9, 32, 96, 97):  # scratch_bytes_max only grows: the batches that need no scratch first
+    torch.ops.qins.linear(torch.randn(batch, 300, generator=gen), codes, sign, torch.full((40,), -6.0),
+                          torch.zeros(40), None)
     print(mod.scratch_bytes_max())
 """
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "split"])
-def test_avx2_own_gemm_computes_batches_above_eight_from_the_codes_without_a_decoded_block(packed):
-    """AVX2's own GEMM (own_gemm=2) computes a batch of 32 straight from the codes: the decoded-block
-    scratch stays unused, while ATen's BLAS (own_gemm=0, run after it) multiplies decoded blocks (the
-    check can see). In a fresh process: scratch_bytes_max is the largest scratch of the process so far."""
+def test_avx2_own_gemm_computes_batches_9_to_96_from_the_codes_and_decodes_blocks_above(packed):
+    """AVX2's own GEMM (own_gemm=2) computes batches 9 to 96 (kCodeGemmMaxBatch) straight from the codes:
+    the decoded-block scratch stays unused; batch 97 multiplies decoded blocks (the check can see). In
+    a fresh process: scratch_bytes_max is the largest scratch of the process so far."""
     native()
     if "avx2" not in native_isas():
         pytest.skip("this CPU has no AVX2 path")
@@ -587,8 +587,8 @@ def test_avx2_own_gemm_computes_batches_above_eight_from_the_codes_without_a_dec
     done = subprocess.run([sys.executable, "-c", _SCRATCH_SCRIPT, "packed" if packed else "split"], env=run_env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
-    own, blas = (int(v) for v in done.stdout.split()[-2:])
-    assert own == 0 and blas > 0, (own, blas)
+    used = [int(v) for v in done.stdout.split()[-4:]]
+    assert used[:3] == [0, 0, 0] and used[3] > 0, used
 
 
 def test_native_built_under_ci():

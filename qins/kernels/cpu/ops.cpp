@@ -100,7 +100,8 @@ struct Tuning {
   // every batch. ATen's fp32 GEMM is MKL's, whose fastest kernels run on Intel CPUs: on AMD EPYC family
   // 26 the own AVX-512 GEMM was ~0.74x nn.Linear at batch 512 and at::mm on the decoded blocks ~0.97x;
   // on family 25 model 1 (Zen 3, AVX2) MKL runs batches 9-64 at 20-40 GFLOP/s and AVX2's code GEMM at
-  // 45-70 (docs/perf.md), so the default depends on the vendor. AVX2's code GEMM on Intel is unmeasured.
+  // 45-70 (docs/perf.md), so the default depends on the vendor. AVX2's code GEMM runs up to
+  // kCodeGemmMaxBatch rows, decoded blocks above; on Intel it is unmeasured.
   int64_t own_gemm = default_own_gemm();
   // gemv: rows whose per-row tables are built before their column loop (1..kMaxRowChunk). A burst of
   // table work stalls the memory stream; measured (3072x3072 / 3072x8192 per-row packed, batch 1,
@@ -244,7 +245,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const c10::optio
           if (rs) scale_rows(g.y, out, g.B, rs, r0, r1);
         }
       });
-    } else if (K.code_gemm && own_gemm(tune, B)) {
+    } else if (K.code_gemm && B <= kCodeGemmMaxBatch && own_gemm(tune, B)) {
       // The ISA's GEMM straight from the codes (AVX2): x packed once, rows in tiles across threads.
       at::Tensor xt = at::empty({panel_floats(B, kpad)}, x2.options());
       K.pack_panels(xp.data_ptr<float>(), B, kpad, xt.data_ptr<float>());
