@@ -2,7 +2,9 @@
 // table lookups: a dot product per row over ROWS x COLS random packed codes (one table), four FMA
 // chains, 1 thread. Not a test, and not part of the package: a measurement behind docs/perf.md.
 //
-//   g++ -O2 -std=c++17 -ffp-contract=off -mavx2 -mfma -I qins/kernels/cpu perf/native/avx2_decode_bench.cpp -o /tmp/adb
+//   g++ -O3 -std=c++17 -ffp-contract=off -mavx2 -mfma -I qins/kernels/cpu perf/native/avx2_decode_bench.cpp -o /tmp/adb
+//   (-O3, as qins/kernels/cpu/build.py compiles the kernels: at -O2 g++ keeps pass()'s four
+//   accumulators in memory, a store and a reload per 8 weights, which halved every variant's figure)
 //   taskset -c 1 /tmp/adb 1024 3072      # 3 MiB of codes (L3-resident: the decode alone)
 //   taskset -c 1 /tmp/adb 3072 3072      # the perf suite's square shape
 //
