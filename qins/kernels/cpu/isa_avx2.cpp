@@ -15,9 +15,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <new>
+#include <vector>
 
 namespace qins {
 namespace {
@@ -352,19 +351,9 @@ constexpr TileFn<I, TS> kTiles[6] = {codes_tile<I, TS, NH, 1>, codes_tile<I, TS,
 
 // Per-thread buffer of the split format's table indices (6 rows), reused across calls.
 uint16_t* index_buffer(int64_t n) {
-  struct Buf {
-    uint16_t* p = nullptr;
-    int64_t n = 0;
-    ~Buf() { std::free(p); }
-  };
-  thread_local Buf buf;
-  if (buf.n < n) {
-    std::free(buf.p);
-    buf.p = static_cast<uint16_t*>(std::aligned_alloc(64, ((n * 2 + 63) / 64) * 64));
-    if (!buf.p) throw std::bad_alloc();
-    buf.n = n;
-  }
-  return buf.p;
+  thread_local std::vector<uint16_t> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
 }
 
 // Rows [r0, r1) of y for every row of x (xt: avx2_pack_panels of x), 6 rows a tile. Packed: the
