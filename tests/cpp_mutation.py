@@ -367,14 +367,19 @@ class Workspace:
 
 
 def load_equivalents(path: Path = EQUIVALENTS) -> dict[str, tuple[str, str]]:
-    """``{mutant id: (mutated line, reason)}`` from the ledger (``#`` comments and blank lines skipped)."""
+    """``{mutant id: (mutated line, reason)}`` from the ledger (``#`` comments and blank lines skipped).
+
+    Fields are split on the first and the last `` | ``: a mutated line may hold `` | `` (C++'s bitwise or),
+    a reason may not."""
     out: dict[str, tuple[str, str]] = {}
     if not path.exists():
         return out
     for raw in path.read_text().splitlines():
         if not raw.strip() or raw.startswith("#"):
             continue
-        ident, line, reason = (part.strip() for part in raw.split(" | ", 2))
+        ident, rest = raw.split(" | ", 1)
+        line, reason = rest.rsplit(" | ", 1)
+        ident, line, reason = ident.strip(), line.strip(), reason.strip()
         out[ident] = (line, reason)
     return out
 

@@ -97,6 +97,13 @@ def test_the_kill_rate_counts_detected_over_built_non_equivalent_and_flags_stale
     assert "**60.0%**" in md and "equivalent: why" in md and "Stale ledger entries" in md
 
 
+def test_an_equivalent_whose_mutated_line_holds_a_bitwise_or_parses_whole(tmp_path):
+    """The ledger's fields are split on the first and the last " | ": a C++ line with `` | `` stays whole."""
+    ledger = tmp_path / "eq.txt"
+    ledger.write_text("# comment\n\na.cpp:1:2:<-><= | x = y | (s <= 0 ? 256 : 0); | the reason\n")
+    assert cm.load_equivalents(ledger) == {"a.cpp:1:2:<-><=": ("x = y | (s <= 0 ? 256 : 0);", "the reason")}
+
+
 def test_the_equivalents_ledger_parses_and_names_real_mutants():
     """Each entry names a mutant of the sources of the report's last run, and its mutated line."""
     eq = cm.load_equivalents()
