@@ -563,7 +563,7 @@ def test_no_weight_sized_temporary(batch):
 _SCRATCH_SCRIPT = """
 import sys, torch, qins.kernels as qk
 mod = qk.native_module()
-knobs = list(mod.get_tuning()); knobs[5] = 2; mod.set_tuning(*knobs)  # own_gemm: the own GEMM at every batch
+knobs = list(mod.get_tuning()); knobs[int(sys.argv[2])] = 2; mod.set_tuning(*knobs)  # own_gemm: own GEMM at every batch
 gen = torch.Generator().manual_seed(0)
 codes = torch.randint(0, 256, (40, 300), dtype=torch.uint8, generator=gen)
 sign = None if sys.argv[1] == "packed" else torch.randint(0, 2, (40, 300), dtype=torch.int8, generator=gen) * 2 - 1
@@ -584,7 +584,8 @@ def test_avx2_own_gemm_computes_batches_9_to_96_from_the_codes_and_decodes_block
         pytest.skip("this CPU has no AVX2 path")
     run_env = {k: v for k, v in os.environ.items() if k != "QINS_KERNEL"}
     run_env["QINS_CPU_ISA"] = "avx2"
-    done = subprocess.run([sys.executable, "-c", _SCRATCH_SCRIPT, "packed" if packed else "split"], env=run_env,
+    done = subprocess.run([sys.executable, "-c", _SCRATCH_SCRIPT, "packed" if packed else "split",
+                           str(TUNING_FIELDS.index("own_gemm"))], env=run_env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     used = [int(v) for v in done.stdout.split()[-4:]]
