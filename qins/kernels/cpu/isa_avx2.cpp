@@ -21,6 +21,12 @@
 namespace qins {
 namespace {
 
+// The per-column helpers of the kernels' inner loops are always inlined: GCC's inliner decides per
+// translation unit, and when this file grew it left lookup8 (then load_w32) out of line in every
+// kernel, one call per 8 or 32 weights (batch 8 7-26% slower, bit-identical results).
+// tests/test_native_build.py checks that the built module holds none of them as a function.
+#define QINS_HOT inline __attribute__((always_inline))
+
 // 2**n for integral n, clamped to [-126, 127] as pow2_bits does (max/min return their second
 // operand for a NaN first one: NaN -> -126, like the scalar path).
 inline __m256 pow2_8(__m256 n) {
@@ -96,7 +102,7 @@ int64_t avx2_kpad(int64_t in) { return in; }
 void avx2_xprep(const float* x, int64_t B, int64_t in, int64_t, float* xp) { std::copy(x, x + B * in, xp); }
 
 // Applies the split format's signs (bit 7 of each sign byte) to the 8 weights of w.
-inline __m256 signed8(__m256 w, __m128i s8) {
+QINS_HOT __m256 signed8(__m256 w, __m128i s8) {
   const __m256i sv = _mm256_cvtepi8_epi32(s8);
   return _mm256_xor_ps(w, _mm256_castsi256_ps(_mm256_and_si256(sv, _mm256_set1_epi32(INT32_MIN))));
 }
@@ -105,7 +111,7 @@ inline __m256 signed8(__m256 w, __m128i s8) {
 // the pairs joined by vpunpcklqdq and vinserti128. Written out because that is the sequence that
 // runs beside the gathers best: scalar stores to a buffer reloaded as a vector stall on store
 // forwarding (measured 1.7x slower).
-inline __m256 lookup8(const float* t, uint64_t u) {
+QINS_HOT __m256 lookup8(const float* t, uint64_t u) {
   auto bits = [&](int i) {
     int32_t v;
     std::memcpy(&v, t + ((u >> (8 * i)) & 255), 4);
@@ -118,7 +124,7 @@ inline __m256 lookup8(const float* t, uint64_t u) {
 
 // 8 signed weights at column k of a row: one vgatherdps (GATHER) or scalar loads (lookup8).
 template <bool GATHER>
-inline __m256 load_w8(const float* t, const uint8_t* c, const int8_t* s) {
+QINS_HOT __m256 load_w8(const float* t, const uint8_t* c, const int8_t* s) {
   __m256 w;
   if (GATHER) {
     w = _mm256_i32gather_ps(t, _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))), 4);
@@ -136,7 +142,7 @@ inline __m256 load_w8(const float* t, const uint8_t* c, const int8_t* s) {
 // Otherwise all 32 by scalar loads: on AMD (Zen 3 measured) the gathers are slower than the scalar
 // loads they replace (the gather knob, ops.cpp).
 template <bool SPLIT, bool GATHER>
-inline void load_w32(const float* t, const uint8_t* c, const int8_t* s, __m256* W) {
+QINS_HOT void load_w32(const float* t, const uint8_t* c, const int8_t* s, __m256* W) {
   // each 8 codes loaded straight into a register (one 32-byte copy to the stack, reloaded 8 bytes
   // at a time, stalls on store forwarding)
   auto codes8 = [c](int q) {
@@ -164,12 +170,12 @@ inline void load_w32(const float* t, const uint8_t* c, const int8_t* s, __m256* 
   }
 }
 
-inline float w1(const float* t, const uint8_t* c, const int8_t* s, int64_t k) {
+QINS_HOT float w1(const float* t, const uint8_t* c, const int8_t* s, int64_t k) {
   float w = t[c[k]];
   return (s && s[k] < 0) ? -w : w;
 }
 
-inline float hsum8(__m256 v) {
+QINS_HOT float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
