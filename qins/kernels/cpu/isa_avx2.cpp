@@ -24,7 +24,7 @@ namespace {
 // The per-column helpers of the kernels' inner loops are always inlined: GCC's inliner decides per
 // translation unit, and when this file grew it left lookup8 (then load_w32) out of line in every
 // kernel, one call per 8 or 32 weights (batch 8 7-26% slower, bit-identical results).
-// tests/test_native_build.py checks that the built module holds none of them as a function.
+// tests/test_build.py checks that the built AVX2 object holds none of them as a function.
 #define QINS_HOT inline __attribute__((always_inline))
 
 // 2**n for integral n, clamped to [-126, 127] as pow2_bits does (max/min return their second
